@@ -1,0 +1,13 @@
+"""Layers, losses, initialisers and utilities with PyTorch's names (``dp.nn``)."""
+
+from distprop.nn import init
+from distprop.nn.container import ModuleDict, ModuleList, Sequential
+from distprop.nn.linear import Flatten, Identity, Linear
+from distprop.nn.module import Module, Parameter
+
+import sys as _sys
+
+from distprop import functional
+
+# ``dp.nn.functional`` is the same module as ``dp.functional`` (as torch.nn.functional).
+_sys.modules[__name__ + ".functional"] = functional

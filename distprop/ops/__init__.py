@@ -1,0 +1,290 @@
+"""Differentiable operations on Tensors.
+
+Each op is a :class:`~distprop.tensor.Function` subclass in one of the modules here; this module
+holds the thin functions users call (``dp.exp(x)``, ``dp.cat([...])``) and binds the Tensor
+methods and operators to them, explicitly.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from distprop.ops import arith, linalg, reduce, shape
+from distprop.tensor import Tensor
+
+
+def _operand(value):
+    """Tensors pass through; Python and NumPy scalars stay scalars (keeping float32 float32)."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (bool, numbers.Number)) and not isinstance(value, np.ndarray):
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+    if isinstance(value, (list, tuple)) or hasattr(value, "shape"):
+        return Tensor(value)
+    raise TypeError(f"unsupported operand of type {type(value).__name__}")
+
+
+def add(a, b):
+    return arith.Add.apply(_operand(a), _operand(b))
+
+
+def sub(a, b):
+    return arith.Sub.apply(_operand(a), _operand(b))
+
+
+def mul(a, b):
+    return arith.Mul.apply(_operand(a), _operand(b))
+
+
+def div(a, b):
+    return arith.Div.apply(_operand(a), _operand(b))
+
+
+def neg(a):
+    return arith.Neg.apply(a)
+
+
+def pow(a, b):  # noqa: A001
+    a, b = _operand(a), _operand(b)
+    if isinstance(a, Tensor) and not isinstance(b, Tensor):
+        return arith.PowScalar.apply(a, b)
+    if not isinstance(a, Tensor):
+        return arith.RPowScalar.apply(b, a)
+    return arith.Pow.apply(a, b)
+
+
+def exp(a):
+    return arith.Exp.apply(a)
+
+
+def log(a):
+    return arith.Log.apply(a)
+
+
+def sqrt(a):
+    return arith.Sqrt.apply(a)
+
+
+def abs(a):  # noqa: A001
+    return arith.Abs.apply(a)
+
+
+def sign(a):
+    return arith.Sign.apply(a)
+
+
+def clamp(a, min=None, max=None):  # noqa: A002
+    return arith.Clamp.apply(a, min=min, max=max)
+
+
+def where(condition, a, b):
+    cond = condition.data if isinstance(condition, Tensor) else np.asarray(condition)
+    return arith.Where.apply(cond, _operand(a), _operand(b))
+
+
+def maximum(a, b):
+    return arith.Maximum.apply(_operand(a), _operand(b))
+
+
+def minimum(a, b):
+    return arith.Minimum.apply(_operand(a), _operand(b))
+
+
+def matmul(a, b):
+    return linalg.MatMul.apply(_operand(a), _operand(b))
+
+
+def sum(a, dim=None, keepdim=False):  # noqa: A001
+    return reduce.Sum.apply(a, dim=dim, keepdim=keepdim)
+
+
+def mean(a, dim=None, keepdim=False):
+    return reduce.Mean.apply(a, dim=dim, keepdim=keepdim)
+
+
+def max(a, dim=None, keepdim=False):  # noqa: A001
+    """Max over all elements, or ``(values, indices)`` along ``dim`` (as torch.max)."""
+    if isinstance(dim, Tensor):
+        return maximum(a, dim)
+    return reduce.Max.apply(a, dim=dim, keepdim=keepdim)
+
+
+def min(a, dim=None, keepdim=False):  # noqa: A001
+    if isinstance(dim, Tensor):
+        return minimum(a, dim)
+    return reduce.Min.apply(a, dim=dim, keepdim=keepdim)
+
+
+def amax(a, dim=None, keepdim=False):
+    out = reduce.Max.apply(a, dim=dim, keepdim=keepdim)
+    return out if dim is None else out[0]
+
+
+def amin(a, dim=None, keepdim=False):
+    out = reduce.Min.apply(a, dim=dim, keepdim=keepdim)
+    return out if dim is None else out[0]
+
+
+def var(a, dim=None, unbiased=None, keepdim=False, correction=None):
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    return reduce.Var.apply(a, dim=dim, correction=correction, keepdim=keepdim)
+
+
+def std(a, dim=None, unbiased=None, keepdim=False, correction=None):
+    return sqrt(var(a, dim=dim, unbiased=unbiased, keepdim=keepdim, correction=correction))
+
+
+def reshape(a, *shape_):
+    if len(shape_) == 1 and isinstance(shape_[0], (tuple, list)):
+        shape_ = tuple(shape_[0])
+    return shape.Reshape.apply(a, shape=shape_)
+
+
+def flatten(a, start_dim=0, end_dim=-1):
+    nd = a.ndim
+    if nd == 0:
+        return reshape(a, 1)
+    s, e = start_dim % nd, end_dim % nd
+    new = a.shape[:s] + (-1,) + a.shape[e + 1 :]
+    return reshape(a, new)
+
+
+def permute(a, *dims):
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return shape.Permute.apply(a, dims=tuple(dims))
+
+
+def transpose(a, dim0, dim1):
+    dims = list(range(a.ndim))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return shape.Permute.apply(a, dims=tuple(dims))
+
+
+def squeeze(a, dim=None):
+    return shape.Reshape.apply(a, shape=shape.squeeze_shape(a.shape, dim))
+
+
+def unsqueeze(a, dim):
+    return shape.Reshape.apply(a, shape=shape.unsqueeze_shape(a.shape, dim))
+
+
+def expand(a, *sizes):
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    return shape.Expand.apply(a, shape=tuple(sizes))
+
+
+def cat(tensors, dim=0):
+    return shape.Cat.apply(*[_operand(t) for t in tensors], dim=dim)
+
+
+concatenate = cat
+
+
+def stack(tensors, dim=0):
+    return shape.Stack.apply(*[_operand(t) for t in tensors], dim=dim)
+
+
+def getitem(a, index):
+    return shape.GetItem.apply(a, index=shape._index_to_arrays(index))
+
+
+def _reverse(op):
+    return lambda self, other: op(other, self)
+
+
+def _compare(op):
+    def method(self, other):
+        other = other.data if isinstance(other, Tensor) else other
+        return Tensor._wrap(op(self.data, other))
+
+    return method
+
+
+def _bind_tensor_methods() -> None:
+    import operator  # noqa: PLC0415
+
+    methods = {
+        "__add__": add,
+        "__radd__": _reverse(add),
+        "__sub__": sub,
+        "__rsub__": _reverse(sub),
+        "__mul__": mul,
+        "__rmul__": _reverse(mul),
+        "__truediv__": div,
+        "__rtruediv__": _reverse(div),
+        "__neg__": neg,
+        "__pow__": pow,
+        "__rpow__": _reverse(pow),
+        "__matmul__": matmul,
+        "__rmatmul__": _reverse(matmul),
+        "__getitem__": getitem,
+        "__abs__": abs,
+        "__lt__": _compare(operator.lt),
+        "__le__": _compare(operator.le),
+        "__gt__": _compare(operator.gt),
+        "__ge__": _compare(operator.ge),
+        "__eq__": _compare(operator.eq),
+        "__ne__": _compare(operator.ne),
+        "add": add,
+        "sub": sub,
+        "mul": mul,
+        "div": div,
+        "neg": neg,
+        "pow": pow,
+        "matmul": matmul,
+        "exp": exp,
+        "log": log,
+        "sqrt": sqrt,
+        "abs": abs,
+        "sign": sign,
+        "clamp": clamp,
+        "clip": clamp,
+        "maximum": maximum,
+        "minimum": minimum,
+        "sum": sum,
+        "mean": mean,
+        "max": max,
+        "min": min,
+        "amax": amax,
+        "amin": amin,
+        "var": var,
+        "std": std,
+        "reshape": reshape,
+        "view": reshape,
+        "flatten": flatten,
+        "permute": permute,
+        "transpose": transpose,
+        "squeeze": squeeze,
+        "unsqueeze": unsqueeze,
+        "expand": expand,
+        "argmax": lambda self, dim=None, keepdim=False: Tensor._wrap(
+            _argext(self.data, dim, keepdim, "argmax")
+        ),
+        "argmin": lambda self, dim=None, keepdim=False: Tensor._wrap(
+            _argext(self.data, dim, keepdim, "argmin")
+        ),
+    }
+    for name, fn in methods.items():
+        setattr(Tensor, name, fn)
+    Tensor.__hash__ = object.__hash__
+
+
+def _argext(data, dim, keepdim, name):
+    out = getattr(data, name)(axis=dim)
+    if dim is None:
+        return np.asarray(out) if np.isscalar(out) else out
+    if keepdim:
+        from distprop.backend import get_array_module  # noqa: PLC0415
+
+        out = get_array_module(data).expand_dims(out, dim)
+    return out
+
+
+_bind_tensor_methods()

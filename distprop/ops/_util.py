@@ -1,0 +1,45 @@
+"""Small helpers shared by the ops."""
+
+from __future__ import annotations
+
+from distprop.backend import get_array_module
+
+
+def unbroadcast(grad, shape):
+    """Sum ``grad`` down to ``shape``, undoing NumPy broadcasting."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad
+
+
+def normalize_dims(dim, ndim: int) -> tuple[int, ...] | None:
+    """``dim`` (None, int or sequence, negatives allowed) as a sorted tuple of axes."""
+    if dim is None:
+        return None
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    out = []
+    for d in dims:
+        if not -max(ndim, 1) <= d < max(ndim, 1):
+            raise IndexError(
+                f"Dimension out of range (expected to be in range of "
+                f"[{-max(ndim, 1)}, {max(ndim, 1) - 1}], but got {d})"
+            )
+        out.append(d % max(ndim, 1))
+    return tuple(sorted(set(out)))
+
+
+def scalar_like(value, array):
+    """A Python scalar that keeps ``array``'s dtype under NumPy 2 promotion rules."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    return value
+
+
+def xp_of(*arrays):
+    return get_array_module(*arrays)

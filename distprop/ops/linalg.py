@@ -1,0 +1,83 @@
+"""Matrix products: batched matmul and the fused affine map used by Linear."""
+
+from __future__ import annotations
+
+from distprop.backend import get_array_module
+from distprop.ops._util import unbroadcast
+from distprop.tensor import Function
+
+
+def _swap_last(a):
+    return a.swapaxes(-1, -2)
+
+
+class MatMul(Function):
+    """out = a @ b (NumPy semantics, batched); grads: g @ b^T, a^T @ g."""
+
+    def forward(self, a, b):
+        if a.ndim == 0 or b.ndim == 0:
+            raise RuntimeError("matmul: both arguments must be at least 1-dimensional")
+        ka = a.shape[-1]
+        kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
+        if ka != kb:
+            raise ValueError(
+                f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} are not aligned "
+                f"({ka} != {kb})"
+            )
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, grad_out):
+        a, b = self.a, self.b
+        xp = get_array_module(grad_out)
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
+        g = grad_out
+        if a.ndim == 1:
+            g = xp.expand_dims(g, -2)
+        if b.ndim == 1:
+            g = xp.expand_dims(g, -1)
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = g @ _swap_last(b2)
+            ga = unbroadcast(ga, a2.shape)
+            if a.ndim == 1:
+                ga = ga.reshape(a.shape)
+        if self.needs_input_grad[1]:
+            if b2.ndim == 2 and a2.ndim > 2:
+                # Fold the batch into the rows: one GEMM instead of a batched product + sum.
+                gb = a2.reshape(-1, a2.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+            else:
+                gb = unbroadcast(_swap_last(a2) @ g, b2.shape)
+            if b.ndim == 1:
+                gb = gb.reshape(b.shape)
+        return ga, gb
+
+
+class Linear(Function):
+    """out = x @ W^T + b; grads: g @ W, g^T @ x, sum(g)."""
+
+    def forward(self, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the "
+                f"weight expects {weight.shape[1]} (weight shape {tuple(weight.shape)})"
+            )
+        self.x, self.weight, self.has_bias = x, weight, bias is not None
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ weight.T
+        if bias is not None:
+            out += bias
+        return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+    def backward(self, grad_out):
+        x, weight = self.x, self.weight
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gx = gw = gb = None
+        if self.needs_input_grad[0]:
+            gx = (g2 @ weight).reshape(x.shape)
+        if self.needs_input_grad[1]:
+            gw = g2.T @ x.reshape(-1, x.shape[-1])
+        if self.has_bias and self.needs_input_grad[2]:
+            gb = g2.sum(axis=0)
+        return gx, gw, gb

@@ -1,0 +1,638 @@
+"""Tensor, the autograd graph and the backward walk.
+
+A :class:`Tensor` wraps an xp array (NumPy or CuPy). Operations are :class:`Function` subclasses
+(in ``distprop/ops``) whose ``forward`` works on raw arrays and whose ``backward`` maps output
+gradients to input gradients. Calling ``Function.apply`` records one graph node when any input
+requires a gradient; :meth:`Tensor.backward` walks those nodes in reverse topological order,
+iteratively, and accumulates gradients into the leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from distprop import backend
+
+float16 = np.float16
+float32 = np.float32
+float64 = np.float64
+int32 = np.int32
+int64 = np.int64
+bool_ = np.bool_
+
+_DEFAULT_DTYPE = np.dtype(np.float32)
+
+
+class _GradMode(threading.local):
+    enabled = True
+
+
+_grad_mode = _GradMode()
+
+
+def is_grad_enabled() -> bool:
+    return _grad_mode.enabled
+
+
+@contextlib.contextmanager
+def _set_grad_enabled(mode: bool):
+    previous = _grad_mode.enabled
+    _grad_mode.enabled = mode
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
+
+
+def no_grad():
+    """Context manager (and decorator) under which no graph is recorded."""
+    return _set_grad_enabled(False)
+
+
+def enable_grad():
+    return _set_grad_enabled(True)
+
+
+def get_default_dtype():
+    return _DEFAULT_DTYPE
+
+
+def set_default_dtype(dtype) -> None:
+    global _DEFAULT_DTYPE
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise TypeError(f"default dtype must be a floating type, got {dtype}")
+    _DEFAULT_DTYPE = dtype
+
+
+class Function:
+    """One differentiable operation: ``forward`` on arrays, ``backward`` on gradients.
+
+    Subclasses implement ``forward(self, *inputs, **kwargs)`` receiving raw arrays for Tensor
+    inputs (other arguments as given) and returning an array or a tuple of arrays, and
+    ``backward(self, *grad_outputs)`` returning one gradient (or None) per positional input.
+    State for backward is kept on ``self``; ``self.needs_input_grad`` says which inputs need one.
+    """
+
+    __slots__ = ("inputs", "needs_input_grad", "outputs_meta", "_freed", "__dict__")
+
+    #: Outputs that are not differentiable (e.g. argmax indices); indices into the output tuple.
+    non_differentiable_outputs: tuple[int, ...] = ()
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        fn = cls()
+        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
+        needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
+        record = _grad_mode.enabled and any(needs)
+        fn.needs_input_grad = needs
+        result = fn.forward(*arrays, **kwargs)
+        multiple = isinstance(result, tuple)
+        outputs = result if multiple else (result,)
+        wrapped = []
+        for i, out in enumerate(outputs):
+            if isinstance(out, np.generic):
+                out = np.asarray(out)
+            differentiable = record and i not in cls.non_differentiable_outputs
+            t = Tensor._wrap(out, requires_grad=differentiable)
+            if differentiable:
+                t._ctx = fn
+                t._output_index = i
+            wrapped.append(t)
+        if record:
+            fn.inputs = tuple(a if isinstance(a, Tensor) else None for a in args)
+            fn.outputs_meta = tuple((t.data.shape, t.data.dtype) for t in wrapped)
+            fn._freed = False
+        return tuple(wrapped) if multiple else wrapped[0]
+
+    def forward(self, *inputs, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, *grad_outputs):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} is not differentiable")
+
+    def release(self) -> None:
+        """Drop what forward saved for backward (called after backward unless retain_graph)."""
+        self.__dict__.clear()
+        self._freed = True
+
+
+class Tensor:
+    """An n-dimensional array that can record the operations applied to it.
+
+    Attributes:
+        data: the underlying NumPy or CuPy array.
+        grad: a Tensor holding the accumulated gradient, or None.
+        requires_grad: whether operations on this tensor are recorded.
+    """
+
+    __slots__ = (
+        "data",
+        "grad",
+        "requires_grad",
+        "_ctx",
+        "_output_index",
+        "_retains_grad",
+        "_grad_buffer",
+        "_post_accumulate_hooks",
+        "__weakref__",
+    )
+    __array_priority__ = 1000  # so ndarray.__mul__(tensor) defers to Tensor.__rmul__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, device=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        dev = backend.device(device) if device is not None else None
+        self.data = _as_array(data, dtype, dev)
+        self.grad: Tensor | None = None
+        self._ctx: Function | None = None
+        self._output_index = 0
+        self._retains_grad = False
+        self._grad_buffer = None
+        self._post_accumulate_hooks: list | None = None
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    @classmethod
+    def _wrap(cls, array, requires_grad: bool = False) -> Tensor:
+        t = cls.__new__(cls)
+        t.data = array
+        t.grad = None
+        t.requires_grad = requires_grad
+        t._ctx = None
+        t._output_index = 0
+        t._retains_grad = False
+        t._grad_buffer = None
+        t._post_accumulate_hooks = None
+        return t
+
+    # --- basic properties -------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def device(self) -> backend.Device:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    @property
+    def grad_fn(self) -> Function | None:
+        return self._ctx
+
+    @property
+    def T(self) -> Tensor:
+        return self.permute(*reversed(range(self.ndim)))
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        extra = ""
+        if self._ctx is not None:
+            extra = f", grad_fn=<{type(self._ctx).__name__}>"
+        elif self.requires_grad:
+            extra = ", requires_grad=True"
+        dev = self.device
+        dev_s = "" if not dev.is_cuda else f", device='{dev}'"
+        body = np.array2string(backend.to_host(self.data), separator=", ", precision=4)
+        return f"tensor({body}, dtype={self.dtype}{dev_s}{extra})"
+
+    # --- conversion -------------------------------------------------------------------------
+
+    def numpy(self) -> np.ndarray:
+        """A host NumPy copy-free view when on the CPU (a copy from a GPU)."""
+        return backend.to_host(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(
+                f"only a tensor with one element can be converted to a Python scalar, "
+                f"got shape {self.shape}"
+            )
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __bool__(self):
+        return bool(self.item())
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def detach(self) -> Tensor:
+        """A tensor sharing this one's data, cut from the graph."""
+        return Tensor._wrap(self.data)
+
+    def detach_(self) -> Tensor:
+        self._ctx = None
+        self.requires_grad = False
+        return self
+
+    def clone(self) -> Tensor:
+        from distprop.ops import shape as _shape  # noqa: PLC0415
+
+        return _shape.Clone.apply(self)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        if requires_grad and self.data.dtype.kind not in "fc":
+            raise RuntimeError(
+                f"only floating-point tensors can require gradients, got dtype {self.dtype}"
+            )
+        if not requires_grad and self._ctx is not None:
+            raise RuntimeError("requires_grad_(False) is only allowed on leaf tensors; use detach()")
+        self.requires_grad = requires_grad
+        return self
+
+    def retain_grad(self) -> None:
+        """Keep ``.grad`` on this non-leaf tensor after backward."""
+        if not self.requires_grad:
+            raise RuntimeError("cannot retain_grad() on a tensor that does not require grad")
+        self._retains_grad = True
+
+    def to(self, device=None, dtype=None) -> Tensor:
+        """This tensor on another device and/or dtype (differentiable)."""
+        from distprop.ops import shape as _shape  # noqa: PLC0415
+
+        if isinstance(device, (type, np.dtype)) and dtype is None:
+            device, dtype = None, device
+        out = self
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            out = _shape.Cast.apply(out, dtype=np.dtype(dtype))
+        if device is not None:
+            dev = backend.device(device)
+            if dev != self.device:
+                out = _shape.ToDevice.apply(out, device=dev)
+        return out
+
+    def cpu(self) -> Tensor:
+        return self.to("cpu")
+
+    def cuda(self, index: int | None = None) -> Tensor:
+        return self.to("cuda" if index is None else f"cuda:{index}")
+
+    def float(self) -> Tensor:
+        return self.to(dtype=np.float32)
+
+    def double(self) -> Tensor:
+        return self.to(dtype=np.float64)
+
+    def type_as(self, other: Tensor) -> Tensor:
+        return self.to(dtype=other.dtype)
+
+    # --- hooks used by flat buffers and DistributedDataParallel -----------------------------
+
+    def register_post_accumulate_grad_hook(self, hook: Callable[[Tensor], None]):
+        """Call ``hook(tensor)`` once per backward, when this leaf's gradient is final."""
+        if self._ctx is not None:
+            raise RuntimeError("post-accumulate-grad hooks can only be registered on leaf tensors")
+        if self._post_accumulate_hooks is None:
+            self._post_accumulate_hooks = []
+        self._post_accumulate_hooks.append(hook)
+        return _HookHandle(self._post_accumulate_hooks, hook)
+
+    # --- autograd ---------------------------------------------------------------------------
+
+    def backward(self, gradient=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        Args:
+            gradient: the gradient of some scalar with respect to this tensor; may be omitted
+                only when this tensor has a single element.
+            retain_graph: keep the graph so backward can run through it again.
+        """
+        backward([self], [gradient], retain_graph=retain_graph)
+
+    def _accumulate(self, grad) -> None:
+        """Add ``grad`` (an array) into ``self.grad``; in place when a buffer backs it."""
+        if self.grad is None:
+            if self._grad_buffer is not None:
+                self._grad_buffer[...] = grad
+                self.grad = Tensor._wrap(self._grad_buffer)
+            else:
+                if grad.dtype != self.data.dtype:
+                    grad = grad.astype(self.data.dtype)
+                if grad.shape != self.data.shape:
+                    grad = backend.get_array_module(grad).broadcast_to(grad, self.data.shape).copy()
+                self.grad = Tensor._wrap(grad)
+        elif self._grad_buffer is not None and self.grad.data is self._grad_buffer:
+            self._grad_buffer += grad
+        else:
+            self.grad = Tensor._wrap(self.grad.data + grad)
+
+
+class _HookHandle:
+    def __init__(self, hooks: list, hook):
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
+
+
+_backward_callbacks: list[Callable[[], None]] | None = None
+
+
+def queue_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback()`` once the backward pass now in progress has finished."""
+    if _backward_callbacks is None:
+        raise RuntimeError("queue_callback() may only be called during backward")
+    _backward_callbacks.append(callback)
+
+
+def backward(
+    tensors: Sequence[Tensor], grad_tensors: Sequence | None = None, retain_graph: bool = False
+) -> None:
+    """Backpropagate from ``tensors`` (the engine behind :meth:`Tensor.backward`)."""
+    global _backward_callbacks
+    if grad_tensors is None:
+        grad_tensors = [None] * len(tensors)
+    roots = []
+    for t, g in zip(tensors, grad_tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"backward() expects Tensors, got {type(t).__name__}")
+        if not t.requires_grad:
+            raise RuntimeError(
+                "element 0 of tensors does not require grad and does not have a grad_fn: "
+                "nothing to differentiate"
+            )
+        if g is None:
+            if t.data.size != 1:
+                raise RuntimeError(
+                    f"grad can be implicitly created only for scalar outputs; this tensor has "
+                    f"shape {t.shape}: pass backward(gradient) with that shape"
+                )
+            g = backend.get_array_module(t.data).ones_like(t.data)
+        else:
+            g = g.data if isinstance(g, Tensor) else g
+            xp = backend.get_array_module(t.data)
+            g = xp.asarray(g, dtype=t.dtype)
+            if g.shape != t.data.shape:
+                raise RuntimeError(
+                    f"gradient has shape {tuple(g.shape)} but the tensor has shape {t.shape}"
+                )
+        roots.append((t, g))
+
+    # Topological order of graph nodes (Functions), found iteratively.
+    order: list[Function] = []
+    visited: set[int] = set()
+    leaf_edges: dict[int, int] = {}
+    leaves: dict[int, Tensor] = {}
+    stack: list[tuple[Function, bool]] = []
+    for t, _ in roots:
+        if t._ctx is None:
+            leaves[id(t)] = t
+            leaf_edges[id(t)] = leaf_edges.get(id(t), 0) + 1
+        else:
+            stack.append((t._ctx, False))
+    while stack:
+        fn, expanded = stack.pop()
+        if expanded:
+            order.append(fn)
+            continue
+        if id(fn) in visited:
+            continue
+        if fn._freed:
+            raise RuntimeError(
+                "Trying to backward through the graph a second time (or directly access saved "
+                "tensors after they have already been freed). Saved intermediate values of the "
+                "graph are freed when you call .backward(). Specify retain_graph=True if you "
+                "need to backward through the graph a second time."
+            )
+        visited.add(id(fn))
+        stack.append((fn, True))
+        for inp, needs in zip(fn.inputs, fn.needs_input_grad):
+            if inp is None or not needs:
+                continue
+            if inp._ctx is None:
+                leaves[id(inp)] = inp
+                leaf_edges[id(inp)] = leaf_edges.get(id(inp), 0) + 1
+            elif id(inp._ctx) not in visited:
+                stack.append((inp._ctx, False))
+
+    pending: dict[int, list] = {}
+    retained: list[tuple[Tensor, object]] = []
+
+    def deliver(tensor: Tensor, grad) -> None:
+        if tensor._ctx is None:
+            tensor._accumulate(grad)
+            leaf_edges[id(tensor)] -= 1
+            if leaf_edges[id(tensor)] == 0 and tensor._post_accumulate_hooks:
+                for hook in list(tensor._post_accumulate_hooks):
+                    hook(tensor)
+            return
+        slots = pending.setdefault(id(tensor._ctx), [None] * len(tensor._ctx.outputs_meta))
+        i = tensor._output_index
+        slots[i] = grad if slots[i] is None else slots[i] + grad
+        if tensor._retains_grad:
+            retained.append((tensor, None))
+
+    outer_callbacks = _backward_callbacks
+    _backward_callbacks = []
+    try:
+        for t, g in roots:
+            deliver(t, g)
+        for fn in reversed(order):
+            slots = pending.pop(id(fn), None)
+            if slots is None:
+                continue
+            xp = None
+            grads_out = []
+            for slot, (shape, dtype) in zip(slots, fn.outputs_meta):
+                if slot is None:
+                    if xp is None:
+                        xp = _array_module_of_fn(fn, slots)
+                    slot = xp.zeros(shape, dtype=dtype)
+                grads_out.append(slot)
+            # Hand retained non-leaf grads their final value before the node consumes them.
+            if retained:
+                for tensor, _ in retained:
+                    if tensor._ctx is fn:
+                        tensor.grad = Tensor._wrap(grads_out[tensor._output_index])
+            grads_in = fn.backward(*grads_out)
+            if not isinstance(grads_in, tuple):
+                grads_in = (grads_in,)
+            if len(grads_in) < len(fn.inputs):
+                grads_in = grads_in + (None,) * (len(fn.inputs) - len(grads_in))
+            for inp, needs, g in zip(fn.inputs, fn.needs_input_grad, grads_in):
+                if inp is None or not needs:
+                    continue
+                if g is None:
+                    g = backend.get_array_module(inp.data).zeros_like(inp.data)
+                deliver(inp, g)
+            if not retain_graph:
+                fn.release()
+        callbacks = _backward_callbacks
+    finally:
+        _backward_callbacks = outer_callbacks
+    for callback in callbacks:
+        callback()
+
+
+def _array_module_of_fn(fn: Function, slots) -> object:
+    for s in slots:
+        if s is not None:
+            return backend.get_array_module(s)
+    for inp in fn.inputs:
+        if inp is not None:
+            return backend.get_array_module(inp.data)
+    return np
+
+
+def _as_array(data, dtype, dev: backend.Device | None):
+    """Turn user data into an xp array following torch.tensor's dtype inference."""
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+    xp_target = backend.xp_for(dev) if dev is not None else None
+    mod = backend.get_array_module(data)
+    if mod is not np and not isinstance(data, np.ndarray):
+        array = data  # already a CuPy array
+    else:
+        if isinstance(data, np.ndarray):
+            array = data
+        else:
+            array = np.asarray(data)
+            if array.dtype == np.float64 and dtype is None:
+                array = array.astype(_DEFAULT_DTYPE)
+        if array.dtype == object:
+            raise TypeError("tensor() got data of object dtype: pass numbers or arrays of numbers")
+    if dtype is not None and array.dtype != dtype:
+        array = array.astype(dtype)
+    if dev is not None and backend.device_of(array) != dev:
+        array = backend.to_device(array, dev)
+    elif xp_target is None and array.ndim == 0 and isinstance(array, np.ndarray):
+        array = np.asarray(array)
+    return array
+
+
+def tensor(data, dtype=None, requires_grad: bool = False, device=None) -> Tensor:
+    """Build a Tensor from data (lists, scalars, NumPy/CuPy arrays or Tensors), copying it.
+
+    Python floats become float32 (the default dtype) as in PyTorch; NumPy arrays keep theirs.
+    """
+    if isinstance(data, Tensor):
+        data = data.data
+    xp = backend.get_array_module(data)
+    if isinstance(data, np.ndarray) or xp is not np:
+        data = data.copy()
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+def as_tensor(data, dtype=None, device=None) -> Tensor:
+    """Like :func:`tensor`, but shares memory with ``data`` when possible."""
+    if isinstance(data, Tensor):
+        return data.to(device=device, dtype=dtype) if (dtype or device) else data
+    return Tensor(data, dtype=dtype, device=device)
+
+
+def from_numpy(array: np.ndarray) -> Tensor:
+    return Tensor(array)
+
+
+def _factory(fill, shape, dtype, device, requires_grad):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    dev = backend.device(device)
+    xp = backend.xp_for(dev)
+    dtype = np.dtype(dtype) if dtype is not None else _DEFAULT_DTYPE
+    with backend.device_context(dev):
+        data = fill(xp, tuple(int(s) for s in shape), dtype)
+    return Tensor(data, requires_grad=requires_grad)
+
+
+def zeros(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return _factory(lambda xp, s, d: xp.zeros(s, d), shape, dtype, device, requires_grad)
+
+
+def ones(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return _factory(lambda xp, s, d: xp.ones(s, d), shape, dtype, device, requires_grad)
+
+
+def full(shape, fill_value, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return _factory(
+        lambda xp, s, d: xp.full(s, fill_value, d), (shape,), dtype, device, requires_grad
+    )
+
+
+def empty(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    return _factory(lambda xp, s, d: xp.empty(s, d), shape, dtype, device, requires_grad)
+
+
+def zeros_like(t: Tensor, dtype=None) -> Tensor:
+    return Tensor._wrap(backend.get_array_module(t.data).zeros_like(t.data, dtype=dtype))
+
+
+def ones_like(t: Tensor, dtype=None) -> Tensor:
+    return Tensor._wrap(backend.get_array_module(t.data).ones_like(t.data, dtype=dtype))
+
+
+def arange(start, end=None, step=1, dtype=None, device=None) -> Tensor:
+    if end is None:
+        start, end = 0, start
+    dev = backend.device(device)
+    xp = backend.xp_for(dev)
+    data = xp.arange(start, end, step)
+    if dtype is not None:
+        data = data.astype(dtype)
+    elif data.dtype == np.float64:
+        data = data.astype(_DEFAULT_DTYPE)
+    return Tensor._wrap(data)
+
+
+def randn(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    dtype = np.dtype(dtype) if dtype is not None else _DEFAULT_DTYPE
+    data = backend.random_normal(shape, dtype, backend.device(device))
+    return Tensor(data, requires_grad=requires_grad)
+
+
+def rand(*shape, dtype=None, device=None, requires_grad: bool = False) -> Tensor:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    dtype = np.dtype(dtype) if dtype is not None else _DEFAULT_DTYPE
+    data = backend.random_uniform(shape, dtype, backend.device(device))
+    return Tensor(data, requires_grad=requires_grad)
+
+
+def randint(low, high=None, size=(), dtype=np.int64, device=None) -> Tensor:
+    if high is None:
+        low, high = 0, low
+    data = backend.generator().integers(low, high, size=size).astype(dtype)
+    return Tensor(data, device=device)

@@ -1,0 +1,173 @@
+"""Every op: float64 finite differences, the PyTorch oracle, and dtype preservation."""
+
+import numpy as np
+import pytest
+import torch
+
+import distprop as dp
+from helpers import gradcheck
+
+rng = np.random.default_rng(0)
+
+
+def positive(*shape):
+    return rng.uniform(0.5, 2.0, size=shape)
+
+
+def normal(*shape):
+    return rng.standard_normal(shape)
+
+
+# name, distprop fn, torch fn, input arrays
+OPS = [
+    ("add", lambda a, b: a + b, lambda a, b: a + b, [normal(3, 4), normal(4)]),
+    ("add_bcast", lambda a, b: a + b, lambda a, b: a + b, [normal(3, 1, 4), normal(2, 1)]),
+    ("sub", lambda a, b: a - b, lambda a, b: a - b, [normal(3, 4), normal(3, 1)]),
+    ("rsub", lambda a: 2.0 - a, lambda a: 2.0 - a, [normal(3)]),
+    ("mul", lambda a, b: a * b, lambda a, b: a * b, [normal(2, 3), normal(2, 3)]),
+    ("mul_scalar", lambda a: a * 3.0, lambda a: a * 3.0, [normal(2, 3)]),
+    ("div", lambda a, b: a / b, lambda a, b: a / b, [normal(2, 3), positive(3)]),
+    ("rdiv", lambda a: 1.0 / a, lambda a: 1.0 / a, [positive(2, 3)]),
+    ("neg", lambda a: -a, lambda a: -a, [normal(4)]),
+    ("pow_scalar", lambda a: a**3, lambda a: a**3, [normal(5)]),
+    ("pow_half", lambda a: a**0.5, lambda a: a**0.5, [positive(5)]),
+    ("pow_tensor", lambda a, b: a**b, lambda a, b: a**b, [positive(3), normal(3)]),
+    ("rpow", lambda a: 2.0**a, lambda a: 2.0**a, [normal(3)]),
+    ("exp", dp.exp, torch.exp, [normal(3, 2)]),
+    ("log", dp.log, torch.log, [positive(3, 2)]),
+    ("sqrt", dp.sqrt, torch.sqrt, [positive(3, 2)]),
+    ("abs", dp.abs, torch.abs, [normal(3, 2)]),
+    ("clamp", lambda a: dp.clamp(a, -0.5, 0.5), lambda a: torch.clamp(a, -0.5, 0.5),
+     [normal(4, 3)]),
+    ("clamp_min", lambda a: a.clamp(min=0.1), lambda a: a.clamp(min=0.1), [normal(4, 3)]),
+    ("where", lambda a, b: dp.where(a > 0, a, b), lambda a, b: torch.where(a > 0, a, b),
+     [normal(3, 4), normal(3, 4)]),
+    ("maximum", dp.maximum, torch.maximum, [normal(3, 4), normal(3, 4)]),
+    ("minimum", dp.minimum, torch.minimum, [normal(3, 4), normal(4)]),
+    ("matmul", lambda a, b: a @ b, lambda a, b: a @ b, [normal(3, 4), normal(4, 5)]),
+    ("matmul_batched", lambda a, b: a @ b, lambda a, b: a @ b, [normal(2, 3, 4), normal(2, 4, 5)]),
+    ("matmul_bcast", lambda a, b: a @ b, lambda a, b: a @ b, [normal(2, 3, 4), normal(4, 5)]),
+    ("matmul_vec", lambda a, b: a @ b, lambda a, b: a @ b, [normal(3, 4), normal(4)]),
+    ("vec_matmul", lambda a, b: a @ b, lambda a, b: a @ b, [normal(4), normal(4, 2)]),
+    ("sum", lambda a: a.sum(), lambda a: a.sum(), [normal(3, 4)]),
+    ("sum_dim", lambda a: a.sum(dim=1), lambda a: a.sum(dim=1), [normal(3, 4, 2)]),
+    ("sum_dims_keep", lambda a: a.sum(dim=(0, 2), keepdim=True),
+     lambda a: a.sum(dim=(0, 2), keepdim=True), [normal(3, 4, 2)]),
+    ("mean", lambda a: a.mean(), lambda a: a.mean(), [normal(3, 4)]),
+    ("mean_dim", lambda a: a.mean(dim=-1, keepdim=True), lambda a: a.mean(dim=-1, keepdim=True),
+     [normal(3, 4)]),
+    ("max", lambda a: a.max(), lambda a: a.max(), [normal(3, 4)]),
+    ("max_dim", lambda a: a.max(dim=1)[0], lambda a: a.max(dim=1)[0], [normal(3, 4)]),
+    ("min_dim_keep", lambda a: a.min(dim=0, keepdim=True)[0],
+     lambda a: a.min(dim=0, keepdim=True)[0], [normal(3, 4)]),
+    ("var", lambda a: a.var(), lambda a: a.var(), [normal(3, 4)]),
+    ("var_dim_biased", lambda a: a.var(dim=1, unbiased=False),
+     lambda a: a.var(dim=1, unbiased=False), [normal(3, 4)]),
+    ("std", lambda a: a.std(dim=0), lambda a: a.std(dim=0), [normal(5, 4)]),
+    ("reshape", lambda a: a.reshape(4, -1), lambda a: a.reshape(4, -1), [normal(2, 6)]),
+    ("view", lambda a: a.view(3, 4), lambda a: a.view(3, 4), [normal(12)]),
+    ("transpose", lambda a: a.transpose(0, 2), lambda a: a.transpose(0, 2), [normal(2, 3, 4)]),
+    ("T", lambda a: a.T, lambda a: a.T, [normal(2, 3)]),
+    ("permute", lambda a: a.permute(2, 0, 1), lambda a: a.permute(2, 0, 1), [normal(2, 3, 4)]),
+    ("squeeze", lambda a: a.squeeze(1), lambda a: a.squeeze(1), [normal(3, 1, 2)]),
+    ("unsqueeze", lambda a: a.unsqueeze(-1), lambda a: a.unsqueeze(-1), [normal(3, 2)]),
+    ("expand", lambda a: a.expand(3, 4), lambda a: a.expand(3, 4), [normal(3, 1)]),
+    ("flatten", lambda a: a.flatten(1), lambda a: a.flatten(1), [normal(2, 3, 4)]),
+    ("cat", lambda a, b: dp.cat([a, b], dim=1), lambda a, b: torch.cat([a, b], dim=1),
+     [normal(2, 3), normal(2, 2)]),
+    ("stack", lambda a, b: dp.stack([a, b], dim=1), lambda a, b: torch.stack([a, b], dim=1),
+     [normal(2, 3), normal(2, 3)]),
+    ("slice", lambda a: a[1:, ::2], lambda a: a[1:, ::2], [normal(4, 5)]),
+    ("index_int", lambda a: a[2], lambda a: a[2], [normal(4, 5)]),
+    ("index_repeat", lambda a: a[np.array([0, 2, 0, 0])], lambda a: a[[0, 2, 0, 0]],
+     [normal(4, 3)]),
+    ("index_mask", lambda a: a[a.data > 0], lambda a: a[a > 0], [normal(4, 3)]),
+    ("index_pairs", lambda a: a[np.arange(3), np.array([1, 0, 1])],
+     lambda a: a[torch.arange(3), torch.tensor([1, 0, 1])], [normal(3, 2)]),
+    ("reuse", lambda a: a * a + a, lambda a: a * a + a, [normal(3)]),
+]
+
+
+@pytest.mark.parametrize("name,fn,_torch_fn,inputs", OPS, ids=[o[0] for o in OPS])
+def test_gradcheck(name, fn, _torch_fn, inputs):
+    gradcheck(fn, *inputs)
+
+
+@pytest.mark.parametrize("name,fn,torch_fn,inputs", OPS, ids=[o[0] for o in OPS])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_matches_torch(name, fn, torch_fn, inputs, dtype):
+    arrays = [np.asarray(a, dtype=dtype) for a in inputs]
+    ours = [dp.tensor(a, requires_grad=True) for a in arrays]
+    theirs = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out, ref = fn(*ours), torch_fn(*theirs)
+    assert out.dtype == np.dtype(dtype), f"{name}: {dtype} in, {out.dtype} out"
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), **tol)
+    weights = np.random.default_rng(1).standard_normal(out.shape).astype(dtype)
+    out.backward(dp.tensor(weights))
+    ref.backward(torch.tensor(weights))
+    for t, r in zip(ours, theirs):
+        assert t.grad.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(t.grad.numpy(), r.grad.numpy(), **tol)
+
+
+def test_long_chain_does_not_recurse():
+    x = dp.tensor(1.0, requires_grad=True)
+    y = x
+    for _ in range(10_000):
+        y = y * 1.0001
+    y.backward()
+    assert abs(x.grad.item() - 1.0001**10_000) < 1e-2
+
+
+def test_second_backward_needs_retain_graph():
+    x = dp.tensor([1.0, 2.0], requires_grad=True)
+    y = (x * x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_allclose(x.grad.numpy(), [4.0, 8.0])
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward()
+
+
+def test_backward_on_non_scalar_needs_gradient():
+    x = dp.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="scalar outputs"):
+        (x * 2).backward()
+
+
+def test_no_grad_and_detach():
+    x = dp.tensor([1.0], requires_grad=True)
+    with dp.no_grad():
+        y = x * 2
+    assert not y.requires_grad and y.grad_fn is None
+    assert not x.detach().requires_grad
+    z = x * 2
+    assert z.requires_grad and not z.is_leaf
+
+
+def test_integer_tensors_cannot_require_grad():
+    with pytest.raises(RuntimeError, match="floating-point"):
+        dp.tensor([1, 2, 3], requires_grad=True)
+
+
+def test_retain_grad_on_intermediate():
+    x = dp.tensor([1.0, 2.0], requires_grad=True)
+    h = x * 3
+    h.retain_grad()
+    (h * h).sum().backward()
+    np.testing.assert_allclose(h.grad.numpy(), [6.0, 12.0])
+
+
+def test_shape_errors_name_both_shapes():
+    a, b = dp.randn(3, 4), dp.randn(5, 6)
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(5, 6\)"):
+        a @ b
+    with pytest.raises(ValueError, match=r"\(3, 4\).*\(5, 6\)"):
+        a + b
+
+
+def test_python_floats_keep_float32():
+    x = dp.randn(3)
+    for y in (x * 2.5, x + np.float64(1.0), 1.5 / (x.abs() + 1), x**2.0):
+        assert y.dtype == np.float32
