@@ -1,6 +1,6 @@
 """Layers, losses, initialisers and utilities with PyTorch's names (``dp.nn``)."""
 
-from distprop.nn import init
+from distprop.nn import init, utils
 from distprop.nn.container import ModuleDict, ModuleList, Sequential
 from distprop.nn.linear import Flatten, Identity, Linear
 from distprop.nn.module import Module, Parameter
