@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from distprop.ops.linalg import Linear as _Linear
 
 
@@ -10,3 +12,17 @@ def linear(input, weight, bias=None):
     if bias is None:
         return _Linear.apply(input, weight)
     return _Linear.apply(input, weight, bias)
+
+
+def embedding(input, weight, padding_idx=None):
+    """Rows of ``weight`` picked by the integer ``input``; ``padding_idx`` gets no gradient."""
+    from distprop.ops.embedding import Embedding as _Embedding  # noqa: PLC0415
+    from distprop.tensor import Tensor  # noqa: PLC0415
+
+    if isinstance(input, Tensor):
+        indices = input.data
+    else:
+        indices = input if hasattr(input, "shape") else np.asarray(input)
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    return _Embedding.apply(indices, weight, padding_idx=padding_idx)

@@ -4,6 +4,8 @@ from distprop.nn import init, utils
 from distprop.nn.container import ModuleDict, ModuleList, Sequential
 from distprop.nn.linear import Flatten, Identity, Linear
 from distprop.nn.module import Module, Parameter
+from distprop.nn.rnn import GRU, LSTM, RNN, RNNBase
+from distprop.nn.sparse import Embedding
 
 import sys as _sys
 
