@@ -4,7 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from distprop.ops.activation import (  # noqa: F401
+    dropout,
+    elu,
+    gelu,
+    leaky_relu,
+    log_softmax,
+    relu,
+    sigmoid,
+    silu,
+    softmax,
+    tanh,
+)
 from distprop.ops.linalg import Linear as _Linear
+from distprop.ops.loss import (  # noqa: F401
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    huber_loss,
+    l1_loss,
+    mse_loss,
+    nll_loss,
+    smooth_l1_loss,
+)
 
 
 def linear(input, weight, bias=None):

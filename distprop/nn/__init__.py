@@ -1,8 +1,30 @@
 """Layers, losses, initialisers and utilities with PyTorch's names (``dp.nn``)."""
 
 from distprop.nn import init, utils
+from distprop.nn.activation import (
+    ELU,
+    GELU,
+    Dropout,
+    LeakyReLU,
+    LogSoftmax,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
 from distprop.nn.container import ModuleDict, ModuleList, Sequential
 from distprop.nn.linear import Flatten, Identity, Linear
+from distprop.nn.loss import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    HuberLoss,
+    L1Loss,
+    MSELoss,
+    NLLLoss,
+    SmoothL1Loss,
+)
 from distprop.nn.module import Module, Parameter
 from distprop.nn.rnn import GRU, LSTM, RNN, RNNBase
 from distprop.nn.sparse import Embedding

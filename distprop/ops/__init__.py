@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from distprop.ops import arith, linalg, reduce, shape
+from distprop.ops.activation import log_softmax, relu, sigmoid, softmax, tanh
 from distprop.tensor import Tensor
 
 
@@ -264,6 +265,11 @@ def _bind_tensor_methods() -> None:
         "squeeze": squeeze,
         "unsqueeze": unsqueeze,
         "expand": expand,
+        "relu": relu,
+        "sigmoid": sigmoid,
+        "tanh": tanh,
+        "softmax": softmax,
+        "log_softmax": log_softmax,
         "argmax": lambda self, dim=None, keepdim=False: Tensor._wrap(
             _argext(self.data, dim, keepdim, "argmax")
         ),

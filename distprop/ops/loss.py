@@ -1,0 +1,550 @@
+"""Fused loss functions with PyTorch's semantics and ``reduction='mean'|'sum'|'none'``.
+
+Each loss is one Function: forward computes the per-element loss and reduces it, backward
+writes the gradient directly (cross-entropy: softmax minus the smoothed, weighted target) instead
+of differentiating a chain of small ops. The user-facing functions with PyTorch's signatures are
+at the bottom; ``dp.nn.functional`` re-exports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from distprop.backend import get_array_module
+from distprop.ops.activation import stable_sigmoid
+from distprop.tensor import Function, Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class ClassIndexError(IndexError, ValueError):
+    """A class-index target outside ``[0, C)`` (and not ``ignore_index``)."""
+
+
+def legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """Map PyTorch's deprecated ``size_average``/``reduce`` flags onto ``reduction``."""
+    if size_average is not None or reduce is not None:
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        reduction = "none" if not reduce else ("mean" if size_average else "sum")
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"{reduction!r} is not a valid value for reduction: use 'mean', 'sum' or 'none'"
+        )
+    return reduction
+
+
+def _check_float(name: str, x) -> None:
+    if x.dtype.kind != "f":
+        raise TypeError(
+            f"{name}: expected floating-point predictions, got dtype {x.dtype} "
+            "(convert with .float())"
+        )
+
+
+def _check_same_shape(name: str, x, y) -> None:
+    if tuple(x.shape) != tuple(y.shape):
+        raise ValueError(
+            f"{name}: input shape {tuple(x.shape)} and target shape {tuple(y.shape)} differ; "
+            "they must be equal"
+        )
+
+
+def _check_broadcastable(name: str, what: str, w, shape) -> None:
+    ws = tuple(w.shape)
+    ok = len(ws) <= len(shape) and all(
+        a == b or a == 1 for a, b in zip(reversed(ws), reversed(shape))
+    )
+    if not ok:
+        raise ValueError(f"{name}: {what} of shape {ws} does not broadcast to input shape {shape}")
+
+
+def _as_dtype(a, dtype):
+    return a if a is None or a.dtype == dtype else a.astype(dtype)
+
+
+def _reduce(loss, reduction: str):
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def _quiet(xp):
+    """Silence NumPy's divide/invalid warnings where inf/NaN are the intended results."""
+    return np.errstate(invalid="ignore", divide="ignore") if xp is np else contextlib.nullcontext()
+
+
+def _divide(num, den):
+    """num / den, NaN (without a warning) when den == 0, as PyTorch's all-ignored mean."""
+    with _quiet(get_array_module(num)):
+        return num / den
+
+
+# --- elementwise regression losses ----------------------------------------------------------
+
+
+class _DiffLoss(Function):
+    """Losses of d = x - y: forward reduces loss(d); grads are dloss(d) * g and its negation."""
+
+    name = "loss"
+
+    def forward(self, x, y, reduction="mean", **options):
+        _check_float(self.name, x)
+        _check_same_shape(self.name, x, y)
+        self.options, self.reduction, self.count = options, reduction, x.size
+        self.target_dtype = y.dtype
+        self.diff = x - _as_dtype(y, x.dtype)
+        return _reduce(self.loss(self.diff, **options), reduction)
+
+    def backward(self, grad_out):
+        g = grad_out / self.count if self.reduction == "mean" else grad_out
+        grad = self.dloss(self.diff, **self.options) * g
+        grad_target = None
+        if self.needs_input_grad[1]:
+            grad_target = _as_dtype(-grad, self.target_dtype)
+        return (grad if self.needs_input_grad[0] else None), grad_target
+
+    def loss(self, d, **options):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dloss(self, d, **options):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MSE(_DiffLoss):
+    """l = (x - y)^2; dl/dx = 2 (x - y)."""
+
+    name = "mse_loss"
+
+    def loss(self, d):
+        return d * d
+
+    def dloss(self, d):
+        return 2.0 * d
+
+
+class L1(_DiffLoss):
+    """l = |x - y|; dl/dx = sign(x - y)."""
+
+    name = "l1_loss"
+
+    def loss(self, d):
+        return abs(d)
+
+    def dloss(self, d):
+        return get_array_module(d).sign(d)
+
+
+class Huber(_DiffLoss):
+    """l = d^2 / 2 if |d| < delta else delta (|d| - delta / 2); dl/dx = clip(d, -delta, delta)."""
+
+    name = "huber_loss"
+
+    def loss(self, d, delta=1.0):
+        a = abs(d)
+        return get_array_module(d).where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
+
+    def dloss(self, d, delta=1.0):
+        return get_array_module(d).clip(d, -delta, delta)
+
+
+class SmoothL1(_DiffLoss):
+    """l = d^2 / (2 beta) if |d| < beta else |d| - beta / 2; dl/dx = clip(d / beta, -1, 1)."""
+
+    name = "smooth_l1_loss"
+
+    def loss(self, d, beta=1.0):
+        a = abs(d)
+        if beta == 0.0:
+            return a
+        return get_array_module(d).where(a < beta, (0.5 / beta) * d * d, a - 0.5 * beta)
+
+    def dloss(self, d, beta=1.0):
+        xp = get_array_module(d)
+        if beta == 0.0:
+            return xp.sign(d)
+        return xp.clip(d * (1.0 / beta), -1.0, 1.0)
+
+
+# --- binary classification losses -----------------------------------------------------------
+
+
+class BCE(Function):
+    """l = -w (y log x + (1 - y) log(1 - x)), logs >= -100; dl/dx = w (x - y) / (x (1 - x))."""
+
+    def forward(self, x, y, weight=None, reduction="mean"):
+        name = "binary_cross_entropy"
+        _check_float(name, x)
+        _check_same_shape(name, x, y)
+        xp = get_array_module(x)
+        if not bool(((x >= 0) & (x <= 1)).all()):
+            raise ValueError(f"{name}: all elements of input should be between 0 and 1")
+        self.target_dtype = y.dtype
+        y = _as_dtype(y, x.dtype)
+        if not bool(((y >= 0) & (y <= 1)).all()):
+            raise ValueError(f"{name}: all elements of target should be between 0 and 1")
+        if weight is not None:
+            _check_broadcastable(name, "weight", weight, x.shape)
+            weight = _as_dtype(weight, x.dtype)
+        with _quiet(xp):  # log(0) = -inf, clamped to -100 as in PyTorch
+            log_x = xp.maximum(xp.log(x), -100.0)
+            log_1mx = xp.maximum(xp.log1p(-x), -100.0)
+        loss = (y - 1.0) * log_1mx - y * log_x
+        if weight is not None:
+            loss = loss * weight
+        self.x, self.y, self.weight = x, y, weight
+        self.reduction, self.count = reduction, x.size
+        if self.needs_input_grad[1]:
+            self.log_ratio = log_1mx - log_x
+        return _reduce(loss, reduction)
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        g = grad_out / self.count if self.reduction == "mean" else grad_out
+        if self.weight is not None:
+            g = g * self.weight
+        x = self.x
+        grad = None
+        if self.needs_input_grad[0]:
+            grad = g * (x - self.y) / xp.maximum((1.0 - x) * x, 1e-12)
+            if grad.shape != x.shape:
+                grad = xp.broadcast_to(grad, x.shape)
+        grad_target = None
+        if self.needs_input_grad[1]:
+            grad_target = _as_dtype(xp.broadcast_to(g * self.log_ratio, x.shape),
+                                    self.target_dtype)
+        return grad, grad_target
+
+
+class BCEWithLogits(Function):
+    """l = w ((1 - y) x + (1 + (pw - 1) y) softplus(-x)); dl/dx = w ((1 + (pw-1) y) s - pw y)."""
+
+    def forward(self, x, y, weight=None, pos_weight=None, reduction="mean"):
+        name = "binary_cross_entropy_with_logits"
+        _check_float(name, x)
+        _check_same_shape(name, x, y)
+        xp = get_array_module(x)
+        self.target_dtype = y.dtype
+        y = _as_dtype(y, x.dtype)
+        for what, w in (("weight", weight), ("pos_weight", pos_weight)):
+            if w is not None:
+                _check_broadcastable(name, what, w, x.shape)
+        weight, pos_weight = _as_dtype(weight, x.dtype), _as_dtype(pos_weight, x.dtype)
+        softplus_neg = xp.log1p(xp.exp(-abs(x))) + xp.maximum(-x, 0.0)  # -log(sigmoid(x))
+        log_weight = None if pos_weight is None else 1.0 + (pos_weight - 1.0) * y
+        loss = (1.0 - y) * x
+        loss += softplus_neg if log_weight is None else log_weight * softplus_neg
+        if weight is not None:
+            loss *= weight
+        self.x, self.y, self.weight, self.pos_weight = x, y, weight, pos_weight
+        self.log_weight = log_weight
+        self.reduction, self.count = reduction, x.size
+        if self.needs_input_grad[1] and pos_weight is not None:
+            self.softplus_neg = softplus_neg
+        return _reduce(loss, reduction)
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        g = grad_out / self.count if self.reduction == "mean" else grad_out
+        if self.weight is not None:
+            g = g * self.weight
+        x, y = self.x, self.y
+        grad = None
+        if self.needs_input_grad[0]:
+            s = stable_sigmoid(x)
+            if self.pos_weight is None:
+                grad = g * (s - y)
+            else:
+                grad = g * (self.log_weight * s - self.pos_weight * y)
+            grad = xp.broadcast_to(grad, x.shape) if grad.shape != x.shape else grad
+        grad_target = None
+        if self.needs_input_grad[1]:
+            dy = -x if self.pos_weight is None else (self.pos_weight - 1.0) * self.softplus_neg - x
+            grad_target = _as_dtype(xp.broadcast_to(g * dy, x.shape), self.target_dtype)
+        return grad, grad_target
+
+
+# --- multi-class losses over a class dimension (dim 1, or dim 0 of an unbatched input) -------
+
+
+def _rows(a):
+    """An (N, C, d1, ...) or (C,) array as (M, C) rows, one per sample position."""
+    if a.ndim == 1:
+        return a.reshape(1, -1)
+    if a.ndim == 2:
+        return a
+    return get_array_module(a).moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+
+
+def _unrows(rows, shape):
+    """Inverse of :func:`_rows`."""
+    if len(shape) <= 2:
+        return rows.reshape(shape)
+    moved = rows.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],))
+    return get_array_module(rows).moveaxis(moved, -1, 1)
+
+
+def _sample_shape(shape) -> tuple[int, ...]:
+    return () if len(shape) == 1 else (shape[0],) + tuple(shape[2:])
+
+
+def _check_classes(name: str, x, weight):
+    """Check the input has a class dim; return (C, weight as an x.dtype array or None)."""
+    if x.ndim == 0:
+        raise ValueError(f"{name}: input must have a class dimension, got a 0-d input")
+    classes = x.shape[0] if x.ndim == 1 else x.shape[1]
+    if weight is not None:
+        if tuple(weight.shape) != (classes,):
+            raise ValueError(
+                f"{name}: weight must have shape ({classes},), one entry per class, got "
+                f"{tuple(weight.shape)}"
+            )
+        weight = _as_dtype(weight, x.dtype)
+    return classes, weight
+
+
+def _index_target(name: str, x, target, classes: int, ignore_index: int):
+    """Validate class indices; return (safe indices (M,), kept mask (M,))."""
+    if target.dtype.kind not in "iu":
+        raise TypeError(
+            f"{name}: class-index targets must have an integer dtype, got {target.dtype} "
+            f"(class probabilities need the input's shape {tuple(x.shape)})"
+        )
+    expected = _sample_shape(x.shape)
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"{name}: input of shape {tuple(x.shape)} needs a class-index target of shape "
+            f"{expected}, got target shape {tuple(target.shape)}"
+        )
+    xp = get_array_module(target)
+    t = target.reshape(-1)
+    keep = t != ignore_index
+    valid = ((t >= 0) & (t < classes)) | ~keep
+    if not bool(valid.all()):
+        bad = int(t[~valid][0])
+        raise ClassIndexError(
+            f"{name}: target class index {bad} is out of range for {classes} classes "
+            f"(expected 0..{classes - 1}, or ignore_index={ignore_index})"
+        )
+    return xp.where(keep, t, 0), keep
+
+
+class CrossEntropy(Function):
+    """l = -sum_c q_c log softmax(x)_c (q: weighted smoothed target); dl/dx = softmax sum(q) - q."""
+
+    def forward(self, x, target, weight=None, ignore_index=-100, reduction="mean",
+                label_smoothing=0.0):
+        name = "cross_entropy"
+        _check_float(name, x)
+        xp = get_array_module(x)
+        classes, w = _check_classes(name, x, weight)
+        eps = float(label_smoothing)
+        rows = _rows(x)
+        m = rows.shape[0]
+        shifted = rows - rows.max(axis=1, keepdims=True)
+        self.probs = tuple(target.shape) == tuple(x.shape)
+        if self.probs:
+            if target.dtype.kind != "f":
+                raise TypeError(
+                    f"{name}: a target with the input's shape {tuple(x.shape)} holds class "
+                    f"probabilities and must be floating-point, got dtype {target.dtype}"
+                )
+            self.target_dtype = target.dtype
+            q = _rows(_as_dtype(target, x.dtype))
+            if eps:
+                q = q * (1.0 - eps) + eps / classes
+            if w is not None:
+                q = q * w
+            qsum = q.sum(axis=1)
+            linear = (q * shifted).sum(axis=1)
+            denom = m
+            self.q = q
+        else:
+            t, keep = _index_target(name, x, target, classes, ignore_index)
+            keep = keep.astype(x.dtype)
+            wt = keep if w is None else w[t] * keep
+            picked = shifted[xp.arange(m), t]
+            linear = wt * picked
+            qsum = wt
+            if eps:
+                smooth_linear = shifted.sum(axis=1) if w is None else shifted @ w
+                linear = (1.0 - eps) * linear + (eps / classes) * keep * smooth_linear
+                w_total = classes if w is None else w.sum()
+                qsum = (1.0 - eps) * wt + (eps / classes) * w_total * keep
+            denom = wt.sum()
+            self.t, self.wt, self.keep = t, wt, keep
+        keep_shifted = self.probs and self.needs_input_grad[1]
+        exp = xp.exp(shifted) if keep_shifted else xp.exp(shifted, out=shifted)
+        sumexp = exp.sum(axis=1)
+        lse = xp.log(sumexp)
+        per_sample = qsum * lse - linear
+        self.exp, self.sumexp, self.qsum, self.w, self.eps = exp, sumexp, qsum, w, eps
+        self.shape, self.reduction, self.denom = x.shape, reduction, denom
+        if keep_shifted:
+            self.shifted, self.lse = shifted, lse
+        if reduction == "none":
+            return per_sample.reshape(_sample_shape(x.shape))
+        if reduction == "sum":
+            return per_sample.sum()
+        return _divide(per_sample.sum(), denom)
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        if self.reduction == "none":
+            coef = grad_out.reshape(-1)
+        elif self.reduction == "sum":
+            coef = grad_out
+        else:
+            coef = _divide(grad_out, self.denom)
+        grad = grad_x = grad_target = None
+        if self.needs_input_grad[0]:
+            scale = coef * self.qsum / self.sumexp
+            grad = self.exp * scale[:, None]
+            if self.probs:
+                grad -= self.q * (coef[:, None] if self.reduction == "none" else coef)
+            else:
+                m = grad.shape[0]
+                grad[xp.arange(m), self.t] -= (1.0 - self.eps) * coef * self.wt
+                if self.eps:
+                    w = 1.0 if self.w is None else self.w
+                    grad -= ((self.eps / grad.shape[1]) * coef * self.keep)[:, None] * w
+            grad_x = _unrows(grad, self.shape)
+        if self.needs_input_grad[1] and self.probs:
+            c = coef[:, None] if self.reduction == "none" else coef
+            neg_logp = self.lse[:, None] - self.shifted
+            if self.w is not None:
+                neg_logp *= self.w
+            grad_target = _unrows((1.0 - self.eps) * c * neg_logp, self.shape)
+            grad_target = _as_dtype(grad_target, self.target_dtype)
+        return grad_x, grad_target
+
+
+class NLL(Function):
+    """l = -w[t] x[t] (input: log-probabilities); dl/dx = -w[t] at the target class."""
+
+    def forward(self, x, target, weight=None, ignore_index=-100, reduction="mean"):
+        name = "nll_loss"
+        _check_float(name, x)
+        xp = get_array_module(x)
+        classes, w = _check_classes(name, x, weight)
+        rows = _rows(x)
+        m = rows.shape[0]
+        t, keep = _index_target(name, x, target, classes, ignore_index)
+        keep = keep.astype(x.dtype)
+        wt = keep if w is None else w[t] * keep
+        per_sample = -wt * rows[xp.arange(m), t]
+        self.t, self.wt, self.shape, self.dtype = t, wt, x.shape, x.dtype
+        self.reduction, self.denom = reduction, wt.sum()
+        if reduction == "none":
+            return per_sample.reshape(_sample_shape(x.shape))
+        if reduction == "sum":
+            return per_sample.sum()
+        return _divide(per_sample.sum(), self.denom)
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        if self.reduction == "none":
+            coef = grad_out.reshape(-1)
+        elif self.reduction == "sum":
+            coef = grad_out
+        else:
+            coef = _divide(grad_out, self.denom)
+        m = self.wt.shape[0]
+        grad = xp.zeros((m, self.shape[1] if len(self.shape) > 1 else self.shape[0]), self.dtype)
+        grad[xp.arange(m), self.t] = -coef * self.wt
+        return _unrows(grad, self.shape), None
+
+
+# --- user-facing functions with PyTorch's signatures (dp.nn.functional.*) -------------------
+
+
+def _target(name: str, input, target):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}(): expected the input to be a Tensor, got {type(input).__name__}")
+    return target if isinstance(target, Tensor) else Tensor(target)
+
+
+def _array(value):
+    """Optional weights as raw arrays (they are constants, not differentiated)."""
+    if value is None or not isinstance(value, Tensor):
+        return None if value is None else Tensor(value).data
+    return value.data
+
+
+def mse_loss(input: Tensor, target, size_average=None, reduce=None,
+             reduction: str = "mean") -> Tensor:
+    """Mean squared error: reduce((input - target)^2)."""
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    return MSE.apply(input, _target("mse_loss", input, target), reduction=reduction)
+
+
+def l1_loss(input: Tensor, target, size_average=None, reduce=None,
+            reduction: str = "mean") -> Tensor:
+    """Mean absolute error: reduce(|input - target|)."""
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    return L1.apply(input, _target("l1_loss", input, target), reduction=reduction)
+
+
+def huber_loss(input: Tensor, target, reduction: str = "mean", delta: float = 1.0) -> Tensor:
+    """Quadratic for |input - target| < delta, linear (slope delta) beyond."""
+    reduction = legacy_reduction(None, None, reduction)
+    if not delta > 0:
+        raise ValueError(f"huber_loss: delta must be positive, got {delta}")
+    return Huber.apply(input, _target("huber_loss", input, target), reduction=reduction,
+                       delta=float(delta))
+
+
+def smooth_l1_loss(input: Tensor, target, size_average=None, reduce=None,
+                   reduction: str = "mean", beta: float = 1.0) -> Tensor:
+    """Quadratic (divided by beta) for |input - target| < beta, |d| - beta/2 beyond."""
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    if beta < 0:
+        raise ValueError(f"smooth_l1_loss: beta must be non-negative, got {beta}")
+    return SmoothL1.apply(input, _target("smooth_l1_loss", input, target), reduction=reduction,
+                          beta=float(beta))
+
+
+def cross_entropy(input: Tensor, target, weight=None, size_average=None, ignore_index: int = -100,
+                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy of logits ``input`` (N, C, ...) against class indices or probabilities.
+
+    ``target`` holds class indices (integers, the input's shape without dim 1) or class
+    probabilities (floats, the input's shape). ``weight`` rescales classes; with indices and
+    ``reduction='mean'`` the sum is divided by the summed weights of the non-ignored targets.
+    """
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    return CrossEntropy.apply(
+        input, _target("cross_entropy", input, target), weight=_array(weight),
+        ignore_index=int(ignore_index), reduction=reduction, label_smoothing=float(label_smoothing),
+    )
+
+
+def nll_loss(input: Tensor, target, weight=None, size_average=None, ignore_index: int = -100,
+             reduce=None, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood of log-probabilities ``input`` (N, C, ...) at class indices."""
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    return NLL.apply(input, _target("nll_loss", input, target), weight=_array(weight),
+                     ignore_index=int(ignore_index), reduction=reduction)
+
+
+def binary_cross_entropy(input: Tensor, target, weight=None, size_average=None, reduce=None,
+                         reduction: str = "mean") -> Tensor:
+    """-w (y log x + (1 - y) log(1 - x)) for probabilities ``input`` in [0, 1]."""
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    return BCE.apply(input, _target("binary_cross_entropy", input, target),
+                     weight=_array(weight), reduction=reduction)
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target, weight=None, size_average=None,
+                                     reduce=None, reduction: str = "mean",
+                                     pos_weight=None) -> Tensor:
+    """Binary cross-entropy of ``sigmoid(input)``, computed stably from the logits."""
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    return BCEWithLogits.apply(
+        input, _target("binary_cross_entropy_with_logits", input, target),
+        weight=_array(weight), pos_weight=_array(pos_weight), reduction=reduction,
+    )
