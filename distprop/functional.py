@@ -48,3 +48,12 @@ def embedding(input, weight, padding_idx=None):
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
     return _Embedding.apply(indices, weight, padding_idx=padding_idx)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None):
+    """softmax(q k^T * scale + mask) v; fully masked rows give zeros (see ops/attention.py)."""
+    from distprop.ops.attention import scaled_dot_product_attention as _sdpa  # noqa: PLC0415
+
+    return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                 is_causal=is_causal, scale=scale)

@@ -240,3 +240,42 @@ def test_bad_constructor_arguments():
         GRU(2, 3, dropout=1.5)
     with pytest.raises(ValueError, match="hidden_size"):
         LSTM(2, 0)
+
+
+def test_grad_norms_match_torch_and_skip_missing():
+    ours, ref = build("lstm", {"num_layers": 2}, "float64")
+    x = np.random.default_rng(0).standard_normal((STEPS, BATCH, INPUT))
+    ours(dp.tensor(x))[0].sum().backward()
+    ref(torch.tensor(x))[0].sum().backward()
+    norms = dp.nn.utils.grad_norms(ours)
+    expected = {n: float(p.grad.norm()) for n, p in ref.named_parameters()}
+    assert list(norms) == list(expected)
+    for name, value in expected.items():
+        assert abs(norms[name] - value) < 1e-10 * max(1.0, value)
+    ours.bias_hh_l1.grad = None
+    assert "bias_hh_l1" not in dp.nn.utils.grad_norms(ours)
+    pairs = dp.nn.utils.grad_norms(list(ours.named_parameters()))
+    assert pairs == dp.nn.utils.grad_norms(ours)
+
+
+@pytest.mark.parametrize("scale,kind", [(0.05, "vanishing"), (3.0, "exploding")])
+def test_classify_grad_norms_flags_vanishing_and_exploding_rnn(scale, kind):
+    """A long tanh RNN: tiny recurrent weights make the first step's input gradient vanish,
+    large ones with a relu make the gradient explode."""
+    model = RNN(2, 8, nonlinearity="tanh" if kind == "vanishing" else "relu", dtype="float64")
+    with dp.no_grad():
+        model.weight_hh_l0.data[...] = scale * np.eye(8)
+        model.weight_ih_l0.data[...] = np.abs(model.weight_ih_l0.data)
+    x = dp.tensor(np.abs(np.random.default_rng(0).standard_normal((40, 1, 2))),
+                  requires_grad=True)
+    out, _ = model(x)
+    out[-1].sum().backward()
+    norms = {"first_step_input": float(np.linalg.norm(x.grad.numpy()[0]))}
+    norms.update(dp.nn.utils.grad_norms(model))
+    report = dp.nn.utils.classify_grad_norms(norms, vanishing=1e-8, exploding=1e6)
+    assert "first_step_input" in report[kind]
+    assert np.isfinite(report["total_norm"])
+    nan_report = dp.nn.utils.classify_grad_norms({"w": float("nan"), "b": 1.0})
+    assert nan_report["nonfinite"] == ["w"] and np.isnan(nan_report["total_norm"])
+    with pytest.raises(ValueError, match="vanishing < exploding"):
+        dp.nn.utils.classify_grad_norms(norms, vanishing=1.0, exploding=0.5)

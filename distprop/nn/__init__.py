@@ -13,6 +13,7 @@ from distprop.nn.activation import (
     Softmax,
     Tanh,
 )
+from distprop.nn.attention import MultiheadAttention
 from distprop.nn.container import ModuleDict, ModuleList, Sequential
 from distprop.nn.linear import Flatten, Identity, Linear
 from distprop.nn.loss import (
