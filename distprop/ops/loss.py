@@ -65,6 +65,11 @@ def _as_dtype(a, dtype):
     return a if a is None or a.dtype == dtype else a.astype(dtype)
 
 
+def _constant(value, x):
+    """A weight array in ``x``'s dtype on ``x``'s device (None stays None)."""
+    return None if value is None else get_array_module(x).asarray(value, dtype=x.dtype)
+
+
 def _reduce(loss, reduction: str):
     if reduction == "none":
         return loss
@@ -187,7 +192,7 @@ class BCE(Function):
             raise ValueError(f"{name}: all elements of target should be between 0 and 1")
         if weight is not None:
             _check_broadcastable(name, "weight", weight, x.shape)
-            weight = _as_dtype(weight, x.dtype)
+            weight = _constant(weight, x)
         with _quiet(xp):  # log(0) = -inf, clamped to -100 as in PyTorch
             log_x = xp.maximum(xp.log(x), -100.0)
             log_1mx = xp.maximum(xp.log1p(-x), -100.0)
@@ -231,7 +236,7 @@ class BCEWithLogits(Function):
         for what, w in (("weight", weight), ("pos_weight", pos_weight)):
             if w is not None:
                 _check_broadcastable(name, what, w, x.shape)
-        weight, pos_weight = _as_dtype(weight, x.dtype), _as_dtype(pos_weight, x.dtype)
+        weight, pos_weight = _constant(weight, x), _constant(pos_weight, x)
         softplus_neg = xp.log1p(xp.exp(-abs(x))) + xp.maximum(-x, 0.0)  # -log(sigmoid(x))
         log_weight = None if pos_weight is None else 1.0 + (pos_weight - 1.0) * y
         loss = (1.0 - y) * x
@@ -301,7 +306,7 @@ def _check_classes(name: str, x, weight):
                 f"{name}: weight must have shape ({classes},), one entry per class, got "
                 f"{tuple(weight.shape)}"
             )
-        weight = _as_dtype(weight, x.dtype)
+        weight = _constant(weight, x)
     return classes, weight
 
 
