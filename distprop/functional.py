@@ -16,6 +16,7 @@ from distprop.ops.activation import (  # noqa: F401
     softmax,
     tanh,
 )
+from distprop.ops.conv import conv1d, conv2d  # noqa: F401
 from distprop.ops.linalg import Linear as _Linear
 from distprop.ops.loss import (  # noqa: F401
     binary_cross_entropy,
@@ -26,6 +27,15 @@ from distprop.ops.loss import (  # noqa: F401
     mse_loss,
     nll_loss,
     smooth_l1_loss,
+)
+from distprop.ops.norm import batch_norm, layer_norm  # noqa: F401
+from distprop.ops.pool import (  # noqa: F401
+    adaptive_avg_pool1d,
+    adaptive_avg_pool2d,
+    avg_pool1d,
+    avg_pool2d,
+    max_pool1d,
+    max_pool2d,
 )
 
 

@@ -15,6 +15,7 @@ from distprop.nn.activation import (
 )
 from distprop.nn.attention import MultiheadAttention
 from distprop.nn.container import ModuleDict, ModuleList, Sequential
+from distprop.nn.conv import Conv1d, Conv2d
 from distprop.nn.linear import Flatten, Identity, Linear
 from distprop.nn.loss import (
     BCELoss,
@@ -27,6 +28,15 @@ from distprop.nn.loss import (
     SmoothL1Loss,
 )
 from distprop.nn.module import Module, Parameter
+from distprop.nn.normalization import BatchNorm1d, BatchNorm2d, LayerNorm
+from distprop.nn.pooling import (
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
+    AvgPool1d,
+    AvgPool2d,
+    MaxPool1d,
+    MaxPool2d,
+)
 from distprop.nn.rnn import GRU, LSTM, RNN, RNNBase
 from distprop.nn.sparse import Embedding
 

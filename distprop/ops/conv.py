@@ -1,0 +1,297 @@
+"""Convolution over 1 or 2 spatial dims: im2col from a strided view, one GEMM per group.
+
+Layout: the input is read through a channels-last strided view ``(N, *out, groups, *kernel,
+C/groups)`` of the (padded) input, copied once into the column matrix ``(N*prod(out), groups,
+K)`` with ``K = prod(kernel) * C/groups``, and multiplied by the weight reshaped to
+``(groups, O/groups, K)``. The GEMM writes ``(N*prod(out), O)``: the result is returned as an
+``(N, O, *out)`` view of that channels-last memory (no transpose copy). Any input strides work,
+so a convolution fed the previous convolution's channels-last output reads it without a copy.
+
+Backward: the weight gradient is one GEMM ``grad^T @ cols`` per group, the input gradient one
+GEMM ``grad @ W`` per group followed by col2im, which loops over kernel offsets only
+(``prod(kernel)`` whole-array adds), never over pixels.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from distprop.backend import get_array_module
+from distprop.tensor import Function, Tensor
+
+
+def as_strided(xp, array, shape, strides):
+    """``xp.lib.stride_tricks.as_strided`` (NumPy and CuPy share the signature)."""
+    return xp.lib.stride_tricks.as_strided(array, shape=shape, strides=strides)
+
+
+def ntuple(value, n: int, name: str) -> tuple[int, ...]:
+    """``value`` (int or sequence of n ints) as an n-tuple of ints."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1 and n > 1:
+            value = tuple(value) * n
+        if len(value) != n or not all(isinstance(v, int) for v in value):
+            raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+        return tuple(int(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+    return (int(value),) * n
+
+
+def conv_padding(padding, kernel, dilation, stride, nd: int) -> tuple[tuple[int, int], ...]:
+    """Per-dim (before, after) zero padding from an int, a tuple, 'valid' or 'same'."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * nd
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            return tuple((t // 2, t - t // 2) for t in total)
+        raise ValueError(f"Invalid padding string {padding!r}, should be one of ['valid', 'same']")
+    pad = ntuple(padding, nd, "padding")
+    if any(p < 0 for p in pad):
+        raise ValueError(f"negative padding is not supported, got {pad}")
+    return tuple((p, p) for p in pad)
+
+
+def move_channels_last(x):
+    """The (N, C, *sp) array viewed as (N, *sp, C) (a view, never a copy)."""
+    return x.transpose((0, *range(2, x.ndim), 1))
+
+
+def move_channels_first(x):
+    """The (N, *sp, C) array viewed as (N, C, *sp)."""
+    return x.transpose((0, x.ndim - 1, *range(1, x.ndim - 1)))
+
+
+def is_channels_last(x) -> bool:
+    """True when the channel axis (1) of an (N, C, *sp) array has the smallest stride."""
+    return x.ndim > 2 and x.shape[1] > 1 and x.strides[1] <= min(x.strides[2:])
+
+
+def _c_strides(shape, unit: int) -> tuple[int, ...]:
+    """C-order strides (bytes) of ``shape`` whose innermost step is ``unit`` bytes."""
+    out, step = [], unit
+    for s in reversed(shape):
+        out.append(step)
+        step *= int(s)
+    return tuple(reversed(out))
+
+
+def _padded_shape(x_shape, pads):
+    return (*x_shape[:2], *(s + lo + hi for s, (lo, hi) in zip(x_shape[2:], pads)))
+
+
+def _alloc(xp, shape, dtype, channels_last: bool, zero: bool):
+    """An (N, C, *sp) array stored channels-last or channels-first."""
+    make = xp.zeros if zero else xp.empty
+    if channels_last:
+        return move_channels_first(make((shape[0], *shape[2:], shape[1]), dtype=dtype))
+    return make(shape, dtype=dtype)
+
+
+def _interior(x_shape, pads):
+    return (slice(None), slice(None),
+            *(slice(lo, lo + s) for s, (lo, _) in zip(x_shape[2:], pads)))
+
+
+def _padded(xp, x, pads, channels_last: bool):
+    """x (N, C, *sp) zero padded and stored as asked; ``x`` itself when it already fits."""
+    padding = any(lo or hi for lo, hi in pads)
+    if not padding and (x.shape[1] == 1 or is_channels_last(x) == channels_last):
+        return x
+    out = _alloc(xp, _padded_shape(x.shape, pads), x.dtype, channels_last, zero=padding)
+    out[_interior(x.shape, pads)] = x
+    return out
+
+
+class ConvNd(Function):
+    """out[n,o,y] = sum_{c,k} w[o,c,k] * xpad[n,c,y*s+k*d] + b[o]; grads by GEMMs and col2im.
+
+    The column matrix is stored rows-major ``(M, g, K)`` when there are enough channels per
+    group for long contiguous runs in a channels-last input, else ``(g, K, M)`` (runs along the
+    output width of a channels-first input). With one group the bias rides in the GEMM as an
+    extra column of ones, so neither the bias add nor its gradient costs a pass of its own.
+    """
+
+    ROWS_MIN_CHANNELS = 8
+
+    def forward(self, x, weight, bias=None, *, stride, padding, dilation, groups):
+        xp = get_array_module(x)
+        nd = x.ndim - 2
+        n = x.shape[0]
+        o, cg = weight.shape[:2]
+        kernel = tuple(weight.shape[2:])
+        g = groups
+        og = o // g
+        out_sp = tuple(
+            (size + lo + hi - d * (k - 1) - 1) // s + 1
+            for size, (lo, hi), k, s, d in zip(x.shape[2:], padding, kernel, stride, dilation)
+        )
+        m, kk = n * _prod(out_sp), _prod(kernel) * cg
+        rows = cg >= self.ROWS_MIN_CHANNELS
+        fuse = bias is not None and g == 1
+        ka = kk + 1 if fuse else kk
+        xpad = _padded(xp, x, padding, channels_last=rows)
+        # Strided view (N, *out, g, *kernel, cg) of the padded input, any layout.
+        sn, sc, *ssp = xpad.strides
+        view = as_strided(
+            xp, xpad, (n, *out_sp, g, *kernel, cg),
+            (sn, *(st * s for st, s in zip(ssp, stride)), sc * cg,
+             *(st * d for st, d in zip(ssp, dilation)), sc),
+        )
+        buf = xp.empty((m, g, ka) if rows else (g, ka, m), dtype=x.dtype)
+        _logical_cols(xp, buf, rows, n, out_sp, g, kernel, cg)[...] = view
+        # Weight (o, cg, *kernel) -> (g, og, *kernel, cg) -> (g, og, K), the cols order.
+        wk = xp.empty((g, og, ka), dtype=x.dtype)
+        wk[:, :, :kk].reshape(g, og, *kernel, cg)[...] = weight.reshape(
+            g, og, cg, *kernel).transpose((0, 1, *range(3, 3 + nd), 2))
+        if fuse:
+            buf[(slice(None), slice(None), kk) if rows else (slice(None), kk)] = 1
+            wk[0, :, kk] = bias
+        a = buf.transpose(1, 0, 2) if rows else buf.transpose(0, 2, 1)  # (g, M, ka)
+        out = xp.empty((m, o), dtype=x.dtype)
+        xp.matmul(a, wk.transpose(0, 2, 1), out=out.reshape(m, g, og).transpose(1, 0, 2))
+        if bias is not None and not fuse:
+            out += bias
+        self.meta = (x.shape, out_sp, kernel, stride, dilation, padding, g, og, cg, rows, fuse)
+        self.a = a if self.needs_input_grad[1] or fuse else None
+        self.wk = wk if self.needs_input_grad[0] else None
+        self.has_bias = bias is not None
+        return move_channels_first(out.reshape(n, *out_sp, o))
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        x_shape, out_sp, kernel, stride, dilation, padding, g, og, cg, rows, fuse = self.meta
+        n, o = grad_out.shape[:2]
+        m, kk, nd = n * _prod(out_sp), _prod(kernel) * cg, len(kernel)
+        g2 = move_channels_last(grad_out).reshape(m, g, og).transpose(1, 0, 2)  # (g, M, og)
+        gx = gw = gb = None
+        need_w = self.needs_input_grad[1]
+        need_b = self.has_bias and self.needs_input_grad[2]
+        if need_w or (need_b and fuse):
+            gwk = xp.matmul(g2.transpose(0, 2, 1), self.a)  # (g, og, ka)
+            if need_b and fuse:
+                gb = gwk[0, :, kk]
+            # (g, og, *kernel, cg) -> (o, cg, *kernel)
+            gw = gwk[:, :, :kk].reshape(g, og, *kernel, cg).transpose(
+                (0, 1, 2 + nd, *range(2, 2 + nd))).reshape(o, cg, *kernel)
+        if need_b and not fuse:
+            ones = xp.ones(m, dtype=grad_out.dtype)
+            gb = ones @ g2.transpose(1, 0, 2).reshape(m, o)
+        if self.needs_input_grad[0]:
+            gbuf = xp.empty((m, g, kk) if rows else (g, kk, m), dtype=grad_out.dtype)
+            ga = gbuf.transpose(1, 0, 2) if rows else gbuf.transpose(0, 2, 1)  # (g, M, K)
+            xp.matmul(g2, self.wk[:, :, :kk], out=ga)
+            gcols = _logical_cols(xp, gbuf, rows, n, out_sp, g, kernel, cg)
+            gx = _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, rows)
+        return gx, gw, gb
+
+
+def _logical_cols(xp, buf, rows, n, out_sp, g, kernel, cg):
+    """The column buffer ((M, g, ka) or (g, ka, M)) viewed as (N, *out, g, *kernel, cg)."""
+    isz = buf.itemsize
+    if rows:
+        ka = buf.shape[2]
+        s_m = _c_strides((n, *out_sp), g * ka * isz)
+        s_k = _c_strides((*kernel, cg), isz)
+        s_g = ka * isz
+    else:
+        ka, m = buf.shape[1], buf.shape[2]
+        s_m = _c_strides((n, *out_sp), isz)
+        s_k = _c_strides((*kernel, cg), m * isz)
+        s_g = ka * m * isz
+    return as_strided(xp, buf, (n, *out_sp, g, *kernel, cg), (*s_m, s_g, *s_k))
+
+
+def _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, channels_last):
+    """Scatter-add column gradients (N, *out, g, *kernel, cg) back to the (N, C, *sp) input.
+
+    One whole-array add per kernel offset; the result keeps the forward pass's layout.
+    """
+    nd = len(kernel)
+    out_sp = gcols.shape[1 : 1 + nd]
+    pad_shape = _padded_shape(x_shape, padding)
+    gpad = _alloc(xp, pad_shape, gcols.dtype, channels_last, zero=True)
+    g, cg = gcols.shape[1 + nd], gcols.shape[-1]
+    sn, sc, *ssp = gpad.strides
+    for offs in itertools.product(*(range(k) for k in kernel)):
+        # The input positions this kernel offset touched, as (N, *out, g, cg).
+        corner = gpad[(slice(None), slice(None),
+                       *(slice(i * d, None) for i, d in zip(offs, dilation)))]
+        dst = as_strided(xp, corner, (x_shape[0], *out_sp, g, cg),
+                         (sn, *(st * s for st, s in zip(ssp, stride)), sc * cg, sc))
+        dst += gcols[(slice(None),) * (2 + nd) + offs]
+    return gpad[_interior(x_shape, padding)]
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def conv_nd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+            groups: int, nd: int, name: str) -> Tensor:
+    """Shared argument checking and dispatch for conv1d / conv2d (batched or unbatched)."""
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{name}: input and weight must be Tensors")
+    if weight.ndim != nd + 2:
+        raise ValueError(
+            f"{name}: weight must have {nd + 2} dims (out_channels, in_channels/groups, "
+            f"*kernel), got shape {weight.shape}"
+        )
+    if input.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point input, got dtype {input.dtype}")
+    if input.dtype != weight.dtype:
+        raise TypeError(
+            f"{name}: input dtype {input.dtype} and weight dtype {weight.dtype} differ "
+            "(convert one with .to(dtype))"
+        )
+    unbatched = input.ndim == nd + 1
+    if input.ndim not in (nd + 1, nd + 2):
+        raise ValueError(
+            f"{name}: expected a {nd + 1}-D (unbatched) or {nd + 2}-D (batched) input, got "
+            f"shape {input.shape}"
+        )
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{name}: groups must be a positive int, got {groups!r}")
+    x = input.reshape(1, *input.shape) if unbatched else input
+    o, cg = weight.shape[:2]
+    if o % groups:
+        raise ValueError(f"{name}: out_channels {o} is not divisible by groups {groups}")
+    if x.shape[1] != cg * groups:
+        raise ValueError(
+            f"{name}: expected input with {cg * groups} channels (weight of shape "
+            f"{weight.shape}, groups={groups}), got input of shape {input.shape}"
+        )
+    if bias is not None and tuple(bias.shape) != (o,):
+        raise ValueError(f"{name}: bias must have shape ({o},), got {bias.shape}")
+    kernel = tuple(weight.shape[2:])
+    stride = ntuple(stride, nd, "stride")
+    dilation = ntuple(dilation, nd, "dilation")
+    if any(s < 1 for s in stride) or any(d < 1 for d in dilation):
+        raise ValueError(f"{name}: stride and dilation must be >= 1, got {stride}, {dilation}")
+    pads = conv_padding(padding, kernel, dilation, stride, nd)
+    for size, (lo, hi), k, d in zip(x.shape[2:], pads, kernel, dilation):
+        if size + lo + hi < d * (k - 1) + 1:
+            raise ValueError(
+                f"{name}: input of shape {input.shape} (padded spatial size {size + lo + hi}) "
+                f"is smaller than the dilated kernel size {d * (k - 1) + 1} (weight of shape "
+                f"{weight.shape})"
+            )
+    args = (x, weight) if bias is None else (x, weight, bias)
+    out = ConvNd.apply(*args, stride=stride, padding=pads, dilation=dilation, groups=groups)
+    return out.reshape(out.shape[1:]) if unbatched else out
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
+    """1-D convolution of (N, C, L) (or (C, L)) with weight (O, C/groups, k)."""
+    return conv_nd(input, weight, bias, stride, padding, dilation, groups, 1, "conv1d")
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor:
+    """2-D convolution of (N, C, H, W) (or (C, H, W)) with weight (O, C/groups, kh, kw)."""
+    return conv_nd(input, weight, bias, stride, padding, dilation, groups, 2, "conv2d")

@@ -1,0 +1,185 @@
+"""Fused batch and layer normalisation (one Function each, closed-form backward)."""
+
+from __future__ import annotations
+
+from distprop.backend import get_array_module
+from distprop.tensor import Function, Tensor, no_grad
+
+
+def _channel_shape(x):
+    """Broadcast shape of a per-channel vector against (N, C, *sp)."""
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+class BatchNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * w + b over all axes but 1;
+    train grad: w * invstd / n * (n g - sum g - xhat sum(g xhat)), eval grad: w * invstd * g."""
+
+    def forward(self, x, weight=None, bias=None, *, mean=None, var=None, eps, stats_out=None):
+        """Batch statistics when ``mean``/``var`` are None (training; stored into ``stats_out``
+        when given), else those (the running statistics)."""
+        xp = get_array_module(x)
+        axes = (0, *range(2, x.ndim))
+        shape = _channel_shape(x)
+        self.batch_stats = mean is None
+        if self.batch_stats:
+            mean = x.mean(axis=axes)
+            xc = x - mean.reshape(shape)
+            var = xp.square(xc).mean(axis=axes)
+            if stats_out is not None:
+                stats_out.extend((mean, var))
+        else:
+            xc = x - mean.reshape(shape).astype(x.dtype, copy=False)
+        invstd = 1.0 / xp.sqrt(var.astype(x.dtype, copy=False) + eps)
+        xhat = xc
+        xhat *= invstd.reshape(shape)
+        if weight is None:
+            out = xhat.copy() if bias is not None or self.needs_input_grad[0] else xhat
+        else:
+            out = xhat * weight.reshape(shape)
+        if bias is not None:
+            out += bias.reshape(shape)
+        self.xhat, self.invstd, self.weight = xhat, invstd, weight
+        self.has_bias = bias is not None
+        return out
+
+    def backward(self, grad_out):
+        axes = (0, *range(2, grad_out.ndim))
+        shape = _channel_shape(grad_out)
+        xhat, invstd, weight = self.xhat, self.invstd, self.weight
+        need_x = self.needs_input_grad[0]
+        need_w = weight is not None and self.needs_input_grad[1]
+        need_b = self.has_bias and self.needs_input_grad[2]
+        gb = gw = gx = None
+        if need_b or (need_x and self.batch_stats):
+            gb = grad_out.sum(axis=axes)
+        if need_w or (need_x and self.batch_stats):
+            gw = (grad_out * xhat).sum(axis=axes)
+        if need_x:
+            scale = invstd if weight is None else invstd * weight
+            if self.batch_stats:
+                n = grad_out.size // grad_out.shape[1]
+                gx = xhat * (gw / n).reshape(shape)
+                gx += (gb / n).reshape(shape)
+                xp = get_array_module(grad_out)
+                xp.subtract(grad_out, gx, out=gx)
+                gx *= scale.reshape(shape)
+            else:
+                gx = grad_out * scale.reshape(shape)
+        return gx, (gw if need_w else None), (gb if need_b else None)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5) -> Tensor:
+    """Batch normalisation over every axis but 1 (as torch.nn.functional.batch_norm).
+
+    In training the batch statistics normalise (biased variance) and, when running buffers are
+    given, update them in place: ``r = (1 - momentum) * r + momentum * stat`` with the unbiased
+    variance. Outside training the running statistics normalise.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm: expected a Tensor input, got {type(input).__name__}")
+    if input.dtype.kind != "f":
+        raise TypeError(f"batch_norm: expected a floating-point input, got dtype {input.dtype}")
+    if input.ndim < 2:
+        raise ValueError(f"batch_norm: expected input with at least 2 dims, got {input.shape}")
+    c = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(
+                f"batch_norm: {name} of shape {tuple(t.shape)} does not match the {c} channels "
+                f"of input of shape {input.shape}")
+    args = [input, weight, bias]
+    while args[-1] is None and len(args) > 1:
+        args.pop()
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm: running_mean and running_var are needed when not "
+                             "training")
+        return BatchNorm.apply(*args, mean=_data(running_mean), var=_data(running_var), eps=eps)
+    n = input.numel() // c
+    if n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{input.shape}")
+    stats: list = []
+    out = BatchNorm.apply(*args, eps=eps, stats_out=stats)
+    if running_mean is not None or running_var is not None:
+        mean, var = stats
+        with no_grad():
+            m = float(momentum)
+            if running_mean is not None:
+                rm = _data(running_mean)
+                rm *= 1.0 - m
+                rm += (m * mean).astype(rm.dtype, copy=False)
+            if running_var is not None:
+                rv = _data(running_var)
+                rv *= 1.0 - m
+                rv += (var * (m * n / (n - 1))).astype(rv.dtype, copy=False)
+    return out
+
+
+def _data(t):
+    return t.data if isinstance(t, Tensor) else t
+
+
+class LayerNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last k axes;
+    grad: invstd * (gh - mean(gh) - xhat mean(gh xhat)) with gh = g w."""
+
+    def forward(self, x, weight=None, bias=None, *, ndim, eps):
+        xp = get_array_module(x)
+        axes = tuple(range(x.ndim - ndim, x.ndim))
+        mean = x.mean(axis=axes, keepdims=True)
+        xhat = x - mean
+        var = xp.square(xhat).mean(axis=axes, keepdims=True)
+        invstd = 1.0 / xp.sqrt(var + eps)
+        xhat *= invstd
+        out = xhat * weight if weight is not None else xhat.copy()
+        if bias is not None:
+            out += bias
+        self.xhat, self.invstd, self.weight, self.axes = xhat, invstd, weight, axes
+        self.has_bias = bias is not None
+        return out
+
+    def backward(self, grad_out):
+        xhat, invstd, weight, axes = self.xhat, self.invstd, self.weight, self.axes
+        lead = tuple(range(grad_out.ndim - len(axes)))
+        gx = gw = gb = None
+        if weight is not None and self.needs_input_grad[1]:
+            gw = (grad_out * xhat).sum(axis=lead)
+        if self.has_bias and self.needs_input_grad[2]:
+            gb = grad_out.sum(axis=lead)
+        if self.needs_input_grad[0]:
+            gh = grad_out * weight if weight is not None else grad_out
+            proj = (gh * xhat).mean(axis=axes, keepdims=True)
+            gx = xhat * proj
+            gx += gh.mean(axis=axes, keepdims=True)
+            get_array_module(grad_out).subtract(gh, gx, out=gx)
+            gx *= invstd
+        return gx, gw, gb
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> Tensor:
+    """Normalise over the trailing ``normalized_shape`` dims (as torch's layer_norm)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"layer_norm: expected a Tensor input, got {type(input).__name__}")
+    if input.dtype.kind != "f":
+        raise TypeError(f"layer_norm: expected a floating-point input, got dtype {input.dtype}")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.ndim < k or tuple(input.shape[input.ndim - k:]) != shape:
+        raise ValueError(
+            f"layer_norm: expected input with shape [*, {', '.join(map(str, shape))}], got "
+            f"input of shape {input.shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"layer_norm: {name} of shape {tuple(t.shape)} does not match "
+                             f"normalized_shape {shape}")
+    args = [input, weight, bias]
+    while args[-1] is None and len(args) > 1:
+        args.pop()
+    if weight is None and bias is not None:
+        args = [input, None, bias]
+    return LayerNorm.apply(*args, ndim=k, eps=eps)

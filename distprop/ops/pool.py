@@ -1,0 +1,347 @@
+"""Pooling over 1 or 2 spatial dims: max, average and adaptive average.
+
+Max and average pooling loop over kernel offsets only: each offset is one strided slice of the
+(padded) input covering every window at once, so a 2x2 pool is four whole-array operations.
+Arrays keep their input's memory layout (a channels-last convolution output stays channels-last).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from distprop.backend import get_array_module
+from distprop.ops.conv import ntuple
+from distprop.tensor import Function, Tensor
+
+
+def _alloc_like(xp, like, shape, dtype, fill=None):
+    """An array of ``shape`` whose axes are laid out in memory in the same order as ``like``."""
+    perm = sorted(range(like.ndim), key=lambda i: -like.strides[i])
+    buf = (xp.zeros if fill == 0 else xp.empty)([shape[i] for i in perm], dtype=dtype)
+    if fill is not None and fill != 0:
+        buf.fill(fill)
+    return buf.transpose(np.argsort(perm).tolist())
+
+
+def pool_output_size(size, k, pad, s, d, ceil_mode) -> int:
+    """PyTorch's pooling output length for one spatial dim."""
+    span = size + 2 * pad - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)
+    out = span // s + 1
+    if ceil_mode and (out - 1) * s >= size + pad:
+        out -= 1
+    return out
+
+
+def _offset_slices(offsets, dilation, stride, out_sp):
+    """Index selecting, for one kernel offset, its element of every window (N, C, *out)."""
+    return (slice(None), slice(None), *(
+        slice(i * d, i * d + s * (o - 1) + 1, s)
+        for i, d, s, o in zip(offsets, dilation, stride, out_sp)))
+
+
+def _pad_to(xp, x, pads_lo, padded_sp, value):
+    """x (N, C, *sp) in a buffer of spatial size ``padded_sp`` filled with ``value``."""
+    if all(p == 0 for p in pads_lo) and tuple(padded_sp) == tuple(x.shape[2:]):
+        return x
+    out = _alloc_like(xp, x, (*x.shape[:2], *padded_sp), x.dtype, fill=value)
+    out[(slice(None), slice(None),
+         *(slice(p, p + s) for p, s in zip(pads_lo, x.shape[2:])))] = x
+    return out
+
+
+def _crop(g, pads_lo, sp):
+    return g[(slice(None), slice(None), *(slice(p, p + s) for p, s in zip(pads_lo, sp)))]
+
+
+class _PoolGeometry:
+    """Window geometry shared by max and average pooling (per spatial dim tuples)."""
+
+    def __init__(self, x_shape, kernel, stride, padding, dilation, ceil_mode):
+        self.x_shape = tuple(x_shape)
+        self.kernel, self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
+        self.out_sp = tuple(
+            pool_output_size(n, k, p, s, d, ceil_mode)
+            for n, k, p, s, d in zip(x_shape[2:], kernel, padding, stride, dilation))
+        # Enough room on the high side for every window (ceil_mode may run past the padding).
+        self.padded_sp = tuple(
+            max(n + 2 * p, (o - 1) * s + d * (k - 1) + 1)
+            for n, k, p, s, d, o in zip(x_shape[2:], kernel, padding, stride, dilation,
+                                        self.out_sp))
+        self.overlap = any(s < d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
+
+    def offsets(self):
+        return itertools.product(*(range(k) for k in self.kernel))
+
+    def window(self, offsets):
+        return _offset_slices(offsets, self.dilation, self.stride, self.out_sp)
+
+
+class MaxPoolNd(Function):
+    """out = max over each window; grad goes to the first maximal element of its window."""
+
+    def forward(self, x, *, geometry):
+        xp = get_array_module(x)
+        geo = self.geo = geometry
+        xpad = _pad_to(xp, x, geo.padding, geo.padded_sp, -math.inf)
+        out = None
+        for offs in geo.offsets():
+            s = xpad[geo.window(offs)]
+            if out is None:
+                out = s.copy(order="K")
+            else:
+                xp.maximum(out, s, out=out)
+        self.xpad, self.out = xpad, out
+        return out
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        geo = self.geo
+        gpad = _alloc_like(xp, self.xpad, self.xpad.shape, grad_out.dtype, fill=0)
+        remaining = grad_out.copy(order="K")
+        offsets = list(geo.offsets())
+        for n, offs in enumerate(offsets):
+            dst = gpad[geo.window(offs)]
+            if n == len(offsets) - 1:
+                routed = remaining
+            else:
+                routed = remaining * (self.xpad[geo.window(offs)] == self.out)
+                remaining -= routed
+            if geo.overlap:
+                dst += routed
+            else:
+                dst[...] = routed
+        return _crop(gpad, geo.padding, geo.x_shape[2:])
+
+
+def max_pool_indices(x, geo: _PoolGeometry):
+    """Flat spatial index (into the unpadded input) of each window's first maximum."""
+    xp = get_array_module(x)
+    xpad = _pad_to(xp, x, geo.padding, geo.padded_sp, -math.inf)
+    out = None
+    for offs in geo.offsets():
+        s = xpad[geo.window(offs)]
+        out = s.copy() if out is None else xp.maximum(out, s)
+    index = xp.zeros(out.shape, dtype=np.int64)
+    found = xp.zeros(out.shape, dtype=bool)
+    sp = geo.x_shape[2:]
+    for offs in geo.offsets():
+        hit = (xpad[geo.window(offs)] == out) & ~found
+        flat = 0
+        for dim, (i, s, d, p, o) in enumerate(zip(offs, geo.stride, geo.dilation, geo.padding,
+                                                   geo.out_sp)):
+            pos = xp.arange(o, dtype=np.int64) * s + (i * d - p)
+            flat = flat * sp[dim] + pos.reshape((o,) + (1,) * (len(sp) - dim - 1))
+        index += hit * flat
+        found |= hit
+    return index
+
+
+class AvgPoolNd(Function):
+    """out = sum over each window / divisor (PyTorch's divisor rules); grad spread evenly."""
+
+    def forward(self, x, *, geometry, count_include_pad, divisor_override):
+        xp = get_array_module(x)
+        geo = self.geo = geometry
+        xpad = _pad_to(xp, x, geo.padding, geo.padded_sp, 0)
+        out = None
+        for offs in geo.offsets():
+            s = xpad[geo.window(offs)]
+            if out is None:
+                out = s.copy(order="K")
+            else:
+                out += s
+        if divisor_override:
+            self.scale = 1.0 / divisor_override
+        else:
+            self.scale = xp.asarray(
+                1.0 / _divisors(geo, count_include_pad), dtype=x.dtype)
+        out *= self.scale
+        self.dtype, self.pad_layout = x.dtype, xpad
+        return out
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        geo = self.geo
+        gpad = _alloc_like(xp, self.pad_layout, self.pad_layout.shape, self.dtype, fill=0)
+        spread = grad_out * self.scale
+        for offs in geo.offsets():
+            dst = gpad[geo.window(offs)]
+            if geo.overlap:
+                dst += spread
+            else:
+                dst[...] = spread
+        return _crop(gpad, geo.padding, geo.x_shape[2:])
+
+
+def _divisors(geo: _PoolGeometry, count_include_pad: bool):
+    """Per-output-position window sizes, as PyTorch's avg_pool counts them (host array)."""
+    total = np.ones((1,) * len(geo.out_sp), dtype=np.float64)
+    for dim, (n, k, s, p, o) in enumerate(zip(geo.x_shape[2:], geo.kernel, geo.stride,
+                                               geo.padding, geo.out_sp)):
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, n + p)
+        if not count_include_pad:
+            end = np.minimum(end, n)
+            start = np.maximum(start, 0)
+        count = (end - start).astype(np.float64)
+        total = total * count.reshape((o,) + (1,) * (len(geo.out_sp) - dim - 1))
+    return total
+
+
+class AdaptiveAvgPoolNd(Function):
+    """out = mean over PyTorch's adaptive bins [floor(i*n/o), ceil((i+1)*n/o)); one GEMM/dim."""
+
+    def forward(self, x, *, output_size):
+        xp = get_array_module(x)
+        self.mats = [xp.asarray(_bin_matrix(n, o), dtype=x.dtype)
+                     for n, o in zip(x.shape[2:], output_size)]
+        out = x
+        for dim, mat in enumerate(self.mats):
+            out = _apply_along(xp, out, mat, 2 + dim)
+        return out
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        g = grad_out
+        for dim, mat in enumerate(self.mats):
+            g = _apply_along(xp, g, mat.T, 2 + dim)
+        return g
+
+
+def _bin_matrix(n: int, o: int) -> np.ndarray:
+    """(o, n) averaging matrix of the adaptive bins."""
+    mat = np.zeros((o, n), dtype=np.float64)
+    for i in range(o):  # loops over output bins of one dim (a handful), not over pixels
+        start, end = (i * n) // o, -((-(i + 1) * n) // o)
+        mat[i, start:end] = 1.0 / (end - start)
+    return mat
+
+
+def _apply_along(xp, x, mat, axis):
+    """Contract ``axis`` of x with mat (o, n): one GEMM over a contiguous (rows, n) matrix."""
+    moved = xp.ascontiguousarray(xp.moveaxis(x, axis, -1))
+    out = moved.reshape(-1, moved.shape[-1]) @ mat.T
+    return xp.moveaxis(out.reshape(*moved.shape[:-1], mat.shape[0]), -1, axis)
+
+
+# --- user-facing functions ---------------------------------------------------------------------
+
+
+def _check_pool_input(input, nd: int, name: str):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: expected a Tensor input, got {type(input).__name__}")
+    if input.ndim not in (nd + 1, nd + 2):
+        raise ValueError(
+            f"{name}: expected a {nd + 1}-D (unbatched) or {nd + 2}-D (batched) input, got "
+            f"shape {input.shape}"
+        )
+    if input.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point input, got dtype {input.dtype}")
+    unbatched = input.ndim == nd + 1
+    return (input.reshape(1, *input.shape) if unbatched else input), unbatched
+
+
+def _geometry(x, input, kernel_size, stride, padding, dilation, ceil_mode, nd, name):
+    kernel = ntuple(kernel_size, nd, "kernel_size")
+    stride = kernel if stride is None or stride == [] or stride == () else ntuple(
+        stride, nd, "stride")
+    padding = ntuple(padding, nd, "padding")
+    dilation = ntuple(dilation, nd, "dilation")
+    if any(k < 1 for k in kernel) or any(s < 1 for s in stride) or any(d < 1 for d in dilation):
+        raise ValueError(
+            f"{name}: kernel_size, stride and dilation must be positive, got {kernel}, {stride}, "
+            f"{dilation}")
+    if any(p < 0 or p > k // 2 for p, k in zip(padding, kernel)):
+        raise ValueError(
+            f"{name}: pad should be at most half of kernel size, got padding={padding} and "
+            f"kernel_size={kernel}")
+    geo = _PoolGeometry(x.shape, kernel, stride, padding, dilation, ceil_mode)
+    if any(o < 1 for o in geo.out_sp):
+        raise ValueError(
+            f"{name}: input of shape {input.shape} is too small for kernel_size={kernel}, "
+            f"stride={stride}, padding={padding}, dilation={dilation}: calculated output size "
+            f"{geo.out_sp}")
+    return geo
+
+
+def max_pool_nd(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                nd: int, name: str):
+    x, unbatched = _check_pool_input(input, nd, name)
+    geo = _geometry(x, input, kernel_size, stride, padding, dilation, ceil_mode, nd, name)
+    out = MaxPoolNd.apply(x, geometry=geo)
+    if unbatched:
+        out = out.reshape(out.shape[1:])
+    if not return_indices:
+        return out
+    index = max_pool_indices(x.data, geo)
+    return out, Tensor._wrap(index[0] if unbatched else index)
+
+
+def avg_pool_nd(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                divisor_override, nd: int, name: str):
+    x, unbatched = _check_pool_input(input, nd, name)
+    geo = _geometry(x, input, kernel_size, stride, padding, 1, ceil_mode, nd, name)
+    if divisor_override is not None and (isinstance(divisor_override, bool) or not isinstance(
+            divisor_override, int) or divisor_override == 0):
+        raise ValueError(f"{name}: divisor_override must be a non-zero int, got "
+                         f"{divisor_override!r}")
+    out = AvgPoolNd.apply(x, geometry=geo, count_include_pad=bool(count_include_pad),
+                          divisor_override=divisor_override)
+    return out.reshape(out.shape[1:]) if unbatched else out
+
+
+def adaptive_avg_pool_nd(input, output_size, nd: int, name: str):
+    x, unbatched = _check_pool_input(input, nd, name)
+    if isinstance(output_size, (list, tuple)):
+        if len(output_size) != nd:
+            raise ValueError(f"{name}: output_size must have {nd} entries, got {output_size!r}")
+        sizes = tuple(x.shape[2 + i] if s is None else s for i, s in enumerate(output_size))
+    else:
+        sizes = (output_size,) * nd
+    if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in sizes):
+        raise ValueError(f"{name}: output_size must be positive ints or None, got {output_size!r}")
+    if any(n < 1 for n in x.shape[2:]):
+        raise ValueError(f"{name}: input of shape {input.shape} has an empty spatial dim")
+    out = AdaptiveAvgPoolNd.apply(x, output_size=tuple(int(s) for s in sizes))
+    return out.reshape(out.shape[1:]) if unbatched else out
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max over windows of (N, C, L); with ``return_indices`` also the argmax positions."""
+    return max_pool_nd(input, kernel_size, stride, padding, dilation, ceil_mode,
+                       return_indices, 1, "max_pool1d")
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max over windows of (N, C, H, W); with ``return_indices`` also flat argmax positions."""
+    return max_pool_nd(input, kernel_size, stride, padding, dilation, ceil_mode,
+                       return_indices, 2, "max_pool2d")
+
+
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True):
+    """Mean over windows of (N, C, L)."""
+    return avg_pool_nd(input, kernel_size, stride, padding, ceil_mode, count_include_pad, None,
+                       1, "avg_pool1d")
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """Mean over windows of (N, C, H, W) (PyTorch's divisor rules)."""
+    return avg_pool_nd(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                       divisor_override, 2, "avg_pool2d")
+
+
+def adaptive_avg_pool1d(input, output_size):
+    """Mean over PyTorch's adaptive bins of (N, C, L)."""
+    return adaptive_avg_pool_nd(input, output_size, 1, "adaptive_avg_pool1d")
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """Mean over PyTorch's adaptive bins of (N, C, H, W); None keeps that input size."""
+    return adaptive_avg_pool_nd(input, output_size, 2, "adaptive_avg_pool2d")
