@@ -440,7 +440,7 @@ class NLL(Function):
         keep = keep.astype(x.dtype)
         wt = keep if w is None else w[t] * keep
         per_sample = -wt * rows[xp.arange(m), t]
-        self.t, self.wt, self.shape, self.dtype = t, wt, x.shape, x.dtype
+        self.t, self.wt, self.shape, self.classes = t, wt, x.shape, classes
         self.reduction, self.denom = reduction, wt.sum()
         if reduction == "none":
             return per_sample.reshape(_sample_shape(x.shape))
@@ -457,7 +457,7 @@ class NLL(Function):
         else:
             coef = _divide(grad_out, self.denom)
         m = self.wt.shape[0]
-        grad = xp.zeros((m, self.shape[1] if len(self.shape) > 1 else self.shape[0]), self.dtype)
+        grad = xp.zeros((m, self.classes), self.wt.dtype)
         grad[xp.arange(m), self.t] = -coef * self.wt
         return _unrows(grad, self.shape), None
 
