@@ -276,7 +276,9 @@ class Tensor:
                 f"only floating-point tensors can require gradients, got dtype {self.dtype}"
             )
         if not requires_grad and self._ctx is not None:
-            raise RuntimeError("requires_grad_(False) is only allowed on leaf tensors; use detach()")
+            raise RuntimeError(
+                "requires_grad_(False) is only allowed on leaf tensors; use detach()"
+            )
         self.requires_grad = requires_grad
         return self
 

@@ -236,7 +236,7 @@ class Module:
     def _move_tensors(self, convert) -> None:
         for module in self.modules():
             for store in (module._parameters, module._buffers):
-                for name, t in store.items():
+                for t in store.values():
                     if t is None:
                         continue
                     new = convert(t.data)

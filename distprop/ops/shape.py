@@ -148,7 +148,9 @@ class GetItem(Function):
         try:
             return a[index]
         except IndexError as exc:
-            raise IndexError(f"index {index!r} is out of range for shape {tuple(a.shape)}: {exc}")
+            raise IndexError(
+                f"index {index!r} is out of range for shape {tuple(a.shape)}: {exc}"
+            ) from None
 
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
