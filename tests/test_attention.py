@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import gradcheck
 
 import distprop as dp
 from distprop.nn import MultiheadAttention
 from distprop.ops.attention import scaled_dot_product_attention as sdpa
+
+from helpers import gradcheck
 
 rng = np.random.default_rng(0)
 TOL = {"float64": dict(rtol=1e-10, atol=1e-10), "float32": dict(rtol=1e-5, atol=1e-5)}
@@ -287,3 +288,91 @@ def test_mha_bad_construction():
         MultiheadAttention(10, 3)
     with pytest.raises(ValueError, match="add_bias_kv"):
         MultiheadAttention(8, 2, add_bias_kv=True)
+
+
+# --- Transformer encoder ----------------------------------------------------------------------
+
+D, NHEAD, FF = 8, 2, 12
+
+# name, layer options, forward kwargs
+ENCODER_CASES = [
+    ("post_norm", {}, {}),
+    ("pre_norm_gelu", {"norm_first": True, "activation": "gelu"}, {}),
+    ("batch_first_callable", {"batch_first": True, "activation": F.silu}, {}),
+    ("no_bias", {"bias": False}, {}),
+    ("src_mask_bool", {}, {"mask": rng.random((L, L)) < 0.3}),
+    ("causal", {"batch_first": True}, {"mask": ~_causal_bool(L, L), "is_causal": True}),
+    ("key_padding", {"norm_first": True}, {
+        "src_key_padding_mask": np.array([[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 1]], bool)}),
+    ("float_masks", {}, {"mask": rng.standard_normal((L, L)),
+                         "src_key_padding_mask": rng.standard_normal((N, L))}),
+]
+
+
+def _dp_activation(act):
+    return dp.nn.functional.silu if act is F.silu else act
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,opts,kwargs", ENCODER_CASES, ids=[c[0] for c in ENCODER_CASES])
+def test_encoder_matches_torch(name, opts, kwargs, dtype):
+    tdtype = getattr(torch, dtype)
+    ref_layer = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, **opts)
+    ref = torch.nn.TransformerEncoder(ref_layer, 2, norm=torch.nn.LayerNorm(D),
+                                      enable_nested_tensor=False).to(tdtype)
+    ours_opts = dict(opts, activation=_dp_activation(opts.get("activation", "relu")))
+    layer = dp.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.0, **ours_opts, dtype=dtype)
+    ours = dp.nn.TransformerEncoder(layer, 2, norm=dp.nn.LayerNorm(D, dtype=dtype))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()})
+    kw = {k: v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+          for k, v in kwargs.items()}
+    shape = (N, L, D) if opts.get("batch_first") else (L, N, D)
+    x = rng.standard_normal(shape).astype(dtype)
+    xd, xt = dp.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    out, ref_out = ours(xd, **kw), ref(xt, **_torch_kwargs(kw))
+    tol = TOL[dtype]
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(out.numpy(), ref_out.detach().numpy(), **tol)
+    w = rng.standard_normal(out.shape).astype(dtype)
+    (out * dp.tensor(w)).sum().backward()
+    (ref_out * torch.tensor(w)).sum().backward()
+    np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), **tol)
+    ref_params = dict(ref.named_parameters())
+    for pname, p in ours.named_parameters():
+        assert p.grad.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(p.grad.numpy(), ref_params[pname].grad.numpy(), **tol,
+                                   err_msg=pname)
+
+
+def test_encoder_layer_submodules_and_eval_dropout_match_torch():
+    ref = torch.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.3).double()
+    ours = dp.nn.TransformerEncoderLayer(D, NHEAD, FF, dropout=0.3, dtype="float64")
+    assert [n for n, _ in ours.named_children()] == [
+        "self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"]
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()})
+    x = rng.standard_normal((L, N, D))
+    train = ours(dp.tensor(x)).numpy()
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(ours(dp.tensor(x)).numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(train, expected)
+
+
+def test_encoder_layers_are_independent_copies():
+    layer = dp.nn.TransformerEncoderLayer(D, NHEAD, FF)
+    enc = dp.nn.TransformerEncoder(layer, 2)
+    w0, w1 = enc.layers[0].linear1.weight, enc.layers[1].linear1.weight
+    assert w0 is not w1 and w0 is not layer.linear1.weight
+    np.testing.assert_array_equal(w0.numpy(), w1.numpy())
+    assert len(list(enc.parameters())) == 2 * len(list(layer.parameters()))
+
+
+def test_encoder_bad_arguments():
+    with pytest.raises(RuntimeError, match="relu/gelu"):
+        dp.nn.TransformerEncoderLayer(D, NHEAD, activation="tanh")
+    with pytest.raises(ValueError, match="num_layers"):
+        dp.nn.TransformerEncoder(dp.nn.TransformerEncoderLayer(D, NHEAD), 0)

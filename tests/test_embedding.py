@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from helpers import gradcheck
 
 import distprop as dp
 from distprop.nn import Embedding
+
+from helpers import gradcheck
 
 CASES = [
     ("plain", {}, np.array([[0, 3, 3], [5, 3, 0]])),

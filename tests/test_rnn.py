@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from helpers import gradcheck
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import distprop as dp
 from distprop.nn.rnn import GRU, LSTM, RNN
 from distprop.ops.rnn import GRULayer, LSTMLayer, RNNLayer
+
+from helpers import gradcheck
 
 MODES = {
     "rnn_tanh": (RNN, torch.nn.RNN, {}),

@@ -39,6 +39,7 @@ from distprop.nn.pooling import (
 )
 from distprop.nn.rnn import GRU, LSTM, RNN, RNNBase
 from distprop.nn.sparse import Embedding
+from distprop.nn.transformer import TransformerEncoder, TransformerEncoderLayer
 
 import sys as _sys
 
