@@ -12,8 +12,9 @@ model gets the same layout.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,15 +22,22 @@ from distprop import backend
 from distprop.tensor import Tensor
 
 
-@dataclass(frozen=True)
 class Slot:
-    """Where one parameter lives in its FlatBuffer: ``buffer.data[offset:offset + numel]``."""
+    """Where one parameter lives in its FlatBuffer: ``buffer.data[offset:offset + numel]``.
 
-    buffer: FlatBuffer
-    index: int
-    offset: int
-    numel: int
-    shape: tuple[int, ...]
+    A live parameter keeps its buffer alive through its slot; the buffer refers to its
+    parameters weakly, so a model that is dropped frees its buffers.
+    """
+
+    __slots__ = ("buffer", "index", "offset", "numel", "shape")
+
+    def __init__(self, buffer: FlatBuffer, index: int, offset: int, numel: int, shape):
+        self.buffer = buffer
+        self.index, self.offset, self.numel, self.shape = index, offset, numel, tuple(shape)
+
+    def __repr__(self) -> str:
+        return (f"Slot(index={self.index}, offset={self.offset}, numel={self.numel}, "
+                f"shape={self.shape})")
 
 
 class FlatBuffer:
@@ -41,6 +49,10 @@ class FlatBuffer:
         sizes: number of elements of each parameter.
         data: the flat parameter array (1-D).
         grad: the flat gradient array (1-D); each parameter's gradient is a view into it.
+        views: each parameter's ``.data`` view (a parameter whose ``.data`` was since replaced,
+            e.g. by ``Module.to()``, no longer counts as living in the buffer).
+        grad_views: each parameter's gradient view into ``grad``.
+        valid: False once another :func:`flatten` has re-homed any of these parameters.
     """
 
     def __init__(self, params: list[Tensor]):
@@ -54,13 +66,15 @@ class FlatBuffer:
                     f"FlatBuffer parameters must share dtype and device: got {p.dtype} on "
                     f"{p.device} next to {dtype} on {dev}"
                 )
-        self.params = list(params)
+        self._params = [weakref.ref(p) for p in params]
         self.sizes = [int(p.data.size) for p in params]
-        self.offsets = list(np.cumsum([0] + self.sizes[:-1]).astype(int))
+        self.offsets = [int(o) for o in np.cumsum([0] + self.sizes[:-1])]
         self.numel = int(sum(self.sizes))
         self.dtype = np.dtype(dtype)
         self.device = dev
         self.valid = True
+        self.views = []
+        self.grad_views = []
         xp = backend.xp_for(dev)
         with backend.device_context(dev):
             self.data = xp.empty(self.numel, dtype=dtype)
@@ -69,59 +83,94 @@ class FlatBuffer:
             start, n, shape = self.offsets[i], self.sizes[i], p.shape
             self.data[start : start + n] = p.data.reshape(-1)
             old_grad = p.grad
-            old_slot = _SLOTS.get(id(p))
-            if old_slot is not None and old_slot.buffer is not self:
-                old_slot.buffer.valid = False
+            old = _SLOTS.get(id(p))
+            if old is not None and old[0]() is p and old[1].buffer is not self:
+                old[1].buffer.valid = False
             p.data = self.data[start : start + n].reshape(shape)
             p._grad_buffer = self.grad[start : start + n].reshape(shape)
+            self.views.append(p.data)
+            self.grad_views.append(p._grad_buffer)
             if old_grad is not None:
                 p._grad_buffer[...] = old_grad.data
                 p.grad = Tensor._wrap(p._grad_buffer)
-            _SLOTS[id(p)] = Slot(self, i, start, n, shape)
+            ref = weakref.ref(p, functools.partial(_forget, id(p)))
+            _SLOTS[id(p)] = (ref, Slot(self, i, start, n, shape))
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters, in layout order."""
+        return [ref() for ref in self._params]
 
     def __len__(self) -> int:
-        return len(self.params)
+        return len(self._params)
 
     def __repr__(self) -> str:
-        return (f"FlatBuffer({len(self.params)} params, {self.numel} elements, {self.dtype}, "
+        return (f"FlatBuffer({len(self._params)} params, {self.numel} elements, {self.dtype}, "
                 f"{self.device})")
+
+    def in_place(self, index: int) -> bool:
+        """True while parameter ``index`` still lives in this (valid) buffer."""
+        p = self._params[index]()
+        return self.valid and p is not None and p.data is self.views[index]
+
+    def grad_in_place(self, index: int) -> bool:
+        """True when parameter ``index`` lives here and its ``.grad`` is its flat-buffer view."""
+        p = self._params[index]()
+        return (self.valid and p is not None and p.data is self.views[index]
+                and p.grad is not None
+                and p.grad.data is self.grad_views[index])
 
     def grads_present(self, start: int = 0, stop: int | None = None) -> bool:
         """True when every parameter in [start, stop) has its gradient in the flat buffer."""
-        stop = len(self.params) if stop is None else stop
-        for p in self.params[start:stop]:
-            if p.grad is None or p.grad.data is not p._grad_buffer:
-                return False
-        return True
+        stop = len(self._params) if stop is None else stop
+        return all(self.grad_in_place(i) for i in range(start, stop))
+
+    def span(self, start: int = 0, stop: int | None = None) -> tuple[int, int]:
+        """Element range ``(a, b)`` of parameters [start, stop) in ``data``/``grad``."""
+        stop = len(self._params) if stop is None else stop
+        if not 0 <= start < stop <= len(self._params):
+            raise IndexError(
+                f"parameter range [{start}, {stop}) is outside 0..{len(self._params)}"
+            )
+        return int(self.offsets[start]), int(self.offsets[stop - 1] + self.sizes[stop - 1])
 
     def materialize_grads(self) -> None:
         """Point every parameter's ``.grad`` at its view (zeros where it had none)."""
-        for p in self.params:
-            if p.grad is None or p.grad.data is not p._grad_buffer:
+        for p, data_view, view in zip(self.params, self.views, self.grad_views):
+            if p is None or p.data is not data_view:
+                continue  # gone, or moved out of the buffer (e.g. by Module.to())
+            if p.grad is None or p.grad.data is not view:
                 if p.grad is None:
-                    p._grad_buffer[...] = 0
+                    view[...] = 0
                 else:
-                    p._grad_buffer[...] = p.grad.data
-                p.grad = Tensor._wrap(p._grad_buffer)
+                    view[...] = p.grad.data
+                p.grad = Tensor._wrap(view)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient; with ``set_to_none`` the ``.grad`` attributes become None."""
         self.grad[...] = 0
-        for p in self.params:
-            p.grad = None if set_to_none else Tensor._wrap(p._grad_buffer)
+        for p, data_view, view in zip(self.params, self.views, self.grad_views):
+            if p is not None and p.data is data_view:
+                p.grad = None if set_to_none else Tensor._wrap(view)
 
 
-# id(param) -> Slot. Parameters are long-lived; a stale entry only costs a lookup miss.
-_SLOTS: dict[int, Slot] = {}
+# id(param) -> (weakref to the parameter, its Slot); an entry goes when its parameter does.
+_SLOTS: dict[int, tuple[weakref.ref, Slot]] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _SLOTS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _SLOTS[key]
 
 
 def slot_of(param: Tensor) -> Slot | None:
     """The parameter's place in a live FlatBuffer, or None when it is not flat."""
-    slot = _SLOTS.get(id(param))
-    if slot is None or not slot.buffer.valid:
+    entry = _SLOTS.get(id(param))
+    if entry is None or entry[0]() is not param:
         return None
-    buf = slot.buffer
-    if slot.index >= len(buf.params) or buf.params[slot.index] is not param:
+    slot = entry[1]
+    if not slot.buffer.valid or param.data is not slot.buffer.views[slot.index]:
         return None
     return slot
 
@@ -161,7 +210,7 @@ def flatten(params: Iterable[Tensor]) -> list[FlatBuffer]:
     buffers = []
     for group in groups.values():
         existing = contiguous_range(group)
-        if existing is not None and existing[1] == 0 and existing[2] == len(existing[0].params):
+        if existing is not None and existing[1] == 0 and existing[2] == len(existing[0]):
             buffers.append(existing[0])
         else:
             buffers.append(FlatBuffer(group))
