@@ -1,0 +1,505 @@
+"""Communicators: the narrow interface every collective in distprop goes through.
+
+A :class:`Communicator` knows its rank, the world size and the node-local rank/size, and offers
+blocking and non-blocking collectives on flat arrays plus object variants for small Python
+values. Two implementations live here:
+
+* :class:`SingleProcessCommunicator` -- a world of one process; every collective is the identity
+  and no MPI library is touched.
+* :class:`MPICommunicator` -- mpi4py with buffer-based (uppercase) calls on NumPy arrays. CuPy
+  arrays are staged through host memory (a NCCL communicator will plug in for GPUs).
+
+Collectives operate on arrays *in place* where that makes sense (allreduce, broadcast). A
+communicator marks the collective it is blocked in (``current``) so a stall watchdog can report it.
+
+MPI progress: MPICH only advances a non-blocking collective inside MPI calls. The MPI
+communicator therefore runs a small progress thread that tests outstanding requests every
+``DISTPROP_PROGRESS_INTERVAL`` seconds (default 2e-4) while any are pending and sleeps otherwise;
+``DISTPROP_PROGRESS_THREAD=0`` turns it off (then only :meth:`Communicator.progress` calls, e.g.
+from DDP's gradient hooks, and ``wait()`` advance them). All MPI calls of one communicator are
+serialised by a lock, so the thread and the main thread never complete the same request at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from distprop import backend
+
+OPS = ("sum", "mean", "max", "min")
+
+
+class ReduceOp:
+    """Reduction names accepted by every collective (``op='sum'`` works just as well)."""
+
+    SUM = "sum"
+    MEAN = "mean"
+    AVG = "mean"
+    MAX = "max"
+    MIN = "min"
+
+
+def check_op(op: str) -> str:
+    """Normalise a reduction name; raise ``ValueError`` naming the valid ones otherwise."""
+    name = str(op).lower()
+    if name == "avg":
+        name = "mean"
+    if name not in OPS:
+        raise ValueError(f"unknown reduction op {op!r}: expected one of {', '.join(OPS)}")
+    return name
+
+
+def _check_mean_dtype(array, op: str) -> None:
+    if op == "mean" and array.dtype.kind not in "fc":
+        raise TypeError(
+            f"op='mean' needs a floating-point array, got dtype {array.dtype}; use op='sum'"
+        )
+
+
+def _reduce_values(values: list, op: str):
+    """Reduce a list of Python values (numbers, or equal-length sequences of numbers)."""
+    first = values[0]
+    if isinstance(first, (list, tuple)):
+        columns = list(zip(*values))
+        out = [_reduce_values(list(col), op) for col in columns]
+        return type(first)(out)
+    if op == "sum":
+        total = first
+        for v in values[1:]:
+            total = total + v
+        return total
+    if op == "mean":
+        return _reduce_values(values, "sum") / len(values)
+    if op == "max":
+        return max(values)
+    return min(values)
+
+
+class Request:
+    """A non-blocking collective in flight. ``wait()`` finishes it; ``test()`` asks if it has."""
+
+    def wait(self):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def test(self) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class CompletedRequest(Request):
+    """A request that finished when it was made (world size 1)."""
+
+    def __init__(self, result=None):
+        self.result = result
+
+    def wait(self):
+        return self.result
+
+    def test(self) -> bool:
+        return True
+
+
+class Communicator:
+    """The interface: rank/size queries, collectives on arrays, and small-object variants.
+
+    Array collectives take NumPy (or CuPy) arrays. ``allreduce`` and ``broadcast`` work in place
+    and return the array; ``allgather`` returns ``(size, *shape)``; ``reduce_scatter`` returns
+    this rank's chunk of ``array.size // size`` elements. Object variants pickle small values.
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    def __init__(self) -> None:
+        #: (collective name, bytes, start time) while blocked in a collective, else None.
+        self.current: tuple[str, int, float] | None = None
+
+    # -- bookkeeping for the stall watchdog ----------------------------------------------------
+
+    def _enter(self, name: str, nbytes: int = 0) -> None:
+        self.current = (name, int(nbytes), time.monotonic())
+
+    def _exit(self) -> None:
+        self.current = None
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def allreduce(self, array, op: str = "sum"):
+        raise NotImplementedError
+
+    def iallreduce(self, array, op: str = "sum", bfloat16: bool = False) -> Request:
+        """Start an in-place allreduce; ``wait()`` on the result finishes it.
+
+        ``float16`` arrays are summed as half floats; ``bfloat16=True`` declares a ``uint16``
+        array holding bfloat16 bit patterns (NumPy has no bfloat16 dtype).
+        """
+        raise NotImplementedError
+
+    def broadcast(self, array, root: int = 0):
+        raise NotImplementedError
+
+    def allgather(self, array, out=None):
+        raise NotImplementedError
+
+    def reduce_scatter(self, array, op: str = "sum", out=None):
+        raise NotImplementedError
+
+    def allgather_obj(self, value: Any) -> list:
+        raise NotImplementedError
+
+    def broadcast_obj(self, value: Any, root: int = 0) -> Any:
+        raise NotImplementedError
+
+    def allreduce_obj(self, value: Any, op: str = "sum") -> Any:
+        """Reduce a number (or a list/tuple of numbers) across ranks; the same result on all."""
+        op = check_op(op)
+        return _reduce_values(self.allgather_obj(value), op)
+
+    def progress(self) -> None:
+        """Give outstanding non-blocking collectives a chance to advance (cheap; may be a no-op)."""
+
+    def abort(self, code: int = 1) -> None:
+        raise NotImplementedError
+
+    def _check_chunked(self, array, what: str) -> int:
+        if array.size % self.size:
+            raise ValueError(
+                f"{what}: the array has {array.size} elements, not a multiple of the world size "
+                f"{self.size}; pad it first"
+            )
+        return array.size // self.size
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(rank={self.rank}, size={self.size}, "
+                f"local_rank={self.local_rank}, local_size={self.local_size})")
+
+
+class SingleProcessCommunicator(Communicator):
+    """A world of one process: collectives are identities and nothing touches MPI."""
+
+    def barrier(self) -> None:
+        return None
+
+    def allreduce(self, array, op: str = "sum"):
+        op = check_op(op)
+        _check_mean_dtype(array, op)
+        return array
+
+    def iallreduce(self, array, op: str = "sum", bfloat16: bool = False) -> Request:
+        self.allreduce(array, op)
+        return CompletedRequest(array)
+
+    def broadcast(self, array, root: int = 0):
+        if root != 0:
+            raise ValueError(f"broadcast root {root} does not exist in a world of size 1")
+        return array
+
+    def allgather(self, array, out=None):
+        if out is None:
+            return array.reshape((1,) + tuple(array.shape)).copy()
+        flat = out.reshape(-1)
+        if flat.size != array.size:
+            raise ValueError(f"allgather: out has {flat.size} elements, expected {array.size}")
+        flat[...] = array.reshape(-1)
+        return out
+
+    def reduce_scatter(self, array, op: str = "sum", out=None):
+        op = check_op(op)
+        _check_mean_dtype(array, op)
+        if out is None:
+            return array.reshape(-1).copy()
+        out.reshape(-1)[...] = array.reshape(-1)
+        return out
+
+    def allgather_obj(self, value: Any) -> list:
+        return [value]
+
+    def broadcast_obj(self, value: Any, root: int = 0) -> Any:
+        return value
+
+    def abort(self, code: int = 1) -> None:
+        _flush_std()
+        os._exit(code)
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+class _MPIRequest(Request):
+    """An mpi4py request plus what must happen when it completes (copy back, scale)."""
+
+    __slots__ = ("_comm", "_req", "_done", "_finished", "array", "_finish", "_name", "_nbytes")
+
+    def __init__(self, comm: MPICommunicator, req, array, finish: Callable | None, name, nbytes):
+        self._comm, self._req, self.array = comm, req, array
+        self._finish, self._done, self._finished = finish, False, False
+        self._name, self._nbytes = name, nbytes
+
+    def _poll_locked(self) -> bool:
+        if not self._done and self._req.Test():
+            self._done = True
+        return self._done
+
+    def test(self) -> bool:
+        if not self._done:
+            with self._comm._lock:
+                self._poll_locked()
+        if self._done:
+            self._complete()
+        return self._done
+
+    def wait(self):
+        if not self._done:
+            comm = self._comm
+            comm._enter(self._name, self._nbytes)
+            try:
+                with comm._lock:
+                    if not self._done:
+                        self._req.Wait()
+                        self._done = True
+            finally:
+                comm._exit()
+        self._complete()
+        return self.array
+
+    def _complete(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._comm._progress.discard(self)
+            if self._finish is not None:
+                self._finish()
+
+
+class _ProgressThread:
+    """Tests pending requests from a daemon thread so MPI advances them during computation."""
+
+    def __init__(self, lock: threading.Lock, interval: float, enabled: bool):
+        self._lock, self.interval, self.enabled = lock, interval, enabled
+        self._pending: list[_MPIRequest] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, req: _MPIRequest) -> None:
+        with self._cv:
+            self._pending.append(req)
+            if self.enabled and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="distprop-mpi-progress",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def discard(self, req: _MPIRequest) -> None:
+        with self._cv:
+            if req in self._pending:
+                self._pending.remove(req)
+
+    def poll(self) -> None:
+        """Test every pending request once, unless another thread is inside MPI right now."""
+        if not self._pending or not self._lock.acquire(blocking=False):
+            return
+        try:
+            for req in list(self._pending):
+                req._poll_locked()
+        finally:
+            self._lock.release()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not any(not r._done for r in self._pending):
+                    self._cv.wait()
+                pending = [r for r in self._pending if not r._done]
+            with self._lock:
+                for req in pending:
+                    req._poll_locked()
+            time.sleep(self.interval)
+
+
+class MPICommunicator(Communicator):
+    """Collectives over an mpi4py communicator (``MPI.COMM_WORLD`` by default).
+
+    Node-local rank and size come from ``Split_type(COMM_TYPE_SHARED)``, which is right under
+    mpirun, srun and PBS alike.
+    """
+
+    def __init__(self, mpi_comm=None, progress_thread: bool | None = None,
+                 progress_interval: float | None = None):
+        super().__init__()
+        from mpi4py import MPI  # noqa: PLC0415
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = self.local_comm.Get_rank()
+        self.local_size = self.local_comm.Get_size()
+        self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self._lock = threading.Lock()
+        if progress_thread is None:
+            progress_thread = os.environ.get("DISTPROP_PROGRESS_THREAD", "1") not in ("0", "")
+        if progress_interval is None:
+            progress_interval = float(os.environ.get("DISTPROP_PROGRESS_INTERVAL", "2e-4"))
+        self._progress = _ProgressThread(self._lock, progress_interval, progress_thread)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _buffer(self, array, op: str = "sum", bfloat16: bool = False):
+        """The mpi4py buffer spec and MPI op for ``array`` (half floats use custom ops)."""
+        if bfloat16 or array.dtype == np.float16:
+            from distprop.distributed import compression  # noqa: PLC0415
+
+            if op not in ("sum", "mean"):
+                raise TypeError(f"op={op!r} is not supported on half-precision arrays")
+            if bfloat16 and array.dtype != np.uint16:
+                raise TypeError(f"bfloat16=True needs a uint16 array, got dtype {array.dtype}")
+            kind = "bf16" if bfloat16 else "fp16"
+            return [array.view(np.uint16), self.MPI.UINT16_T], compression.mpi_sum_op(kind)
+        return array, self._ops[op]
+
+    @staticmethod
+    def _stage(array):
+        """A contiguous host array holding ``array``'s values, and whether it is a copy."""
+        if isinstance(array, np.ndarray):
+            if array.flags.c_contiguous:
+                return array, False
+            return np.ascontiguousarray(array), True
+        return np.ascontiguousarray(backend.to_host(array)), True
+
+    @staticmethod
+    def _unstage(array, host) -> None:
+        if isinstance(array, np.ndarray):
+            array[...] = host
+        else:
+            xp = backend.get_array_module(array)
+            array[...] = xp.asarray(host)
+
+    def _blocking(self, name: str, nbytes: int, fn: Callable, *args):
+        self._enter(name, nbytes)
+        try:
+            with self._lock:
+                return fn(*args)
+        finally:
+            self._exit()
+
+    # -- collectives on arrays ------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        self._blocking("barrier", 0, self.comm.Barrier)
+
+    def allreduce(self, array, op: str = "sum"):
+        op = check_op(op)
+        _check_mean_dtype(array, op)
+        host, staged = self._stage(array)
+        buf, mpi_op = self._buffer(host, op)
+        self._blocking("allreduce", host.nbytes, self.comm.Allreduce, self.MPI.IN_PLACE, buf,
+                       mpi_op)
+        if op == "mean":
+            host *= 1.0 / self.size
+        if staged:
+            self._unstage(array, host)
+        return array
+
+    def iallreduce(self, array, op: str = "sum", bfloat16: bool = False) -> Request:
+        op = check_op(op)
+        _check_mean_dtype(array, op)
+        host, staged = self._stage(array)
+        buf, mpi_op = self._buffer(host, op, bfloat16)
+        inv = 1.0 / self.size
+
+        def finish():
+            if op == "mean":
+                np.multiply(host, inv, out=host)
+            if staged:
+                self._unstage(array, host)
+
+        needs_finish = staged or op == "mean"
+        with self._lock:
+            mpi_req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, mpi_op)
+        req = _MPIRequest(self, mpi_req, array, finish if needs_finish else None,
+                          "iallreduce", host.nbytes)
+        self._progress.add(req)
+        return req
+
+    def progress(self) -> None:
+        self._progress.poll()
+
+    def broadcast(self, array, root: int = 0):
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
+        host, staged = self._stage(array)
+        self._blocking("broadcast", host.nbytes, self.comm.Bcast, host, root)
+        if staged:
+            self._unstage(array, host)
+        return array
+
+    def allgather(self, array, out=None):
+        host, staged = self._stage(array)
+        n = host.size
+        if out is None:
+            xp = backend.get_array_module(array)
+            out = xp.empty((self.size,) + tuple(array.shape), dtype=array.dtype)
+        if out.size != n * self.size or out.dtype != array.dtype:
+            raise ValueError(
+                f"allgather: out must hold {self.size} x {n} elements of {array.dtype}, got "
+                f"{out.size} of {out.dtype}"
+            )
+        recv, recv_staged = self._stage(out)
+        flat = recv.reshape(-1)
+        in_place = (not staged and not recv_staged
+                    and host.__array_interface__["data"][0]
+                    == flat[self.rank * n:].__array_interface__["data"][0])
+        send = self.MPI.IN_PLACE if in_place else host
+        self._blocking("allgather", host.nbytes * self.size, self.comm.Allgather, send, flat)
+        if recv_staged:
+            self._unstage(out, recv)
+        return out
+
+    def reduce_scatter(self, array, op: str = "sum", out=None):
+        op = check_op(op)
+        _check_mean_dtype(array, op)
+        m = self._check_chunked(array, "reduce_scatter")
+        host, _ = self._stage(array)
+        xp = backend.get_array_module(array)
+        if out is None:
+            out = xp.empty(m, dtype=array.dtype)
+        if out.size != m:
+            raise ValueError(f"reduce_scatter: out must have {m} elements, got {out.size}")
+        recv, recv_staged = self._stage(out)
+        if np.shares_memory(recv, host):
+            recv, recv_staged = np.empty(m, dtype=host.dtype), True
+        self._blocking("reduce_scatter", host.nbytes, self.comm.Reduce_scatter_block,
+                       host.reshape(-1), recv.reshape(-1), self._ops[op])
+        if op == "mean":
+            recv *= 1.0 / self.size
+        if recv_staged:
+            self._unstage(out, recv.reshape(out.shape))
+        return out
+
+    # -- small Python objects -------------------------------------------------------------------
+
+    def allgather_obj(self, value: Any) -> list:
+        return self._blocking("allgather_obj", 0, self.comm.allgather, value)
+
+    def broadcast_obj(self, value: Any, root: int = 0) -> Any:
+        return self._blocking("broadcast_obj", 0, self.comm.bcast, value, root)
+
+    def abort(self, code: int = 1) -> None:
+        _flush_std()
+        self.MPI.COMM_WORLD.Abort(code)

@@ -1,0 +1,180 @@
+"""Guards that turn distributed failures into prompt, explained exits instead of hangs.
+
+* :func:`install_excepthook` -- an uncaught exception on any rank prints that rank's traceback
+  once, every line prefixed ``[rank r]``, then aborts the whole MPI job (``MPI_Abort``), so the
+  other ranks do not wait forever in their next collective. :func:`abort_on_exception` is the
+  same as a context manager.
+* :class:`StallWatchdog` -- a daemon thread that watches the collective the communicator is
+  blocked in; past ``timeout`` seconds (argument or ``DISTPROP_STALL_TIMEOUT``) it prints which
+  collective, on which rank, where the main thread is, and aborts the job.
+* :func:`check_replicas` -- compares a checksum of a parameter buffer across ranks and names the
+  ranks that diverged from rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+import traceback
+import zlib
+
+import numpy as np
+
+from distprop import backend
+from distprop.distributed.comm import Communicator
+
+DEFAULT_STALL_TIMEOUT = 600.0
+_ABORT_DELAY = 0.5  # lets ranks that fail at the same moment print before the job is torn down
+
+
+def _prefixed(rank: int, text: str) -> str:
+    return "".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").split("\n"))
+
+
+def report_and_abort(comm: Communicator, etype, value, tb, code: int = 1) -> None:
+    """Print the traceback once, each line prefixed with the rank, then abort the job."""
+    text = "".join(traceback.format_exception(etype, value, tb))
+    header = (f"uncaught {etype.__name__} on rank {comm.rank} of {comm.size}; aborting the job "
+              "(MPI_Abort)\n")
+    try:
+        sys.stderr.write(_prefixed(comm.rank, header + text))
+        sys.stderr.flush()
+    except Exception:
+        pass
+    if comm.size > 1:
+        time.sleep(_ABORT_DELAY)
+    comm.abort(code)
+
+
+_installed: dict = {}
+
+
+def install_excepthook(comm: Communicator) -> None:
+    """Make an uncaught exception on this rank abort the whole job (idempotent)."""
+    if _installed.get("comm") is comm:
+        return
+    previous = _installed.get("previous", sys.excepthook)
+
+    def hook(etype, value, tb):
+        if issubclass(etype, SystemExit):  # pragma: no cover - SystemExit never gets here
+            previous(etype, value, tb)
+            return
+        report_and_abort(comm, etype, value, tb)
+
+    _installed.update(comm=comm, previous=previous, hook=hook)
+    sys.excepthook = hook
+
+
+def uninstall_excepthook() -> None:
+    """Restore the exception hook that was active before :func:`install_excepthook`."""
+    if _installed.get("hook") is sys.excepthook:
+        sys.excepthook = _installed["previous"]
+    _installed.clear()
+
+
+@contextlib.contextmanager
+def abort_on_exception(comm: Communicator):
+    """Any exception escaping the block prints ``[rank r]`` traceback and aborts the job."""
+    try:
+        yield
+    except Exception:
+        report_and_abort(comm, *sys.exc_info())
+
+
+def stall_timeout_from_env(default: float | None = DEFAULT_STALL_TIMEOUT) -> float | None:
+    """``DISTPROP_STALL_TIMEOUT`` in seconds (0 or empty disables), else ``default``."""
+    raw = os.environ.get("DISTPROP_STALL_TIMEOUT")
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"DISTPROP_STALL_TIMEOUT must be a number of seconds, got {raw!r}") \
+            from None
+    return value if value > 0 else None
+
+
+class StallWatchdog:
+    """Aborts the job when the communicator stays inside one collective past ``timeout`` s."""
+
+    def __init__(self, comm: Communicator, timeout: float, poll: float | None = None):
+        if timeout <= 0:
+            raise ValueError(f"stall timeout must be positive, got {timeout}")
+        self.comm, self.timeout = comm, float(timeout)
+        self.poll = poll if poll is not None else min(1.0, self.timeout / 4)
+        self._stop = threading.Event()
+        self._main = threading.main_thread()
+        self._thread = threading.Thread(target=self._run, name="distprop-stall-watchdog",
+                                        daemon=True)
+
+    def start(self) -> StallWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            current = self.comm.current
+            if current is None:
+                continue
+            name, nbytes, since = current
+            waited = time.monotonic() - since
+            if waited > self.timeout and self.comm.current is current:
+                self._fire(name, nbytes, waited)
+
+    def _fire(self, name: str, nbytes: int, waited: float) -> None:
+        frame = sys._current_frames().get(self._main.ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        msg = (
+            f"stall watchdog: rank {self.comm.rank} has waited {waited:.1f} s in collective "
+            f"'{name}' ({nbytes} bytes), more than the {self.timeout:g} s limit "
+            "(DISTPROP_STALL_TIMEOUT): another rank is stuck, crashed or took a different code "
+            "path. Aborting the job. Main thread stack:\n" + stack
+        )
+        try:
+            sys.stderr.write(_prefixed(self.comm.rank, msg))
+            sys.stderr.flush()
+        except Exception:
+            pass
+        self.comm.abort(1)
+
+
+def start_watchdog(comm: Communicator, timeout: float | None = None) -> StallWatchdog | None:
+    """Start a :class:`StallWatchdog` (timeout: argument, else env, else 600 s; None if off)."""
+    if timeout is None:
+        timeout = stall_timeout_from_env()
+    if timeout is None or timeout <= 0 or comm.size == 1:
+        return None
+    return StallWatchdog(comm, timeout).start()
+
+
+def state_checksum(array) -> int:
+    """CRC-32 of the array's bytes (device arrays are copied to the host first)."""
+    host = np.ascontiguousarray(backend.to_host(array))
+    return zlib.crc32(memoryview(host.reshape(-1)).cast("B"))
+
+
+def check_replicas(array, comm: Communicator, raise_on_mismatch: bool = True) -> list[int]:
+    """Compare ``array`` (e.g. a flat parameter buffer) bit for bit across ranks.
+
+    Returns the ranks whose checksum differs from rank 0's (the same list on every rank); with
+    ``raise_on_mismatch`` a non-empty list raises ``RuntimeError`` on every rank.
+    """
+    if comm.size == 1:
+        return []
+    sums = comm.allgather_obj(state_checksum(array))
+    diverged = [r for r, s in enumerate(sums) if s != sums[0]]
+    if diverged and raise_on_mismatch:
+        ranks = ", ".join(str(r) for r in diverged)
+        raise RuntimeError(
+            f"replica check failed: the parameters on rank(s) {ranks} differ from rank 0's "
+            f"(CRC-32 {', '.join(f'{s:08x}' for s in sums)}). Replicas diverged: a rank skipped "
+            "a step, used different hyper-parameters, or its parameters were changed outside "
+            "the synchronised path."
+        )
+    return diverged
