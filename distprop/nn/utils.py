@@ -6,6 +6,8 @@ import math
 from collections.abc import Iterable
 
 from distprop import backend
+from distprop.nn.clip import clip_grad_norm_, clip_grad_value_, get_total_norm  # noqa: F401
+from distprop.nn.penalty import l1_penalty, l2_penalty  # noqa: F401
 from distprop.tensor import Tensor
 
 

@@ -9,8 +9,10 @@ from distprop.train.checkpoint import (
     save,
     verify,
 )
+from distprop.train.early_stopping import EarlyStopping
 
 __all__ = [
+    "EarlyStopping",
     "CheckpointError",
     "CheckpointManager",
     "latest_valid",
