@@ -61,31 +61,10 @@ def make_data(n: int = 48, seed: int = 1, dtype=np.float64):
     return x, y
 
 
-class _ManualSGD:
-    """SGD with momentum on the flat buffer (used only if dp.optim.SGD is unavailable)."""
-
-    def __init__(self, params, lr, momentum=0.9):
-        self.bufs = dp.optim.flatten(list(params))
-        self.lr, self.momentum = lr, momentum
-        self.velocity = [np.zeros_like(b.data) for b in self.bufs]
-
-    def step(self):
-        for b, v in zip(self.bufs, self.velocity):
-            v *= self.momentum
-            v += b.grad
-            b.data -= self.lr * v
-
-    def zero_grad(self, set_to_none=True):
-        for b in self.bufs:
-            b.zero_grad(set_to_none)
-
-
 def make_opt(kind: str, params, lr: float = 0.05):
     params = list(params)
     if kind == "sgd":
-        if hasattr(dp.optim, "SGD"):
-            return dp.optim.SGD(params, lr=lr, momentum=0.9)
-        return _ManualSGD(params, lr)
+        return dp.optim.SGD(params, lr=lr, momentum=0.9)
     if kind == "adam":
         return dp.optim.Adam(params, lr=lr * 0.2)
     raise ValueError(kind)

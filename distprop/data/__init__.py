@@ -10,6 +10,7 @@ from distprop.data.dataset import (
     split_indices,
 )
 from distprop.data.loader import DataLoader
+from distprop.data.sampler import DistributedSampler
 from distprop.data.sources import DataError, DataSplits
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "DataLoader",
     "DataSplits",
     "Dataset",
+    "DistributedSampler",
     "Subset",
     "TensorDataset",
     "gather",

@@ -29,8 +29,8 @@ class MetricsReducer:
     :meth:`reduce` sums every (sum, count) pair over all ranks with one allreduce of a float64
     vector, returns ``{name: sum / count}`` (NaN where count is 0), stores the totals in
     ``totals`` and starts a new interval. Every rank must call it at the same points and use the
-    same metric names (given up front, or checked with one small allgather whenever a new name
-    appears).
+    same metric names: given up front, or checked with one small allgather on the first
+    :meth:`reduce`, after which they are fixed (a new name raises ``KeyError``).
 
     Args:
         names: the metric names, in a fixed order (optional).
@@ -45,8 +45,7 @@ class MetricsReducer:
         self.comm = comm
         self._fixed = names is not None
         self._names: list[str] = list(names) if names is not None else []
-        # Names as last agreed by all ranks (a new name triggers one more check).
-        self._agreed = tuple(self._names) if self._fixed or comm.size == 1 else None
+        self._agreed = self._fixed or comm.size == 1  # names known equal on every rank
         self._sums: dict[str, object] = {}
         self._counts: dict[str, float] = {}
         self.totals: dict[str, tuple[float, float]] = {}
@@ -61,8 +60,8 @@ class MetricsReducer:
             if name not in self._names:
                 if self._fixed:
                     raise KeyError(
-                        f"unknown metric {name!r}: this MetricsReducer was created with names "
-                        f"{self._names}"
+                        f"unknown metric {name!r}: this MetricsReducer's names are "
+                        f"{self._names} (given up front, or fixed by the first reduce())"
                     )
                 self._names.append(name)
             self._sums[name] = 0.0
@@ -79,7 +78,7 @@ class MetricsReducer:
 
     def reduce(self) -> dict[str, float]:
         """Sum over ranks (one allreduce), return means, and reset the interval."""
-        if self.comm.size > 1 and self._agreed != tuple(self._names):
+        if not self._agreed:
             names = self.comm.allgather_obj(self._names)
             if any(n != names[0] for n in names):
                 raise RuntimeError(
@@ -87,7 +86,7 @@ class MetricsReducer:
                     + "; ".join(f"rank {r}: {n}" for r, n in enumerate(names))
                     + ". Pass names=[...] up front so every rank reduces the same vector."
                 )
-            self._agreed = tuple(self._names)
+            self._agreed = self._fixed = True
         k = len(self._names)
         vec = np.zeros(2 * k, dtype=np.float64)
         for i, name in enumerate(self._names):
