@@ -133,7 +133,7 @@ class RNNLayer(Function):
         pre = _input_projection(x, w_ih, bias)
         states = xp.empty((steps + 1,) + h0.shape, dtype=x.dtype)
         states[seq.first_slot()] = h0
-        w_hh_t = w_hh.T
+        w_hh_t = xp.ascontiguousarray(w_hh.T)
         relu = nonlinearity == "relu"
         rec = xp.empty(h0.shape, dtype=x.dtype)
         for t in seq.order:
@@ -199,7 +199,7 @@ class LSTMLayer(Function):
         gates = _input_projection(
             x, w_ih * pre_scale[:, None], None if bias is None else bias * pre_scale
         )
-        w_hh_t = (w_hh * pre_scale[:, None]).T
+        w_hh_t = xp.ascontiguousarray((w_hh * pre_scale[:, None]).T)  # GEMMs prefer it
         hs = xp.empty((steps + 1, batch, hidden), dtype=x.dtype)
         cs = xp.empty_like(hs)
         tanh_c = xp.empty((steps, batch, hidden), dtype=x.dtype)
@@ -292,7 +292,7 @@ class GRULayer(Function):
         gates = _input_projection(
             x, w_ih * pre_scale[:, None], None if b_ih is None else b_ih * pre_scale
         )
-        w_hh_t = (w_hh * pre_scale[:, None]).T
+        w_hh_t = xp.ascontiguousarray((w_hh * pre_scale[:, None]).T)
         b_hh_s = None if b_hh is None else b_hh * pre_scale
         hs = xp.empty((steps + 1, batch, hidden), dtype=x.dtype)
         hs[seq.first_slot()] = h0
