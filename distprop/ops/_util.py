@@ -43,3 +43,17 @@ def scalar_like(value, array):
 
 def xp_of(*arrays):
     return get_array_module(*arrays)
+
+
+def grad_destination(fn, index: int):
+    """Where ``fn``'s backward may write input ``index``'s gradient directly, or None.
+
+    That is the input's flat-buffer gradient view, when the input is a leaf whose ``.grad`` is
+    still unset (so nothing is accumulated there yet): writing the GEMM result straight into it
+    saves the copy :meth:`Tensor._accumulate` would make (it skips the self-assignment).
+    """
+    inputs = getattr(fn, "inputs", None)
+    t = inputs[index] if inputs is not None and index < len(inputs) else None
+    if t is None or t._ctx is not None or t.grad is not None or t._grad_buffer is None:
+        return None
+    return t._grad_buffer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distprop.backend import get_array_module
-from distprop.ops._util import unbroadcast
+from distprop.ops._util import grad_destination, unbroadcast
 from distprop.tensor import Function
 
 
@@ -77,7 +77,9 @@ class Linear(Function):
         if self.needs_input_grad[0]:
             gx = (g2 @ weight).reshape(x.shape)
         if self.needs_input_grad[1]:
-            gw = g2.T @ x.reshape(-1, x.shape[-1])
+            dest = grad_destination(self, 1)
+            x2 = x.reshape(-1, x.shape[-1])
+            gw = g2.T @ x2 if dest is None else get_array_module(g2).matmul(g2.T, x2, out=dest)
         if self.has_bias and self.needs_input_grad[2]:
             gb = g2.sum(axis=0)
         return gx, gw, gb

@@ -71,6 +71,9 @@ class _PoolGeometry:
             for n, k, p, s, d, o in zip(x_shape[2:], kernel, padding, stride, dilation,
                                         self.out_sp))
         self.overlap = any(s < d * (k - 1) + 1 for k, s, d in zip(kernel, stride, dilation))
+        # Windows tile the padded input exactly: backward need not zero-fill its gradient.
+        self.exact_cover = all(d == 1 and s == k and o * s == n for k, s, d, o, n in zip(
+            kernel, stride, dilation, self.out_sp, self.padded_sp))
 
     def offsets(self):
         return itertools.product(*(range(k) for k in self.kernel))
@@ -99,20 +102,28 @@ class MaxPoolNd(Function):
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
         geo = self.geo
-        gpad = _alloc_like(xp, self.xpad, self.xpad.shape, grad_out.dtype, fill=0)
-        remaining = grad_out.copy(order="K")
+        gpad = _alloc_like(xp, self.xpad, self.xpad.shape, grad_out.dtype,
+                           fill=None if geo.exact_cover else 0)
+        remaining = grad_out  # the part not yet routed to an earlier maximum of its window
         offsets = list(geo.offsets())
         for n, offs in enumerate(offsets):
             dst = gpad[geo.window(offs)]
             if n == len(offsets) - 1:
-                routed = remaining
-            else:
-                routed = remaining * (self.xpad[geo.window(offs)] == self.out)
-                remaining -= routed
+                if geo.overlap:
+                    dst += remaining
+                else:
+                    dst[...] = remaining
+                break
+            hit = self.xpad[geo.window(offs)] == self.out
             if geo.overlap:
+                routed = remaining * hit
                 dst += routed
             else:
-                dst[...] = routed
+                routed = xp.multiply(remaining, hit, out=dst)
+            if n == 0:
+                remaining = remaining - routed  # never modify grad_out in place
+            else:
+                remaining -= routed
         return _crop(gpad, geo.padding, geo.x_shape[2:])
 
 
@@ -165,7 +176,8 @@ class AvgPoolNd(Function):
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
         geo = self.geo
-        gpad = _alloc_like(xp, self.pad_layout, self.pad_layout.shape, self.dtype, fill=0)
+        gpad = _alloc_like(xp, self.pad_layout, self.pad_layout.shape, self.dtype,
+                           fill=None if geo.exact_cover else 0)
         spread = grad_out * self.scale
         for offs in geo.offsets():
             dst = gpad[geo.window(offs)]
