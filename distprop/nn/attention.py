@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distprop.backend import get_array_module
+from distprop import backend
 from distprop.nn import init
 from distprop.nn.linear import Linear, new_parameter
 from distprop.nn.module import Module
@@ -124,12 +124,13 @@ class MultiheadAttention(Module):
         return batched
 
     def _mask_bias(self, attn_mask, key_padding_mask, is_causal, batch, target, source, dtype,
-                   xp):
+                   device):
         """Both masks merged into one additive array broadcastable to (N, H, L, S)."""
         name = f"MultiheadAttention({self.embed_dim}, {self.num_heads})"
-        bias = additive_mask(attn_mask, dtype, "attn_mask", true_means_masked=True)
+        bias = additive_mask(attn_mask, dtype, "attn_mask", true_means_masked=True,
+                             device=device)
         if bias is None and is_causal:
-            bias = causal_mask(target, source, dtype, xp)
+            bias = causal_mask(target, source, dtype, backend.xp_for(device))
         if bias is not None:
             if bias.ndim == 2 and bias.shape == (target, source):
                 pass
@@ -141,7 +142,8 @@ class MultiheadAttention(Module):
                     f"({batch * self.num_heads}, {target}, {source}) (batch * num_heads, L, S), "
                     f"got {tuple(bias.shape)}"
                 )
-        pad = additive_mask(key_padding_mask, dtype, "key_padding_mask", true_means_masked=True)
+        pad = additive_mask(key_padding_mask, dtype, "key_padding_mask", true_means_masked=True,
+                            device=device)
         if pad is not None:
             if pad.shape != (batch, source):
                 raise ValueError(f"{name}: key_padding_mask must have shape ({batch}, {source}) "
@@ -194,7 +196,7 @@ class MultiheadAttention(Module):
         q, k, v = (permute(reshape(t, (batch, t.shape[1], heads, hd)), (0, 2, 1, 3))
                    for t in (q, k, v))
         bias = self._mask_bias(attn_mask, key_padding_mask, is_causal, batch, target, source,
-                               q.dtype, get_array_module(q.data))
+                               q.dtype, q.device)
         dropout_p = self.dropout if self.training else 0.0
         result = ScaledDotProductAttention.apply(q, k, v, bias=bias, dropout_p=dropout_p,
                                                  need_weights=need_weights)

@@ -118,15 +118,18 @@ def _mask_array(mask, name: str):
     return np.asarray(mask)
 
 
-def additive_mask(mask, dtype, name: str, true_means_masked: bool):
+def additive_mask(mask, dtype, name: str, true_means_masked: bool, device=None):
     """A bool or float mask as an additive float array of ``dtype`` (``-inf`` where masked).
 
     Bool masks mean "attend" when True for ``scaled_dot_product_attention`` and "masked out"
     when True for ``MultiheadAttention`` (PyTorch's two conventions): ``true_means_masked`` picks.
+    The mask is copied to ``device`` (that of the scores) when it lives elsewhere.
     """
     mask = _mask_array(mask, name)
     if mask is None:
         return None
+    if device is not None and backend.device_of(mask) != device:
+        mask = backend.to_device(mask, device)
     xp = get_array_module(mask)
     if mask.dtype == np.bool_:
         blocked = mask if true_means_masked else ~mask
@@ -190,7 +193,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if is_causal and attn_mask is not None:
         raise ValueError("scaled_dot_product_attention: pass either attn_mask or is_causal")
     target, source = query.shape[-2], key.shape[-2]
-    bias = additive_mask(attn_mask, query.dtype, "attn_mask", true_means_masked=False)
+    bias = additive_mask(attn_mask, query.dtype, "attn_mask", true_means_masked=False,
+                         device=query.device)
     if is_causal:
         bias = causal_mask(target, source, query.dtype, get_array_module(query.data))
     scores = np.broadcast_shapes(query.shape[:-2], key.shape[:-2]) + (target, source)
