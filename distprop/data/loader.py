@@ -109,6 +109,8 @@ class DataLoader:
 
     def _indices(self) -> np.ndarray:
         if self.sampler is not None:
+            if callable(getattr(self.sampler, "indices", None)):  # DistributedSampler: no loop
+                return np.asarray(self.sampler.indices(), dtype=np.intp)
             return np.fromiter(iter(self.sampler), dtype=np.intp)
         n = len(self.dataset)
         if self.shuffle:

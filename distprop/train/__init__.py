@@ -1,5 +1,6 @@
 """Training: checkpoints, the ``fit`` loop and its callbacks (``dp.train``)."""
 
+from distprop.train import callbacks
 from distprop.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -10,9 +11,14 @@ from distprop.train.checkpoint import (
     verify,
 )
 from distprop.train.early_stopping import EarlyStopping
+from distprop.train.trainer import History, Trainer, fit
 
 __all__ = [
     "EarlyStopping",
+    "History",
+    "Trainer",
+    "callbacks",
+    "fit",
     "CheckpointError",
     "CheckpointManager",
     "latest_valid",

@@ -1,0 +1,259 @@
+"""The ``distprop`` command line: ``launch``, ``train`` and ``info`` (``bench`` lives in bench/).
+
+The commands stay thin: click parses options into a dataclass (:class:`LaunchConfig`,
+:class:`TrainConfig`) and calls library code (:mod:`distprop.launcher`, :mod:`distprop.info`,
+:mod:`distprop.train.run`). Every bad input is a usage error (exit code 2) raised before anything
+starts, printed once: under ``mpirun``/``srun`` only rank 0 prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from distprop import info as info_mod
+from distprop import launcher
+from distprop.train.config import (
+    COMPRESSIONS,
+    LR_SCHEDULES,
+    MODELS,
+    OPTIMIZERS,
+    ConfigError,
+    TrainConfig,
+    read_toml,
+)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings={**CONTEXT, "auto_envvar_prefix": "DISTPROP"})
+@click.version_option(package_name="distprop", prog_name="distprop")
+def cli() -> None:
+    """Synchronous data-parallel training over MPI, on NumPy (CPU) or CuPy (GPU)."""
+
+
+# --- launch -------------------------------------------------------------------------------------
+
+
+def _launch_options(func):
+    """Options shared by ``launch`` and ``train -n``."""
+    options = [
+        click.option("-H", "--hosts", help="Hosts and slots: host1:2,host2:2."),
+        click.option("--hostfile", type=click.Path(dir_okay=False),
+                     help="Hostfile: 'host slots=N' or 'host:N' per line."),
+        click.option("--mpi", type=click.Choice(launcher.IMPLEMENTATIONS), default=None,
+                     help="Launcher flavour; auto asks mpiexec --version (srun inside Slurm)."),
+        click.option("--mpiexec", "mpiexec", default=None,
+                     help="Launcher executable (default: the one next to this Python, "
+                          "then PATH)."),
+        click.option("--threads-per-rank", type=int, default=None,
+                     help="BLAS/OpenMP threads per rank [default: cores // ranks, >= 1]."),
+        click.option("--mpi-args", default=None, help='Extra launcher arguments, e.g. "-ppn 2".'),
+        click.option("--oversubscribe", is_flag=True, default=None,
+                     help="Allow more ranks than slots (cores without a host list)."),
+        click.option("--dry-run", is_flag=True, default=False,
+                     help="Print the launcher command and exit."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
+                   oversubscribe, extra_env=None) -> launcher.LaunchConfig:
+    return launcher.LaunchConfig(
+        nprocs=nprocs, command=list(command), hosts=hosts, hostfile=hostfile, mpi=mpi or "auto",
+        threads_per_rank=threads_per_rank, mpi_args=mpi_args or "",
+        oversubscribe=bool(oversubscribe), mpiexec=mpiexec, extra_env=extra_env or {})
+
+
+def _plan_or_usage_error(cfg: launcher.LaunchConfig) -> launcher.LaunchPlan:
+    try:
+        return launcher.plan(cfg)
+    except launcher.LaunchError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _run_plan(plan: launcher.LaunchPlan, dry_run: bool) -> int:
+    if dry_run:
+        click.echo(plan.shell())
+        return 0
+    click.echo(f"distprop: {plan.implementation} launch, {plan.threads_per_rank} thread(s) per "
+               f"rank: {plan.shell()}", err=True)
+    try:
+        return launcher.run(plan)
+    except launcher.LaunchError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False},
+             epilog="""\b
+Examples:
+  distprop launch -n 4 -- python my_training.py --epochs 3
+  distprop launch -n 8 -H node1:4,node2:4 -- distprop train --model cnn
+  distprop launch -n 2 --mpi openmpi --dry-run -- python -c 'print(1)'
+""")
+@click.option("-n", "--nprocs", type=int, required=True, help="Number of ranks.")
+@_launch_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def launch(nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args, oversubscribe,
+           dry_run, command):
+    """Run COMMAND on N MPI ranks with the right launcher and per-rank BLAS threads."""
+    if command and command[0] == "--":
+        command = command[1:]
+    cfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
+                         mpi_args, oversubscribe)
+    sys.exit(_run_plan(_plan_or_usage_error(cfg), dry_run))
+
+
+# --- info ---------------------------------------------------------------------------------------
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--no-mpi-init", is_flag=True,
+              help="Do not initialise MPI (skips the library version query).")
+def info(as_json, no_mpi_init):
+    """Versions, MPI library and launcher, GPUs, BLAS threads, and ranks when run under MPI."""
+    data = info_mod.report(with_mpi_library=not no_mpi_init)
+    if info_mod.under_mpi() and info_mod.launched_rank() not in (0, None):
+        return  # rank 0 prints the gathered report
+    click.echo(json.dumps(data, indent=2, default=str) if as_json
+               else info_mod.format_report(data))
+
+
+# --- train --------------------------------------------------------------------------------------
+
+_TRAIN_EPILOG = f"""\b
+Models:       {', '.join(MODELS)}
+Datasets:     digits, mnist1d, synthetic, or a path (.npz, .npy, directory with x.npy/y.npy)
+Optimizers:   {', '.join(OPTIMIZERS)}
+LR schedules: {', '.join(LR_SCHEDULES)}
+
+\b
+Every option can also come from --config FILE.toml (same names, top level or a [train]
+table) or from DISTPROP_TRAIN_<OPTION> environment variables (e.g. DISTPROP_TRAIN_EPOCHS=3);
+flags win over the environment, which wins over the file.
+
+\b
+Examples:
+  distprop train -n 2 --model mlp --dataset digits --epochs 5
+  distprop train -n 2 --model cnn --dataset mnist1d --optimizer adam --lr 3e-3 --epochs 20
+  distprop train -n 4 --global-batch-size 256 --scale-lr --warmup-epochs 1 --out runs/a
+  distprop train -n 2 --out runs/a --resume auto      # continue from the newest good checkpoint
+"""
+
+
+@cli.command(context_settings=CONTEXT, epilog=_TRAIN_EPILOG)
+@click.option("--model", default=None, help="Model from the zoo [default: mlp].")
+@click.option("--dataset", default=None, help="digits, mnist1d, synthetic or PATH [default: "
+              "digits].")
+@click.option("--epochs", type=int, default=None, help="Training epochs [default: 5].")
+@click.option("--batch-size", type=int, default=None,
+              help="Samples per rank per micro-batch [default: 32].")
+@click.option("--global-batch-size", type=int, default=None,
+              help="Samples per optimizer step over all ranks (instead of --batch-size).")
+@click.option("--optimizer", default=None, help="Optimizer [default: sgd].")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate [default: 0.1 for sgd, 1e-3 for adaptive ones].")
+@click.option("--momentum", type=float, default=None, help="SGD/RMSprop momentum [0.9].")
+@click.option("--weight-decay", type=float, default=None, help="Weight decay [0].")
+@click.option("--lr-schedule", default=None, help="LR schedule [default: cosine].")
+@click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up epochs [0].")
+@click.option("--clip-grad-norm", type=float, default=None, help="Clip the global grad norm.")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1].")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default=None,
+              help="Gradient compression on the wire [none].")
+@click.option("--zero/--no-zero", default=None, help="Shard optimizer state (ZeRO-1).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [cpu].")
+@click.option("--seed", type=int, default=None, help="Seed of init, shuffling, splits [0].")
+@click.option("--out", default=None, help="Output directory [runs/distprop].")
+@click.option("--checkpoint-every", type=int, default=None,
+              help="Checkpoint every N optimizer steps (0: at each epoch end) [0].")
+@click.option("--keep-checkpoints", type=int, default=None, help="Checkpoints to keep [3].")
+@click.option("--resume", default=None, help="Checkpoint PATH, or 'auto' (newest valid in "
+              "--out, fresh start if none).")
+@click.option("--scale-lr/--no-scale-lr", default=None,
+              help="Linear scaling rule: lr x global batch / 256 base, with warm-up.")
+@click.option("--early-stopping", type=int, default=None,
+              help="Stop after N epochs without val-loss improvement (0: off) [0].")
+@click.option("--val-fraction", type=float, default=None, help="Held-out validation part.")
+@click.option("--test-fraction", type=float, default=None, help="Held-out test part.")
+@click.option("--log-every", type=int, default=None, help="Log metrics every N steps [10].")
+@click.option("--prefetch", type=int, default=None, help="Batches prefetched by a thread [1].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file with any of these options.")
+@click.option("-n", "--nprocs", type=int, default=None,
+              help="Launch this many ranks (re-runs itself under MPI).")
+@_launch_options
+@click.option("--worker-config", default=None, hidden=True)
+def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
+          oversubscribe, dry_run, worker_config, **options):
+    """Train a zoo model on a dataset, data-parallel over MPI ranks."""
+    from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
+
+    if worker_config:  # a rank started by `distprop train -n N`: the parent validated everything
+        cfg = TrainConfig.load_json(worker_config)
+        sys.exit(run_mod.main_worker(cfg))
+
+    base = TrainConfig()
+    if config_file:
+        try:
+            base = TrainConfig.from_dict(read_toml(config_file), config_file)
+        except (ConfigError, TypeError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--config") from None
+    cfg = base.updated(**options)
+    launching = nprocs is not None and nprocs > 1
+    world = nprocs if nprocs is not None else info_mod.launched_size()
+    if nprocs is not None and nprocs < 1:
+        raise click.BadParameter(f"must be at least 1, got {nprocs}", param_hint="-n")
+    try:
+        cfg = cfg.validate(world)
+        cfg = run_mod.check(cfg)  # dataset file, shapes, labels, model fit, resume path
+    except ConfigError as exc:
+        hint = f"--{exc.param}" if exc.param else None
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+    cfg.nprocs = world
+    if not launching:
+        if dry_run:
+            click.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+            return
+        sys.exit(run_mod.main_worker(cfg))
+    cfg.launch = {"mpi": mpi or "auto", "hosts": hosts, "hostfile": hostfile,
+                  "threads_per_rank": threads_per_rank}
+    out = os.path.abspath(cfg.out)
+    cfg_path = os.path.join(out, "config.json")
+    command = [sys.executable, "-m", "distprop", "train", "--worker-config", cfg_path]
+    lcfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
+                          mpi_args, oversubscribe)
+    plan = _plan_or_usage_error(lcfg)
+    if not dry_run:
+        cfg.save_json(cfg_path)
+    sys.exit(_run_plan(plan, dry_run))
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    """Console-script entry point: usage errors exit 2 and print once (rank 0 under MPI)."""
+    try:
+        cli.main(args=argv, prog_name="distprop", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if info_mod.launched_rank() in (0, None):
+            exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

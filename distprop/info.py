@@ -1,0 +1,179 @@
+"""The environment report behind ``distprop info``: versions, MPI, GPUs, BLAS threads, ranks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "MPI_LOCALRANKID")
+SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def launched_rank() -> int | None:
+    """This process's rank from the launcher's environment (None when not under MPI)."""
+    for var in RANK_VARS[:4]:
+        value = os.environ.get(var)
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def launched_size() -> int:
+    """The world size from the launcher's environment (1 when not under MPI)."""
+    for var in SIZE_VARS:
+        value = os.environ.get(var)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 1
+
+
+def under_mpi() -> bool:
+    return launched_rank() is not None and launched_size() > 1
+
+
+def _dist_version(distribution: str) -> str | None:
+    """An installed distribution's version, without importing it (fast)."""
+    from importlib import metadata  # noqa: PLC0415
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _blas() -> list[dict]:
+    try:
+        import numpy  # noqa: F401, PLC0415
+        from threadpoolctl import threadpool_info  # noqa: PLC0415
+    except ImportError:
+        return [{"error": "threadpoolctl is not installed"}]
+    return [{k: pool.get(k) for k in ("user_api", "internal_api", "version", "num_threads",
+                                      "threading_layer", "filepath") if pool.get(k) is not None}
+            for pool in threadpool_info()]
+
+
+def _gpu() -> dict:
+    from distprop import backend  # noqa: PLC0415
+
+    cp = backend.cupy_module()
+    if cp is None:
+        return {"cupy": None, "reason": backend._cupy_error}
+    out = {"cupy": cp.__version__, "devices": backend.gpu_count()}
+    try:
+        out["cuda_runtime"] = int(cp.cuda.runtime.runtimeGetVersion())
+        out["cuda_driver"] = int(cp.cuda.runtime.driverGetVersion())
+    except Exception as exc:
+        out["cuda_error"] = str(exc)
+    try:
+        from cupy.cuda import nccl  # noqa: PLC0415
+
+        out["nccl"] = int(nccl.get_version())
+    except Exception:
+        out["nccl"] = None
+    return out
+
+
+def _mpi(with_library: bool) -> dict:
+    from distprop import launcher  # noqa: PLC0415
+
+    out: dict = {"mpi4py": _dist_version("mpi4py")}
+    exe = launcher.find_mpiexec()
+    out["mpiexec"] = exe
+    if exe:
+        out["mpiexec_implementation"] = launcher.parse_version_output(
+            launcher.version_output(exe)) or "unknown"
+    out["slurm_allocation"] = launcher.in_slurm_allocation()
+    if with_library and out["mpi4py"] is not None:
+        try:
+            from mpi4py import MPI  # noqa: PLC0415
+
+            out["library"] = MPI.Get_library_version().strip().splitlines()[0]
+            out["library_full"] = MPI.Get_library_version().strip()
+            out["standard"] = "{}.{}".format(*MPI.Get_version())
+        except Exception as exc:
+            out["library"] = f"<cannot initialise MPI: {exc}>"
+    return out
+
+
+def report(with_mpi_library: bool = True) -> dict:
+    """Collect the environment report as a JSON-able dict (``ranks`` only under MPI)."""
+    import numpy  # noqa: PLC0415
+
+    from distprop import __version__  # noqa: PLC0415
+
+    out = {
+        "distprop": __version__,
+        "python": sys.version.split()[0],
+        "python_executable": sys.executable,
+        "platform": platform.platform(),
+        "cpu_cores": os.cpu_count(),
+        "numpy": numpy.__version__,
+        "click": _dist_version("click"),
+        "mpi": _mpi(with_mpi_library),
+        "gpu": _gpu(),
+        "blas": _blas(),
+        "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",
+                                                     "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+        "optional": {name: _dist_version(name) for name in ("scikit-learn", "mnist1d",
+                                                            "matplotlib", "tqdm", "torch")},
+    }
+    if under_mpi() and with_mpi_library:
+        out["ranks"] = _ranks()
+    return out
+
+
+def _ranks() -> list[dict]:
+    """Every rank's host, local rank and BLAS threads, gathered on rank 0."""
+    from mpi4py import MPI  # noqa: PLC0415
+
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    threads = [p.get("num_threads") for p in _blas() if "num_threads" in p]
+    mine = {"rank": comm.Get_rank(), "size": comm.Get_size(), "host": MPI.Get_processor_name(),
+            "local_rank": local.Get_rank(), "local_size": local.Get_size(), "pid": os.getpid(),
+            "blas_threads": threads[0] if threads else None}
+    local.Free()
+    everyone = comm.gather(mine, root=0)
+    return everyone if comm.Get_rank() == 0 else []
+
+
+def format_report(info: dict) -> str:
+    """A human-readable rendering of :func:`report`."""
+    mpi, gpu = info["mpi"], info["gpu"]
+    lines = [
+        f"distprop      {info['distprop']}",
+        f"Python        {info['python']} ({info['python_executable']})",
+        f"platform      {info['platform']}, {info['cpu_cores']} CPU cores",
+        f"NumPy         {info['numpy']}",
+        f"mpi4py        {mpi['mpi4py'] or 'not installed'}",
+        f"MPI library   {mpi.get('library', 'not queried')}",
+        f"mpiexec       {mpi['mpiexec'] or 'not found'}"
+        + (f" ({mpi.get('mpiexec_implementation')})" if mpi["mpiexec"] else ""),
+        f"Slurm         {'inside an allocation (srun)' if mpi['slurm_allocation'] else 'no'}",
+    ]
+    if gpu.get("cupy"):
+        lines.append(f"CuPy          {gpu['cupy']}, {gpu.get('devices', 0)} GPU(s), CUDA runtime "
+                     f"{gpu.get('cuda_runtime')}, driver {gpu.get('cuda_driver')}, NCCL "
+                     f"{gpu.get('nccl') or 'not available'}")
+    else:
+        lines.append(f"CuPy          not available ({gpu.get('reason')})")
+    if info["blas"]:
+        for pool in info["blas"]:
+            if "error" in pool:
+                lines.append(f"BLAS          {pool['error']}")
+                continue
+            lines.append(f"BLAS          {pool.get('internal_api')} {pool.get('version')} "
+                         f"({pool.get('user_api')}), {pool.get('num_threads')} threads"
+                         + (f", {pool['threading_layer']}" if pool.get("threading_layer") else ""))
+    else:
+        lines.append("BLAS          no thread pool found")
+    env = ", ".join(f"{k}={v}" for k, v in info["thread_env"].items() if v is not None)
+    lines.append(f"thread env    {env or 'unset'}")
+    opt = ", ".join(f"{k} {v}" if v else f"{k} -" for k, v in info["optional"].items())
+    lines.append(f"optional      {opt}")
+    for r in info.get("ranks", []):
+        lines.append(f"rank {r['rank']}/{r['size']}    host {r['host']}, local rank "
+                     f"{r['local_rank']}/{r['local_size']}, pid {r['pid']}, BLAS threads "
+                     f"{r['blas_threads']}")
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""Start a command on N MPI ranks: find the launcher, build its command line, run it.
+
+Used by ``distprop launch`` and ``distprop train -n N``. Three launchers are understood:
+
+* ``mpich``: Hydra's ``mpiexec`` (MPICH, the ``mpich`` wheel, Intel MPI, MVAPICH);
+* ``openmpi``: Open MPI's ``mpiexec``/``mpirun`` (adds ``--allow-run-as-root`` when run as root,
+  ``--oversubscribe`` when asked);
+* ``srun``: Slurm, inside an allocation (nodes come from the allocation).
+
+``auto`` picks ``srun`` inside a Slurm job when ``srun`` exists, else asks the ``mpiexec`` found
+(the one next to ``sys.executable`` first, i.e. the ``mpich`` wheel) for ``--version``.
+Every rank gets ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS`` set to the
+threads per rank (default: this machine's cores // ranks per node, at least 1).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMPLEMENTATIONS = ("auto", "mpich", "openmpi", "srun")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class LaunchError(ValueError):
+    """A launch that cannot work as asked (too many ranks, no launcher, bad host list)."""
+
+
+@dataclass
+class LaunchConfig:
+    """What to launch and how.
+
+    Attributes:
+        nprocs: number of ranks.
+        command: the program and its arguments, run on every rank.
+        hosts: ``"host1:2,host2:2"`` (slots after the colon, default 1).
+        hostfile: a file with one host per line (``host slots=2`` or ``host:2``; ``#`` comments).
+        mpi: ``auto``, ``mpich``, ``openmpi`` or ``srun``.
+        threads_per_rank: BLAS/OpenMP threads per rank (None: cores // ranks per node).
+        mpi_args: extra launcher arguments, split like a shell would.
+        oversubscribe: allow more ranks than slots.
+        mpiexec: a specific launcher executable (default: found automatically).
+    """
+
+    nprocs: int
+    command: list[str]
+    hosts: str | None = None
+    hostfile: str | None = None
+    mpi: str = "auto"
+    threads_per_rank: int | None = None
+    mpi_args: str = ""
+    oversubscribe: bool = False
+    mpiexec: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchPlan:
+    """The resolved launch: the argv to run, the environment additions and what was detected."""
+
+    argv: list[str]
+    env: dict[str, str]
+    implementation: str
+    launcher: str
+    threads_per_rank: int
+    slots: int | None
+
+    def shell(self) -> str:
+        return " ".join(shlex.quote(a) for a in self.argv)
+
+
+# --- detection ----------------------------------------------------------------------------------
+
+
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` next to ``sys.executable`` (the mpich wheel), else the first on PATH."""
+    for name in ("mpiexec", "mpirun"):
+        here = Path(sys.executable).parent / name
+        if here.exists() and os.access(here, os.X_OK):
+            return str(here)
+    for name in ("mpiexec", "mpirun"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def parse_version_output(text: str) -> str | None:
+    """``mpich`` or ``openmpi`` from a launcher's ``--version`` output (None if unknown)."""
+    lowered = text.lower()
+    if "open mpi" in lowered or "openrte" in lowered or "open-mpi" in lowered or \
+            "prte" in lowered:
+        return "openmpi"
+    if "hydra" in lowered or "mpich" in lowered or "intel(r) mpi" in lowered or \
+            "mvapich" in lowered:
+        return "mpich"
+    if lowered.startswith("slurm"):
+        return "srun"
+    return None
+
+
+def version_output(executable: str) -> str:
+    """What ``executable --version`` prints (``DISTPROP_FAKE_MPI_VERSION`` overrides, for tests)."""
+    fake = os.environ.get("DISTPROP_FAKE_MPI_VERSION")
+    if fake is not None:
+        return fake
+    try:
+        done = subprocess.run([executable, "--version"], capture_output=True, text=True,
+                              timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"<{executable} --version failed: {exc}>"
+    return (done.stdout or "") + (done.stderr or "")
+
+
+def in_slurm_allocation() -> bool:
+    return "SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None
+
+
+def detect(mpi: str = "auto", mpiexec: str | None = None) -> tuple[str, str]:
+    """Resolve ``(implementation, launcher executable)``.
+
+    Raises:
+        LaunchError: when no launcher can be found or its implementation is unknown.
+    """
+    if mpi not in IMPLEMENTATIONS:
+        raise LaunchError(f"unknown MPI implementation {mpi!r}; choose one of "
+                          f"{', '.join(IMPLEMENTATIONS)}")
+    if mpi == "srun" or (mpi == "auto" and mpiexec is None and in_slurm_allocation()):
+        return "srun", mpiexec or shutil.which("srun") or "srun"
+    exe = mpiexec or find_mpiexec()
+    if exe is None:
+        raise LaunchError("no mpiexec found: install the MPI runtime wheel with "
+                          "pip install 'distprop[mpich]', or put your MPI's mpiexec on PATH")
+    if mpi != "auto":
+        return mpi, exe
+    found = parse_version_output(version_output(exe))
+    if found is None:
+        raise LaunchError(f"cannot tell which MPI {exe} belongs to from its --version output; "
+                          "pass --mpi mpich|openmpi|srun")
+    return found, exe
+
+
+def running_as_root() -> bool:
+    """Whether this process runs as root (``DISTPROP_ASSUME_ROOT=0|1`` overrides, for tests)."""
+    forced = os.environ.get("DISTPROP_ASSUME_ROOT")
+    if forced is not None:
+        return forced.strip() not in ("", "0", "false", "no")
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# --- hosts --------------------------------------------------------------------------------------
+
+
+def parse_hosts(spec: str) -> list[tuple[str, int]]:
+    """``"a:2,b:2"`` -> ``[("a", 2), ("b", 2)]`` (a host without a count has 1 slot)."""
+    hosts = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, count = item.partition(":")
+        if not name or (count and (not count.isdigit() or int(count) < 1)):
+            raise LaunchError(f"bad host entry {item!r} in -H {spec!r}: expected host or host:N")
+        hosts.append((name, int(count) if count else 1))
+    if not hosts:
+        raise LaunchError(f"-H {spec!r} names no hosts")
+    return hosts
+
+
+def parse_hostfile(path: str) -> list[tuple[str, int]]:
+    """Hosts and slots from an Open MPI (``host slots=N``) or MPICH (``host:N``) hostfile."""
+    p = Path(path)
+    if not p.is_file():
+        raise LaunchError(f"hostfile {path} does not exist")
+    hosts = []
+    for lineno, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        name, slots = parts[0], 1
+        if ":" in name:
+            name, _, count = name.partition(":")
+            slots = int(count) if count.isdigit() else -1
+        for extra in parts[1:]:
+            key, _, value = extra.partition("=")
+            if key == "slots":
+                slots = int(value) if value.isdigit() else -1
+        if slots < 1 or not name:
+            raise LaunchError(f"{path}:{lineno}: cannot read {raw.strip()!r}; expected "
+                              "'host slots=N' or 'host:N'")
+        hosts.append((name, slots))
+    if not hosts:
+        raise LaunchError(f"hostfile {path} lists no hosts")
+    return hosts
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+def plan(cfg: LaunchConfig) -> LaunchPlan:
+    """Check the request and build the launcher command (nothing is started).
+
+    Raises:
+        LaunchError: bad rank count, too many ranks for the slots without ``oversubscribe``,
+            conflicting or unreadable host lists, no launcher.
+    """
+    if cfg.nprocs < 1:
+        raise LaunchError(f"-n must be at least 1, got {cfg.nprocs}")
+    if not cfg.command:
+        raise LaunchError("no command to launch: put it after '--', e.g. "
+                          "distprop launch -n 2 -- python train.py")
+    if cfg.hosts and cfg.hostfile:
+        raise LaunchError("give either -H/--hosts or --hostfile, not both")
+    if cfg.threads_per_rank is not None and cfg.threads_per_rank < 1:
+        raise LaunchError(f"--threads-per-rank must be at least 1, got {cfg.threads_per_rank}")
+    impl, exe = detect(cfg.mpi, cfg.mpiexec)
+    hosts = None
+    if cfg.hosts:
+        hosts = parse_hosts(cfg.hosts)
+    elif cfg.hostfile:
+        hosts = parse_hostfile(cfg.hostfile)
+    if impl == "srun" and hosts is not None:
+        raise LaunchError("with srun the nodes come from the Slurm allocation: drop -H/--hostfile "
+                          "and use sbatch/salloc -N (or --nodelist)")
+    if hosts is not None:
+        slots, where = sum(s for _, s in hosts), "slots in the host list"
+        per_node = max(s for _, s in hosts)
+    elif impl == "srun" and os.environ.get("SLURM_NTASKS", "").isdigit():
+        slots, where = int(os.environ["SLURM_NTASKS"]), "tasks in this Slurm allocation"
+        per_node = max(1, cfg.nprocs // max(1, int(os.environ.get("SLURM_NNODES", "1") or 1)))
+    elif impl == "srun":
+        slots, where, per_node = None, "", cfg.nprocs
+    else:
+        slots, where = available_cores(), "CPU cores on this machine"
+        per_node = cfg.nprocs
+    if slots is not None and cfg.nprocs > slots and not cfg.oversubscribe:
+        raise LaunchError(f"-n {cfg.nprocs} is more than the {slots} {where}; pass "
+                          "--oversubscribe to run anyway (slower), or lower -n")
+    threads = cfg.threads_per_rank or max(1, available_cores() // max(1, min(per_node,
+                                                                             cfg.nprocs)))
+    env = {var: str(threads) for var in THREAD_VARS}
+    env.update(cfg.extra_env)
+    extra = shlex.split(cfg.mpi_args) if cfg.mpi_args else []
+    argv = [exe]
+    if impl == "mpich":
+        argv += ["-n", str(cfg.nprocs)]
+        if cfg.hosts:
+            argv += ["-hosts", ",".join(f"{h}:{s}" for h, s in hosts)]
+        elif cfg.hostfile:
+            argv += ["-f", cfg.hostfile]
+        for key, value in env.items():
+            argv += ["-genv", key, value]
+    elif impl == "openmpi":
+        argv += ["-n", str(cfg.nprocs)]
+        if running_as_root():
+            argv.append("--allow-run-as-root")
+        if cfg.oversubscribe:
+            argv.append("--oversubscribe")
+        if cfg.hosts:
+            argv += ["--host", ",".join(f"{h}:{s}" for h, s in hosts)]
+        elif cfg.hostfile:
+            argv += ["--hostfile", cfg.hostfile]
+        if threads > 1:
+            argv += ["--bind-to", "none"]
+        for key, value in env.items():
+            argv += ["-x", f"{key}={value}"]
+    else:  # srun
+        argv += ["-n", str(cfg.nprocs), f"--cpus-per-task={threads}",
+                 "--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items())]
+        if cfg.oversubscribe:
+            argv.append("--overcommit")
+    argv += extra + list(cfg.command)
+    return LaunchPlan(argv=argv, env=env, implementation=impl, launcher=exe,
+                      threads_per_rank=threads, slots=slots)
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def run(launch: LaunchPlan) -> int:
+    """Run the plan, forwarding SIGINT/SIGTERM to the launcher; returns the job's exit code.
+
+    A job ended by a signal returns 128 + the signal number, as a shell would.
+    """
+    env = dict(os.environ)
+    env.update(launch.env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        proc = subprocess.Popen(launch.argv, env=env, start_new_session=True)
+    except OSError as exc:
+        raise LaunchError(f"cannot start {launch.argv[0]}: {exc}") from exc
+    forwarded = []
+
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code < 0:
+        return 128 - code
+    return code

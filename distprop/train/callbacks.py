@@ -1,0 +1,314 @@
+"""Training callbacks: progress bar, metrics log, checkpoints, LR schedule, early stopping,
+gradient-norm warnings.
+
+A callback overrides any of the hooks below; each receives the :class:`~distprop.train.Trainer`
+and, where it applies, a ``logs`` dict of reduced (global) metrics. Hooks run on every rank, in
+the order the callbacks were given; output is written by rank 0 only (``trainer.is_main``).
+A callback with state implements ``state_dict``/``load_state_dict``; the trainer stores that
+state in its checkpoints under the callback's ``name``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from distprop.train.checkpoint import CheckpointManager
+
+CSV_FIELDS = ("kind", "epoch", "step", "loss", "accuracy", "lr", "samples_per_s", "grad_norm",
+              "val_loss", "val_accuracy", "time")
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    name: str = ""
+
+    def on_train_begin(self, trainer) -> None: ...
+
+    def on_epoch_begin(self, trainer, epoch: int) -> None: ...
+
+    def on_step_end(self, trainer, logs: dict | None) -> None:
+        """After each optimizer step; ``logs`` is set on logging steps (else None)."""
+
+    def on_epoch_end(self, trainer, logs: dict) -> None: ...
+
+    def on_train_end(self, trainer, logs: dict) -> None: ...
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch on rank 0 (quiet when stderr is not a terminal); epoch summary lines
+    are printed to stdout on rank 0 either way."""
+
+    name = "progress"
+
+    def __init__(self, print_epochs: bool = True, force_bar: bool | None = None):
+        self.print_epochs = print_epochs
+        self.force_bar = force_bar
+        self._bar = None
+
+    def _use_bar(self) -> bool:
+        if self.force_bar is not None:
+            return self.force_bar
+        return sys.stderr.isatty()
+
+    def on_epoch_begin(self, trainer, epoch: int) -> None:
+        if not trainer.is_main or not self._use_bar():
+            return
+        try:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+        except ImportError:
+            return
+        self._bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
+                         desc=f"epoch {epoch + 1}/{trainer.epochs}", leave=False,
+                         dynamic_ncols=True)
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if logs:
+                self._bar.set_postfix(loss=f"{logs['loss']:.4f}",
+                                      acc=f"{logs['accuracy']:.3f}")
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if trainer.is_main and self.print_epochs:
+            parts = [f"epoch {logs['epoch'] + 1}/{trainer.epochs}", f"step {logs['step']}",
+                     f"loss {logs['loss']:.4f}", f"acc {100 * logs['accuracy']:.2f}%"]
+            if logs.get("val_loss") is not None:
+                parts += [f"val_loss {logs['val_loss']:.4f}",
+                          f"val_acc {100 * logs['val_accuracy']:.2f}%"]
+            parts += [f"lr {logs['lr']:.4g}", f"{logs['samples_per_s']:.0f} samples/s"]
+            print("  ".join(parts), flush=True)
+
+    def on_train_end(self, trainer, logs) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class MetricsLogger(Callback):
+    """Appends step and epoch metrics to ``metrics.jsonl`` and ``metrics.csv`` (rank 0).
+
+    On resume, rows after the resumed step are dropped first, so the files read like one
+    uninterrupted run.
+    """
+
+    name = "metrics"
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.jsonl = self.directory / "metrics.jsonl"
+        self.csv = self.directory / "metrics.csv"
+
+    def on_train_begin(self, trainer) -> None:
+        if not trainer.is_main:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if trainer.resumed_from is not None and self.jsonl.exists():
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by the crash
+                if row.get("step", 0) <= trainer.step:
+                    rows.append(row)
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with open(self.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _write(self, row: dict) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore").writerow(row)
+
+    def on_step_end(self, trainer, logs) -> None:
+        if logs and trainer.is_main:
+            self._write({"kind": "train", **logs})
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        if trainer.is_main:
+            self._write({"kind": "epoch", **logs})
+
+
+class Checkpointer(Callback):
+    """Saves the full training state every ``every_steps`` steps (0: at each epoch end) and at
+    the end of training, keeping the last ``keep`` files in ``directory``.
+
+    Saving is collective (per-rank RNG states are gathered; a sharded optimizer consolidates its
+    state); rank 0 writes the file.
+    """
+
+    name = "checkpointer"
+
+    def __init__(self, directory, every_steps: int = 0, keep: int = 3):
+        self.manager = CheckpointManager(directory, keep=keep)
+        self.every_steps = int(every_steps)
+        self._last_saved: tuple[int, int, int] | None = None
+        self.saved: list[Path] = []
+
+    @staticmethod
+    def _position(trainer) -> tuple[int, int, int]:
+        return (trainer.epoch, trainer.step, trainer.batch_in_epoch)
+
+    def _save(self, trainer) -> None:
+        if self._position(trainer) == self._last_saved:
+            return
+        state = trainer.checkpoint_state()
+        if trainer.is_main:
+            self.saved.append(self.manager.save(state, trainer.step))
+        trainer.barrier()
+        self._last_saved = self._position(trainer)
+
+    def on_train_begin(self, trainer) -> None:
+        self._last_saved = self._position(trainer) if trainer.resumed_from is not None else None
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self.every_steps and trainer.step % self.every_steps == 0:
+            self._save(trainer)
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        if not self.every_steps:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, logs) -> None:
+        self._save(trainer)
+
+
+class LRSchedule(Callback):
+    """Steps a learning-rate scheduler after every optimizer step (``interval='step'``), after
+    every epoch (``'epoch'``), or with the validation loss (``ReduceLROnPlateau``)."""
+
+    name = "lr_schedule"
+
+    def __init__(self, scheduler, interval: str = "step"):
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        self.scheduler = scheduler
+        self.plateau = type(scheduler).__name__ == "ReduceLROnPlateau"
+        self.interval = "epoch" if self.plateau else interval
+
+    def on_step_end(self, trainer, logs) -> None:
+        if self.interval == "step":
+            self.scheduler.step()
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        if self.plateau:
+            metric = logs.get("val_loss")
+            self.scheduler.step(logs["loss"] if metric is None else metric)
+        elif self.interval == "epoch":
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+class EarlyStoppingCallback(Callback):
+    """Stops training when an epoch metric stops improving, using
+    :class:`distprop.train.EarlyStopping` for the decision.
+
+    Every rank sees the same reduced metric, so every rank stops after the same epoch.
+
+    Args:
+        patience: epochs without improvement tolerated.
+        min_delta: smallest change that counts as an improvement.
+        monitor: the epoch-log key to watch (``val_loss``; falls back to ``loss`` without
+            validation data).
+        mode: ``'min'`` or ``'max'``.
+    """
+
+    name = "early_stopping"
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.0, monitor: str = "val_loss",
+                 mode: str = "min"):
+        from distprop.train.early_stopping import EarlyStopping  # noqa: PLC0415
+
+        self.stopper = EarlyStopping(patience=patience, min_delta=min_delta, mode=mode)
+        self.monitor = monitor
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, trainer, logs) -> None:
+        value = logs.get(self.monitor)
+        if value is None:
+            value = logs.get(self.monitor.replace("val_", ""))
+        if value is None:
+            return
+        if self.stopper.step(value):
+            self.stopped_epoch = logs["epoch"]
+            trainer.stop_training = True
+            if trainer.is_main:
+                print(f"early stopping after epoch {logs['epoch'] + 1}: {self.monitor} has not "
+                      f"improved for {self.stopper.num_bad_steps} epoch(s) (best "
+                      f"{self.stopper.best:.4g})", flush=True)
+
+    def state_dict(self) -> dict:
+        return self.stopper.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopper.load_state_dict(state)
+
+
+class GradNormMonitor(Callback):
+    """Warns (rank 0) when the global gradient norm vanishes, explodes or is not finite.
+
+    Args:
+        low: norms below this are reported as vanishing.
+        high: norms above this are reported as exploding.
+        max_warnings: stop warning after this many messages.
+    """
+
+    name = "grad_norm_monitor"
+
+    def __init__(self, low: float = 1e-7, high: float = 1e3, max_warnings: int = 5):
+        self.low, self.high, self.max_warnings = low, high, max_warnings
+        self.warned = 0
+
+    def _warn(self, trainer, message: str) -> None:
+        if trainer.is_main and self.warned < self.max_warnings:
+            self.warned += 1
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def on_step_end(self, trainer, logs) -> None:
+        if not logs or logs.get("grad_norm") is None:
+            return
+        from distprop.nn.utils import classify_grad_norms  # noqa: PLC0415
+
+        norm, step = logs["grad_norm"], logs["step"]
+        report = classify_grad_norms(trainer.last_grad_norms, self.low, self.high) \
+            if trainer.last_grad_norms else {"vanishing": [], "exploding": [], "nonfinite": []}
+        if report["nonfinite"] or not math.isfinite(norm):
+            self._warn(trainer, f"step {step}: non-finite gradient norm ({norm}) in "
+                       f"{_names(report['nonfinite'])}; lower --lr or use --clip-grad-norm")
+        elif norm > self.high or report["exploding"]:
+            self._warn(trainer, f"step {step}: exploding gradients, global norm {norm:.3g} "
+                       f"(limit {self.high:g}) in {_names(report['exploding'])}; lower --lr or "
+                       "use --clip-grad-norm")
+        elif norm < self.low or report["vanishing"]:
+            self._warn(trainer, f"step {step}: vanishing gradients, global norm {norm:.3g} "
+                       f"(limit {self.low:g}) in {_names(report['vanishing'])}")
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    if not names:
+        return "the model as a whole"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,180 @@
+"""The training configuration: one dataclass filled from defaults, a TOML file, env and flags.
+
+Precedence, lowest first: the dataclass defaults, ``--config FILE.toml``, ``DISTPROP_TRAIN_*``
+environment variables, command-line flags. The resolved configuration is written to
+``<out>/config.json`` and is what every rank trains from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODELS = ("mlp", "cnn", "lstm", "transformer", "wide")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "nadam")
+LR_SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "linear", "plateau")
+COMPRESSIONS = ("none", "fp16", "bf16")
+DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained; ``param`` names the option at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``distprop train`` needs; field names match the long options.
+
+    Batch sizes: ``batch_size`` is per rank and per micro-batch; the global batch of one
+    optimizer step is ``batch_size * world_size * grad_accum``. Giving ``global_batch_size``
+    instead derives ``batch_size`` (it must divide by ``world_size * grad_accum``).
+    """
+
+    model: str = "mlp"
+    dataset: str = "digits"
+    epochs: int = 5
+    batch_size: int | None = None
+    global_batch_size: int | None = None
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    clip_grad_norm: float | None = None
+    grad_accum: int = 1
+    compression: str = "none"
+    zero: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "runs/distprop"
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    resume: str | None = None
+    scale_lr: bool = False
+    early_stopping: int = 0
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    log_every: int = 10
+    prefetch: int = 1
+    nprocs: int = 1
+    world_size: int = 1
+    launch: dict = field(default_factory=dict)
+
+    # --- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "configuration") -> TrainConfig:
+        """Build from a mapping, refusing unknown keys (dashes or underscores accepted)."""
+        known = cls.field_names()
+        clean = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{source}: unknown option {key!r}; known options: "
+                                  + ", ".join(sorted(k.replace('_', '-') for k in known)))
+            clean[name] = value
+        return cls(**clean)
+
+    def updated(self, **values) -> TrainConfig:
+        """A copy with the non-None values applied."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_json(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load_json(cls, path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    # --- checks ---------------------------------------------------------------------------------
+
+    def validate(self, world_size: int) -> TrainConfig:
+        """Check names, ranges and batch arithmetic for ``world_size`` ranks.
+
+        Returns a copy with ``batch_size``, ``global_batch_size`` and ``world_size`` resolved.
+
+        Raises:
+            ConfigError: naming the option and the valid choices or the arithmetic that fails.
+        """
+        for name, value, choices in (("model", self.model, MODELS),
+                                     ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("lr-schedule", self.lr_schedule, LR_SCHEDULES),
+                                     ("compression", self.compression, COMPRESSIONS)):
+            if value not in choices:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of "
+                                  f"{', '.join(choices)}", name)
+        if self.device.split(":")[0] not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose cpu, cuda or cuda:N",
+                              "device")
+        for name in ("epochs", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                  f"{getattr(self, name)}", name.replace("_", "-"))
+        for name in ("checkpoint_every", "keep_checkpoints", "early_stopping", "prefetch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got "
+                                  f"{getattr(self, name)}", name.replace("_", "-"))
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}", "lr")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(f"--clip-grad-norm must be positive, got {self.clip_grad_norm}",
+                              "clip-grad-norm")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got "
+                              f"{self.warmup_epochs}", "warmup-epochs")
+        per_step = world_size * self.grad_accum
+        if self.batch_size is not None and self.global_batch_size is not None:
+            raise ConfigError("give --batch-size (per rank) or --global-batch-size, not both",
+                              "global-batch-size")
+        if self.global_batch_size is not None:
+            gbs = self.global_batch_size
+            if gbs < world_size:
+                raise ConfigError(f"--global-batch-size {gbs} is smaller than the number of "
+                                  f"ranks ({world_size}): every rank needs at least one sample",
+                                  "global-batch-size")
+            if gbs % per_step:
+                raise ConfigError(f"--global-batch-size {gbs} is not divisible by ranks x "
+                                  f"gradient accumulation = {world_size} x {self.grad_accum} = "
+                                  f"{per_step}", "global-batch-size")
+            batch = gbs // per_step
+        else:
+            batch = self.batch_size if self.batch_size is not None else 32
+            if batch < 1:
+                raise ConfigError(f"--batch-size must be at least 1, got {batch}", "batch-size")
+        return dataclasses.replace(self, batch_size=batch, global_batch_size=batch * per_step,
+                                   world_size=world_size)
+
+
+def read_toml(path) -> dict:
+    """The options in a TOML file: top-level keys, or a ``[train]`` table."""
+    try:
+        import tomllib  # noqa: PLC0415
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # noqa: PLC0415
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist", "config")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", "config") from exc
+    if "train" in data and isinstance(data["train"], dict):
+        data = data["train"]
+    return data

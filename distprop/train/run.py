@@ -1,0 +1,328 @@
+"""``distprop train`` as library code: check a :class:`TrainConfig`, then train from it.
+
+:func:`check` runs in the parent process before anything is launched (dataset readable and
+valid, model fits the data, optimizer and device available, resume path usable) and turns every
+problem into a :class:`ConfigError`. :func:`main_worker` runs on every rank: it builds the data,
+the model, the optimizer and the schedule, calls :func:`~distprop.train.trainer.fit` with the
+standard callbacks, and writes ``summary.json`` and ``curves.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distprop import backend
+from distprop.data import sources
+from distprop.train import callbacks as cbs
+from distprop.train import checkpoint as ckpt
+from distprop.train.config import ConfigError, TrainConfig
+
+OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad",
+                     "rmsprop": "RMSprop", "adadelta": "Adadelta", "nadam": "NAdam"}
+DEFAULT_LR = {"sgd": 0.1, "adadelta": 1.0, "adagrad": 0.01}
+_SPLITS_CACHE: dict = {}
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+
+def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
+    """The dataset of ``cfg`` (cached per process, so ``check`` and training load it once)."""
+    key = (cfg.dataset, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    if key in _SPLITS_CACHE:
+        return _SPLITS_CACHE[key]
+    kwargs = {}
+    if cfg.val_fraction is not None:
+        kwargs["val_fraction"] = cfg.val_fraction
+    if cfg.test_fraction is not None and cfg.dataset != "mnist1d":
+        kwargs["test_fraction"] = cfg.test_fraction
+    is_named = cfg.dataset in sources.DATASETS
+    splits = sources.load(cfg.dataset, seed=cfg.seed,
+                          **({} if is_named else {"validate": validate}), **kwargs)
+    _SPLITS_CACHE[key] = splits
+    return splits
+
+
+def build_model(cfg: TrainConfig, splits: sources.DataSplits):
+    """The zoo model ``cfg.model`` sized for the dataset (see :mod:`distprop.train.adapt`)."""
+    from distprop.train.adapt import model_for  # noqa: PLC0415
+
+    return model_for(cfg.model, splits.input_shape, splits.num_classes)
+
+
+def base_lr(cfg: TrainConfig) -> float:
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 1e-3)
+    if cfg.scale_lr:
+        lr *= cfg.world_size  # linear scaling rule: k x the batch, k x the learning rate
+    return lr
+
+
+def warmup_epochs(cfg: TrainConfig) -> float:
+    if cfg.scale_lr and cfg.warmup_epochs == 0 and cfg.world_size > 1:
+        return min(1.0, cfg.epochs / 2)  # Goyal et al.: ramp up to the scaled rate gradually
+    return cfg.warmup_epochs
+
+
+def build_optimizer(cfg: TrainConfig, params):
+    """The optimizer ``cfg.optimizer`` (sharded over ranks with ``cfg.zero``)."""
+    from distprop import optim  # noqa: PLC0415
+
+    cls = getattr(optim, OPTIMIZER_CLASSES[cfg.optimizer])
+    kwargs = {"lr": base_lr(cfg), "weight_decay": cfg.weight_decay}
+    if cfg.optimizer in ("sgd", "rmsprop"):
+        kwargs["momentum"] = cfg.momentum
+    if cfg.zero:
+        from distprop.distributed import ZeroRedundancyOptimizer  # noqa: PLC0415
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+    return cls(params, **kwargs)
+
+
+def build_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """The LR schedule, stepped per optimizer step (``plateau``: per epoch on val loss).
+
+    ``step``: x0.1 every third of the run; ``multistep``: x0.1 at 50 % and 75 %;
+    ``exponential``: x0.01 over the run; ``cosine``: to 0; ``linear``: to 1 % of the rate;
+    ``plateau``: x0.1 after 2 epochs without val-loss improvement. ``--warmup-epochs`` ramps
+    linearly from 1 % of the rate first.
+    """
+    from distprop.optim import lr_scheduler as lrs  # noqa: PLC0415
+
+    total = cfg.epochs * steps_per_epoch
+    warm = int(round(warmup_epochs(cfg) * steps_per_epoch))
+    rest = max(1, total - warm)
+    name = cfg.lr_schedule
+    if name == "plateau":
+        if warm:
+            raise ConfigError("--lr-schedule plateau cannot be combined with warm-up "
+                              "(--warmup-epochs / --scale-lr)", "lr-schedule")
+        return lrs.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
+    main = None
+    if name == "step":
+        main = lrs.StepLR(optimizer, step_size=max(1, math.ceil(rest / 3)), gamma=0.1)
+    elif name == "multistep":
+        main = lrs.MultiStepLR(optimizer, milestones=[max(1, rest // 2), max(2, rest * 3 // 4)],
+                               gamma=0.1)
+    elif name == "exponential":
+        main = lrs.ExponentialLR(optimizer, gamma=0.01 ** (1.0 / rest))
+    elif name == "cosine":
+        main = lrs.CosineAnnealingLR(optimizer, T_max=rest)
+    elif name == "linear":
+        main = lrs.LinearLR(optimizer, start_factor=1.0, end_factor=0.01, total_iters=rest)
+    if not warm:
+        return main
+    warmup = lrs.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warm)
+    if main is None:
+        return warmup
+    return lrs.SequentialLR(optimizer, [warmup, main], milestones=[warm])
+
+
+def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
+    per_rank = math.ceil(n_train / cfg.world_size)
+    return math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.grad_accum)
+
+
+def checkpoint_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.out) / "checkpoints"
+
+
+# --- checks before launching --------------------------------------------------------------------
+
+
+def check(cfg: TrainConfig) -> TrainConfig:
+    """Everything that can fail before training, as :class:`ConfigError` (the CLI's exit 2)."""
+    try:
+        splits = load_data(cfg)
+    except sources.DataError as exc:
+        raise ConfigError(str(exc), "dataset") from None
+    if len(splits.train) < cfg.world_size:
+        raise ConfigError(f"the training split has {len(splits.train)} samples, fewer than the "
+                          f"{cfg.world_size} ranks", "dataset")
+    try:
+        backend.device(cfg.device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(str(exc), "device") from None
+    try:
+        from distprop import optim  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(f"optimizers are not available: {exc}", "optimizer") from None
+    if not hasattr(optim, OPTIMIZER_CLASSES[cfg.optimizer]):
+        have = [k for k, v in OPTIMIZER_CLASSES.items() if hasattr(optim, v)]
+        raise ConfigError(f"optimizer {cfg.optimizer!r} is not available in this build; "
+                          f"choose one of {', '.join(have)}", "optimizer")
+    if cfg.zero:
+        from distprop import distributed  # noqa: PLC0415
+
+        if not hasattr(distributed, "ZeroRedundancyOptimizer"):
+            raise ConfigError("--zero needs ZeroRedundancyOptimizer, which this build of "
+                              "distprop does not have yet", "zero")
+    try:
+        model = build_model(cfg, splits)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(str(exc), "model") from None
+    from distprop.data import gather  # noqa: PLC0415
+    from distprop.tensor import Tensor, no_grad  # noqa: PLC0415
+
+    x, _ = gather(splits.train, np.arange(min(2, len(splits.train))))
+    try:
+        with no_grad():
+            model.eval()
+            out = model(Tensor(x))
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (samples "
+                          f"of shape {splits.input_shape}): {exc}", "model") from None
+    if out.ndim != 2 or out.shape[1] != splits.num_classes:
+        raise ConfigError(f"model {cfg.model!r} gives outputs of shape {out.shape}, expected "
+                          f"(batch, {splits.num_classes})", "model")
+    try:
+        build_schedule(cfg, build_optimizer(cfg.updated(zero=False), model.parameters()),
+                       steps_per_epoch(cfg, len(splits.train)))
+    except ValueError as exc:
+        raise ConfigError(str(exc), "lr-schedule") from None
+    if cfg.resume not in (None, "auto"):
+        try:
+            state = ckpt.load(cfg.resume)
+        except ckpt.CheckpointError as exc:
+            raise ConfigError(str(exc), "resume") from None
+        if not isinstance(state, dict) or state.get("kind") != "distprop-trainer":
+            raise ConfigError(f"{cfg.resume} is a checkpoint but not of a training run",
+                              "resume")
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        theirs = {k: tuple(np.shape(v)) for k, v in state["model"].items()}
+        if own != theirs:
+            raise ConfigError(f"{cfg.resume} holds a different model than --model "
+                              f"{cfg.model} for dataset {cfg.dataset}", "resume")
+    return cfg
+
+
+# --- training on every rank ---------------------------------------------------------------------
+
+
+def _resume_source(cfg: TrainConfig, comm) -> str | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "auto":
+        return cfg.resume
+    found = None
+    if comm.rank == 0:
+        found = ckpt.latest_valid(checkpoint_dir(cfg), log=lambda m: print(m, flush=True))
+        if found is None:
+            print(f"--resume auto: no usable checkpoint in {checkpoint_dir(cfg)}; starting "
+                  "from scratch", flush=True)
+        else:
+            print(f"--resume auto: continuing from {found}", flush=True)
+    found = comm.broadcast_obj(str(found) if found else None, 0)
+    return found
+
+
+def _plot(history: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return None
+    epochs = [r["epoch"] + 1 for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o", label="train")
+    ax_acc.plot(epochs, [r["accuracy"] for r in history], marker="o", label="train")
+    if any(r.get("val_loss") is not None for r in history):
+        ax_loss.plot(epochs, [r.get("val_loss") for r in history], marker="o", label="val")
+        ax_acc.plot(epochs, [r.get("val_accuracy") for r in history], marker="o", label="val")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def train(cfg: TrainConfig, comm=None) -> dict:
+    """Train from ``cfg`` on the ranks of ``comm``; returns the summary (on every rank)."""
+    from distprop import distributed, nn  # noqa: PLC0415
+    from distprop.backend import manual_seed  # noqa: PLC0415
+    from distprop.train.trainer import Trainer  # noqa: PLC0415
+
+    comm = comm or distributed.init()
+    if comm.size != cfg.world_size:
+        cfg = cfg.updated(world_size=comm.size, nprocs=comm.size)
+        if cfg.global_batch_size is not None:
+            cfg = cfg.updated(global_batch_size=cfg.batch_size * comm.size * cfg.grad_accum)
+    started = time.time()
+    splits = load_data(cfg, validate=False)
+    manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(cfg, splits)
+    if backend.device(cfg.device).is_cuda:
+        model.to(cfg.device)
+    optimizer = build_optimizer(cfg, model.parameters())
+    spe = steps_per_epoch(cfg, len(splits.train))
+    schedule = build_schedule(cfg, optimizer, spe)
+    out = Path(cfg.out)
+    callbacks = []
+    if schedule is not None:
+        callbacks.append(cbs.LRSchedule(schedule, interval="step"))
+    callbacks.append(cbs.GradNormMonitor())
+    if cfg.early_stopping:
+        callbacks.append(cbs.EarlyStoppingCallback(patience=cfg.early_stopping))
+    callbacks.append(cbs.MetricsLogger(out))
+    checkpointer = cbs.Checkpointer(checkpoint_dir(cfg), every_steps=cfg.checkpoint_every,
+                                    keep=cfg.keep_checkpoints)
+    callbacks += [checkpointer, cbs.ProgressBar()]
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"distprop train: {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
+              f"{splits.sizes()}, {comm.size} rank(s), batch {cfg.batch_size}/rank x "
+              f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
+              f"{cfg.optimizer} lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
+    trainer = Trainer(model, nn.CrossEntropyLoss(), optimizer, comm=comm, device=cfg.device,
+                      clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
+                      compression=None if cfg.compression == "none" else cfg.compression,
+                      callbacks=callbacks, seed=cfg.seed, log_every=cfg.log_every,
+                      prefetch=cfg.prefetch)
+    resume = _resume_source(cfg, comm)
+    history = trainer.fit(splits.train, splits.val, epochs=cfg.epochs,
+                          batch_size=cfg.batch_size, resume=resume)
+    test = trainer.evaluate(splits.test) if splits.test is not None else None
+    summary = {
+        "config": cfg.to_dict(), "world_size": comm.size, "dataset": splits.sizes(),
+        "num_classes": splits.num_classes, "input_shape": list(splits.input_shape),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "epochs_run": len(history.epochs), "steps": trainer.step,
+        "final": history.final, "test": test, "resumed_from": history.resumed_from,
+        "checkpoints": [str(p) for p in ckpt.list_checkpoints(checkpoint_dir(cfg))],
+        "wall_time_s": time.time() - started,
+    }
+    if comm.rank == 0:
+        plot = _plot(history.epochs, out / "curves.png") if history.epochs else None
+        summary["plot"] = str(plot) if plot else None
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if test is not None:
+            print(f"test: loss {test['loss']:.4f}  accuracy {100 * test['accuracy']:.2f}% "
+                  f"({test['samples']} samples); wrote {out / 'summary.json'}", flush=True)
+    return summary
+
+
+def main_worker(cfg: TrainConfig) -> int:
+    """Entry point of one rank; exceptions end the whole job (MPI abort), printed once."""
+    from distprop import distributed  # noqa: PLC0415
+
+    comm = distributed.init()
+    if comm.size > 1:
+        from distprop.distributed import guards  # noqa: PLC0415
+
+        with guards.abort_on_exception(comm):
+            train(cfg, comm)
+    else:
+        train(cfg, comm)
+    return 0

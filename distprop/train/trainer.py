@@ -1,0 +1,419 @@
+"""The training loop: ``fit(model, loss_fn, optimizer, train_data, ...)`` and :class:`Trainer`.
+
+One optimizer step, on every rank: ``grad_accum`` micro-batches from this rank's
+:class:`~distprop.data.DistributedSampler` shard go forward and backward through
+:class:`~distprop.distributed.DistributedDataParallel` (all but the last inside ``no_sync()``,
+so gradients are averaged across ranks once per step), the global gradient norm is clipped, the
+optimizer steps, and the callbacks run (LR schedule, metrics, checkpoints, ...). Loss sums,
+correct counts and sample counts stay on the device and are reduced across ranks once per log
+interval and at epoch ends, not every step (one float64 vector, kept by the trainer so that it
+can go into checkpoints; evaluation uses :class:`~distprop.distributed.MetricsReducer`).
+
+The trainer's position (epoch, optimizer step, micro-batches consumed in the epoch), every rank's
+RNG state and running metric sums go into checkpoints with the model, optimizer and callback
+states, so a run resumed on the same ranks continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distprop import backend
+from distprop.data import DataLoader
+from distprop.distributed.metrics import MetricsReducer
+from distprop.tensor import Tensor, no_grad
+from distprop.train import checkpoint as ckpt
+
+
+def _default_comm():
+    from distprop import distributed  # noqa: PLC0415
+
+    return distributed.init()
+
+
+def _sampler(dataset, comm, seed: int, shuffle: bool):
+    from distprop.data.sampler import DistributedSampler  # noqa: PLC0415
+
+    return DistributedSampler(dataset, num_replicas=comm.size, rank=comm.rank, shuffle=shuffle,
+                              seed=seed)
+
+
+def _ddp(model, comm, compression, kwargs):
+    from distprop.distributed import DistributedDataParallel  # noqa: PLC0415
+
+    extra = dict(kwargs or {})
+    if compression not in (None, "none"):
+        extra["compression"] = compression
+    return DistributedDataParallel(model, comm=comm, **extra)
+
+
+def _optimizer_state(optimizer) -> dict:
+    """The full optimizer state on rank 0 (ZeRO shards consolidated when the optimizer has them).
+
+    Collective when the optimizer is sharded: every rank must call it.
+    """
+    if hasattr(optimizer, "consolidate_state_dict"):
+        optimizer.consolidate_state_dict(to=0)
+    return optimizer.state_dict()
+
+
+@dataclass
+class History:
+    """What ``fit`` returns: one record per epoch, the final metrics, and where files went."""
+
+    epochs: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    resumed_from: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs epochs of data-parallel training; see :func:`fit` for the arguments."""
+
+    def __init__(self, model, loss_fn, optimizer, *, comm=None, device="cpu",
+                 clip_grad_norm: float | None = None, grad_accum: int = 1,
+                 compression: str | None = None, callbacks=(), seed: int = 0,
+                 log_every: int = 10, prefetch: int = 1, ddp_kwargs: dict | None = None):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {log_every}")
+        self.comm = comm if comm is not None else _default_comm()
+        self.device = backend.device(device)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.clip_grad_norm = clip_grad_norm
+        self.grad_accum = int(grad_accum)
+        self.callbacks = list(callbacks)
+        self.seed = int(seed)
+        self.log_every = int(log_every)
+        self.prefetch = int(prefetch)
+        self.ddp = _ddp(model, self.comm, compression, ddp_kwargs)
+        # position
+        self.epoch = 0
+        self.epochs = 0
+        self.step = 0
+        self.batch_in_epoch = 0
+        self.steps_per_epoch = 0
+        self.stop_training = False
+        self.resumed_from: str | None = None
+        self._sums = None  # this rank's running sums: epoch [loss, correct, n], interval [...]
+        self._last_norm: float | None = None
+        self.last_grad_norms: dict[str, float] = {}
+
+    # --- facts --------------------------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm.rank == 0
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self.batch_in_epoch // self.grad_accum
+
+    def barrier(self) -> None:
+        self.comm.barrier()
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _xp(self):
+        return backend.xp_for(self.device)
+
+    def _reset_sums(self, epoch: bool = True, interval: bool = True) -> None:
+        xp = self._xp()
+        if self._sums is None:
+            self._sums = xp.zeros(6, dtype=np.float64)
+        if epoch:
+            self._sums[:3] = 0
+        if interval:
+            self._sums[3:] = 0
+
+    def _reduce(self, values) -> np.ndarray:
+        host = np.asarray(backend.to_host(values), dtype=np.float64).copy()
+        return self.comm.allreduce(host, op="sum")
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def _to_device(self, batch):
+        if isinstance(batch, tuple | list) and len(batch) == 2:
+            x, y = batch
+        else:
+            raise ValueError("training batches must be (inputs, targets) pairs; the dataset gave "
+                             f"{type(batch).__name__} of length {len(batch)}")
+        if self.device.is_cuda:
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y
+
+    def _accumulate_metrics(self, out: Tensor, y: Tensor, loss: Tensor) -> None:
+        xp = self._xp()
+        n = float(y.shape[0]) if y.ndim else 1.0
+        correct = 0.0
+        if out.ndim == 2 and y.ndim == 1 and y.dtype.kind in "iu":
+            correct = (out.data.argmax(axis=1) == y.data).sum()
+        row = xp.stack([xp.asarray(loss.data, dtype=np.float64) * n,
+                        xp.asarray(correct, dtype=np.float64), xp.asarray(n, dtype=np.float64)])
+        self._sums[:3] += row
+        self._sums[3:] += row
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the (already averaged) gradients, identical on all ranks; the
+        per-parameter norms are kept in ``last_grad_norms`` for diagnostics."""
+        from distprop.nn.utils import grad_norms  # noqa: PLC0415
+
+        self.last_grad_norms = grad_norms(self.model)
+        return float(math.sqrt(sum(v * v for v in self.last_grad_norms.values())))
+
+    def _optimizer_step(self, log_now: bool) -> float | None:
+        """Clip, step and zero the gradients; the global grad norm on logging steps."""
+        norm = self._grad_norm() if log_now else None
+        if self.clip_grad_norm is not None:
+            from distprop.nn.utils import clip_grad_norm_  # noqa: PLC0415
+
+            clipped_from = float(clip_grad_norm_(self.model.parameters(), self.clip_grad_norm))
+            norm = clipped_from if norm is None else norm
+        if getattr(self.ddp, "step_ok", True):
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        if norm is not None:
+            self._last_norm = norm
+        return norm
+
+    # --- loops --------------------------------------------------------------------------------
+
+    def _train_loader(self, dataset, batch_size: int):
+        sampler = _sampler(dataset, self.comm, self.seed, shuffle=True)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          prefetch=self.prefetch)
+
+    def evaluate(self, dataset, batch_size: int = 256) -> dict:
+        """Mean loss and accuracy over ``dataset``; each rank evaluates every size-th sample
+        (no padding, so the reduced numbers are exact)."""
+        from distprop.data.sampler import DistributedSampler  # noqa: PLC0415
+
+        sampler = DistributedSampler(dataset, num_replicas=self.comm.size, rank=self.comm.rank,
+                                     shuffle=False, pad=False)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+        reducer = MetricsReducer(["loss", "accuracy"], comm=self.comm)
+        was_training = self.model.training
+        self.model.eval()
+        with no_grad():
+            for batch in loader:
+                x, y = self._to_device(batch)
+                out = self.model(x)
+                n = float(y.shape[0])
+                reducer.add("loss", self.loss_fn(out, y).data * n, n)
+                if out.ndim == 2 and y.ndim == 1:
+                    reducer.add("accuracy", (out.data.argmax(axis=1) == y.data).sum(), n)
+                else:
+                    reducer.add("accuracy", 0.0, n)
+        self.model.train(was_training)
+        means = reducer.reduce()
+        return {"loss": means["loss"], "accuracy": means["accuracy"],
+                "samples": int(reducer.totals["loss"][1])}
+
+    def _log_row(self, epoch_part: bool, norm, elapsed: float) -> dict:
+        lo, hi = (0, 3) if epoch_part else (3, 6)
+        total = self._reduce(self._sums[lo:hi])
+        count = max(total[2], 1.0)
+        return {"epoch": self.epoch, "step": self.step, "loss": float(total[0] / count),
+                "accuracy": float(total[1] / count), "lr": self.lr(),
+                "samples_per_s": float(total[2] / elapsed) if elapsed > 0 else 0.0,
+                "grad_norm": norm, "time": time.time()}
+
+    def fit(self, train_data, val_data=None, epochs: int = 1, batch_size: int = 32,
+            resume=None) -> History:
+        """Train for ``epochs`` epochs (continuing from ``resume``, a checkpoint path or state)."""
+        self.epochs = int(epochs)
+        loader = self._train_loader(train_data, batch_size)
+        self.steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training data gives no batches on rank {self.comm.rank} "
+                             f"({len(train_data)} samples over {self.comm.size} ranks)")
+        self._reset_sums()
+        history = History()
+        if resume is not None:
+            self.load_checkpoint(resume)
+            history.resumed_from = self.resumed_from
+            history.epochs = list(self._history_records)
+        else:
+            self._history_records = []
+        self.model.train()
+        self.optimizer.zero_grad()
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        interval_start = time.perf_counter()
+        epoch_start = interval_start
+        while self.epoch < self.epochs and not self.stop_training:
+            loader.set_epoch(self.epoch)
+            if self.batch_in_epoch:
+                loader.skip_batches(self.batch_in_epoch)
+            else:
+                self._reset_sums(epoch=True, interval=False)
+                epoch_start = time.perf_counter()
+            for cb in self.callbacks:
+                cb.on_epoch_begin(self, self.epoch)
+            n_batches = len(loader)
+            for batch in loader:
+                x, y = self._to_device(batch)
+                group_start = (self.batch_in_epoch // self.grad_accum) * self.grad_accum
+                group_size = min(self.grad_accum, n_batches - group_start)
+                last_micro = self.batch_in_epoch + 1 == group_start + group_size
+                sync = contextlib.nullcontext() if last_micro else self.ddp.no_sync()
+                with sync:
+                    out = self.ddp(x)
+                    loss = self.loss_fn(out, y)
+                    scaled = loss if group_size == 1 else loss * (1.0 / group_size)
+                    scaled.backward()
+                self._accumulate_metrics(out, y, loss)
+                self.batch_in_epoch += 1
+                if not last_micro:
+                    continue
+                log_now = (self.step + 1) % self.log_every == 0
+                norm = self._optimizer_step(log_now)
+                self.step += 1
+                logs = None
+                if log_now:
+                    now = time.perf_counter()
+                    logs = self._log_row(False, norm, now - interval_start)
+                    self._reset_sums(epoch=False, interval=True)
+                    interval_start = now
+                for cb in self.callbacks:
+                    cb.on_step_end(self, logs)
+            logs = self._log_row(True, self._last_norm, time.perf_counter() - epoch_start)
+            if val_data is not None:
+                val = self.evaluate(val_data, batch_size=max(batch_size, 256))
+                logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._reset_sums(epoch=True, interval=False)
+            self._history_records.append(logs)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, logs)
+        final = dict(self._history_records[-1]) if self._history_records else {}
+        for cb in self.callbacks:
+            cb.on_train_end(self, final)
+        history.epochs = list(self._history_records)
+        history.final = final
+        for cb in self.callbacks:
+            if hasattr(cb, "saved"):
+                history.checkpoints = [str(p) for p in cb.saved]
+        return history
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue exactly; collective (call on every rank).
+
+        Rank 0's return value is the one to write; other ranks get a partial dict.
+        """
+        per_rank = {"rng": backend.get_rng_state(), "numpy_global_rng": np.random.get_state(),
+                    "sums": backend.to_host(self._sums).tolist()}
+        gathered = self.comm.allgather_obj(per_rank)
+        optimizer_state = _optimizer_state(self.optimizer)
+        return {
+            "kind": "distprop-trainer",
+            "model": {k: backend.to_host(v.data).copy()
+                      for k, v in self.model.state_dict().items()},
+            "optimizer": optimizer_state,
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks
+                          if cb.name and cb.state_dict() is not None},
+            "position": {"epoch": self.epoch, "step": self.step,
+                         "batch_in_epoch": self.batch_in_epoch, "sampler_epoch": self.epoch,
+                         "grad_accum": self.grad_accum, "world_size": self.comm.size,
+                         "seed": self.seed},
+            "ranks": gathered,
+            "history": list(self._history_records),
+        }
+
+    def load_checkpoint(self, source) -> None:
+        """Restore model, optimizer, callbacks, position, RNG and metric sums.
+
+        ``source`` is a path or an already loaded state. Different world sizes are allowed
+        (parameters and optimizer state do not depend on it) and are reported on rank 0; the
+        interrupted epoch then continues at the same fraction of its samples.
+        """
+        path = None
+        if not isinstance(source, dict):
+            path = str(source)
+            state = ckpt.load(source)
+        else:
+            state = source
+        if state.get("kind") != "distprop-trainer":
+            raise ckpt.CheckpointError(f"{path or 'state'} is not a trainer checkpoint")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for cb in self.callbacks:
+            if cb.name in state.get("callbacks", {}):
+                cb.load_state_dict(state["callbacks"][cb.name])
+        pos = state["position"]
+        self.epoch, self.step = int(pos["epoch"]), int(pos["step"])
+        old_world, old_accum = int(pos["world_size"]), int(pos["grad_accum"])
+        ranks = state["ranks"]
+        self._reset_sums()
+        xp = self._xp()
+        if old_world == self.comm.size and old_accum == self.grad_accum:
+            self.batch_in_epoch = int(pos["batch_in_epoch"])
+            mine = ranks[self.comm.rank]
+            self._sums[...] = xp.asarray(mine["sums"], dtype=np.float64)
+        else:
+            steps_done = int(pos["batch_in_epoch"]) // old_accum
+            fraction = steps_done / max(1, self.steps_per_epoch * old_world // self.comm.size)
+            self.batch_in_epoch = min(int(fraction * self.steps_per_epoch),
+                                      self.steps_per_epoch - 1) * self.grad_accum
+            if self.comm.rank == 0:
+                self._sums[...] = xp.asarray(np.sum([r["sums"] for r in ranks], axis=0))
+            mine = ranks[self.comm.rank % old_world]
+            if self.is_main:
+                print(f"resuming on {self.comm.size} rank(s) (grad_accum {self.grad_accum}) from "
+                      f"a checkpoint written by {old_world} rank(s) (grad_accum {old_accum}): "
+                      "parameters and optimizer state carry over; the data order and RNG streams "
+                      "differ from an uninterrupted run", flush=True)
+        backend.set_rng_state(mine["rng"])
+        np.random.set_state(tuple(mine["numpy_global_rng"]))
+        self._history_records = list(state.get("history", []))
+        self.resumed_from = path or "state"
+
+
+def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
+        batch_size: int = 32, *, comm=None, device="cpu", clip_grad_norm: float | None = None,
+        grad_accum: int = 1, compression: str | None = None, callbacks=(), seed: int = 0,
+        log_every: int = 10, prefetch: int = 1, resume=None,
+        ddp_kwargs: dict | None = None) -> History:
+    """Train ``model`` data-parallel over the ranks of ``comm`` (default: ``dp.distributed``).
+
+    Args:
+        model: the module (identical on every rank: seed before building it).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar Tensor`` (mean over the batch).
+        optimizer: built over ``model.parameters()``.
+        train_data: an array-backed dataset of ``(x, y)`` samples; each rank reads its
+            :class:`~distprop.data.DistributedSampler` shard, reshuffled every epoch by ``seed``.
+        val_data: evaluated at each epoch end (``val_loss``/``val_accuracy`` in the logs).
+        epochs: total epochs (a resumed run counts the ones already done).
+        batch_size: samples per rank per micro-batch.
+        comm: the communicator; ``None`` initialises ``dp.distributed``.
+        device: where batches go (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+        clip_grad_norm: clip the global gradient norm (after the allreduce) to this.
+        grad_accum: micro-batches per optimizer step (gradients sync only on the last one).
+        compression: ``"fp16"``/``"bf16"`` gradient compression in DDP.
+        callbacks: :mod:`distprop.train.callbacks` instances, run in order.
+        seed: the sampler's shuffling seed.
+        log_every: optimizer steps between metric reductions and log rows.
+        prefetch: batches prepared ahead by a background thread.
+        resume: a checkpoint path (or loaded state) to continue from.
+        ddp_kwargs: extra ``DistributedDataParallel`` arguments.
+
+    Returns:
+        A :class:`History` with one record per epoch.
+    """
+    trainer = Trainer(model, loss_fn, optimizer, comm=comm, device=device,
+                      clip_grad_norm=clip_grad_norm, grad_accum=grad_accum,
+                      compression=compression, callbacks=callbacks, seed=seed,
+                      log_every=log_every, prefetch=prefetch, ddp_kwargs=ddp_kwargs)
+    return trainer.fit(train_data, val_data, epochs=epochs, batch_size=batch_size, resume=resume)
