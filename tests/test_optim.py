@@ -510,3 +510,40 @@ def test_load_state_dict_for_another_model_is_refused():
 def test_repr():
     text = repr(dp.optim.SGD(dp_params(), lr=0.1, momentum=0.9))
     assert text.startswith("SGD (") and "Parameter Group 0" in text and "momentum: 0.9" in text
+
+
+def test_mixed_dtypes_and_frozen_parameter_in_one_group_match_torch():
+    dtypes = [np.float32, np.float64, np.float64, np.float32]
+    ps = [Parameter(dp.tensor(a.astype(d))) for a, d in zip(INIT, dtypes)]
+    ps[1].requires_grad_(False)  # frozen: never gets a gradient
+    opt = dp.optim.Adam(ps, lr=0.01, weight_decay=0.1)
+    assert len(opt._layouts[0].segments) == 2  # one per dtype buffer
+    tps = [torch.tensor(a.astype(d), requires_grad=(i != 1))
+           for i, (a, d) in enumerate(zip(INIT, dtypes))]
+    topt = torch.optim.Adam(tps, lr=0.01, weight_decay=0.1, foreach=False)
+    x, y = rng.standard_normal((6, 5)), rng.standard_normal((6, 3))
+    for _ in range(10):
+        opt.zero_grad()
+        topt.zero_grad()
+        h = dp.tensor(x.astype(np.float32)) @ ps[0].T + ps[1].to(np.float32)
+        ((h.clamp(min=0).to(np.float64) @ ps[2].T + ps[3].to(np.float64) - dp.tensor(y)) ** 2
+         ).mean().backward()
+        th = torch.tensor(x, dtype=torch.float32) @ tps[0].T + tps[1].float()
+        ((th.clamp(min=0).double() @ tps[2].T + tps[3].double() - torch.tensor(y)) ** 2
+         ).mean().backward()
+        opt.step()
+        topt.step()
+    for p, tp in zip(ps, tps):
+        assert p.dtype == tp.detach().numpy().dtype
+        # float64 parameters see float32 activations here, so float32 tolerances apply.
+        np.testing.assert_allclose(p.numpy(), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert ps[1] not in opt.state or not opt.state[ps[1]]
+    assert_same_state(opt.state_dict(), topt.state_dict(), rtol=1e-4, atol=1e-6)
+
+
+def test_pytorch_only_keywords_are_accepted():
+    ps = dp_params()
+    for name in ("SGD", "Adam", "AdamW", "Adagrad"):
+        getattr(dp.optim, name)(ps, foreach=True, fused=None)
+    for name in ("NAdam", "RMSprop", "Adadelta"):
+        getattr(dp.optim, name)(ps, foreach=False)

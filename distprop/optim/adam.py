@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from distprop.optim import functional as F
+from distprop.optim.layout import scalar_dtype
 from distprop.optim.optimizer import (
     Optimizer,
     _check_betas,
     _check_nonneg,
-    _scalar_dtype,
 )
 
 
@@ -30,12 +30,15 @@ class Adam(Optimizer):
             with ``decoupled_weight_decay=True``, which is AdamW).
         amsgrad: use the running maximum of the second moment (AMSGrad).
         maximize: maximize the objective instead of minimizing it.
+        foreach: accepted for PyTorch compatibility and ignored (the update always
+            runs fused over the flat buffer); likewise ``fused`` where PyTorch has it.
         decoupled_weight_decay: decay the parameters as AdamW does.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 maximize: bool = False, decoupled_weight_decay: bool = False):
+                 maximize: bool = False, decoupled_weight_decay: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                     "amsgrad": amsgrad, "maximize": maximize,
                     "decoupled_weight_decay": decoupled_weight_decay}
@@ -76,7 +79,8 @@ class AdamW(Adam):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False):
+                 maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          decoupled_weight_decay=True)
 
@@ -94,11 +98,14 @@ class NAdam(Optimizer):
             ``mu_t = beta1 * (1 - 0.5 * 0.96 ** (t * psi))``.
         decoupled_weight_decay: decay the parameters directly instead of the gradient.
         maximize: maximize the objective instead of minimizing it.
+        foreach: accepted for PyTorch compatibility and ignored (the update always
+            runs fused over the flat buffer); likewise ``fused`` where PyTorch has it.
     """
 
     def __init__(self, params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum_decay: float = 4e-3,
-                 decoupled_weight_decay: bool = False, *, maximize: bool = False):
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
                     "momentum_decay": momentum_decay,
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
@@ -119,7 +126,7 @@ class NAdam(Optimizer):
         mu, mu_next = F.nadam_scalars(step, float(group["betas"][0]),
                                       float(group["momentum_decay"]))
         # PyTorch keeps mu_product as a float32 (default scalar dtype) tensor: round likewise.
-        dtype = _scalar_dtype()
+        dtype = scalar_dtype()
         mu_product = float(dtype(dtype(scalars["mu_product"]) * dtype(mu)))
         return ({"step": step, "mu_product": mu_product},
                 {"step": step, "mu": mu, "mu_next": mu_next, "mu_product": mu_product})

@@ -17,13 +17,16 @@ class Adagrad(Optimizer):
         initial_accumulator_value: starting value of the sum of squared gradients.
         eps: added to the denominator for numerical stability.
         maximize: maximize the objective instead of minimizing it.
+        foreach: accepted for PyTorch compatibility and ignored (the update always
+            runs fused over the flat buffer); likewise ``fused`` where PyTorch has it.
     """
 
     _eager_state = True
 
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10, *, maximize: bool = False):
+                 eps: float = 1e-10, *, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None):
         defaults = {"lr": lr, "lr_decay": lr_decay, "eps": eps, "weight_decay": weight_decay,
                     "initial_accumulator_value": initial_accumulator_value,
                     "maximize": maximize}
@@ -64,11 +67,13 @@ class RMSprop(Optimizer):
         momentum: momentum factor.
         centered: normalize by the gradient's estimated variance instead of its second moment.
         maximize: maximize the objective instead of minimizing it.
+        foreach: accepted for PyTorch compatibility and ignored (the update always
+            runs fused over the flat buffer); likewise ``fused`` where PyTorch has it.
     """
 
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 maximize: bool = False):
+                 maximize: bool = False, foreach: bool | None = None):
         defaults = {"lr": lr, "momentum": momentum, "alpha": alpha, "eps": eps,
                     "centered": centered, "weight_decay": weight_decay, "maximize": maximize}
         super().__init__(params, defaults)
@@ -113,10 +118,13 @@ class Adadelta(Optimizer):
         eps: added inside the square roots for numerical stability.
         weight_decay: coupled L2 penalty.
         maximize: maximize the objective instead of minimizing it.
+        foreach: accepted for PyTorch compatibility and ignored (the update always
+            runs fused over the flat buffer); likewise ``fused`` where PyTorch has it.
     """
 
     def __init__(self, params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
-                 weight_decay: float = 0.0, *, maximize: bool = False):
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 foreach: bool | None = None):
         defaults = {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay,
                     "maximize": maximize}
         super().__init__(params, defaults)

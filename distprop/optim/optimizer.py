@@ -26,100 +26,15 @@ from collections.abc import Callable
 import numpy as np
 
 from distprop import backend
-from distprop.optim.flat import FlatBuffer, flatten, slot_of
-from distprop.tensor import Tensor, enable_grad, get_default_dtype
+from distprop.optim.flat import flatten, slot_of
+from distprop.optim.layout import Layout, Segment, scalar_dtype
+from distprop.tensor import Tensor, enable_grad
 
 # Elements per chunk of a fused CPU update: 1 MiB per float32 array keeps the few state, gradient
 # and scratch arrays of one chunk in the L2/L3 cache. GPU updates use much larger chunks.
 _CPU_CHUNK_BYTES = 1 << 20
 _GPU_CHUNK_ELEMS = 1 << 24
 _N_SCRATCH = 3
-
-
-def _scalar_dtype():
-    """dtype of ``step``-like scalar state: float32, or float64 when that is the default dtype."""
-    return np.float64 if np.dtype(get_default_dtype()) == np.float64 else np.float32
-
-
-class _Segment:
-    """Consecutive parameters of one group in one FlatBuffer (or a single non-flat parameter),
-    with their state as flat arrays (``arrays``) and per-parameter scalars (``scalars``)."""
-
-    def __init__(self, buffer: FlatBuffer | None, first: int, params: list[Tensor]):
-        self.buffer = buffer
-        self.first = first
-        self.params = params
-        sizes = [int(p.data.size) for p in params]
-        self.offsets = [0]
-        for n in sizes[:-1]:
-            self.offsets.append(self.offsets[-1] + n)
-        self.sizes = sizes
-        self.numel = sum(sizes)
-        self.arrays: dict[str, object] = {}
-        self.scalars: dict[str, np.ndarray] = {}
-        self.inited = np.zeros(len(params), dtype=bool)
-
-    def live(self) -> bool:
-        if self.buffer is None:
-            return slot_of(self.params[0]) is None
-        return self.buffer.valid
-
-    def ensure(self, array_init: dict[str, float], scalar_init: dict[str, float]) -> None:
-        """Allocate the flat state arrays (filled with their initial values) on first use."""
-        ref = self.buffer.data if self.buffer is not None else self.params[0].data
-        xp = backend.get_array_module(ref)
-        for name, fill in array_init.items():
-            if name not in self.arrays:
-                with backend.device_context(backend.device_of(ref)):
-                    self.arrays[name] = xp.full(self.numel, fill, dtype=ref.dtype)
-        for name, init in scalar_init.items():
-            if name not in self.scalars:
-                self.scalars[name] = np.full(len(self.params), init, dtype=_scalar_dtype())
-
-    def views(self, k: int) -> tuple[dict[str, object], dict[str, np.ndarray]]:
-        """Parameter ``k``'s state: array views shaped like it, and 0-d scalar views."""
-        o, n, shape = self.offsets[k], self.sizes[k], self.params[k].shape
-        arrays = {name: a[o : o + n].reshape(shape) for name, a in self.arrays.items()}
-        scalars = {name: s[k : k + 1].reshape(()) for name, s in self.scalars.items()}
-        return arrays, scalars
-
-
-class _Layout:
-    """A group's parameters cut into segments, and where each parameter sits."""
-
-    def __init__(self, params: list[Tensor]):
-        self.params_list = params
-        self.count = len(params)
-        self.segments: list[_Segment] = []
-        self.where: dict[int, tuple[_Segment, int]] = {}
-        runs: dict[int, list[tuple[int, Tensor]]] = {}
-        buffers: dict[int, FlatBuffer] = {}
-        for p in params:
-            slot = slot_of(p)
-            if slot is None:
-                self._add(_Segment(None, 0, [p]))
-            else:
-                buf = slot.buffer
-                buffers[id(buf)] = buf
-                runs.setdefault(id(buf), []).append((slot.index, p))
-        for key, members in runs.items():
-            members.sort(key=lambda item: item[0])
-            start = 0
-            for i in range(1, len(members) + 1):
-                if i == len(members) or members[i][0] != members[i - 1][0] + 1:
-                    chunk = members[start:i]
-                    self._add(_Segment(buffers[key], chunk[0][0], [p for _, p in chunk]))
-                    start = i
-
-    def _add(self, seg: _Segment) -> None:
-        self.segments.append(seg)
-        for k, p in enumerate(seg.params):
-            self.where[id(p)] = (seg, k)
-
-    def stale(self, params: list[Tensor]) -> bool:
-        if params is not self.params_list or len(params) != self.count:
-            return True
-        return not all(seg.live() for seg in self.segments)
 
 
 class Optimizer:
@@ -148,7 +63,7 @@ class Optimizer:
         self._check_group(self.defaults)
         self.state: defaultdict[Tensor, dict] = defaultdict(dict)
         self.param_groups: list[dict] = []
-        self._layouts: list[_Layout | None] = []
+        self._layouts: list[Layout | None] = []
         self._scratch_cache: dict[tuple, list] = {}
         self._use_flat = True
         if isinstance(params, Tensor):
@@ -250,19 +165,19 @@ class Optimizer:
 
     # --- layout ---------------------------------------------------------------------------
 
-    def _layout(self, index: int) -> _Layout:
+    def _layout(self, index: int) -> Layout:
         """The group's segments, rebuilt (keeping state) when its buffers were re-created."""
         group = self.param_groups[index]
         layout = self._layouts[index]
         if layout is not None and not layout.stale(group["params"]):
             return layout
-        new = _Layout(group["params"])
+        new = Layout(group["params"])
         if layout is not None:
             self._move_state(group, layout, new)
         self._layouts[index] = new
         return new
 
-    def _move_state(self, group: dict, old: _Layout, new: _Layout) -> None:
+    def _move_state(self, group: dict, old: Layout, new: Layout) -> None:
         """Copy every parameter's state from the old segments into the new ones."""
         array_init, scalar_init = self._array_state(group), self._scalar_state(group)
         for seg in new.segments:
@@ -282,7 +197,7 @@ class Optimizer:
                 seg.inited[k] = True
                 self._publish(seg, k)
 
-    def _publish(self, seg: _Segment, k: int) -> None:
+    def _publish(self, seg: Segment, k: int) -> None:
         """Point ``self.state[p]`` at parameter k's views (scalars first, as in PyTorch)."""
         arrays, scalars = seg.views(k)
         entry = self.state[seg.params[k]]
@@ -290,7 +205,7 @@ class Optimizer:
         entry.update(scalars)
         entry.update(arrays)
 
-    def _init_state(self, group: dict, seg: _Segment, ks) -> None:
+    def _init_state(self, group: dict, seg: Segment, ks) -> None:
         array_init, scalar_init = self._array_state(group), self._scalar_state(group)
         if not array_init and not scalar_init:
             return
@@ -337,7 +252,7 @@ class Optimizer:
                 self._step_segment(group, seg)
         return loss
 
-    def _step_segment(self, group: dict, seg: _Segment) -> None:
+    def _step_segment(self, group: dict, seg: Segment) -> None:
         buf = seg.buffer
         n = len(seg.params)
         # 0: no gradient (skip), 1: gradient in the flat buffer, 2: gradient elsewhere.
@@ -355,6 +270,9 @@ class Optimizer:
         stateful = bool(array_init or scalar_init)
         if stateful:
             seg.ensure(array_init, scalar_init)
+        if all(kind == 1 for kind in kinds) and seg.uniform():
+            self._step_run(group, seg, 0, n, True, stateful)  # the common case: one slice
+            return
         k = 0
         while k < n:
             if kinds[k] == 0:
@@ -368,12 +286,12 @@ class Optimizer:
             k = stop
 
     @staticmethod
-    def _same_scalars(seg: _Segment, a: int, b: int) -> bool:
+    def _same_scalars(seg: Segment, a: int, b: int) -> bool:
         if seg.inited[a] != seg.inited[b]:
             return False
         return all(s[a] == s[b] for s in seg.scalars.values())
 
-    def _step_run(self, group, seg: _Segment, k0: int, k1: int, flat: bool, stateful: bool):
+    def _step_run(self, group, seg: Segment, k0: int, k1: int, flat: bool, stateful: bool):
         first = not seg.inited[k0]
         if stateful and first:
             self._init_state(group, seg, range(k0, k1))
@@ -453,11 +371,11 @@ class Optimizer:
                 state[name] = xp.full(data.shape, fill, dtype=data.dtype)
         for name, init in scalar_init.items():
             if name not in state:
-                state[name] = np.array(init, dtype=_scalar_dtype())
+                state[name] = np.array(init, dtype=scalar_dtype())
         scalars = {name: float(state[name]) for name in scalar_init}
         new_scalars, args = self._advance(g, scalars, first)
         for name, value in new_scalars.items():
-            state[name] = np.array(value, dtype=_scalar_dtype())
+            state[name] = np.array(value, dtype=scalar_dtype())
         self._apply(g, data, grad, {name: state[name] for name in array_init}, args)
         return state
 
