@@ -367,3 +367,12 @@ def test_usage_error_with_ranks_is_printed_once_before_launching(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("unknown optimizer 'lbfgs'") == 1
     assert "mpich launch" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_launch_recipe_hostfile_is_valid():
+    hostfile = REPO / "launch" / "hostfile.example"
+    argv = dry_run("-n", "8", "--hostfile", str(hostfile))
+    assert argv[1:5] == ["-n", "8", "-f", str(hostfile)]
+    result = invoke("launch", "-n", "9", "--hostfile", hostfile, "--dry-run", "--", "x",
+                    env={"DISTPROP_FAKE_MPI_VERSION": HYDRA})
+    assert result.exit_code == 2 and "more than the 8 slots in the host list" in result.output

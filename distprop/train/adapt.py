@@ -112,21 +112,18 @@ def _sequence_shape(input_shape) -> tuple[int, int]:
 
 
 def _with_sequence_input(name: str, input_shape, num_classes: int) -> nn.Module:
-    """lstm/transformer: rebuild the zoo model around (steps, features) float sequences."""
+    """lstm/transformer over (steps, features) float sequences."""
     from distprop import models  # noqa: PLC0415
 
-    spec = models.spec(name)
     steps, features = _sequence_shape(input_shape)
-    if tuple(input_shape) == tuple(spec.input_shape) and spec.vocab_size is None:
-        return _zoo(name, num_classes)
-    kwargs = {"num_classes": num_classes}
-    try:
-        model = models.build_model(name, input_size=features, **kwargs) if name == "lstm" \
-            else models.build_model(name, in_features=features, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"model {name!r} cannot be sized for samples of shape "
-                         f"{tuple(input_shape)}: the zoo builder does not take the input size "
-                         f"({exc})") from None
+    if name == "lstm":
+        if tuple(input_shape) == tuple(models.spec("lstm").input_shape):
+            return _zoo("lstm", num_classes)
+        model = models.LSTMClassifier(input_size=features, num_classes=num_classes)
+    else:
+        model = models.TransformerClassifier(num_classes=num_classes)
+        width = model.embedding.embedding_dim
+        model.embedding = nn.Linear(features, width)  # float features instead of token ids
     if tuple(input_shape) == (steps, features):
         return model
     return nn.Sequential(_View(steps, features), model)
