@@ -15,7 +15,8 @@ import sys
 import click
 
 from distprop import info as info_mod
-from distprop import launcher
+from distprop import launcher, trace
+from distprop.bench.cli import bench
 from distprop.train.config import (
     COMPRESSIONS,
     LR_SCHEDULES,
@@ -190,11 +191,18 @@ Examples:
 @click.option("-n", "--nprocs", type=int, default=None,
               help="Launch this many ranks (re-runs itself under MPI).")
 @_launch_options
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
+              help="Chrome trace per rank (FILE -> FILE.rank<N>.json): forward, backward, each "
+                   "bucket's allreduce, waits, optimizer step. Open in ui.perfetto.dev.")
 @click.option("--worker-config", default=None, hidden=True)
 def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
-          oversubscribe, dry_run, worker_config, **options):
+          oversubscribe, dry_run, trace_file, worker_config, **options):
     """Train a zoo model on a dataset, data-parallel over MPI ranks."""
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
+
+    if trace_file:  # ranks started below inherit the variable and trace themselves
+        os.environ[trace.ENV_VAR] = os.path.abspath(trace_file)
+        trace.enable(os.environ[trace.ENV_VAR])
 
     if worker_config:  # a rank started by `distprop train -n N`: the parent validated everything
         cfg = TrainConfig.load_json(worker_config)
@@ -234,6 +242,9 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     if not dry_run:
         cfg.save_json(cfg_path)
     sys.exit(_run_plan(plan, dry_run))
+
+
+cli.add_command(bench)
 
 
 # --- entry point --------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 _STREAMS = {"compute": 0, "comm": 1}
+#: Events kept per process; later ones are dropped (a long run would otherwise grow unbounded).
+MAX_EVENTS = 2_000_000
+#: Set to a path to trace every process that imports distprop.trace (``distprop train --trace``).
+ENV_VAR = "DISTPROP_TRACE"
 
 
 class _State:
@@ -139,7 +143,7 @@ def complete(name: str, start_ns: int, end_ns: int, stream: str = "compute",
         blocking: False for work in flight that the calling thread did not wait for.
         **args: shown in the viewer's detail pane.
     """
-    if not _state.enabled:
+    if not _state.enabled or len(_state.events) >= MAX_EVENTS:
         return
     event = {"name": name, "ph": "X", "ts": _us(start_ns), "dur": (end_ns - start_ns) / 1000.0,
              "pid": _state.rank, "tid": _tid(stream), "cat": "blocking" if blocking else "async"}
@@ -247,3 +251,6 @@ def _save_at_exit() -> None:
 
 
 atexit.register(_save_at_exit)
+
+if os.environ.get(ENV_VAR):
+    enable(os.environ[ENV_VAR])

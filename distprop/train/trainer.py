@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distprop import backend
+from distprop import backend, trace
 from distprop.data import DataLoader
 from distprop.distributed.metrics import MetricsReducer
 from distprop.tensor import Tensor, no_grad
@@ -179,7 +179,8 @@ class Trainer:
             clipped_from = float(clip_grad_norm_(self.model.parameters(), self.clip_grad_norm))
             norm = clipped_from if norm is None else norm
         if getattr(self.ddp, "step_ok", True):
-            self.optimizer.step()
+            with trace.span("optimizer.step", step=self.step):
+                self.optimizer.step()
         self.optimizer.zero_grad()
         if norm is not None:
             self._last_norm = norm
@@ -267,10 +268,12 @@ class Trainer:
                 last_micro = self.batch_in_epoch + 1 == group_start + group_size
                 sync = contextlib.nullcontext() if last_micro else self.ddp.no_sync()
                 with sync:
-                    out = self.ddp(x)
-                    loss = self.loss_fn(out, y)
-                    scaled = loss if group_size == 1 else loss * (1.0 / group_size)
-                    scaled.backward()
+                    with trace.span("forward", step=self.step):
+                        out = self.ddp(x)
+                        loss = self.loss_fn(out, y)
+                        scaled = loss if group_size == 1 else loss * (1.0 / group_size)
+                    with trace.span("backward", step=self.step):
+                        scaled.backward()
                 self._accumulate_metrics(out, y, loss)
                 self.batch_in_epoch += 1
                 if not last_micro:
