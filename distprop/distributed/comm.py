@@ -244,16 +244,19 @@ def _flush_std() -> None:
 class _MPIRequest(Request):
     """An mpi4py request plus what must happen when it completes (copy back, scale)."""
 
-    __slots__ = ("_comm", "_req", "_done", "_finished", "array", "_finish", "_name", "_nbytes")
+    __slots__ = ("_comm", "_req", "_done", "_finished", "array", "_finish", "_name", "_nbytes",
+                 "done_ns")
 
     def __init__(self, comm: MPICommunicator, req, array, finish: Callable | None, name, nbytes):
         self._comm, self._req, self.array = comm, req, array
         self._finish, self._done, self._finished = finish, False, False
         self._name, self._nbytes = name, nbytes
+        self.done_ns = None  # perf_counter_ns() when completion was seen (for traces)
 
     def _poll_locked(self) -> bool:
         if not self._done and self._req.Test():
             self._done = True
+            self.done_ns = time.perf_counter_ns()
         return self._done
 
     def test(self) -> bool:
@@ -273,6 +276,7 @@ class _MPIRequest(Request):
                     if not self._done:
                         self._req.Wait()
                         self._done = True
+                        self.done_ns = time.perf_counter_ns()
             finally:
                 comm._exit()
         self._complete()

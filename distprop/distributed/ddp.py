@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from distprop import backend
+from distprop import backend, trace
 from distprop.distributed import compression as _codec
 from distprop.distributed import guards
 from distprop.distributed.comm import Communicator
@@ -44,7 +44,7 @@ class _Bucket:
     """A contiguous slice ``[start, stop)`` of one flat gradient buffer."""
 
     __slots__ = ("buffer", "start", "stop", "params", "remaining", "request", "stage", "view",
-                 "launched")
+                 "launched", "launch_ns")
 
     def __init__(self, buffer, start: int, stop: int, params: list[int]):
         self.buffer, self.start, self.stop, self.params = buffer, start, stop, params
@@ -316,6 +316,7 @@ class DistributedDataParallel(Module):
                 self._overlapped += 1
 
     def _launch(self, bucket: _Bucket) -> None:
+        bucket.launch_ns = trace.now_ns()
         view = bucket.view
         size = self.comm.size
         if size > 1:
@@ -328,6 +329,8 @@ class DistributedDataParallel(Module):
         else:
             bucket.request = self.comm.iallreduce(view, "sum")
         bucket.launched = True
+        trace.complete("allreduce.launch", bucket.launch_ns, trace.now_ns(), "comm",
+                       bucket=self._next_launch, bytes=bucket.nbytes)
 
     def finish_gradient_sync(self) -> None:
         """Finish the gradient averaging of the current backward (runs automatically at the end
@@ -335,6 +338,7 @@ class DistributedDataParallel(Module):
         if not self._callback_queued:
             return
         t0 = time.perf_counter()
+        t0_ns = trace.now_ns()
         self._mode = None
         missing = [i for i, ready in enumerate(self._ready) if not ready]
         for i in missing:
@@ -355,8 +359,11 @@ class DistributedDataParallel(Module):
             unused_request = self.comm.iallreduce(unused_flag, "sum")
         t_wait = time.perf_counter()
         bad_buckets = []
-        for b in self._buckets:
-            b.request.wait()
+        for k, b in enumerate(self._buckets):
+            with trace.span("wait", "comm", bucket=k):
+                b.request.wait()
+            trace.complete("allreduce", b.launch_ns, getattr(b.request, "done_ns", None)
+                           or trace.now_ns(), "comm", blocking=False, bucket=k, bytes=b.nbytes)
             b.request = None
             if self.compression:
                 _codec.decode(b.stage, b.view, self.compression)
@@ -371,6 +378,7 @@ class DistributedDataParallel(Module):
             unused_flag = np.array([len(missing)])
         self.last_sync = {"wait_s": wait_s, "finish_s": time.perf_counter() - t0,
                           "overlapped": overlapped, "buckets": len(self._buckets)}
+        trace.complete("gradient sync", t0_ns, trace.now_ns(), "comm", overlapped=overlapped)
         if check_unused and int(unused_flag.sum()) > 0:
             self._raise_unused(missing, unused_flag)
         self.step_ok = True
