@@ -151,9 +151,10 @@ class Optimizer:
 
     def _append_groups(self, groups: list[dict]) -> None:
         # Flatten, in group order, what is not flat yet (parameters already in a live buffer,
-        # e.g. DDP's, stay there). The layouts then hold the buffers.
+        # e.g. DDP's, stay there).
         loose = [p for g in groups for p in g["params"] if slot_of(p) is None]
-        buffers = flatten(loose) if loose else []
+        if loose:
+            flatten(loose)
         for group in groups:
             self.param_groups.append(group)
             self._layouts.append(None)
@@ -161,7 +162,6 @@ class Optimizer:
             if self._eager_state:
                 for seg in layout.segments:
                     self._init_state(group, seg, range(len(seg.params)))
-        del buffers
 
     # --- layout ---------------------------------------------------------------------------
 
