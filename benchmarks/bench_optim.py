@@ -33,7 +33,7 @@ def wide_shapes() -> list[tuple[int, ...]]:
     try:  # the model zoo, when present, is the source of truth
         from distprop import models  # noqa: PLC0415
 
-        return [tuple(p.shape) for p in models.build("wide").parameters()]
+        return [tuple(p.shape) for p in models.build_model("wide").parameters()]
     except Exception:
         shapes = []
         for fan_in, fan_out in WIDE_LAYERS:
