@@ -376,3 +376,10 @@ def test_encoder_bad_arguments():
         dp.nn.TransformerEncoderLayer(D, NHEAD, activation="tanh")
     with pytest.raises(ValueError, match="num_layers"):
         dp.nn.TransformerEncoder(dp.nn.TransformerEncoderLayer(D, NHEAD), 0)
+
+
+def test_encoder_layer_gradcheck():
+    layer = dp.nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, activation="gelu",
+                                          dtype="float64")
+    mask = np.array([[False, True, True], [False, False, True], [False, False, False]])
+    gradcheck(lambda x: layer(x, src_mask=mask), rng.standard_normal((3, 2, 4)))
