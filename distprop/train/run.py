@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         print(f"distprop train: {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
               f"{splits.sizes()}, {comm.size} rank(s), batch {cfg.batch_size}/rank x "
               f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
-              f"{cfg.optimizer} lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
+              f"{cfg.optimizer} lr {base_lr(cfg):.4g}", flush=True)
     trainer = Trainer(model, nn.CrossEntropyLoss(), optimizer, comm=comm, device=cfg.device,
                       clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
                       compression=None if cfg.compression == "none" else cfg.compression,

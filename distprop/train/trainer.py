@@ -190,8 +190,9 @@ class Trainer:
 
     def _train_loader(self, dataset, batch_size: int):
         sampler = _sampler(dataset, self.comm, self.seed, shuffle=True)
+        device = self.device if self.device.is_cuda else None  # copy in the prefetch thread
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                          prefetch=self.prefetch)
+                          prefetch=self.prefetch, device=device)
 
     def evaluate(self, dataset, batch_size: int = 256) -> dict:
         """Mean loss and accuracy over ``dataset``; each rank evaluates every size-th sample
