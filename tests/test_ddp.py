@@ -312,10 +312,21 @@ try:
     ddp.check_replicas()
 except RuntimeError as exc:
     say("caught:", exc)
+periodic = DDP(mlp(), check_replicas_every=2)
+x, y = make_data()
+for step in range(3):
+    if rank == 1 and step == 1:
+        next(periodic.parameters()).data[0, 0] += 1.0
+    try:
+        periodic(dp.tensor(x[:4]))
+    except RuntimeError as exc:
+        say(f"periodic step {step} caught:", exc)
 say("DONE")
 """
     out = ok(mpi(body, 3), 3)
     assert out.count("caught: replica check failed: the parameters on rank(s) 2 differ") == 3
+    assert out.count("periodic step 1 caught: replica check failed: the parameters on rank(s) 1") \
+        == 3
 
 
 def test_stall_watchdog_reports_collective_and_aborts():
@@ -332,3 +343,46 @@ say("DONE")
     assert res.returncode != 0
     assert "[rank 0] stall watchdog: rank 0 has waited" in res.stderr
     assert "in collective 'barrier'" in res.stderr
+
+
+def test_abort_on_exception_context_ends_the_job_even_if_caught_outside():
+    body = """
+from distprop.distributed import guards
+try:
+    with guards.abort_on_exception(comm):
+        if rank == 1:
+            raise KeyError("inside the guarded block")
+except KeyError:
+    pass
+comm.barrier()
+say("DONE")
+"""
+    res = mpi(body, 2, timeout=30)
+    assert res.returncode != 0 and "DONE" not in res.stdout
+    assert res.stderr.count("[rank 1] KeyError: 'inside the guarded block'") == 1
+
+
+def test_state_dict_keys_and_single_process_world():
+    """World of one (no mpiexec): DDP is a thin wrapper; keys have no 'module.' prefix and
+    PyTorch-DDP style prefixed keys load."""
+    import numpy as np
+
+    import distprop as dp
+    from distprop import nn
+    from distprop.distributed import DistributedDataParallel
+    from distprop.distributed.comm import SingleProcessCommunicator
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ddp = DistributedDataParallel(model, comm=SingleProcessCommunicator())
+    keys = list(ddp.state_dict())
+    assert keys == list(model.state_dict()) and keys[0] == "0.weight"
+    assert [n for n, _ in ddp.named_parameters()] == [n for n, _ in model.named_parameters()]
+    state = {f"module.{k}": np.full(v.shape, 0.5, dtype=v.dtype) for k, v in
+             model.state_dict().items()}
+    ddp.load_state_dict(state)
+    assert float(model[0].weight.data[0, 0]) == 0.5
+    out = ddp(dp.randn(5, 3))
+    out.sum().backward()
+    assert ddp.last_sync["buckets"] == 1 and model[0].weight.grad is not None
+    with pytest.raises(RuntimeError, match="without a forward through the DDP wrapper"):
+        model(dp.randn(5, 3)).sum().backward()

@@ -302,11 +302,14 @@ class _ProgressThread:
     def add(self, req: _MPIRequest) -> None:
         with self._cv:
             self._pending.append(req)
-            if self.enabled and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="distprop-mpi-progress",
-                                                daemon=True)
-                self._thread.start()
+            self._ensure_thread()
             self._cv.notify()
+
+    def _ensure_thread(self) -> None:
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="distprop-mpi-progress",
+                                            daemon=True)
+            self._thread.start()
 
     def discard(self, req: _MPIRequest) -> None:
         with self._cv:
@@ -323,10 +326,16 @@ class _ProgressThread:
         finally:
             self._lock.release()
 
+    def set_enabled(self, enabled: bool) -> None:
+        with self._cv:
+            self.enabled = bool(enabled)
+            self._ensure_thread()
+            self._cv.notify()
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not any(not r._done for r in self._pending):
+                while not self.enabled or not any(not r._done for r in self._pending):
                     self._cv.wait()
                 pending = [r for r in self._pending if not r._done]
             with self._lock:
@@ -443,6 +452,10 @@ class MPICommunicator(Communicator):
 
     def progress(self) -> None:
         self._progress.poll()
+
+    def set_progress_thread(self, enabled: bool) -> None:
+        """Turn the background progress thread on or off (e.g. to measure what it buys)."""
+        self._progress.set_enabled(enabled)
 
     def broadcast(self, array, root: int = 0):
         if not 0 <= root < self.size:

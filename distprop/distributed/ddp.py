@@ -25,6 +25,7 @@ import contextlib
 import functools
 import math
 import time
+import weakref
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from distprop.optim.flat import flatten, slot_of
 from distprop.tensor import Tensor, is_grad_enabled, queue_callback
 
 _MB = 1 << 20
+
+# id(parameter) -> the DDP whose hooks it carries (weakly: a dropped wrapper frees its slot).
+_OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class _Bucket:
@@ -67,7 +71,8 @@ class DistributedDataParallel(Module):
         bucket_cap_mb: target size of the gradient buckets after the first (MiB).
         first_bucket_mb: target size of the first bucket, which becomes ready first (MiB).
         overlap: start each bucket's allreduce during backward as soon as it is complete;
-            False waits until backward has finished and then reduces all buckets.
+            False waits until backward has finished and then reduces each flat buffer with one
+            allreduce (the bucket sizes are then ignored).
         compression: None, ``'fp16'`` or ``'bf16'``: send buckets as 16-bit floats (divided by
             the world size first) and write the averaged values back into the gradient buffer.
         broadcast_buffers: broadcast rank 0's buffers (e.g. BatchNorm running statistics) at the
@@ -133,11 +138,21 @@ class DistributedDataParallel(Module):
         self._callback_queued = False
         self._forwards = 0
         self._buffers_dirty = False
+        for previous in {id(o): o for p in self._params
+                         if (o := _OWNERS.get(id(p))) is not None}.values():
+            previous._remove_hooks()  # re-wrapping a model replaces the earlier wrapper
         self._hook_handles = [
             p.register_post_accumulate_grad_hook(functools.partial(self._on_grad_ready, i))
             for i, p in enumerate(self._params)
         ]
+        for p in self._params:
+            _OWNERS[id(p)] = self
         self._reset_backward_state()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -158,6 +173,8 @@ class DistributedDataParallel(Module):
         itemsize = {id(b): b.dtype.itemsize for b in buffers}
         first_cap = min(self.first_bucket_mb, self.bucket_cap_mb) * _MB
         cap = self.bucket_cap_mb * _MB
+        if not self.overlap:  # nothing to overlap with: one allreduce per flat buffer
+            first_cap = cap = math.inf
         buckets: list[_Bucket] = []
         current: list[int] = []
 
@@ -265,6 +282,7 @@ class DistributedDataParallel(Module):
             b.remaining, b.request, b.launched = len(b.params), None, False
         self._next_launch = 0
         self._overlapped = 0
+        self._local_nonfinite = False
         self._callback_queued = False
 
     def _in_flight(self) -> bool:
@@ -319,8 +337,11 @@ class DistributedDataParallel(Module):
         bucket.launch_ns = trace.now_ns()
         view = bucket.view
         size = self.comm.size
-        if size > 1:
-            view *= 1.0 / size
+        # Average (divide before the sum, as PyTorch does) and, in the same pass over the
+        # local gradient, look for non-finite values; ranks agree on them in finish.
+        check = self.nonfinite is not None and not self.compression
+        if not _scale_and_check(view, 1.0 / size, check):
+            self._local_nonfinite = True
         if self.compression:
             _codec.encode(view, bucket.stage, self.compression)
             data = bucket.stage if self.compression == "bf16" else bucket.stage.view(np.float16)
@@ -350,15 +371,16 @@ class DistributedDataParallel(Module):
                 p.grad = Tensor._wrap(view)
             self._buckets[self._bucket_of[i]].remaining -= 1
         self._launch_ready()
-        unused_flag = None
+        # One small allreduce, after the buckets, makes every rank agree on the two local
+        # verdicts: [parameters without gradient per rank | non-finite gradient per rank].
+        size, rank = self.comm.size, self.comm.rank
         check_unused = not self.find_unused_parameters
-        if check_unused and self.comm.size > 1:
-            xp = np
-            unused_flag = xp.zeros(self.comm.size, dtype=np.int64)
-            unused_flag[self.comm.rank] = len(missing)
-            unused_request = self.comm.iallreduce(unused_flag, "sum")
+        flags = np.zeros(2 * size, dtype=np.int64)
+        flags[rank] = len(missing) if check_unused else 0
+        flags[size + rank] = int(self._local_nonfinite)
+        flag_request = self.comm.iallreduce(flags, "sum") if size > 1 else None
         t_wait = time.perf_counter()
-        bad_buckets = []
+        post_nonfinite = False
         for k, b in enumerate(self._buckets):
             with trace.span("wait", "comm", bucket=k):
                 b.request.wait()
@@ -367,25 +389,25 @@ class DistributedDataParallel(Module):
             b.request = None
             if self.compression:
                 _codec.decode(b.stage, b.view, self.compression)
-            if self.nonfinite is not None and not _all_finite(b.view):
-                bad_buckets.append(b)
+                # the 16-bit cast can overflow: check the averaged values (same on all ranks)
+                if self.nonfinite is not None and not _all_finite(b.view):
+                    post_nonfinite = True
         wait_s = time.perf_counter() - t_wait
+        if flag_request is not None:
+            flag_request.wait()
         overlapped = self._overlapped
         self._reset_backward_state()
-        if unused_flag is not None:
-            unused_request.wait()
-        elif check_unused:
-            unused_flag = np.array([len(missing)])
         self.last_sync = {"wait_s": wait_s, "finish_s": time.perf_counter() - t0,
                           "overlapped": overlapped, "buckets": len(self._buckets)}
         trace.complete("gradient sync", t0_ns, trace.now_ns(), "comm", overlapped=overlapped)
-        if check_unused and int(unused_flag.sum()) > 0:
-            self._raise_unused(missing, unused_flag)
+        if check_unused and int(flags[:size].sum()) > 0:
+            self._raise_unused(missing)
         self.step_ok = True
-        if bad_buckets:
-            self._handle_nonfinite(bad_buckets)
+        bad_ranks = [r for r in range(size) if flags[size + r]]
+        if self.nonfinite is not None and (bad_ranks or post_nonfinite):
+            self._handle_nonfinite(bad_ranks)
 
-    def _raise_unused(self, missing: list[int], counts) -> None:
+    def _raise_unused(self, missing: list[int]) -> None:
         names = [self._names[i] for i in missing]
         per_rank = self.comm.allgather_obj(names) if self.comm.size > 1 else [names]
         parts = [f"rank {r}: {', '.join(n)}" for r, n in enumerate(per_rank) if n]
@@ -396,18 +418,15 @@ class DistributedDataParallel(Module):
             "(their gradients then count as zero)."
         )
 
-    def _handle_nonfinite(self, bad_buckets: list[_Bucket]) -> None:
-        names = []
-        for b in bad_buckets:
-            for i in sorted(b.params):
-                g = self._params[i].grad.data
-                if not bool(backend.get_array_module(g).isfinite(g).all()):
-                    names.append(self._names[i])
+    def _handle_nonfinite(self, bad_ranks: list[int]) -> None:
+        names = [n for n, p in zip(self._names, self._params) if not _exactly_finite(p.grad.data)]
         if self.nonfinite == "raise":
+            source = f" (from rank(s) {', '.join(map(str, bad_ranks))})" if bad_ranks else ""
             raise FloatingPointError(
-                "DistributedDataParallel: non-finite gradient after the allreduce in "
-                + ", ".join(names) + " (every rank sees the same averaged values). Lower the "
-                "learning rate, check the data, or pass nonfinite='skip' to skip such steps."
+                f"DistributedDataParallel: non-finite gradient after the allreduce{source} in "
+                + ", ".join(names) + "; every rank sees the same averaged values and raises. "
+                "Lower the learning rate, check the data, or pass nonfinite='skip' to skip "
+                "such steps."
             )
         for buf in self._flat_buffers:
             buf.grad[...] = 0
@@ -415,12 +434,41 @@ class DistributedDataParallel(Module):
         self.skipped_steps += 1
 
 
+_CHUNK_BYTES = 1 << 20  # scale and check 1 MiB at a time, so the check reads from cache
+
+
+def _exactly_finite(array) -> bool:
+    return bool(backend.get_array_module(array).isfinite(array).all())
+
+
+def _scale_and_check(view, scale: float, check: bool) -> bool:
+    """``view *= scale`` and, with ``check``, whether every element is finite -- in one pass
+    over memory (chunk by chunk). A sum of squares is finite exactly when all elements are,
+    barring overflow, which the exact check rules out."""
+    xp = backend.get_array_module(view)
+    if not check:
+        if scale != 1.0:
+            view *= scale
+        return True
+    if xp is not np:
+        if scale != 1.0:
+            view *= scale
+        return _all_finite(view)
+    step = max(1, _CHUNK_BYTES // view.dtype.itemsize)
+    total = 0.0
+    for s in range(0, view.size, step):
+        chunk = view[s:s + step]
+        if scale != 1.0:
+            chunk *= scale
+        total += float(np.dot(chunk, chunk))
+    return math.isfinite(total) or _exactly_finite(view)
+
+
 def _all_finite(view) -> bool:
-    """True when every element is finite: a dot product is finite exactly then, barring
-    overflow, which the exact (slower) check below rules out."""
+    """True when every element is finite (a dot product first; exact check if it overflows)."""
     xp = backend.get_array_module(view)
     if view.size == 0:
         return True
     if math.isfinite(float(xp.dot(view, view))):
         return True
-    return bool(xp.isfinite(view).all())
+    return _exactly_finite(view)
