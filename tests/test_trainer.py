@@ -69,13 +69,15 @@ def _run(tmp_path, name, extra=(), resume=None, seed=0):
     return model, history
 
 
-def test_resume_mid_epoch_with_dropout_and_schedule_is_exact(tmp_path):
+@pytest.mark.parametrize("crash_at,resume_at", [(14, 12), (22, 20)])
+def test_resume_mid_epoch_with_dropout_and_schedule_is_exact(tmp_path, crash_at, resume_at):
+    """10 steps per epoch: step 12 is mid-epoch, step 20 its last step (before the epoch end)."""
     straight, history = _run(tmp_path, "straight")
     assert len(history.epochs) == 3 and history.final["step"] == 30
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "crashed", extra=[_Crash(at_step=14)])
+        _run(tmp_path, "crashed", extra=[_Crash(at_step=crash_at)])
     latest = dp.train.latest_valid(tmp_path / "crashed" / "ck")
-    assert latest.name == "checkpoint-000000012.npz"  # mid-epoch: 10 steps per epoch
+    assert latest.name == f"checkpoint-{resume_at:09d}.npz"
     resumed, history2 = _run(tmp_path, "crashed", resume=latest, seed=99)  # other init
     assert history2.resumed_from == str(latest)
     for key, value in _params(straight).items():
@@ -86,7 +88,7 @@ def test_resume_mid_epoch_with_dropout_and_schedule_is_exact(tmp_path):
     reference = [json.loads(line) for line in
                  (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"], r["loss"]) for r in rows] == \
-        [(r["kind"], r["step"], r["loss"]) for r in reference]  # rows after step 12 dropped
+        [(r["kind"], r["step"], r["loss"]) for r in reference]  # rows after the resume dropped
     with open(tmp_path / "crashed" / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == len(reference)
 
@@ -135,3 +137,21 @@ def test_batches_must_be_pairs():
     with pytest.raises(ValueError, match=r"\(inputs, targets\) pairs"):
         fit(model, nn.CrossEntropyLoss(), opt, only_x, batch_size=4,
             comm=SingleProcessCommunicator())
+
+
+def test_an_early_stopped_run_stays_stopped_on_resume(tmp_path):
+    data = _data()
+
+    def run(resume=None):
+        model = _model()
+        opt = dp.optim.SGD(model.parameters(), lr=1e-12)
+        stopper = cbs.EarlyStoppingCallback(patience=1)
+        saver = cbs.Checkpointer(tmp_path, keep=1)
+        return fit(model, nn.CrossEntropyLoss(), opt, data.train, data.val, epochs=20,
+                   batch_size=64, callbacks=[stopper, saver], comm=SingleProcessCommunicator(),
+                   resume=resume)
+
+    first = run()
+    assert len(first.epochs) == 2
+    again = run(resume=dp.train.latest_valid(tmp_path))
+    assert len(again.epochs) == 2 and again.final["step"] == first.final["step"]

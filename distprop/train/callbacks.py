@@ -123,7 +123,8 @@ class MetricsLogger(Callback):
                     row = json.loads(line)
                 except ValueError:
                     continue  # a line cut by the crash
-                if row.get("step", 0) <= trainer.step:
+                unfinished = row.get("kind") == "epoch" and row.get("epoch", 0) >= trainer.epoch
+                if row.get("step", 0) <= trainer.step and not unfinished:
                     rows.append(row)
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
         with open(self.csv, "w", newline="") as f:

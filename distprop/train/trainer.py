@@ -331,7 +331,7 @@ class Trainer:
             "position": {"epoch": self.epoch, "step": self.step,
                          "batch_in_epoch": self.batch_in_epoch, "sampler_epoch": self.epoch,
                          "grad_accum": self.grad_accum, "world_size": self.comm.size,
-                         "seed": self.seed},
+                         "seed": self.seed, "stopped": self.stop_training},
             "ranks": gathered,
             "history": list(self._history_records),
         }
@@ -358,6 +358,7 @@ class Trainer:
                 cb.load_state_dict(state["callbacks"][cb.name])
         pos = state["position"]
         self.epoch, self.step = int(pos["epoch"]), int(pos["step"])
+        self.stop_training = bool(pos.get("stopped", False))  # e.g. early stopping had fired
         old_world, old_accum = int(pos["world_size"]), int(pos["grad_accum"])
         ranks = state["ranks"]
         self._reset_sums()
