@@ -430,3 +430,37 @@ def test_project_calibrate_smoke():
     # The projection uses the calibrated numbers.
     assert all(r["alpha_s"] == cal["alpha_s"] for r in projected)
     assert "2 ranks: predicted step" in result.output
+
+
+def test_console_script_usage_error_exit_code():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "distprop", "bench", "scaling", "--model",
+                           "mlp", "--ranks", "1,4096"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "cores" in proc.stderr
+
+
+def test_make_table_from_recorded_rows():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        make_table = importlib.import_module("make_table")
+    finally:
+        sys.path.pop(0)
+    one = {**report.summarize_run(_result([[1.0, 1.0]])), "efficiency": 1.0}
+    two = {**report.summarize_run(_result([[1.0, 1.0], [1.25, 1.25]])), "efficiency": 0.8}
+    cmd = "distprop bench scaling --model mlp --ranks 1,2 --steps 2 --warmup 0"
+    doc = {"machine": {"cores": 2}, "runs": [
+        {"command": cmd, "repeat": r, "load_before": [1.0, 1.0, 1.0], "rows": [one, two]}
+        for r in range(3)]}
+    text = make_table.build(doc)
+    line = next(x for x in text.splitlines() if x.startswith("| mlp, 2 ranks"))
+    assert "**0.80** (0.80, 0.80, 0.80)" in line and "| **no** |" in line and cmd in line
+    assert "shared 2-core machine" in text
+    assert "| not run |" not in line

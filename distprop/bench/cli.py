@@ -38,6 +38,8 @@ def _parse_ranks(ctx, param, value):
 
 
 def _parse_sizes(ctx, param, value):
+    if value is None:
+        return None
     try:
         return units.parse_sizes(value, factor=ctx.params.get("factor", 2) if ctx else 2)
     except ValueError as exc:
@@ -152,8 +154,9 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
 @bench.command("allreduce")
 @click.option("--factor", type=click.IntRange(min=2), default=2, show_default=True,
               is_eager=True, help="step between sizes of a LO..HI range")
-@click.option("--sizes", default="1KB..64MB", show_default=True, callback=_parse_sizes,
-              help="bytes per allreduce: LO..HI or a list, e.g. 1KB..256MB or 4KB,1MB")
+@click.option("--sizes", default=None, callback=_parse_sizes,
+              help="bytes per allreduce: LO..HI or a list, e.g. 1KB..256MB or 4KB,1MB "
+                   "[default: 1KB..64MB, none with --model]")
 @click.option("--ranks", default="2", show_default=True, callback=_parse_ranks,
               help="rank counts")
 @click.option("--methods", default="mpi,distprop,ddp", show_default=True,
@@ -175,6 +178,8 @@ def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, workload, oversubscr
     if unknown or not chosen:
         raise click.BadParameter(f"unknown method(s) {unknown}; choose from "
                                  f"{', '.join(allreduce.METHODS)}", param_hint="--methods")
+    if sizes is None:
+        sizes = [] if workload else units.parse_sizes("1KB..64MB", factor)
     _check_launch(ranks, 1, oversubscribe)
     if min(ranks) < 2:
         raise click.BadParameter("an allreduce needs at least 2 ranks", param_hint="--ranks")
