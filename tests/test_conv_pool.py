@@ -62,6 +62,7 @@ POOL = [
                                        dilation=(2, 1)), (2, 2, 8, 7)),
     ("max2_overlap", "MaxPool2d", dict(kernel_size=3, stride=1), (2, 2, 6, 5)),
     ("max2_unbatched", "MaxPool2d", dict(kernel_size=2), (3, 4, 4)),
+    ("max2_k1_s2", "MaxPool2d", dict(kernel_size=1, stride=2), (2, 2, 5, 4)),
     ("max1", "MaxPool1d", dict(kernel_size=3, stride=2, padding=1), (2, 3, 10)),
     ("max1_ceil_dil", "MaxPool1d", dict(kernel_size=2, stride=2, dilation=2, ceil_mode=True),
      (2, 2, 10)),

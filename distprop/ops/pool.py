@@ -104,26 +104,25 @@ class MaxPoolNd(Function):
         geo = self.geo
         gpad = _alloc_like(xp, self.xpad, self.xpad.shape, grad_out.dtype,
                            fill=None if geo.exact_cover else 0)
-        remaining = grad_out  # the part not yet routed to an earlier maximum of its window
         offsets = list(geo.offsets())
+        taken = None  # windows whose first maximum an earlier offset already held
         for n, offs in enumerate(offsets):
+            if n < len(offsets) - 1:
+                hit = self.xpad[geo.window(offs)] == self.out
+                first = hit if taken is None else xp.greater(hit, taken)  # hit and not taken
+            elif taken is not None:
+                first = xp.logical_not(taken, out=taken)
+            else:
+                first = None  # a one-element window
             dst = gpad[geo.window(offs)]
-            if n == len(offsets) - 1:
-                if geo.overlap:
-                    dst += remaining
-                else:
-                    dst[...] = remaining
-                break
-            hit = self.xpad[geo.window(offs)] == self.out
             if geo.overlap:
-                routed = remaining * hit
-                dst += routed
+                dst += grad_out if first is None else grad_out * first
+            elif first is None:
+                dst[...] = grad_out
             else:
-                routed = xp.multiply(remaining, hit, out=dst)
-            if n == 0:
-                remaining = remaining - routed  # never modify grad_out in place
-            else:
-                remaining -= routed
+                xp.multiply(grad_out, first, out=dst)
+            if n < len(offsets) - 1:
+                taken = hit if taken is None else xp.logical_or(taken, hit, out=taken)
         return _crop(gpad, geo.padding, geo.x_shape[2:])
 
 
