@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from helpers import copy_torch_to_dp, gradcheck
 
 import distprop as dp
+
+from helpers import copy_torch_to_dp, gradcheck
 
 F = dp.nn.functional
 
