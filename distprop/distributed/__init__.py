@@ -187,10 +187,13 @@ def all_gather_object(value: Any) -> list:
 
 from distprop.distributed.ddp import DistributedDataParallel  # noqa: E402
 from distprop.distributed.metrics import MetricsReducer  # noqa: E402
+from distprop.distributed.sync_batchnorm import SyncBatchNorm  # noqa: E402
+from distprop.distributed.zero import ZeroRedundancyOptimizer  # noqa: E402
 
 __all__ = [
     "Communicator", "DistributedDataParallel", "DistributedSampler", "MPICommunicator",
-    "MetricsReducer", "ReduceOp", "Request", "SingleProcessCommunicator", "all_gather",
+    "MetricsReducer", "ReduceOp", "Request", "SingleProcessCommunicator", "SyncBatchNorm",
+    "ZeroRedundancyOptimizer", "all_gather",
     "all_gather_object", "all_reduce", "all_reduce_object", "barrier", "broadcast",
     "broadcast_object", "get_local_rank", "get_local_size", "get_rank", "get_world",
     "get_world_size", "init", "is_initialized", "launched_by_mpi", "reduce_scatter",

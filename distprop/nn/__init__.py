@@ -47,3 +47,12 @@ from distprop import functional
 
 # ``dp.nn.functional`` is the same module as ``dp.functional`` (as torch.nn.functional).
 _sys.modules[__name__ + ".functional"] = functional
+
+
+def __getattr__(name: str):
+    # SyncBatchNorm lives in distprop.distributed (it needs the communicators); lazy, no cycle.
+    if name == "SyncBatchNorm":
+        from distprop.distributed.sync_batchnorm import SyncBatchNorm  # noqa: PLC0415
+
+        return SyncBatchNorm
+    raise AttributeError(f"module 'distprop.nn' has no attribute {name!r}")

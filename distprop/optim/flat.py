@@ -55,7 +55,9 @@ class FlatBuffer:
         valid: False once another :func:`flatten` has re-homed any of these parameters.
     """
 
-    def __init__(self, params: list[Tensor]):
+    def __init__(self, params: list[Tensor], storage: tuple | None = None):
+        """``storage``: optional ``(data, grad)`` 1-D arrays (e.g. slices of another buffer) to
+        use instead of allocating; the parameters' values are copied into ``data``."""
         if not params:
             raise ValueError("FlatBuffer needs at least one parameter")
         dtype = params[0].dtype
@@ -76,9 +78,16 @@ class FlatBuffer:
         self.views = []
         self.grad_views = []
         xp = backend.xp_for(dev)
-        with backend.device_context(dev):
-            self.data = xp.empty(self.numel, dtype=dtype)
-            self.grad = xp.zeros(self.numel, dtype=dtype)
+        if storage is not None:
+            self.data, self.grad = storage
+            for name, a in (("data", self.data), ("grad", self.grad)):
+                if a.shape != (self.numel,) or a.dtype != self.dtype:
+                    raise ValueError(f"FlatBuffer storage {name} must be a 1-D {self.dtype} "
+                                     f"array of {self.numel} elements, got {a.dtype} {a.shape}")
+        else:
+            with backend.device_context(dev):
+                self.data = xp.empty(self.numel, dtype=dtype)
+                self.grad = xp.zeros(self.numel, dtype=dtype)
         for i, p in enumerate(params):
             start, n, shape = self.offsets[i], self.sizes[i], p.shape
             self.data[start : start + n] = p.data.reshape(-1)

@@ -59,6 +59,8 @@ def _optimizer_state(optimizer) -> dict:
     """
     if hasattr(optimizer, "consolidate_state_dict"):
         optimizer.consolidate_state_dict(to=0)
+        if getattr(optimizer, "comm", None) is not None and optimizer.comm.rank != 0:
+            return {}  # the full state exists on rank 0 only, which writes the checkpoint
     return optimizer.state_dict()
 
 
