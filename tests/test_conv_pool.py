@@ -260,6 +260,16 @@ def test_conv_output_is_channels_last_view_and_reads_any_layout():
     out_cl = conv(dp.tensor(x_cl))  # same values, channels-last strides
     np.testing.assert_allclose(out_c.numpy(), out_cl.numpy(), **F64)
     assert out_c.data.strides[1] == out_c.data.itemsize  # channel stride smallest
+    pairs = [(dp.nn.Conv2d(8, 4, 2, groups=2), torch.nn.Conv2d(8, 4, 2, groups=2)),
+             (dp.nn.Conv2d(8, 3, 3, padding=1), torch.nn.Conv2d(8, 3, 3, padding=1)),
+             (dp.nn.MaxPool2d(2), torch.nn.MaxPool2d(2))]
+    odd = x[:, ::-1, 1:, ::-1]  # negative and offset strides are read through the strided view
+    for ours, theirs in pairs:
+        ours.double()
+        theirs.double()
+        copy_torch_to_dp(theirs, ours)
+        np.testing.assert_allclose(ours(dp.Tensor(odd)).numpy(),
+                                   theirs(torch.tensor(odd.copy())).detach().numpy(), **F64)
 
 
 # --- bad input ---------------------------------------------------------------------------------
