@@ -345,7 +345,8 @@ class Tensor:
         """Add ``grad`` (an array) into ``self.grad``; in place when a buffer backs it."""
         if self.grad is None:
             if self._grad_buffer is not None:
-                self._grad_buffer[...] = grad
+                if grad is not self._grad_buffer:  # an op may have written it in place already
+                    self._grad_buffer[...] = grad
                 self.grad = Tensor._wrap(self._grad_buffer)
             else:
                 if grad.dtype != self.data.dtype:
