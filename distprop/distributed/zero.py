@@ -76,6 +76,9 @@ class ZeroRedundancyOptimizer(Optimizer):
 
     Every rank must build it over the same parameters (same shapes and dtypes, checked). The
     constructor broadcasts rank 0's parameter values so that the replicas start identical.
+    ``step()`` is collective. Behind DDP call it after a synchronised backward (not right after
+    one inside ``no_sync()``), as with any optimizer; without DDP the gradients are averaged
+    inside ``step()``, so clip them only when DDP wraps the model.
 
     Args:
         params: parameters or parameter groups, as for any optimizer.
