@@ -81,30 +81,75 @@ def test_metrics_reducer_single_process():
         fixed.add("acc", 1.0)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bf16_codec_rounds_like_torch(dtype):
+def _torch_bf16_bits(x):
+    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def _codec_inputs():
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal(1000) * 10.0 ** rng.integers(-30, 30, 1000)).astype(dtype)
-    x[:6] = [0.0, -0.0, np.inf, -np.inf, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8]  # ties to even
-    words = np.empty(x.size, np.uint16)
-    compression.encode(x, words, "bf16")
-    expected = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16).view(torch.int16)
-    np.testing.assert_array_equal(words, expected.numpy().view(np.uint16))
-    back = np.empty(x.size, dtype)
-    compression.decode(words, back, "bf16")
-    ref = torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16).to(torch.float32).numpy()
-    np.testing.assert_array_equal(back, ref.astype(dtype))
+    typical = (rng.standard_normal(300_000) * 10.0 ** rng.uniform(-12, 7, 300_000))
+    any_bits = rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.99, 65520, 2.0 ** -24,
+               2.0 ** -25, 3 * 2.0 ** -26, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8,
+               1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11]  # overflow, subnormals, ties to even
+    return np.concatenate([np.array(special), typical]).astype(np.float32), \
+        any_bits.view(np.float32)
 
 
-def test_fp16_codec_round_trip():
-    x = np.linspace(-3, 3, 101, dtype=np.float32)
-    words = np.empty(x.size, np.uint16)
-    compression.encode(x, words, "fp16")
-    back = np.empty_like(x)
-    compression.decode(words, back, "fp16")
-    np.testing.assert_array_equal(back, x.astype(np.float16).astype(np.float32))
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
+def test_codec_encode_is_correctly_rounded(kind):
+    for x in _codec_inputs():
+        words = np.empty(x.size, np.uint16)
+        compression.encode(x, words, kind)
+        with np.errstate(over="ignore"):
+            ref = x.astype(np.float16).view(np.uint16) if kind == "fp16" else _torch_bf16_bits(x)
+        nan = np.isnan(x)
+        np.testing.assert_array_equal(words[~nan], ref[~nan])
+        back = np.empty(int(nan.sum()), np.float32)
+        compression.decode(words[nan], back, kind)
+        assert nan.any() and np.isnan(back).all()
+    x64 = _codec_inputs()[0].astype(np.float64) * 1.1  # float64 in: rounded via float32
+    words = np.empty(x64.size, np.uint16)
+    compression.encode(x64, words, kind)
+    ref32 = np.empty(x64.size, np.uint16)
+    compression.encode(x64.astype(np.float32), ref32, kind)
+    np.testing.assert_array_equal(words, ref32)
+
+
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_codec_decode_every_16_bit_word(kind, dtype):
+    words = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(65536, dtype)
+    compression.decode(words, out, kind)
+    if kind == "fp16":
+        ref = words.view(np.float16).astype(dtype)
+    else:
+        ref = torch.from_numpy(words.view(np.int16)).view(torch.bfloat16).double().numpy()
+    nan = np.isnan(ref)
+    assert (np.isnan(out) == nan).all()
+    np.testing.assert_array_equal(out[~nan], ref[~nan].astype(dtype))
+    strided = np.zeros((65536, 2), dtype)[:, 0]  # non-contiguous output
+    compression.decode(words, strided, kind)
+    np.testing.assert_array_equal(strided[~nan], out[~nan])
+
+
+def test_codec_sum_adds_in_float32_and_rounds_once():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 200_000)).astype(np.float32) * 1e-3
+    for kind in ("fp16", "bf16"):
+        wa, wb = np.empty(a.size, np.uint16), np.empty(a.size, np.uint16)
+        compression.encode(a, wa, kind)
+        compression.encode(b, wb, kind)
+        fa, fb = np.empty_like(a), np.empty_like(a)
+        compression.decode(wa, fa, kind)
+        compression.decode(wb, fb, kind)
+        expected = np.empty(a.size, np.uint16)
+        compression.encode(fa + fb, expected, kind)
+        compression._sum16(memoryview(wa), memoryview(wb), kind)
+        np.testing.assert_array_equal(wb, expected)
     with pytest.raises(ValueError, match="unknown compression 'int8'"):
-        compression.encode(x, words, "int8")
+        compression.encode(a, wa, "int8")
 
 
 COLLECTIVES = """
@@ -243,7 +288,7 @@ req.wait()
 assert (a == comm.size).all()
 print(f"rank {comm.rank} done_during_compute={done}")
 """
-    on = run_mpi(code, nprocs=2, timeout=60)
+    on = run_mpi(code, nprocs=2, timeout=60, env={"DISTPROP_PROGRESS_THREAD": "1"})
     off = run_mpi(code, nprocs=2, timeout=60, env={"DISTPROP_PROGRESS_THREAD": "0"})
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     assert on.stdout.count("done_during_compute=True") == 2, on.stdout

@@ -13,11 +13,15 @@ Collectives operate on arrays *in place* where that makes sense (allreduce, broa
 communicator marks the collective it is blocked in (``current``) so a stall watchdog can report it.
 
 MPI progress: MPICH only advances a non-blocking collective inside MPI calls. The MPI
-communicator therefore runs a small progress thread that tests outstanding requests every
-``DISTPROP_PROGRESS_INTERVAL`` seconds (default 2e-4) while any are pending and sleeps otherwise;
-``DISTPROP_PROGRESS_THREAD=0`` turns it off (then only :meth:`Communicator.progress` calls, e.g.
-from DDP's gradient hooks, and ``wait()`` advance them). All MPI calls of one communicator are
-serialised by a lock, so the thread and the main thread never complete the same request at once.
+communicator can run a small progress thread that tests outstanding requests every
+``DISTPROP_PROGRESS_INTERVAL`` seconds (default 2e-4) while any are pending and sleeps otherwise,
+so a long matrix product does not stall the transfer. ``DISTPROP_PROGRESS_THREAD=1|0`` forces it
+on or off; by default (``auto``) it runs only when the node has a core to spare for it (more
+cores than ranks on the node x BLAS threads per rank): on an oversubscribed node the thread takes
+CPU from the computation and measured slower. Without it, :meth:`Communicator.progress` calls
+(DDP makes one from every gradient hook), new MPI calls and ``wait()`` advance the transfers.
+All MPI calls of one communicator are serialised by a lock, so the thread and the main thread
+never complete the same request at once.
 """
 
 from __future__ import annotations
@@ -344,6 +348,23 @@ class _ProgressThread:
             time.sleep(self.interval)
 
 
+def _spare_core(ranks_on_node: int) -> bool:
+    """Whether this node has more cores than its ranks' BLAS threads occupy."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    threads = None
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = os.environ.get(var, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            threads = int(value)
+            break
+    if threads is None:  # BLAS will use every core it sees
+        return False
+    return cores > ranks_on_node * threads
+
+
 class MPICommunicator(Communicator):
     """Collectives over an mpi4py communicator (``MPI.COMM_WORLD`` by default).
 
@@ -366,7 +387,11 @@ class MPICommunicator(Communicator):
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._lock = threading.Lock()
         if progress_thread is None:
-            progress_thread = os.environ.get("DISTPROP_PROGRESS_THREAD", "1") not in ("0", "")
+            choice = os.environ.get("DISTPROP_PROGRESS_THREAD", "auto").strip().lower()
+            if choice in ("", "auto"):
+                progress_thread = _spare_core(self.local_size)
+            else:
+                progress_thread = choice not in ("0", "false", "off", "no")
         if progress_interval is None:
             progress_interval = float(os.environ.get("DISTPROP_PROGRESS_INTERVAL", "2e-4"))
         self._progress = _ProgressThread(self._lock, progress_interval, progress_thread)
@@ -452,6 +477,11 @@ class MPICommunicator(Communicator):
 
     def progress(self) -> None:
         self._progress.poll()
+
+    @property
+    def progress_thread(self) -> bool:
+        """Whether the background progress thread is on."""
+        return self._progress.enabled
 
     def set_progress_thread(self, enabled: bool) -> None:
         """Turn the background progress thread on or off (e.g. to measure what it buys)."""

@@ -2,15 +2,17 @@
 
 A compressed bucket travels as 16-bit words: IEEE half (``fp16``) or bfloat16 (``bf16``, the top
 16 bits of a float32, rounded to nearest even). NumPy has no bfloat16 dtype, so bf16 values live
-in ``uint16`` arrays and are converted with integer bit operations.
+in ``uint16`` arrays. Both conversions are done with integer bit operations on NumPy (NumPy's own
+float16 casts take a slow per-element path, worst on the tiny values gradients are full of),
+chunk by chunk so the scratch arrays stay in cache; CuPy uses its native casts. The results are
+bit-identical to a correctly rounded cast (``astype(float16)``, ``torch.bfloat16``).
 
 Reduction (MPI path): a user-defined, commutative MPI operation adds two 16-bit vectors by
 widening both to float32, adding, and rounding the sum back to 16 bits. The allreduce therefore
 moves half the bytes of a float32 allreduce and each partial sum is rounded once to the 16-bit
 format (for 2 ranks: one rounding of each input and one of the sum). DDP divides the bucket by
 the world size *before* encoding, so the fp16 sum cannot overflow unless an input already did.
-A non-finite value stays non-finite (a NaN whose payload lies only in the low 16 bits may become
-an infinity in bf16), so the non-finite check after the allreduce still sees it.
+Infinities and NaNs stay what they are, so the non-finite check after the allreduce sees them.
 """
 
 from __future__ import annotations
@@ -22,89 +24,189 @@ import numpy as np
 from distprop import backend
 
 KINDS = ("fp16", "bf16")
+_CHUNK = 1 << 16  # elements per chunk of the NumPy kernels (256 KiB per uint32 scratch array)
 
 _local = threading.local()
 
 
-def _workspace(xp, n: int, slot: int):
-    """A cached uint32 scratch array of at least ``n`` elements (per thread, per slot)."""
+def _scratch(slot: int, dtype=np.uint32) -> np.ndarray:
+    """A per-thread scratch array of ``_CHUNK`` elements."""
     cache = getattr(_local, "cache", None)
     if cache is None:
         cache = _local.cache = {}
-    key = (xp.__name__, slot)
+    key = (slot, np.dtype(dtype).str)
     arr = cache.get(key)
-    if arr is None or arr.size < n:
-        arr = xp.empty(max(n, 1), dtype=np.uint32)
-        cache[key] = arr
-    return arr[:n]
+    if arr is None:
+        arr = cache[key] = np.empty(_CHUNK, dtype=dtype)
+    return arr
 
 
-def _bf16_round(bits32, scratch, out16) -> None:
-    """out16 = bfloat16 bits of the float32 values whose bits are ``bits32`` (round to nearest
-    even); ``scratch`` is a uint32 array of the same size."""
-    xp = backend.get_array_module(bits32)
-    xp.right_shift(bits32, 16, out=scratch)
-    xp.bitwise_and(scratch, 1, out=scratch)
-    scratch += 0x7FFF
-    scratch += bits32
-    xp.right_shift(scratch, 16, out=scratch)
-    out16[...] = scratch  # narrowing copy: the value now fits in 16 bits
+# -- float32 bits <-> 16-bit words, on one NumPy chunk ----------------------------------------
+
+
+def _bf16_from_bits(bits, out16, tmp, a, mask) -> None:
+    """out16 = bfloat16 of the float32 values with bits ``bits`` (round to nearest even; a NaN
+    stays a (quiet) NaN)."""
+    np.right_shift(bits, 16, out=tmp)
+    tmp &= 1
+    tmp += 0x7FFF
+    tmp += bits
+    tmp >>= 16
+    np.bitwise_and(bits, 0x7FFFFFFF, out=a)
+    np.greater(a, 0x7F800000, out=mask)
+    np.right_shift(bits, 16, out=a)
+    a |= 0x0040
+    np.copyto(tmp, a, where=mask)
+    out16[...] = tmp  # narrowing copy: the value now fits in 16 bits
+
+
+def _fp16_from_bits(bits, out16, a, n, d, mask) -> None:
+    """out16 = IEEE half of the float32 values with bits ``bits`` (round to nearest even).
+
+    F. Giesen's branch-free float_to_half (RTNE) with the branches as masks."""
+    np.bitwise_and(bits, 0x7FFFFFFF, out=a)  # |x|
+    np.right_shift(a, 13, out=n)  # normal range: rebias the exponent, round the mantissa
+    n &= 1
+    n += a
+    n += 0xC8000FFF  # ((15 - 127) << 23) + 0xfff, modulo 2**32
+    n >>= 13
+    with np.errstate(all="ignore"):  # subnormal halves: let a float addition do the rounding
+        np.add(a.view(np.float32), np.float32(0.5), out=d.view(np.float32))
+    d -= 0x3F000000
+    np.less(a, 0x38800000, out=mask)  # below 2**-14
+    np.copyto(n, d, where=mask)
+    np.greater_equal(a, 0x47800000, out=mask)  # 65536 and up: infinity
+    np.copyto(n, 0x7C00, where=mask)
+    np.greater(a, 0x7F800000, out=mask)  # NaN
+    np.copyto(n, 0x7E00, where=mask)
+    np.right_shift(bits, 16, out=d)
+    d &= 0x8000
+    n |= d
+    out16[...] = n
+
+
+def _bits_from_fp16(h16, out, tmp, mask) -> None:
+    """out (uint32) = float32 bits of the IEEE halves ``h16`` (exact)."""
+    out[...] = h16
+    out &= 0x7FFF
+    out <<= 13
+    np.bitwise_and(out, 0x0F800000, out=tmp)  # the half's exponent field
+    out += 0x38000000  # rebias: (127 - 15) << 23
+    np.equal(tmp, 0x0F800000, out=mask)  # infinity / NaN
+    np.add(out, 0x38000000, out=out, where=mask)
+    np.equal(tmp, 0, out=mask)  # zero / subnormal: renormalise with a float subtraction
+    np.add(out, 0x00800000, out=out, where=mask)
+    np.subtract(out.view(np.float32), np.float32(2.0 ** -14), out=out.view(np.float32),
+                where=mask)
+    tmp[...] = h16
+    tmp &= 0x8000
+    tmp <<= 16
+    out |= tmp
+
+
+def _encode_chunk(src, out16, kind: str) -> None:
+    m = src.size
+    if src.dtype == np.float32:
+        bits = src.view(np.uint32)
+    else:
+        bits = _scratch(0)[:m]
+        bits.view(np.float32)[...] = src
+    if kind == "bf16":
+        _bf16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m], _scratch(0, bool)[:m])
+    else:
+        _fp16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m], _scratch(3)[:m],
+                        _scratch(0, bool)[:m])
+
+
+def _decode_chunk(src16, out, kind: str) -> None:
+    m = src16.size
+    direct = out.dtype == np.float32
+    bits = out.view(np.uint32) if direct else _scratch(0)[:m]
+    if kind == "bf16":
+        bits[...] = src16
+        bits <<= 16
+    else:
+        _bits_from_fp16(src16, bits, _scratch(1)[:m], _scratch(0, bool)[:m])
+    if not direct:
+        with np.errstate(invalid="ignore"):  # signalling NaNs widen to quiet ones
+            out[...] = bits.view(np.float32)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown compression {kind!r}: expected one of {', '.join(KINDS)}")
 
 
 def encode(src, out16, kind: str) -> None:
     """Write ``src`` (a float array) into the uint16 array ``out16`` as ``kind`` words."""
+    _check_kind(kind)
     xp = backend.get_array_module(src)
-    if kind == "fp16":
-        out16.view(xp.float16)[...] = src
+    if xp is not np:
+        _encode_device(xp, src, out16, kind)
         return
-    if kind != "bf16":
-        raise ValueError(f"unknown compression {kind!r}: expected one of {', '.join(KINDS)}")
-    n = src.size
-    if src.dtype == np.float32 and src.flags.c_contiguous:
-        bits = src.view(np.uint32)
-    else:
-        bits = _workspace(xp, n, 0)
-        bits.view(np.float32)[...] = src.reshape(-1)
-    _bf16_round(bits, _workspace(xp, n, 1), out16)
+    src, flat = np.ascontiguousarray(src).reshape(-1), out16.reshape(-1)
+    for s in range(0, src.size, _CHUNK):
+        _encode_chunk(src[s:s + _CHUNK], flat[s:s + _CHUNK], kind)
 
 
 def decode(src16, out, kind: str) -> None:
     """Write the ``kind`` words in ``src16`` (uint16) into the float array ``out``."""
+    _check_kind(kind)
     xp = backend.get_array_module(src16)
+    if xp is not np:
+        _decode_device(xp, src16, out, kind)
+        return
+    if not out.flags.c_contiguous:
+        tmp = np.empty(out.shape, dtype=out.dtype)
+        decode(src16, tmp, kind)
+        out[...] = tmp
+        return
+    flat, dst = src16.reshape(-1), out.reshape(-1)
+    for s in range(0, flat.size, _CHUNK):
+        _decode_chunk(flat[s:s + _CHUNK], dst[s:s + _CHUNK], kind)
+
+
+def _encode_device(xp, src, out16, kind: str) -> None:
+    if kind == "fp16":
+        out16.view(xp.float16)[...] = src
+        return
+    bits = src.astype(xp.float32).reshape(-1).view(xp.uint32)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    words = (bits + rounding) >> 16
+    words = xp.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x0040, words)
+    out16.reshape(-1)[...] = words.astype(xp.uint16)
+
+
+def _decode_device(xp, src16, out, kind: str) -> None:
     if kind == "fp16":
         out[...] = src16.view(xp.float16)
         return
-    if kind != "bf16":
-        raise ValueError(f"unknown compression {kind!r}: expected one of {', '.join(KINDS)}")
-    if out.dtype == np.float32 and out.flags.c_contiguous:
-        bits = out.reshape(-1).view(np.uint32)
-        bits[...] = src16
-        bits <<= 16
-        return
-    bits = _workspace(xp, src16.size, 0)
-    bits[...] = src16
-    bits <<= 16
-    out.reshape(-1)[...] = bits.view(np.float32)
+    out.reshape(-1)[...] = (src16.reshape(-1).astype(xp.uint32) << 16).view(xp.float32)
+
+
+# -- MPI reduction operations ------------------------------------------------------------------
+
+
+def _sum16(inbuf, inoutbuf, kind: str) -> None:
+    """inout = round16(float(in) + float(inout)), chunk by chunk."""
+    a = np.frombuffer(inbuf, dtype=np.uint16)
+    b = np.frombuffer(inoutbuf, dtype=np.uint16)
+    fa_all, fb_all = _scratch(4, np.float32), _scratch(5, np.float32)
+    for s in range(0, a.size, _CHUNK):
+        ca, cb = a[s:s + _CHUNK], b[s:s + _CHUNK]
+        fa, fb = fa_all[:ca.size], fb_all[:ca.size]
+        _decode_chunk(ca, fa, kind)
+        _decode_chunk(cb, fb, kind)
+        fb += fa
+        _encode_chunk(fb, cb, kind)
 
 
 def _fp16_sum(inbuf, inoutbuf, datatype) -> None:
-    a = np.frombuffer(inbuf, dtype=np.float16)
-    b = np.frombuffer(inoutbuf, dtype=np.float16)
-    np.add(a, b, out=b)
+    _sum16(inbuf, inoutbuf, "fp16")
 
 
 def _bf16_sum(inbuf, inoutbuf, datatype) -> None:
-    a = np.frombuffer(inbuf, dtype=np.uint16)
-    b = np.frombuffer(inoutbuf, dtype=np.uint16)
-    n = a.size
-    wa, wb = _workspace(np, n, 2), _workspace(np, n, 3)
-    wa[...] = a
-    wa <<= 16
-    wb[...] = b
-    wb <<= 16
-    fb = wb.view(np.float32)
-    fb += wa.view(np.float32)
-    _bf16_round(wb, wa, b)
+    _sum16(inbuf, inoutbuf, "bf16")
 
 
 _MPI_OPS: dict[str, object] = {}

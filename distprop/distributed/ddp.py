@@ -84,7 +84,9 @@ class DistributedDataParallel(Module):
             check) for a non-finite averaged gradient.
         check_replicas_every: every this many training forwards, compare a checksum of the
             parameters across ranks and raise naming diverged ranks (0 disables).
-        comm: the communicator (default: ``distprop.distributed.init()``).
+        comm: the communicator (default: ``distprop.distributed.init()``), or how to reduce
+            GPU gradients: ``'auto'``, ``'nccl'``, ``'mpi-cuda'`` or ``'mpi-host'`` (see
+            :func:`distprop.distributed.selection.make_comm`).
 
     ``state_dict()`` keys are the wrapped module's keys without a ``module.`` prefix, so
     checkpoints load into the bare model; ``load_state_dict`` also accepts ``module.``-prefixed
@@ -95,7 +97,7 @@ class DistributedDataParallel(Module):
                  overlap: bool = True, compression: str | None = None,
                  broadcast_buffers: bool = True, find_unused_parameters: bool = False,
                  nonfinite: str | None = "raise", check_replicas_every: int = 0,
-                 comm: Communicator | None = None):
+                 comm: Communicator | str | None = None):
         super().__init__()
         if not isinstance(module, Module):
             raise TypeError(f"DistributedDataParallel wraps a Module, got {type(module).__name__}")
@@ -108,6 +110,11 @@ class DistributedDataParallel(Module):
                 f"bucket sizes must be positive, got bucket_cap_mb={bucket_cap_mb}, "
                 f"first_bucket_mb={first_bucket_mb}"
             )
+        if isinstance(comm, str):  # 'auto', 'nccl', 'mpi-cuda', 'mpi-host': for the model's device
+            from distprop.distributed.selection import make_comm  # noqa: PLC0415
+
+            first = next(iter(module.parameters()), None)
+            comm = make_comm(comm, device=None if first is None else first.device)
         if comm is None:
             from distprop import distributed  # noqa: PLC0415
 
@@ -434,7 +441,7 @@ class DistributedDataParallel(Module):
         self.skipped_steps += 1
 
 
-_CHUNK_BYTES = 1 << 20  # scale and check 1 MiB at a time, so the check reads from cache
+_CHUNK_BYTES = 1 << 19  # scale and check 512 KiB at a time, so the check reads from cache
 
 
 def _exactly_finite(array) -> bool:
