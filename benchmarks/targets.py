@@ -138,9 +138,38 @@ def _overlap_detail(runs):
             f"step {_ms(on['step_s'])} vs {_ms(off['step_s'])}")
 
 
+def _compute_on_off(runs):
+    on, off = _row(runs[0], ranks=2), _row(runs[1], ranks=2)
+    return None if on is None or off is None else on["compute_s"] / off["compute_s"]
+
+
+def _compute_two_one(runs):
+    one, two = _row(runs[0], ranks=1), _row(runs[0], ranks=2)
+    return None if one is None or two is None else two["compute_s"] / one["compute_s"]
+
+
+def _launch_share(runs):
+    off = _row(runs[0], ranks=2)
+    if off is None or not off["exposed_comm_s"] or off.get("launch_s") is None:
+        return None
+    return off["launch_s"] / off["exposed_comm_s"]
+
+
+def _no_overlap_detail(runs):
+    one, two = _row(runs[0], ranks=1), _row(runs[0], ranks=2)
+    if one is None or two is None:
+        return "a run failed"
+    launch = two.get("launch_s")
+    return (f"compute {_ms(one['compute_s'])} (1 rank) -> {_ms(two['compute_s'])} (2 ranks); "
+            f"2-rank sync {_ms(two['exposed_comm_s'])}, of which starting it (divide by the "
+            f"world size + finiteness check, then MPI_Iallreduce) {_ms(launch)}")
+
+
 def targets(steps: int = 30, warmup: int = 5) -> list[Target]:
     """The targets, with ``steps`` timed and ``warmup`` untimed steps per run."""
     sw = ("--steps", str(steps), "--warmup", str(warmup))
+    wide_on = ("bench", "scaling", "--model", "wide", "--ranks", "2", "--overlap", *sw)
+    wide_off = ("bench", "scaling", "--model", "wide", "--ranks", "1,2", "--no-overlap", *sw)
     mlp_peers = ("bench", "peers", "--model", "mlp", "--ranks", "1,2", "--peers",
                  "torch,torch-ddp", *sw)
     return [
@@ -162,7 +191,12 @@ def targets(steps: int = 30, warmup: int = 5) -> list[Target]:
                (("bench", "allreduce", "--model", "wide", "--ranks", "2", "--methods",
                  "mpi,ddp"),), _sync_ratio, _sync_detail),
         Target("wide_overlap", "wide, 2 ranks: exposed comm with overlap on / off", "<= 0.5",
-               (("bench", "scaling", "--model", "wide", "--ranks", "2", "--overlap", *sw),
-                ("bench", "scaling", "--model", "wide", "--ranks", "2", "--no-overlap", *sw)),
-               _overlap_ratio, _overlap_detail),
+               (wide_on, wide_off), _overlap_ratio, _overlap_detail),
+        Target("wide_compute_overlap", "diagnostic: wide, 2 ranks: compute with overlap on / "
+               "off", None, (wide_on, wide_off), _compute_on_off, _overlap_detail),
+        Target("wide_compute_ranks", "diagnostic: wide, overlap off: compute at 2 ranks / 1 "
+               "rank", None, (wide_off,), _compute_two_one, _no_overlap_detail),
+        Target("wide_launch_share", "diagnostic: wide, overlap off: share of the sync spent "
+               "starting it (divide + check)", None, (wide_off,), _launch_share,
+               _no_overlap_detail),
     ]

@@ -155,6 +155,7 @@ def test_step_breakdown():
     assert got["compute_s"] == pytest.approx(350e-6)
     assert got["comm_s"] == pytest.approx(240e-6)  # 150..350 and 360..400
     assert got["optimizer_s"] == pytest.approx(50e-6)
+    assert got["launch_s"] == pytest.approx(10e-6)
 
 
 def test_interval_helpers():

@@ -11,6 +11,8 @@ The definitions (all per rank, per step, in seconds):
 - ``comm_s``: the union of every ``comm`` interval, blocking or in flight (a bucket's allreduce
   from launch to completion): how long communication was active at all. ``comm_s -
   exposed_comm_s`` is the part hidden behind compute.
+- ``launch_s``: the part of ``exposed_comm_s`` spent starting allreduces (``allreduce.launch``:
+  DDP's divide-by-world-size pass over the bucket and the MPI call that starts it).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def step_breakdown(events: list[dict]) -> dict[str, float]:
     """Compute/comm/exposed seconds of one step from its Chrome-trace events (``ts``/``dur`` in
     microseconds, ``tid`` 0 = compute, 1 = comm, ``cat`` ``"blocking"`` or ``"async"``)."""
     phases = {"forward": [], "backward": [], "optimizer.step": []}
-    comm_all, comm_blocking = [], []
+    comm_all, comm_blocking, launches = [], [], []
     for e in events:
         if e.get("ph") != "X":
             continue
@@ -63,6 +65,8 @@ def step_breakdown(events: list[dict]) -> dict[str, float]:
             comm_all.append(iv)
             if e.get("cat", "blocking") == "blocking":
                 comm_blocking.append(iv)
+                if e["name"] == "allreduce.launch":
+                    launches.append(iv)
         elif e["name"] in phases:
             phases[e["name"]].append(iv)
     compute_ivs = phases["forward"] + phases["backward"]
@@ -76,4 +80,5 @@ def step_breakdown(events: list[dict]) -> dict[str, float]:
         "compute_s": compute * us,
         "comm_s": length(comm_all) * us,
         "exposed_comm_s": exposed * us,
+        "launch_s": length(launches) * us,
     }

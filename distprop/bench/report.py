@@ -17,10 +17,11 @@ SCALING_KEYS = (
     "workload", "mode", "ranks", "threads_per_rank", "batch_per_rank", "global_batch", "steps",
     "overlap", "bucket_mb", "compression", "device",
     "step_s", "step_median_s", "step_min_s", "step_max_s", "samples_per_s", "speedup",
-    "efficiency", "baseline_ranks", "compute_s", "comm_s", "exposed_comm_s", "optimizer_s",
+    "efficiency", "baseline_ranks", "compute_s", "comm_s", "exposed_comm_s", "launch_s",
+    "optimizer_s",
     "straggler_spread_s", "peak_rss_mb", "peak_rss_mb_max", "error",
 )
-_PER_STEP = ("compute_s", "comm_s", "exposed_comm_s", "optimizer_s")
+_PER_STEP = ("compute_s", "comm_s", "exposed_comm_s", "launch_s", "optimizer_s")
 
 
 def _median(values: list) -> float | None:

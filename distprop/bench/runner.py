@@ -85,7 +85,7 @@ def train_worker(config: dict) -> dict | None:
     kept: list[dict] = []
     per_step: dict[str, list[float]] = {k: [] for k in (
         "step_s", "forward_s", "backward_s", "optimizer_s", "compute_s", "comm_s",
-        "exposed_comm_s")}
+        "exposed_comm_s", "launch_s")}
     if hasattr(world, "barrier"):
         world.barrier()
     for i in range(warmup + steps):
