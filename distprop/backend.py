@@ -145,6 +145,8 @@ def to_device(array, dev: Device):
     if dev.is_cuda:
         cp = _load_cupy()
         with cp.cuda.Device(dev.index):
+            if isinstance(array, cp.ndarray) and array.device.id != dev.index:
+                return array.copy()  # ndarray.copy() copies onto the current device
             return cp.asarray(array)
     return to_host(array)
 

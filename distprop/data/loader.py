@@ -26,18 +26,32 @@ def collate_numpy(samples: list):
     return np.stack([np.asarray(s) for s in samples])
 
 
-def to_tensors(batch, device=None):
-    """Turn NumPy arrays (possibly nested in tuples/lists/dicts) into Tensors on ``device``."""
+def to_tensors(batch, device=None, sync_host: bool = True):
+    """Turn NumPy arrays (possibly nested in tuples/lists/dicts) into Tensors on ``device``.
+
+    To a GPU the arrays go through pinned host buffers with an asynchronous copy on a separate
+    stream (:func:`distprop.placement.batch_to_device`); ``sync_host`` makes the calling thread
+    wait for the copy (for a prefetch thread), else the current stream waits for it.
+    """
+    if device is not None and backend.device(device).is_cuda:
+        from distprop import placement  # noqa: PLC0415
+
+        staged = placement.batch_to_device(batch, backend.device(device), sync_host)
+        return _wrap_device(staged)
     if isinstance(batch, tuple | list):
         return type(batch)(to_tensors(b, device) for b in batch)
     if isinstance(batch, dict):
         return {k: to_tensors(v, device) for k, v in batch.items()}
-    array = np.ascontiguousarray(batch)
-    if device is not None:
-        dev = backend.device(device)
-        if dev.is_cuda:
-            return Tensor._wrap(backend.to_device(array, dev))
-    return Tensor._wrap(array)
+    return Tensor._wrap(np.ascontiguousarray(batch))
+
+
+def _wrap_device(batch):
+    """Device arrays (possibly nested) as Tensors."""
+    if isinstance(batch, tuple | list):
+        return type(batch)(_wrap_device(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _wrap_device(v) for k, v in batch.items()}
+    return Tensor._wrap(batch)
 
 
 class DataLoader:
@@ -58,7 +72,8 @@ class DataLoader:
         drop_last: drop the last incomplete batch.
         prefetch: number of batches a background thread prepares ahead (0 = none).
         collate_fn: maps a list of samples to NumPy arrays (non-array-backed datasets only).
-        device: move each batch to this device (in the prefetch thread when prefetching).
+        device: move each batch to this device once (in the prefetch thread when prefetching);
+            to a GPU through pinned host memory and an asynchronous copy on its own stream.
 
     Raises:
         ValueError: on a non-positive batch size, a negative prefetch, or shuffle with a sampler.
@@ -141,7 +156,8 @@ class DataLoader:
             batch = arrays if len(arrays) > 1 else arrays[0]
         else:
             batch = self.collate_fn([self.dataset[int(i)] for i in idx])
-        return to_tensors(batch, self.device)
+        # A prefetch thread waits for its host-to-device copies; the consumer never does.
+        return to_tensors(batch, self.device, sync_host=self.prefetch > 0)
 
     def __iter__(self) -> Iterator:
         batches = self._batch_slices()  # indices are drawn here, in the caller's thread

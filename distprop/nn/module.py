@@ -249,7 +249,9 @@ class Module:
     def to(self, device=None, dtype=None) -> Module:
         """Move parameters and buffers to ``device`` and/or cast floating ones to ``dtype``.
 
-        Parameters stay the same objects (optimizers keep working), as in PyTorch.
+        Parameters stay the same objects (optimizers keep working), as in PyTorch. Parameters
+        that lived in a flat buffer move into a new flat buffer on the target device, gradients
+        included; an optimizer built before the move moves its state there on its next step.
         """
         if isinstance(device, (type, np.dtype)) and dtype is None:
             device, dtype = None, device
@@ -263,7 +265,11 @@ class Module:
                 a = backend.to_device(a, dev)
             return a
 
+        from distprop import placement  # noqa: PLC0415
+
+        flat = placement.flat_members(self)
         self._move_tensors(convert)
+        placement.reflatten(flat)  # flat parameters stay views of one buffer on the new device
         return self
 
     def cpu(self) -> Module:
@@ -321,8 +327,8 @@ class Module:
                     f"from checkpoint, the shape in current model is {target.shape}."
                 )
                 continue
-            xp = backend.get_array_module(target.data)
-            target.data[...] = xp.asarray(value).astype(target.dtype, copy=False)
+            value = backend.to_device(value, target.device)  # host <-> device as needed
+            target.data[...] = value.astype(target.dtype, copy=False)
         if strict:
             if unexpected:
                 errors.insert(0, "Unexpected key(s) in state_dict: " + ", ".join(unexpected))

@@ -26,6 +26,19 @@ def _check_devices(op: str, a, b) -> None:
                 f"{op}: expected all tensors on the same device, got {device_of(a)} and "
                 f"{device_of(b)}"
             )
+    elif xa is xb and xa.__name__ == "cupy" and a.device.id != b.device.id:
+        raise RuntimeError(
+            f"{op}: expected all tensors on the same device, got cuda:{a.device.id} and "
+            f"cuda:{b.device.id}"
+        )
+
+
+def check_same_device(op: str, *arrays) -> None:
+    """Raise ``RuntimeError`` naming both devices when ``arrays`` (None skipped) live on
+    different devices (CPU vs CUDA, or two GPUs)."""
+    present = [a for a in arrays if a is not None and hasattr(a, "shape")]
+    for other in present[1:]:
+        _check_devices(op, present[0], other)
 
 
 class Add(Function):

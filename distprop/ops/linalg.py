@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from distprop.backend import get_array_module
 from distprop.ops._util import grad_destination, unbroadcast
+from distprop.ops.arith import check_same_device
 from distprop.tensor import Function
 
 
@@ -17,6 +18,7 @@ class MatMul(Function):
     def forward(self, a, b):
         if a.ndim == 0 or b.ndim == 0:
             raise RuntimeError("matmul: both arguments must be at least 1-dimensional")
+        check_same_device("matmul", a, b)
         ka = a.shape[-1]
         kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
         if ka != kb:
@@ -58,6 +60,7 @@ class Linear(Function):
     """out = x @ W^T + b; grads: g @ W, g^T @ x, sum(g)."""
 
     def forward(self, x, weight, bias=None):
+        check_same_device("linear", x, weight, bias)
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(
                 f"linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the "

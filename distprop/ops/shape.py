@@ -6,6 +6,7 @@ import numpy as np
 
 from distprop import backend
 from distprop.backend import get_array_module
+from distprop.ops.arith import check_same_device
 from distprop.tensor import Function, Tensor
 
 
@@ -80,6 +81,7 @@ class Cat(Function):
     def forward(self, *arrays, dim=0):
         if not arrays:
             raise ValueError("cat() expects a non-empty sequence of tensors")
+        check_same_device("cat", *arrays)
         xp = get_array_module(*arrays)
         ndim = arrays[0].ndim
         d = dim % ndim
@@ -106,6 +108,7 @@ class Stack(Function):
     def forward(self, *arrays, dim=0):
         if not arrays:
             raise ValueError("stack() expects a non-empty sequence of tensors")
+        check_same_device("stack", *arrays)
         for i, a in enumerate(arrays):
             if a.shape != arrays[0].shape:
                 raise ValueError(

@@ -190,8 +190,8 @@ class Optimizer:
                            {**scalar_init, **dict.fromkeys(old_seg.scalars, 0.0)})
                 old_arrays, old_scalars = old_seg.views(old_k)
                 arrays, scalars = seg.views(k)
-                for name, value in old_arrays.items():
-                    arrays[name][...] = value
+                for name, value in old_arrays.items():  # across devices after Module.to()
+                    arrays[name][...] = backend.to_device(value, backend.device_of(arrays[name]))
                 for name, value in old_scalars.items():
                     scalars[name][...] = value
                 seg.inited[k] = True
@@ -461,8 +461,8 @@ class Optimizer:
             arrays, scalars = seg.views(k)
             for name, value in entry.items():
                 target = arrays[name] if name in arrays else scalars[name]
-                xp = backend.get_array_module(target)
-                target[...] = xp.asarray(value).astype(target.dtype, copy=False)
+                value = backend.to_device(value, backend.device_of(target))
+                target[...] = value.astype(target.dtype, copy=False)
             seg.inited[k] = True
             self._publish(seg, k)
         if self._eager_state:
