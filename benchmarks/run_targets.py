@@ -5,8 +5,10 @@
     python benchmarks/make_table.py                        # results/README.md from the JSON
 
 Each distinct command runs once per round (rounds interleave the commands, so a burst of load
-on a shared machine hits one round of everything rather than every round of one thing). The
-runs are appended to ``results/scaling_targets.json`` with the load average before and after.
+on a shared machine hits one round of everything rather than every round of one thing); before
+each command it waits (up to ``--max-wait`` s) for the load average to fall below
+``--max-load``. The runs are appended to ``results/scaling_targets.json`` with the load average
+before and after.
 """
 
 from __future__ import annotations
@@ -54,9 +56,20 @@ def machine() -> dict:
     return info
 
 
-def run_command(args: tuple[str, ...], repeat: int) -> dict:
+def wait_for_quiet(max_load: float, max_wait: float) -> float:
+    """Sleep until the 1-minute load average is below ``max_load`` (at most ``max_wait`` s)."""
+    waited = 0.0
+    while os.getloadavg()[0] > max_load and waited < max_wait:
+        time.sleep(5)
+        waited += 5
+    return waited
+
+
+def run_command(args: tuple[str, ...], repeat: int, max_load: float, max_wait: float) -> dict:
     cmd = [sys.executable, "-m", "distprop", *args]
-    print(f"[round {repeat}] distprop {' '.join(args)}", file=sys.stderr, flush=True)
+    waited = wait_for_quiet(max_load, max_wait)
+    print(f"[round {repeat}] distprop {' '.join(args)} (load {os.getloadavg()[0]:.1f}, waited "
+          f"{waited:.0f} s)", file=sys.stderr, flush=True)
     load_before = os.getloadavg()
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -75,6 +88,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--only", default=None, help="comma-separated target names")
     parser.add_argument("--fresh", action="store_true", help="drop earlier recorded runs")
+    parser.add_argument("--max-load", type=float, default=1.0,
+                        help="wait for the 1-minute load average to drop below this")
+    parser.add_argument("--max-wait", type=float, default=300.0,
+                        help="seconds to wait for that before running anyway")
     args = parser.parse_args()
     chosen = targets(args.steps, args.warmup)
     if args.only:
@@ -90,7 +107,7 @@ def main() -> int:
     first_round = max((r["repeat"] for r in doc["runs"]), default=-1) + 1
     for i in range(first_round, first_round + args.repeat):
         for command in commands:
-            doc["runs"].append(run_command(command, i))
+            doc["runs"].append(run_command(command, i, args.max_load, args.max_wait))
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {RESULTS}", file=sys.stderr)
