@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
+from distprop import cuda_kernels
 from distprop.backend import get_array_module
+from distprop.ops.arith import check_same_device
 from distprop.tensor import Function, Tensor
 
 
@@ -133,16 +137,18 @@ class ConvNd(Function):
         rows = cg >= self.ROWS_MIN_CHANNELS
         fuse = bias is not None and g == 1
         ka = kk + 1 if fuse else kk
-        xpad = _padded(xp, x, padding, channels_last=rows)
-        # Strided view (N, *out, g, *kernel, cg) of the padded input, any layout.
-        sn, sc, *ssp = xpad.strides
-        view = as_strided(
-            xp, xpad, (n, *out_sp, g, *kernel, cg),
-            (sn, *(st * s for st, s in zip(ssp, stride)), sc * cg,
-             *(st * d for st, d in zip(ssp, dilation)), sc),
-        )
         buf = xp.empty((m, g, ka) if rows else (g, ka, m), dtype=x.dtype)
-        _logical_cols(xp, buf, rows, n, out_sp, g, kernel, cg)[...] = view
+        if xp is np or not cuda_kernels.im2col(x, buf, rows, out_sp, kernel, stride, dilation,
+                                               padding, g):
+            xpad = _padded(xp, x, padding, channels_last=rows)
+            # Strided view (N, *out, g, *kernel, cg) of the padded input, any layout.
+            sn, sc, *ssp = xpad.strides
+            view = as_strided(
+                xp, xpad, (n, *out_sp, g, *kernel, cg),
+                (sn, *(st * s for st, s in zip(ssp, stride)), sc * cg,
+                 *(st * d for st, d in zip(ssp, dilation)), sc),
+            )
+            _logical_cols(xp, buf, rows, n, out_sp, g, kernel, cg)[...] = view
         # Weight (o, cg, *kernel) -> (g, og, *kernel, cg) -> (g, og, K), the cols order.
         wk = xp.empty((g, og, ka), dtype=x.dtype)
         wk[:, :, :kk].reshape(g, og, *kernel, cg)[...] = weight.reshape(
@@ -184,8 +190,10 @@ class ConvNd(Function):
             gbuf = xp.empty((m, g, kk) if rows else (g, kk, m), dtype=grad_out.dtype)
             ga = gbuf.transpose(1, 0, 2) if rows else gbuf.transpose(0, 2, 1)  # (g, M, K)
             xp.matmul(g2, self.wk[:, :, :kk], out=ga)
-            gcols = _logical_cols(xp, gbuf, rows, n, out_sp, g, kernel, cg)
-            gx = _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, rows)
+            if xp is np or (gx := cuda_kernels.col2im(gbuf, x_shape, rows, out_sp, kernel, stride,
+                                                      dilation, padding, g)) is None:
+                gcols = _logical_cols(xp, gbuf, rows, n, out_sp, g, kernel, cg)
+                gx = _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, rows)
         return gx, gw, gb
 
 
@@ -269,6 +277,7 @@ def conv_nd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
         )
     if bias is not None and tuple(bias.shape) != (o,):
         raise ValueError(f"{name}: bias must have shape ({o},), got {bias.shape}")
+    check_same_device(name, input.data, weight.data, None if bias is None else bias.data)
     kernel = tuple(weight.shape[2:])
     stride = ntuple(stride, nd, "stride")
     dilation = ntuple(dilation, nd, "dilation")

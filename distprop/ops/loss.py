@@ -12,8 +12,10 @@ import contextlib
 
 import numpy as np
 
+from distprop import cuda_kernels
 from distprop.backend import get_array_module
 from distprop.ops.activation import stable_sigmoid
+from distprop.ops.arith import check_same_device
 from distprop.tensor import Function, Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -468,7 +470,9 @@ class NLL(Function):
 def _target(name: str, input, target):
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}(): expected the input to be a Tensor, got {type(input).__name__}")
-    return target if isinstance(target, Tensor) else Tensor(target)
+    target = target if isinstance(target, Tensor) else Tensor(target)
+    check_same_device(name, input.data, target.data)
+    return target
 
 
 def _array(value):
@@ -522,8 +526,12 @@ def cross_entropy(input: Tensor, target, weight=None, size_average=None, ignore_
     reduction = legacy_reduction(size_average, reduce, reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    target = _target("cross_entropy", input, target)
+    if cuda_kernels.use_fused_cross_entropy(input, target, weight, label_smoothing):
+        return cuda_kernels.FusedCrossEntropy.apply(input, target, ignore_index=int(ignore_index),
+                                                    reduction=reduction)
     return CrossEntropy.apply(
-        input, _target("cross_entropy", input, target), weight=_array(weight),
+        input, target, weight=_array(weight),
         ignore_index=int(ignore_index), reduction=reduction, label_smoothing=float(label_smoothing),
     )
 

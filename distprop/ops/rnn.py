@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distprop import cuda_kernels
 from distprop.backend import get_array_module
 from distprop.tensor import Function
 
@@ -213,15 +214,16 @@ class LSTMLayer(Function):
             g = gates[t]
             xp.matmul(hs[p], w_hh_t, out=rec)
             g += rec
-            xp.tanh(g, out=g)
-            g *= post_scale
-            g += post_shift
             c = cs[n]
-            xp.multiply(g[:, h1:h2], cs[p], out=c)
-            xp.multiply(g[:, :h1], g[:, h2:h3], out=tmp)
-            c += tmp
-            xp.tanh(c, out=tanh_c[t])
-            xp.multiply(g[:, h3:], tanh_c[t], out=hs[n])
+            if xp is np or not cuda_kernels.lstm_forward_step(g, cs[p], c, tanh_c[t], hs[n]):
+                xp.tanh(g, out=g)
+                g *= post_scale
+                g += post_shift
+                xp.multiply(g[:, h1:h2], cs[p], out=c)
+                xp.multiply(g[:, :h1], g[:, h2:h3], out=tmp)
+                c += tmp
+                xp.tanh(c, out=tanh_c[t])
+                xp.multiply(g[:, h3:], tanh_c[t], out=hs[n])
             if seq.has_pad[t]:
                 xp.copyto(c, cs[p], where=seq.pad[t])
                 xp.copyto(hs[n], hs[p], where=seq.pad[t])
@@ -249,23 +251,24 @@ class LSTMLayer(Function):
                 dh *= seq.valid[t]
                 dc *= seq.valid[t]
             a, d, tc = gates[t], dgates[t], tanh_c[t]
-            # h = o * tanh(c): do = dh * tanh(c); dc += dh * o * (1 - tanh(c)^2)
-            xp.multiply(dh, tc, out=d[:, h3:])
-            xp.multiply(tc, tc, out=tmp)
-            xp.subtract(1.0, tmp, out=tmp)
-            tmp *= a[:, h3:]
-            tmp *= dh
-            dc += tmp
-            # c = f * c_prev + i * g
-            xp.multiply(dc, a[:, h2:h3], out=d[:, :h1])
-            xp.multiply(dc, cs[p], out=d[:, h1:h2])
-            xp.multiply(dc, a[:, :h1], out=d[:, h2:h3])
-            dc *= a[:, h1:h2]
-            # activations: sigmoid' = a (1 - a), tanh' = (1 + a)(1 - a)
-            xp.subtract(1.0, a, out=deriv)
-            xp.add(a, is_tanh, out=deriv2)
-            deriv *= deriv2
-            d *= deriv
+            if xp is np or not cuda_kernels.lstm_backward_step(a, tc, cs[p], dh, dc, d):
+                # h = o * tanh(c): do = dh * tanh(c); dc += dh * o * (1 - tanh(c)^2)
+                xp.multiply(dh, tc, out=d[:, h3:])
+                xp.multiply(tc, tc, out=tmp)
+                xp.subtract(1.0, tmp, out=tmp)
+                tmp *= a[:, h3:]
+                tmp *= dh
+                dc += tmp
+                # c = f * c_prev + i * g
+                xp.multiply(dc, a[:, h2:h3], out=d[:, :h1])
+                xp.multiply(dc, cs[p], out=d[:, h1:h2])
+                xp.multiply(dc, a[:, :h1], out=d[:, h2:h3])
+                dc *= a[:, h1:h2]
+                # activations: sigmoid' = a (1 - a), tanh' = (1 + a)(1 - a)
+                xp.subtract(1.0, a, out=deriv)
+                xp.add(a, is_tanh, out=deriv2)
+                deriv *= deriv2
+                d *= deriv
             xp.matmul(d, w_hh, out=dh)
             if carry_h is not None:
                 dh += carry_h
@@ -304,19 +307,20 @@ class GRULayer(Function):
             xp.matmul(hs[p], w_hh_t, out=rec)
             if b_hh_s is not None:
                 rec += b_hh_s
-            rz, cand = g[:, :h2], g[:, h2:]
-            rz += rec[:, :h2]
-            xp.tanh(rz, out=rz)
-            rz *= post_scale[:h2]
-            rz += post_shift[:h2]
-            hidden_n[t] = rec[:, h2:]
-            xp.multiply(rz[:, :hidden], rec[:, h2:], out=rec[:, h2:])
-            cand += rec[:, h2:]
-            xp.tanh(cand, out=cand)
             h = hs[n]
-            xp.subtract(hs[p], cand, out=h)
-            h *= rz[:, hidden:]
-            h += cand
+            if xp is np or not cuda_kernels.gru_forward_step(g, rec, hs[p], hidden_n[t], h):
+                rz, cand = g[:, :h2], g[:, h2:]
+                rz += rec[:, :h2]
+                xp.tanh(rz, out=rz)
+                rz *= post_scale[:h2]
+                rz += post_shift[:h2]
+                hidden_n[t] = rec[:, h2:]
+                xp.multiply(rz[:, :hidden], rec[:, h2:], out=rec[:, h2:])
+                cand += rec[:, h2:]
+                xp.tanh(cand, out=cand)
+                xp.subtract(hs[p], cand, out=h)
+                h *= rz[:, hidden:]
+                h += cand
             if seq.has_pad[t]:
                 xp.copyto(h, hs[p], where=seq.pad[t])
         self.saved = (x, w_ih, w_hh, gates, hs, hidden_n, seq)
@@ -342,25 +346,27 @@ class GRULayer(Function):
                 carry = dh * seq.pad[t]
                 dh *= seq.valid[t]
             a, dx_t, dh_t = gates[t], dgx[t], dgh[t]
-            r, z, cand = a[:, :hidden], a[:, hidden:h2], a[:, h2:]
-            dn = dx_t[:, h2:]
-            # h' = n + z * (h - n): dz = dh * (h - n), dn = dh * (1 - z), dh_prev = dh * z
-            xp.subtract(hs[p], cand, out=tmp)
-            xp.multiply(dh, tmp, out=dx_t[:, hidden:h2])
-            xp.subtract(1.0, z, out=tmp)
-            xp.multiply(dh, tmp, out=dn)
-            # n = tanh(gx_n + r * hidden_n): d(pre_n) = dn * (1 - n^2)
-            xp.multiply(cand, cand, out=tmp)
-            xp.subtract(1.0, tmp, out=tmp)
-            dn *= tmp
-            xp.multiply(dn, hidden_n[t], out=dx_t[:, :hidden])
-            xp.multiply(dn, r, out=dh_t[:, h2:])
-            # sigmoid' = a (1 - a) on r and z
-            xp.subtract(1.0, a[:, :h2], out=deriv)
-            deriv *= a[:, :h2]
-            dx_t[:, :h2] *= deriv
-            dh_t[:, :h2] = dx_t[:, :h2]
-            dh *= z
+            if xp is np or not cuda_kernels.gru_backward_step(a, hs[p], hidden_n[t], dh, dx_t,
+                                                               dh_t):
+                r, z, cand = a[:, :hidden], a[:, hidden:h2], a[:, h2:]
+                dn = dx_t[:, h2:]
+                # h' = n + z * (h - n): dz = dh * (h - n), dn = dh * (1 - z), dh_prev = dh * z
+                xp.subtract(hs[p], cand, out=tmp)
+                xp.multiply(dh, tmp, out=dx_t[:, hidden:h2])
+                xp.subtract(1.0, z, out=tmp)
+                xp.multiply(dh, tmp, out=dn)
+                # n = tanh(gx_n + r * hidden_n): d(pre_n) = dn * (1 - n^2)
+                xp.multiply(cand, cand, out=tmp)
+                xp.subtract(1.0, tmp, out=tmp)
+                dn *= tmp
+                xp.multiply(dn, hidden_n[t], out=dx_t[:, :hidden])
+                xp.multiply(dn, r, out=dh_t[:, h2:])
+                # sigmoid' = a (1 - a) on r and z
+                xp.subtract(1.0, a[:, :h2], out=deriv)
+                deriv *= a[:, :h2]
+                dx_t[:, :h2] *= deriv
+                dh_t[:, :h2] = dx_t[:, :h2]
+                dh *= z
             dh += dh_t @ w_hh
             if carry is not None:
                 dh += carry
