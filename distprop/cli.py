@@ -18,6 +18,7 @@ from distprop import info as info_mod
 from distprop import launcher, trace
 from distprop.bench.cli import bench
 from distprop.train.config import (
+    COMMS,
     COMPRESSIONS,
     LR_SCHEDULES,
     MODELS,
@@ -78,6 +79,15 @@ def _plan_or_usage_error(cfg: launcher.LaunchConfig) -> launcher.LaunchPlan:
         raise click.UsageError(str(exc)) from None
 
 
+def _gpu_note(ranks_on_node: int) -> None:
+    """Print the planned rank -> GPU mapping when this node has GPUs (silent on the CPU)."""
+    from distprop.distributed.device import launch_note  # noqa: PLC0415
+
+    note = launch_note(ranks_on_node)
+    if note:
+        click.echo(f"distprop: {note}", err=True)
+
+
 def _run_plan(plan: launcher.LaunchPlan, dry_run: bool) -> int:
     if dry_run:
         click.echo(plan.shell())
@@ -108,7 +118,10 @@ def launch(nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args, ov
         command = command[1:]
     cfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
                          mpi_args, oversubscribe)
-    sys.exit(_run_plan(_plan_or_usage_error(cfg), dry_run))
+    plan = _plan_or_usage_error(cfg)
+    if not dry_run and not hosts and not hostfile:
+        _gpu_note(nprocs)
+    sys.exit(_run_plan(plan, dry_run))
 
 
 # --- info ---------------------------------------------------------------------------------------
@@ -170,7 +183,11 @@ Examples:
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default=None,
               help="Gradient compression on the wire [none].")
 @click.option("--zero/--no-zero", default=None, help="Shard optimizer state (ZeRO-1).")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N [cpu].")
+@click.option("--device", default=None,
+              help="cpu, cuda (one GPU per rank, by node-local rank) or cuda:N [cpu].")
+@click.option("--comm", type=click.Choice(COMMS), default=None,
+              help="How GPU gradients are reduced: auto (NCCL, else CUDA-aware MPI, else host "
+                   "staging), nccl, mpi-cuda, mpi-host [auto].")
 @click.option("--seed", type=int, default=None, help="Seed of init, shuffling, splits [0].")
 @click.option("--out", default=None, help="Output directory [runs/distprop].")
 @click.option("--checkpoint-every", type=int, default=None,
@@ -241,6 +258,8 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     plan = _plan_or_usage_error(lcfg)
     if not dry_run:
         cfg.save_json(cfg_path)
+        if cfg.device.startswith("cuda") and not hosts and not hostfile:
+            _gpu_note(nprocs)
     sys.exit(_run_plan(plan, dry_run))
 
 

@@ -53,24 +53,50 @@ def _blas() -> list[dict]:
             for pool in threadpool_info()]
 
 
+def _cuda_version(code) -> str:
+    """CUDA's integer version (12040) as ``12.4``."""
+    code = int(code)
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
 def _gpu() -> dict:
+    """CuPy, the GPUs, CUDA runtime/driver and NCCL; every entry degrades to None plus a reason
+    (``*_error``) instead of raising."""
     from distprop import backend  # noqa: PLC0415
 
     cp = backend.cupy_module()
     if cp is None:
-        return {"cupy": None, "reason": backend._cupy_error}
-    out = {"cupy": cp.__version__, "devices": backend.gpu_count()}
-    try:
-        out["cuda_runtime"] = int(cp.cuda.runtime.runtimeGetVersion())
-        out["cuda_driver"] = int(cp.cuda.runtime.driverGetVersion())
-    except Exception as exc:
-        out["cuda_error"] = str(exc)
-    try:
-        from cupy.cuda import nccl  # noqa: PLC0415
+        return {"cupy": None, "reason": backend._cupy_error, "devices": 0, "gpus": [],
+                "cuda_runtime": None, "cuda_driver": None, "nccl": None,
+                "nccl_error": "CuPy is missing"}
+    out: dict = {"cupy": cp.__version__, "devices": backend.gpu_count(), "gpus": []}
+    for key, fn in (("cuda_runtime", "runtimeGetVersion"), ("cuda_driver", "driverGetVersion")):
+        try:
+            out[key] = _cuda_version(getattr(cp.cuda.runtime, fn)())
+        except Exception as exc:
+            out[key], out["cuda_error"] = None, f"{type(exc).__name__}: {exc}"
+    for index in range(out["devices"]):
+        entry: dict = {"index": index}
+        try:
+            props = cp.cuda.runtime.getDeviceProperties(index)
+            name = props.get("name", b"")
+            entry["name"] = name.decode() if isinstance(name, bytes) else str(name)
+            entry["memory_gib"] = round(int(props.get("totalGlobalMem", 0)) / 2**30, 1)
+            entry["compute_capability"] = f"{props.get('major')}.{props.get('minor')}"
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        out["gpus"].append(entry)
+    from distprop.distributed.nccl import format_version, nccl_module  # noqa: PLC0415
 
-        out["nccl"] = int(nccl.get_version())
-    except Exception:
-        out["nccl"] = None
+    nccl = nccl_module()
+    out["nccl"] = None
+    if nccl is None:
+        out["nccl_error"] = "CuPy cannot load NCCL"
+    else:
+        try:
+            out["nccl"] = format_version(int(nccl.get_version()))
+        except Exception as exc:
+            out["nccl_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -93,6 +119,13 @@ def _mpi(with_library: bool) -> dict:
             out["standard"] = "{}.{}".format(*MPI.Get_version())
         except Exception as exc:
             out["library"] = f"<cannot initialise MPI: {exc}>"
+        else:
+            from distprop.distributed.gpucomm import mpi_cuda_support  # noqa: PLC0415
+
+            try:
+                out["cuda_aware"], out["cuda_aware_source"] = mpi_cuda_support()
+            except Exception as exc:
+                out["cuda_aware"], out["cuda_aware_source"] = None, f"query failed: {exc}"
     return out
 
 
@@ -138,6 +171,41 @@ def _ranks() -> list[dict]:
     return everyone if comm.Get_rank() == 0 else []
 
 
+def format_gpu_lines(gpu: dict, mpi: dict) -> list[str]:
+    """The GPU part of the report: CuPy, GPUs, CUDA runtime/driver, NCCL, CUDA-aware MPI; each
+    line says 'not available' (and why) when its piece is missing."""
+    na = "not available"
+    if not gpu.get("cupy"):
+        reason = gpu.get("reason") or "CuPy is not installed"
+        lines = [f"CuPy          {na} ({reason})", f"GPUs          {na} (needs CuPy)",
+                 f"CUDA          runtime {na}, driver {na} (needs CuPy)",
+                 f"NCCL          {na} (needs CuPy)"]
+    else:
+        lines = [f"CuPy          {gpu['cupy']}"]
+        gpus = gpu.get("gpus") or []
+        if not gpus:
+            lines.append(f"GPUs          {na} (CuPy sees no CUDA device)")
+        for g in gpus:
+            desc = g.get("error") or (f"{g.get('name')}, {g.get('memory_gib')} GiB, compute "
+                                      f"capability {g.get('compute_capability')}")
+            lines.append(f"GPU {g['index']:<10d}{desc}")
+        runtime, driver = gpu.get("cuda_runtime") or na, gpu.get("cuda_driver") or na
+        extra = f" ({gpu['cuda_error']})" if gpu.get("cuda_error") else ""
+        lines.append(f"CUDA          runtime {runtime}, driver {driver}{extra}")
+        nccl = gpu.get("nccl")
+        lines.append(f"NCCL          {nccl}" if nccl else
+                     f"NCCL          {na} ({gpu.get('nccl_error', 'unknown reason')})")
+    aware = mpi.get("cuda_aware", "not queried")
+    if aware == "not queried":
+        text = "not queried (MPI not initialised)"
+    elif aware is None:
+        text = f"unknown ({mpi.get('cuda_aware_source')})"
+    else:
+        text = f"{'yes' if aware else 'no'} ({mpi.get('cuda_aware_source')})"
+    lines.append(f"CUDA-aware MPI {text}")
+    return lines
+
+
 def format_report(info: dict) -> str:
     """A human-readable rendering of :func:`report`."""
     mpi, gpu = info["mpi"], info["gpu"]
@@ -152,12 +220,7 @@ def format_report(info: dict) -> str:
         + (f" ({mpi.get('mpiexec_implementation')})" if mpi["mpiexec"] else ""),
         f"Slurm         {'inside an allocation (srun)' if mpi['slurm_allocation'] else 'no'}",
     ]
-    if gpu.get("cupy"):
-        lines.append(f"CuPy          {gpu['cupy']}, {gpu.get('devices', 0)} GPU(s), CUDA runtime "
-                     f"{gpu.get('cuda_runtime')}, driver {gpu.get('cuda_driver')}, NCCL "
-                     f"{gpu.get('nccl') or 'not available'}")
-    else:
-        lines.append(f"CuPy          not available ({gpu.get('reason')})")
+    lines += format_gpu_lines(gpu, mpi)
     if info["blas"]:
         for pool in info["blas"]:
             if "error" in pool:

@@ -17,6 +17,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "nadam")
 LR_SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "linear", "plateau")
 COMPRESSIONS = ("none", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
+COMMS = ("auto", "nccl", "mpi-cuda", "mpi-host")  # distprop.distributed.selection.COMM_CHOICES
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,7 @@ class TrainConfig:
     compression: str = "none"
     zero: bool = False
     device: str = "cpu"
+    comm: str = "auto"
     seed: int = 0
     out: str = "runs/distprop"
     checkpoint_every: int = 0
@@ -116,7 +118,8 @@ class TrainConfig:
         for name, value, choices in (("model", self.model, MODELS),
                                      ("optimizer", self.optimizer, OPTIMIZERS),
                                      ("lr-schedule", self.lr_schedule, LR_SCHEDULES),
-                                     ("compression", self.compression, COMPRESSIONS)):
+                                     ("compression", self.compression, COMPRESSIONS),
+                                     ("comm", self.comm, COMMS)):
             if value not in choices:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of "
                                   f"{', '.join(choices)}", name)

@@ -144,9 +144,22 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"the training split has {len(splits.train)} samples, fewer than the "
                           f"{cfg.world_size} ranks", "dataset")
     try:
-        backend.device(cfg.device)
+        dev = backend.device(cfg.device)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(str(exc), "device") from None
+    if not dev.is_cuda:  # on the CPU, --comm nccl/mpi-cuda cannot work: say so before launching
+        from distprop.distributed.selection import (  # noqa: PLC0415
+            CommFacts,
+            CommSelectionError,
+            choose_comm,
+        )
+
+        try:
+            choose_comm(cfg.comm, CommFacts(device_is_cuda=False, world_size=cfg.world_size,
+                                            cupy=backend.cupy_available(),
+                                            cupy_error=backend._cupy_error))
+        except CommSelectionError as exc:
+            raise ConfigError(str(exc), "comm") from None
     try:
         from distprop import optim  # noqa: PLC0415
     except ImportError as exc:
@@ -262,8 +275,18 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(cfg, splits)
-    if backend.device(cfg.device).is_cuda:
-        model.to(cfg.device)
+    dev = backend.device(cfg.device)
+    if dev.is_cuda:  # one GPU per rank, from the node-local rank; print the mapping
+        from distprop.distributed import device as device_mod  # noqa: PLC0415
+
+        dev = device_mod.assign_device(comm, cfg.device)
+        mapping = device_mod.gather_mapping(comm, dev)
+        if comm.rank == 0:
+            print("distprop train: devices\n" + device_mod.describe_mapping(mapping), flush=True)
+        model.to(dev)
+    from distprop.distributed.selection import make_comm  # noqa: PLC0415
+
+    data_comm = make_comm(cfg.comm, host=comm, device=dev)  # the world comm itself on the CPU
     optimizer = build_optimizer(cfg, model.parameters())
     spe = steps_per_epoch(cfg, len(splits.train))
     schedule = build_schedule(cfg, optimizer, spe)
@@ -285,7 +308,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
               f"{splits.sizes()}, {comm.size} rank(s), batch {cfg.batch_size}/rank x "
               f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
               f"{cfg.optimizer} lr {base_lr(cfg):.4g}", flush=True)
-    trainer = Trainer(model, nn.CrossEntropyLoss(), optimizer, comm=comm, device=cfg.device,
+    trainer = Trainer(model, nn.CrossEntropyLoss(), optimizer, comm=data_comm, device=dev,
                       clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
                       compression=None if cfg.compression == "none" else cfg.compression,
                       callbacks=callbacks, seed=cfg.seed, log_every=cfg.log_every,

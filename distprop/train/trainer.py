@@ -85,8 +85,12 @@ class Trainer:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
-        self.comm = comm if comm is not None else _default_comm()
         self.device = backend.device(device)
+        if isinstance(comm, str):  # a --comm choice: 'auto', 'nccl', 'mpi-cuda' or 'mpi-host'
+            from distprop.distributed.selection import make_comm  # noqa: PLC0415
+
+            comm = make_comm(comm, device=self.device)
+        self.comm = comm if comm is not None else _default_comm()
         self.model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -203,7 +207,8 @@ class Trainer:
 
         sampler = DistributedSampler(dataset, num_replicas=self.comm.size, rank=self.comm.rank,
                                      shuffle=False, pad=False)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                            device=self.device if self.device.is_cuda else None)
         reducer = MetricsReducer(["loss", "accuracy"], comm=self.comm)
         was_training = self.model.training
         self.model.eval()
@@ -404,7 +409,8 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
         val_data: evaluated at each epoch end (``val_loss``/``val_accuracy`` in the logs).
         epochs: total epochs (a resumed run counts the ones already done).
         batch_size: samples per rank per micro-batch.
-        comm: the communicator; ``None`` initialises ``dp.distributed``.
+        comm: the communicator; ``None`` initialises ``dp.distributed``; a string (``'auto'``,
+            ``'nccl'``, ``'mpi-cuda'``, ``'mpi-host'``) picks how GPU gradients are reduced.
         device: where batches go (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
         clip_grad_norm: clip the global gradient norm (after the allreduce) to this.
         grad_accum: micro-batches per optimizer step (gradients sync only on the last one).
