@@ -6,9 +6,9 @@
 
 Each distinct command runs once per round (rounds interleave the commands, so a burst of load
 on a shared machine hits one round of everything rather than every round of one thing); before
-each command it waits (up to ``--max-wait`` s) for the load average to fall below
-``--max-load``. The runs are appended to ``results/scaling_targets.json`` with the load average
-before and after.
+each command it waits (up to ``--max-wait`` s) until fewer than ``--max-busy`` cores are busy
+(measured from /proc/stat over 3 s). The runs are appended to ``results/scaling_targets.json``
+with the busy cores and load average before, and the load average after.
 """
 
 from __future__ import annotations
@@ -56,19 +56,33 @@ def machine() -> dict:
     return info
 
 
-def wait_for_quiet(max_load: float, max_wait: float) -> float:
-    """Sleep until the 1-minute load average is below ``max_load`` (at most ``max_wait`` s)."""
-    waited = 0.0
-    while os.getloadavg()[0] > max_load and waited < max_wait:
-        time.sleep(5)
-        waited += 5
-    return waited
+def busy_cores(window: float = 3.0) -> float:
+    """Cores kept busy (by anyone) over the last ``window`` seconds, from /proc/stat."""
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(window)
+    total1, idle1 = sample()
+    busy = 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+    return busy * len(os.sched_getaffinity(0))
 
 
-def run_command(args: tuple[str, ...], repeat: int, max_load: float, max_wait: float) -> dict:
+def wait_for_quiet(max_busy: float, max_wait: float) -> tuple[float, float]:
+    """Wait until fewer than ``max_busy`` cores are busy (at most ``max_wait`` s); returns the
+    seconds waited and the busy cores measured last."""
+    waited, busy = 0.0, busy_cores()
+    while busy > max_busy and waited < max_wait:
+        waited += 3.0
+        busy = busy_cores()
+    return waited, busy
+
+
+def run_command(args: tuple[str, ...], repeat: int, max_busy: float, max_wait: float) -> dict:
     cmd = [sys.executable, "-m", "distprop", *args]
-    waited = wait_for_quiet(max_load, max_wait)
-    print(f"[round {repeat}] distprop {' '.join(args)} (load {os.getloadavg()[0]:.1f}, waited "
+    waited, busy = wait_for_quiet(max_busy, max_wait)
+    print(f"[round {repeat}] distprop {' '.join(args)} ({busy:.1f} cores busy before, waited "
           f"{waited:.0f} s)", file=sys.stderr, flush=True)
     load_before = os.getloadavg()
     started = time.time()
@@ -77,6 +91,7 @@ def run_command(args: tuple[str, ...], repeat: int, max_load: float, max_wait: f
     if proc.returncode != 0:
         print(proc.stdout[-2000:] + proc.stderr[-2000:], file=sys.stderr)
     return {"command": "distprop " + " ".join(args), "repeat": repeat, "started": started,
+            "busy_cores_before": busy,
             "seconds": time.time() - started, "load_before": load_before,
             "load_after": os.getloadavg(), "exit_code": proc.returncode, "rows": rows}
 
@@ -88,8 +103,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--only", default=None, help="comma-separated target names")
     parser.add_argument("--fresh", action="store_true", help="drop earlier recorded runs")
-    parser.add_argument("--max-load", type=float, default=1.0,
-                        help="wait for the 1-minute load average to drop below this")
+    parser.add_argument("--max-busy", type=float, default=0.3,
+                        help="wait until fewer cores than this are busy with other work")
     parser.add_argument("--max-wait", type=float, default=300.0,
                         help="seconds to wait for that before running anyway")
     args = parser.parse_args()
@@ -107,7 +122,7 @@ def main() -> int:
     first_round = max((r["repeat"] for r in doc["runs"]), default=-1) + 1
     for i in range(first_round, first_round + args.repeat):
         for command in commands:
-            doc["runs"].append(run_command(command, i, args.max_load, args.max_wait))
+            doc["runs"].append(run_command(command, i, args.max_busy, args.max_wait))
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {RESULTS}", file=sys.stderr)

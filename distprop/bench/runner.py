@@ -41,11 +41,6 @@ def make_batch(workload: str, batch: int, seed: int):
     return x.numpy(), y.numpy()
 
 
-def ddp_kwargs(bucket_mb: float, overlap: bool, compression: str | None) -> dict:
-    """Keyword arguments of DistributedDataParallel for these benchmark settings."""
-    return {"bucket_cap_mb": bucket_mb, "overlap": overlap, "compression": compression}
-
-
 def _device_sync(dev) -> None:
     if dev.is_cuda:
         from distprop import backend
@@ -73,8 +68,8 @@ def train_worker(config: dict) -> dict | None:
     dp.manual_seed(int(config.get("seed", 0)))
     model = build_model(workload).to(dev)
     ddp = dp.distributed.DistributedDataParallel(
-        model, **ddp_kwargs(config.get("bucket_mb", 25.0), config.get("overlap", True),
-                            config.get("compression")))
+        model, bucket_cap_mb=float(config.get("bucket_mb", 25.0)),
+        overlap=bool(config.get("overlap", True)), compression=config.get("compression"))
     opt = dp.optim.SGD(model.parameters(), lr=float(config.get("lr", 1e-3)), momentum=0.9)
     x_np, y_np = make_batch(workload, batch, seed=1000 + rank)
     x, y = dp.tensor(x_np, device=dev), dp.tensor(y_np, device=dev)
@@ -86,8 +81,7 @@ def train_worker(config: dict) -> dict | None:
     per_step: dict[str, list[float]] = {k: [] for k in (
         "step_s", "forward_s", "backward_s", "optimizer_s", "compute_s", "comm_s",
         "exposed_comm_s", "launch_s")}
-    if hasattr(world, "barrier"):
-        world.barrier()
+    world.barrier()
     for i in range(warmup + steps):
         t0 = trace.now_ns()
         opt.zero_grad()
