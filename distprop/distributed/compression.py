@@ -60,48 +60,65 @@ def _bf16_from_bits(bits, out16, tmp, a, mask) -> None:
     out16[...] = tmp  # narrowing copy: the value now fits in 16 bits
 
 
-def _fp16_from_bits(bits, out16, a, n, d, mask) -> None:
+def _select(dst, cond01, value, tmp) -> None:
+    """dst = value where cond01 == 1 else dst (cond01 is 0/1 uint32), without branches: masked
+    NumPy loops mispredict on the random patterns gradients produce."""
+    np.subtract(value, dst, out=tmp)
+    tmp *= cond01
+    dst += tmp
+
+
+def _fp16_from_bits(bits, out16, a, n, d, c) -> None:
     """out16 = IEEE half of the float32 values with bits ``bits`` (round to nearest even).
 
-    F. Giesen's branch-free float_to_half (RTNE) with the branches as masks."""
+    F. Giesen's float_to_half (RTNE), branch-free; uint32 arithmetic wraps modulo 2**32."""
     np.bitwise_and(bits, 0x7FFFFFFF, out=a)  # |x|
     np.right_shift(a, 13, out=n)  # normal range: rebias the exponent, round the mantissa
     n &= 1
     n += a
-    n += 0xC8000FFF  # ((15 - 127) << 23) + 0xfff, modulo 2**32
+    n += 0xC8000FFF  # ((15 - 127) << 23) + 0xfff
     n >>= 13
-    with np.errstate(all="ignore"):  # subnormal halves: let a float addition do the rounding
+    with np.errstate(all="ignore"):  # subnormal halves: a float addition does the rounding
         np.add(a.view(np.float32), np.float32(0.5), out=d.view(np.float32))
     d -= 0x3F000000
-    np.less(a, 0x38800000, out=mask)  # below 2**-14
-    np.copyto(n, d, where=mask)
-    np.greater_equal(a, 0x47800000, out=mask)  # 65536 and up: infinity
-    np.copyto(n, 0x7C00, where=mask)
-    np.greater(a, 0x7F800000, out=mask)  # NaN
-    np.copyto(n, 0x7E00, where=mask)
+    np.subtract(a, 0x38800000, out=c)  # |x| < 2**-14: the subnormal result
+    c >>= 31
+    _select(n, c, d, d)
+    np.subtract(a, 0x47800000, out=c)  # |x| >= 65536: infinity
+    c >>= 31
+    np.subtract(1, c, out=c)
+    _select(n, c, np.uint32(0x7C00), d)
+    np.subtract(0x7F800000, a, out=c)  # NaN
+    c >>= 31
+    _select(n, c, np.uint32(0x7E00), d)
     np.right_shift(bits, 16, out=d)
     d &= 0x8000
     n |= d
     out16[...] = n
 
 
-def _bits_from_fp16(h16, out, tmp, mask) -> None:
-    """out (uint32) = float32 bits of the IEEE halves ``h16`` (exact)."""
-    out[...] = h16
-    out &= 0x7FFF
+def _bits_from_fp16(h16, out, h, t, f) -> None:
+    """out (uint32) = float32 bits of the IEEE halves ``h16`` (exact, branch-free)."""
+    h[...] = h16
+    np.bitwise_and(h, 0x7FFF, out=out)
     out <<= 13
-    np.bitwise_and(out, 0x0F800000, out=tmp)  # the half's exponent field
-    out += 0x38000000  # rebias: (127 - 15) << 23
-    np.equal(tmp, 0x0F800000, out=mask)  # infinity / NaN
-    np.add(out, 0x38000000, out=out, where=mask)
-    np.equal(tmp, 0, out=mask)  # zero / subnormal: renormalise with a float subtraction
-    np.add(out, 0x00800000, out=out, where=mask)
-    np.subtract(out.view(np.float32), np.float32(2.0 ** -14), out=out.view(np.float32),
-                where=mask)
-    tmp[...] = h16
-    tmp &= 0x8000
-    tmp <<= 16
-    out |= tmp
+    out += 0x38000000  # normal halves: rebias the exponent by (127 - 15) << 23
+    np.bitwise_and(h, 0x7C00, out=t)  # infinity / NaN (exponent all ones): rebias once more
+    t += 0x0400
+    t >>= 15
+    t *= 0x38000000
+    out += t
+    np.bitwise_and(h, 0x03FF, out=t)  # zero / subnormal: mantissa * 2**-24, exactly
+    f[...] = t
+    f *= np.float32(2.0 ** -24)
+    np.bitwise_and(h, 0x7C00, out=t)
+    t -= 1
+    t >>= 31  # 1 where the exponent field is zero
+    _select(out, t, f.view(np.uint32), h)
+    h[...] = h16
+    h &= 0x8000
+    h <<= 16
+    out |= h
 
 
 def _encode_chunk(src, out16, kind: str) -> None:
@@ -115,7 +132,7 @@ def _encode_chunk(src, out16, kind: str) -> None:
         _bf16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m], _scratch(0, bool)[:m])
     else:
         _fp16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m], _scratch(3)[:m],
-                        _scratch(0, bool)[:m])
+                        _scratch(4)[:m])
 
 
 def _decode_chunk(src16, out, kind: str) -> None:
@@ -126,7 +143,8 @@ def _decode_chunk(src16, out, kind: str) -> None:
         bits[...] = src16
         bits <<= 16
     else:
-        _bits_from_fp16(src16, bits, _scratch(1)[:m], _scratch(0, bool)[:m])
+        _bits_from_fp16(src16, bits, _scratch(1)[:m], _scratch(2)[:m],
+                        _scratch(3, np.float32)[:m])
     if not direct:
         with np.errstate(invalid="ignore"):  # signalling NaNs widen to quiet ones
             out[...] = bits.view(np.float32)
@@ -191,7 +209,7 @@ def _sum16(inbuf, inoutbuf, kind: str) -> None:
     """inout = round16(float(in) + float(inout)), chunk by chunk."""
     a = np.frombuffer(inbuf, dtype=np.uint16)
     b = np.frombuffer(inoutbuf, dtype=np.uint16)
-    fa_all, fb_all = _scratch(4, np.float32), _scratch(5, np.float32)
+    fa_all, fb_all = _scratch(5, np.float32), _scratch(6, np.float32)
     for s in range(0, a.size, _CHUNK):
         ca, cb = a[s:s + _CHUNK], b[s:s + _CHUNK]
         fa, fb = fa_all[:ca.size], fb_all[:ca.size]

@@ -320,10 +320,7 @@ class DistributedDataParallel(Module):
         if self._ready[index]:
             return
         self._ready[index] = True
-        view = param._grad_buffer
-        if param.grad is None or param.grad.data is not view:
-            view[...] = 0 if param.grad is None else param.grad.data
-            param.grad = Tensor._wrap(view)
+        self._prepare_grad(param)
         bucket = self._buckets[self._bucket_of[index]]
         bucket.remaining -= 1
         if self.overlap:
@@ -331,6 +328,18 @@ class DistributedDataParallel(Module):
                 self._launch_ready(during_backward=True)
             else:
                 self.comm.progress()
+
+    def _prepare_grad(self, param: Tensor) -> None:
+        """Make the final gradient the flat-buffer view, divide it by the world size (averaging,
+        before the sum as PyTorch does) and, in the same pass, look for non-finite values --
+        while the gradient is still warm in cache. Ranks agree on non-finite ones in finish."""
+        view = param._grad_buffer
+        if param.grad is None or param.grad.data is not view:
+            view[...] = 0 if param.grad is None else param.grad.data
+            param.grad = Tensor._wrap(view)
+        check = self.nonfinite is not None and not self.compression
+        if not _scale_and_check(view.reshape(-1), 1.0 / self.comm.size, check):
+            self._local_nonfinite = True
 
     def _launch_ready(self, during_backward: bool = False) -> None:
         buckets = self._buckets
@@ -342,13 +351,7 @@ class DistributedDataParallel(Module):
 
     def _launch(self, bucket: _Bucket) -> None:
         bucket.launch_ns = trace.now_ns()
-        view = bucket.view
-        size = self.comm.size
-        # Average (divide before the sum, as PyTorch does) and, in the same pass over the
-        # local gradient, look for non-finite values; ranks agree on them in finish.
-        check = self.nonfinite is not None and not self.compression
-        if not _scale_and_check(view, 1.0 / size, check):
-            self._local_nonfinite = True
+        view = bucket.view  # already divided by the world size (_prepare_grad)
         if self.compression:
             _codec.encode(view, bucket.stage, self.compression)
             data = bucket.stage if self.compression == "bf16" else bucket.stage.view(np.float16)
@@ -369,13 +372,9 @@ class DistributedDataParallel(Module):
         t0_ns = trace.now_ns()
         self._mode = None
         missing = [i for i, ready in enumerate(self._ready) if not ready]
-        for i in missing:
+        for i in missing:  # zeros, or what no_sync steps accumulated
             self._ready[i] = True
-            p = self._params[i]
-            view = p._grad_buffer
-            if p.grad is None or p.grad.data is not view:
-                view[...] = 0 if p.grad is None else p.grad.data
-                p.grad = Tensor._wrap(view)
+            self._prepare_grad(self._params[i])
             self._buckets[self._bucket_of[i]].remaining -= 1
         self._launch_ready()
         # One small allreduce, after the buckets, makes every rank agree on the two local
