@@ -550,3 +550,6 @@ class MPICommunicator(Communicator):
     def abort(self, code: int = 1) -> None:
         _flush_std()
         self.MPI.COMM_WORLD.Abort(code)
+        # Some MPI builds (MPICH 5 with Hydra) return from MPI_Abort once the process manager
+        # has the request and kill the job a moment later: never run on in the meantime.
+        os._exit(code)
