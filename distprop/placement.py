@@ -93,8 +93,7 @@ class BatchStager:
         if len(ring) < self.depth:
             import cupyx  # noqa: PLC0415 - ships with CuPy
 
-            host = cupyx.empty_pinned(shape, dtype=dtype)
-            ring.append((host, None))
+            ring.appendleft((cupyx.empty_pinned(shape, dtype=dtype), None))  # use it next
         host, event = ring.popleft()
         if event is not None:
             event.synchronize()
