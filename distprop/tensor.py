@@ -544,6 +544,21 @@ def _as_array(data, dtype, dev: backend.Device | None):
     return array
 
 
+def as_array(value):
+    """A value to load (Tensor, NumPy/CuPy array, torch tensor or number) as an xp array.
+
+    Arrays pass through without a copy; torch tensors are accepted so that a PyTorch
+    ``state_dict`` loads directly.
+    """
+    if isinstance(value, Tensor):
+        return value.data
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        return value.detach().cpu().numpy()
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return value
+    return np.asarray(value)
+
+
 def tensor(data, dtype=None, requires_grad: bool = False, device=None) -> Tensor:
     """Build a Tensor from data (lists, scalars, NumPy/CuPy arrays or Tensors), copying it.
 

@@ -35,8 +35,8 @@ import numpy as np
 from distprop import backend
 from distprop.nn.module import Parameter
 from distprop.optim.flat import FlatBuffer, slot_of
-from distprop.optim.optimizer import Optimizer, _import
-from distprop.tensor import Tensor, enable_grad
+from distprop.optim.optimizer import Optimizer
+from distprop.tensor import Tensor, as_array, enable_grad
 
 
 class _Piece:
@@ -487,7 +487,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                 pc = self._inner_pieces[k]
                 if pc is not None and full.get(pc.index):
                     inner_state[k] = {
-                        name: _import(v).reshape(-1)[pc.lo:pc.hi] if name in arrays else v
+                        name: as_array(v).reshape(-1)[pc.lo:pc.hi] if name in arrays else v
                         for name, v in full[pc.index].items()}
                 k += 1
         groups, k = [], 0

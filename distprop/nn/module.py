@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from distprop import backend
-from distprop.tensor import Tensor
+from distprop.tensor import Tensor, as_array
 
 
 class Parameter(Tensor):
@@ -320,7 +320,7 @@ class Module:
         for key, target in own.items():
             if key not in state_dict:
                 continue
-            value = _to_numpy(state_dict[key], key)
+            value = as_array(state_dict[key])
             if tuple(value.shape) != target.shape:
                 errors.append(
                     f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} "
@@ -355,19 +355,6 @@ class Module:
         if not lines:
             return head + ")"
         return head + "\n  " + "\n  ".join(lines) + "\n)"
-
-
-def _to_numpy(value, key: str):
-    if isinstance(value, Tensor):
-        return value.data
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
-        return value.detach().cpu().numpy()
-    if hasattr(value, "shape"):
-        return value
-    try:
-        return np.asarray(value)
-    except Exception as exc:  # pragma: no cover - defensive
-        raise TypeError(f"state_dict value for {key} is not array-like: {exc}") from exc
 
 
 class _ListHandle:

@@ -28,7 +28,7 @@ import numpy as np
 from distprop import backend
 from distprop.optim.flat import flatten, slot_of
 from distprop.optim.layout import Layout, Segment, scalar_dtype
-from distprop.tensor import Tensor, enable_grad
+from distprop.tensor import Tensor, as_array, enable_grad
 
 # Elements per chunk of a fused CPU update: 1 MiB per float32 array keeps the few state, gradient
 # and scratch arrays of one chunk in the L2/L3 cache. GPU updates use much larger chunks.
@@ -477,7 +477,7 @@ class Optimizer:
         for name, value in entry.items():
             if value is None:
                 continue
-            value = _import(value)
+            value = as_array(value)
             if name in array_names:
                 if tuple(value.shape) != p.shape:
                     raise ValueError(
@@ -519,17 +519,6 @@ def _export(value):
     if hasattr(value, "shape"):
         return np.array(backend.to_host(value), copy=True)
     return value
-
-
-def _import(value) -> np.ndarray:
-    """A saved state value (NumPy, CuPy, Tensor, torch tensor or number) as an array."""
-    if isinstance(value, Tensor):
-        return value.data
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
-        return value.detach().cpu().numpy()
-    if hasattr(value, "shape"):
-        return value
-    return np.asarray(value)
 
 
 # --- hyper-parameter checks shared by the optimizers ------------------------------------------
