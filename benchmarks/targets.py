@@ -189,7 +189,7 @@ def targets(steps: int = 30, warmup: int = 5) -> list[Target]:
         Target("wide_grad_sync", "wide gradient sync (DDP, 2 ranks) vs one MPI Allreduce of "
                "the same bytes", "<= 1.1",
                (("bench", "allreduce", "--model", "wide", "--ranks", "2", "--methods",
-                 "mpi,ddp"),), _sync_ratio, _sync_detail),
+                 "mpi,ddp", "--repeats", "20"),), _sync_ratio, _sync_detail),
         Target("wide_overlap", "wide, 2 ranks: exposed comm with overlap on / off", "<= 0.5",
                (wide_on, wide_off), _overlap_ratio, _overlap_detail),
         Target("wide_compute_overlap", "diagnostic: wide, 2 ranks: compute with overlap on / "

@@ -5,8 +5,12 @@ float32 buffer of that many bytes three ways in the same processes:
 
 - ``mpi``: ``MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, buf)`` -- the floor with this MPI;
 - ``distprop``: ``dp.distributed.all_reduce`` on a Tensor over the same buffer;
-- ``ddp``: DistributedDataParallel's gradient sync of parameters holding the same bytes (its
-  buckets, its averaging), overlap off so the sync is timed alone.
+- ``ddp``: DistributedDataParallel's end-of-backward gradient sync (``last_sync["finish_s"]``)
+  of parameters holding the same bytes, or of a zoo model's parameters (``--model``), with
+  overlap off so the sync is timed alone. (DDP divides each gradient by the world size as it
+  becomes final, during backward; that pass is not part of this time.)
+
+The methods take turns call by call so that drift on a shared machine hits all of them alike.
 
 Bus bandwidth is ``bytes / time * 2 (p - 1) / p`` (what each link carries in a ring allreduce),
 so numbers for different rank counts compare.
@@ -37,20 +41,27 @@ def _repeats(nbytes: int, min_repeats: int, max_repeats: int, budget_s: float,
     return int(max(min_repeats, min(max_repeats, budget_s / estimate)))
 
 
-def _time(comm, fn, repeats: int, warmup: int = 2, self_timed: bool = False) -> list[float]:
-    """Per-call seconds of ``fn()`` (or the seconds it returns when ``self_timed``), each the
-    slowest rank's; every call starts together after a barrier."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def _time_interleaved(comm, fns: dict, repeats: int, self_timed: set[str],
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Per-call seconds of each ``fns[m]()`` (or the seconds it returns when ``m`` is
+    ``self_timed``), each the slowest rank's. The methods take turns call by call, and every call
+    starts together after a barrier, so drift on a shared machine hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {m: [] for m in fns}
     for _ in range(repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        own = fn()
-        times.append(own if self_timed else time.perf_counter() - t0)
-    slowest = np.array(times)
-    comm.Allreduce(_mpi().IN_PLACE, slowest, op=_mpi().MAX)
-    return slowest.tolist()
+        for method, fn in fns.items():
+            comm.Barrier()
+            t0 = time.perf_counter()
+            own = fn()
+            times[method].append(own if method in self_timed else time.perf_counter() - t0)
+    out = {}
+    for method, values in times.items():
+        slowest = np.array(values)
+        comm.Allreduce(_mpi().IN_PLACE, slowest, op=_mpi().MAX)
+        out[method] = slowest.tolist()
+    return out
 
 
 def _mpi():
@@ -119,21 +130,24 @@ def worker(config: dict) -> dict:
     rows = []
     for nbytes, workload in cases:
         fns = {}
-        if "ddp" in methods or workload is not None:
-            fns["ddp"], grad_bytes = _ddp_sync(nbytes, workload, bucket_mb)
-            nbytes = grad_bytes
+        if workload is not None:
+            from distprop.models import build_model
+
+            nbytes = 4 * sum(p.numel() for p in build_model(workload).parameters())
+        if "ddp" in methods:
+            fns["ddp"], nbytes = _ddp_sync(nbytes, workload, bucket_mb)
         buf = np.ones(max(1, nbytes // 4), dtype=np.float32)
         if "mpi" in methods:
             fns["mpi"] = lambda b=buf: comm.Allreduce(MPI.IN_PLACE, b, op=MPI.SUM)
         if "distprop" in methods:
             t = dp.from_numpy(buf)
             fns["distprop"] = lambda t=t: dp.distributed.all_reduce(t)
-        repeats = _repeats(buf.nbytes, config.get("min_repeats", 5),
-                           config.get("max_repeats", 50), config.get("budget_s", 0.5))
-        for method in METHODS:
-            if method not in fns:
-                continue
-            times = _time(comm, fns[method], repeats, self_timed=method == "ddp")
+        fns = {m: fns[m] for m in METHODS if m in fns}
+        repeats = config.get("repeats") or _repeats(
+            buf.nbytes * len(fns), config.get("min_repeats", 5), config.get("max_repeats", 50),
+            config.get("budget_s", 1.0))
+        timed = _time_interleaved(comm, fns, repeats, self_timed={"ddp"})
+        for method, times in timed.items():
             med = statistics.median(times)
             rows.append({"bytes": int(buf.nbytes), "method": method, "ranks": ranks,
                          "model": workload, "repeats": repeats, "time_median_s": med,

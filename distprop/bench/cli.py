@@ -163,13 +163,15 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
               help="mpi (raw mpi4py Allreduce), distprop (communicator), ddp (bucketed sync)")
 @click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=25.0,
               show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="timed calls per method and size [default: about 1 s of calls, 5..50]")
 @click.option("--model", "workload", default=None, callback=_check_model,
               help="also time DDP's sync of this zoo model's real gradient")
 @click.option("--oversubscribe", is_flag=True)
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None)
-def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, workload, oversubscribe, timeout,
-                  out):
+def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, oversubscribe,
+                  timeout, out):
     """Allreduce bus bandwidth: distprop's communicator and DDP vs raw mpi4py."""
     from distprop.bench import allreduce
 
@@ -187,7 +189,7 @@ def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, workload, oversubscr
     failed = False
     for n in ranks:
         cfg = {"kind": "allreduce", "sizes": sizes, "methods": chosen, "bucket_mb": bucket_mb,
-               "model": workload}
+               "model": workload, "repeats": repeats}
         outcome = launching.run_worker(n, ["-m", "distprop.bench.runner", json.dumps(cfg)],
                                        threads=1, timeout=timeout, oversubscribe=oversubscribe)
         if outcome.error:
