@@ -83,10 +83,10 @@ def worker(config: dict) -> dict | None:
     use_ddp = bool(config.get("ddp"))
     rank, size = 0, 1
     if use_ddp:
-        from mpi4py import MPI
+        # Rank and size from the launcher's environment: gloo needs no MPI in this process.
+        from distprop.info import launched_rank, launched_size
 
-        comm = MPI.COMM_WORLD
-        rank, size = comm.Get_rank(), comm.Get_size()
+        rank, size = launched_rank() or 0, launched_size()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(config["master_port"])
         tdist.init_process_group("gloo", rank=rank, world_size=size)
@@ -136,7 +136,12 @@ def worker(config: dict) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     from distprop.bench.runner import guarded_main
 
-    return guarded_main(worker, argv)
+    code = guarded_main(worker, argv)
+    # gloo's threads can abort the interpreter's teardown ("terminate called without an active
+    # exception") after the result is out; the run is complete, so leave without a teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
