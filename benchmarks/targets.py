@@ -148,21 +148,35 @@ def _compute_two_one(runs):
     return None if one is None or two is None else two["compute_s"] / one["compute_s"]
 
 
-def _launch_share(runs):
-    off = _row(runs[0], ranks=2)
-    if off is None or not off["exposed_comm_s"] or off.get("launch_s") is None:
-        return None
-    return off["launch_s"] / off["exposed_comm_s"]
+def _step_on_off(runs):
+    on, off = _row(runs[0], ranks=2), _row(runs[1], ranks=2)
+    return None if on is None or off is None else on["step_s"] / off["step_s"]
 
 
 def _no_overlap_detail(runs):
     one, two = _row(runs[0], ranks=1), _row(runs[0], ranks=2)
     if one is None or two is None:
         return "a run failed"
-    launch = two.get("launch_s")
-    return (f"compute {_ms(one['compute_s'])} (1 rank) -> {_ms(two['compute_s'])} (2 ranks); "
-            f"2-rank sync {_ms(two['exposed_comm_s'])}, of which starting it (divide by the "
-            f"world size + finiteness check, then MPI_Iallreduce) {_ms(launch)}")
+    return (f"1 rank: step {_ms(one['step_s'])}, compute {_ms(one['compute_s'])}, optimizer "
+            f"{_ms(one['optimizer_s'])}; 2 ranks: step {_ms(two['step_s'])}, compute "
+            f"{_ms(two['compute_s'])}, sync {_ms(two['exposed_comm_s'])}, optimizer "
+            f"{_ms(two['optimizer_s'])}")
+
+
+def _calibration(runs):
+    cal = _row(runs[0], kind="calibration")
+    return None if cal is None else cal["predicted_step_s_2"] / cal["measured_step_s_2"]
+
+
+def _calibration_detail(runs):
+    cal = _row(runs[0], kind="calibration")
+    if cal is None:
+        return "the calibration failed"
+    return (f"fitted alpha {cal['alpha_s'] * 1e6:.1f} us, beta 1/{cal['bandwidth_gbs']:.2f} GB/s;"
+            f" 1-rank step {_ms(cal['compute_s'])}; 2 ranks predicted "
+            f"{_ms(cal['predicted_step_s_2'])}, measured {_ms(cal['measured_step_s_2'])} "
+            f"(exposed comm predicted {_ms(cal['predicted_exposed_comm_s_2'])}, measured "
+            f"{_ms(cal['measured_exposed_comm_s_2'])})")
 
 
 def targets(steps: int = 30, warmup: int = 5) -> list[Target]:
@@ -196,7 +210,16 @@ def targets(steps: int = 30, warmup: int = 5) -> list[Target]:
                "off", None, (wide_on, wide_off), _compute_on_off, _overlap_detail),
         Target("wide_compute_ranks", "diagnostic: wide, overlap off: compute at 2 ranks / 1 "
                "rank", None, (wide_off,), _compute_two_one, _no_overlap_detail),
-        Target("wide_launch_share", "diagnostic: wide, overlap off: share of the sync spent "
-               "starting it (divide + check)", None, (wide_off,), _launch_share,
-               _no_overlap_detail),
+        Target("projection_no_overlap", "diagnostic: alpha-beta projection, wide, overlap off: "
+               "predicted / measured 2-rank step (calibrated here)", None,
+               (("bench", "project", "--calibrate", "--model", "wide", "--no-overlap",
+                 "--steps", str(steps), "--ranks", "2..4096"),), _calibration,
+               _calibration_detail),
+        Target("projection_overlap", "diagnostic: alpha-beta projection, wide, overlap on: "
+               "predicted / measured 2-rank step (calibrated here)", None,
+               (("bench", "project", "--calibrate", "--model", "wide", "--overlap",
+                 "--steps", str(steps), "--ranks", "2..4096"),), _calibration,
+               _calibration_detail),
+        Target("wide_step_overlap", "diagnostic: wide, 2 ranks: step time with overlap on / "
+               "off", None, (wide_on, wide_off), _step_on_off, _overlap_detail),
     ]

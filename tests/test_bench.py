@@ -123,11 +123,16 @@ def test_project_rows_and_one_rank():
 
 
 def test_fit_alpha_beta_recovers_line():
-    sizes = [1e3, 1e5, 1e7]
+    sizes = [1e3, 1e5, 4e6, 1e7]
     times = [4e-6 + s / 5e9 for s in sizes]  # a = 2 * alpha, alpha = 2 us
     alpha, beta = project.fit_alpha_beta(sizes, times)
     assert alpha == pytest.approx(2e-6, rel=1e-6)
     assert beta == pytest.approx(1 / 5e9, rel=1e-6)
+    # Out of cache the bandwidth halves: beta follows the large messages, alpha the small one.
+    times = [4e-6 + s / 5e9 if s < 2**20 else 4e-6 + s / 2.5e9 for s in sizes]
+    alpha, beta = project.fit_alpha_beta(sizes, times)
+    assert beta == pytest.approx(1 / 2.5e9, rel=1e-6)
+    assert alpha == pytest.approx((4e-6 + 1e3 / 5e9 - 1e3 / 2.5e9) / 2, rel=1e-6)
     with pytest.raises(ValueError):
         project.fit_alpha_beta([1.0], [1.0])
 

@@ -129,8 +129,11 @@ def project(compute_s: float, grad_bytes: float, ranks: list[int], alpha: float,
     return rows
 
 
-def fit_alpha_beta(sizes: list[float], times: list[float]) -> tuple[float, float]:
-    """Least-squares fit of ``t = a + b n`` to two-rank allreduce timings.
+def fit_alpha_beta(sizes: list[float], times: list[float],
+                   large: float = 2**20) -> tuple[float, float]:
+    """Fit ``t = a + b n`` to two-rank allreduce timings: ``b`` is the least-squares slope of
+    the large messages (``n >= large``, where gradient buckets live; bandwidth out of cache is
+    lower than in cache), ``a`` what remains of the smallest message's time.
 
     At two ranks ring and tree coincide: ``T = 2 alpha + n beta`` (ring) equals
     ``alpha' + n beta`` (tree) with ``alpha' = 2 alpha``; we report the ring ``alpha``
@@ -138,14 +141,17 @@ def fit_alpha_beta(sizes: list[float], times: list[float]) -> tuple[float, float
     """
     if len(sizes) != len(times) or len(sizes) < 2:
         raise ValueError("need at least two (size, time) pairs to fit alpha and beta")
-    n = len(sizes)
-    mx, my = sum(sizes) / n, sum(times) / n
-    sxx = sum((x - mx) ** 2 for x in sizes)
-    if sxx == 0:
+    if len(set(sizes)) < 2:
         raise ValueError("need at least two different sizes to fit alpha and beta")
-    b = sum((x - mx) * (y - my) for x, y in zip(sizes, times)) / sxx
-    a = my - b * mx
-    return max(a, 0.0) / 2.0, max(b, 0.0)
+    pts = [(x, y) for x, y in zip(sizes, times) if x >= large]
+    if len({x for x, _ in pts}) < 2:
+        pts = list(zip(sizes, times))
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    b = max(b, 0.0)
+    x0, y0 = min(zip(sizes, times))
+    return max(y0 - b * x0, 0.0) / 2.0, b
 
 
 def assumptions(alpha: float, beta: float, bucket_bytes: float, first_bucket_bytes: float,
@@ -163,6 +169,8 @@ def assumptions(alpha: float, beta: float, bucket_bytes: float, first_bucket_byt
          "bytes at a constant rate; a bucket's allreduce starts when it is complete"
          if overlap else "overlap off: every allreduce runs after backward"),
         "weak scaling: per-rank compute stays constant; efficiency = compute / step",
+        "communication takes no CPU time from the ranks (a NIC moves the bytes); MPI over shared "
+        "memory on fully used cores does take it, and compute slows down (see --calibrate)",
         "not modelled: contention between nodes, stragglers, network topology, "
         "optimizer time outside compute",
     ]
