@@ -310,6 +310,15 @@ def test_bad_input_is_usage_error(args, needle):
     assert needle in result.output
 
 
+def test_cuda_without_a_gpu_is_usage_error():
+    from distprop import backend
+
+    if backend.gpu_count() > 0:
+        pytest.skip("a GPU is visible")
+    result = _invoke("scaling", "--model", "mlp", "--device", "cuda")
+    assert result.exit_code == 2 and "CUDA" in result.output
+
+
 def test_project_cli_by_hand(tmp_path):
     # 96 MB, ring over 100 Gbit/s, 2 us; no overlap: step = compute + sum over buckets.
     result = _invoke("project", "--grad-mb", "96", "--compute-ms", "100", "--ranks", "8",

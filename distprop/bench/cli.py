@@ -136,6 +136,12 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
     from distprop.bench.scaling import ScalingConfig, run_scaling
 
     _check_launch(ranks, threads_per_rank, oversubscribe)
+    if device == "cuda":
+        from distprop import backend
+
+        if backend.gpu_count() == 0:
+            raise click.BadParameter("no CUDA device is visible (CuPy with a GPU is needed)",
+                                     param_hint="--device")
     cfg = ScalingConfig(workload=workload, ranks=ranks, mode=mode, batch_size=batch_size,
                         global_batch_size=global_batch_size, steps=steps, warmup=warmup,
                         threads_per_rank=threads_per_rank, overlap=overlap, bucket_mb=bucket_mb,
