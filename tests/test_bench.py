@@ -479,3 +479,24 @@ def test_make_table_from_recorded_rows():
     assert "**0.80** (0.80, 0.80, 0.80)" in line and "| **no** |" in line and cmd in line
     assert "shared 2-core machine" in text
     assert "| not run |" not in line
+
+
+@pytest.mark.mpi
+def test_train_trace_per_rank(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "distprop", "train", "-n", "2", "--model", "mlp", "--dataset",
+         "digits", "--epochs", "1", "--threads-per-rank", "1", "--out", str(tmp_path / "run"),
+         "--trace", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        doc = json.loads((tmp_path / f"t.rank{rank}.json").read_text())
+        events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+        assert {e["pid"] for e in events} == {rank}
+        names = {e["name"] for e in events}
+        assert {"forward", "backward", "optimizer.step", "allreduce", "wait",
+                "gradient sync"} <= names
+        steps = sum(e["name"] == "optimizer.step" for e in events)
+        assert steps == sum(e["name"] == "gradient sync" for e in events) > 0
