@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import gradcheck
 
 import distprop as dp
 from distprop.nn import functional as F
+
+from helpers import gradcheck
 
 rng = np.random.default_rng(0)
 

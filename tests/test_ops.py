@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import distprop as dp
+
 from helpers import gradcheck
 
 rng = np.random.default_rng(0)

@@ -1,5 +1,8 @@
 """Layers, losses, initialisers and utilities with PyTorch's names (``dp.nn``)."""
 
+import sys as _sys
+
+from distprop import functional
 from distprop.nn import init, utils
 from distprop.nn.activation import (
     ELU,
@@ -40,10 +43,6 @@ from distprop.nn.pooling import (
 from distprop.nn.rnn import GRU, LSTM, RNN, RNNBase
 from distprop.nn.sparse import Embedding
 from distprop.nn.transformer import TransformerEncoder, TransformerEncoderLayer
-
-import sys as _sys
-
-from distprop import functional
 
 # ``dp.nn.functional`` is the same module as ``dp.functional`` (as torch.nn.functional).
 _sys.modules[__name__ + ".functional"] = functional
