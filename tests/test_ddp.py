@@ -362,6 +362,26 @@ say("DONE")
     assert res.stderr.count("[rank 1] KeyError: 'inside the guarded block'") == 1
 
 
+@pytest.mark.parametrize("stop, code", [("sys.exit(3)", 3), ("raise KeyboardInterrupt", 130)])
+def test_abort_on_exception_ends_the_job_on_exit_or_interrupt_of_one_rank(stop, code):
+    """sys.exit(n) / Ctrl-C on one rank (caught outside, as click does) must not hang the rest."""
+    body = f"""
+import sys
+from distprop.distributed import guards
+try:
+    with guards.abort_on_exception(comm):
+        if rank == 1:
+            {stop}
+except KeyboardInterrupt:
+    sys.exit(130)
+comm.barrier()
+say("DONE")
+"""
+    res = mpi(body, 2, timeout=30)
+    assert res.returncode == code and "DONE" not in res.stdout
+    assert "[rank 1]" in res.stderr and "aborting the job" in res.stderr
+
+
 def test_state_dict_keys_and_single_process_world():
     """World of one (no mpiexec): DDP is a thin wrapper; keys have no 'module.' prefix and
     PyTorch-DDP style prefixed keys load."""

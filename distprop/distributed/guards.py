@@ -77,11 +77,30 @@ def uninstall_excepthook() -> None:
 
 @contextlib.contextmanager
 def abort_on_exception(comm: Communicator):
-    """Any exception escaping the block prints ``[rank r]`` traceback and aborts the job."""
+    """Any exception escaping the block prints ``[rank r]`` traceback and aborts the job.
+
+    ``KeyboardInterrupt`` aborts with code 130 and ``sys.exit(n)`` with ``n != 0`` aborts with
+    ``n``, so a rank that stops alone never leaves the others waiting in a collective (a bare
+    ``sys.exit(n)`` outside this block skips ``sys.excepthook``; only the stall watchdog ends
+    that job).
+    """
     try:
         yield
-    except Exception:
-        report_and_abort(comm, *sys.exc_info())
+    except (Exception, KeyboardInterrupt):
+        report_and_abort(comm, *sys.exc_info(),
+                         code=130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1)
+    except SystemExit as exc:  # sys.exit(n) on one rank: the others would wait in a collective
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 0 or comm.size == 1:
+            raise
+        try:
+            sys.stderr.write(_prefixed(comm.rank, f"rank {comm.rank} of {comm.size} called "
+                                       f"sys.exit({exc.code!r}); aborting the job (MPI_Abort)"))
+            sys.stderr.flush()
+        except Exception:
+            pass
+        time.sleep(_ABORT_DELAY)
+        comm.abort(code)
 
 
 def stall_timeout_from_env(default: float | None = DEFAULT_STALL_TIMEOUT) -> float | None:
