@@ -172,3 +172,58 @@ def test_python_floats_keep_float32():
     x = dp.randn(3)
     for y in (x * 2.5, x + np.float64(1.0), 1.5 / (x.abs() + 1), x**2.0):
         assert y.dtype == np.float32
+
+
+@pytest.mark.parametrize("fn", [
+    lambda a: a.sum(0), lambda a: a.mean(-1), lambda a: a.sum(dim=-1, keepdim=True),
+    lambda a: a.var(0, unbiased=False), lambda a: a.max(0)[0], lambda a: a.min(-1)[0],
+], ids=["sum", "mean", "sum_keep", "var", "max", "min"])
+def test_0d_tensor_reductions_accept_dim_0_and_minus_1(fn):
+    x, tx = dp.tensor(3.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    out, tout = fn(x), fn(tx)
+    assert out.shape == tuple(tout.shape)
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy())
+    out.backward(), tout.backward()
+    np.testing.assert_allclose(x.grad.numpy(), tx.grad.numpy())
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        dp.tensor(3.0).sum(1)
+
+
+def test_max_min_along_a_dim_give_values_and_indices_by_name():
+    a = dp.tensor([[1.0, 5.0, 4.0], [7.0, 0.0, 2.0]])
+    for dp_fn, torch_fn in ((a.max, torch.tensor(a.numpy()).max),
+                            (a.min, torch.tensor(a.numpy()).min)):
+        out, ref = dp_fn(dim=1), torch_fn(dim=1)
+        np.testing.assert_array_equal(out.values.numpy(), ref.values.numpy())
+        np.testing.assert_array_equal(out.indices.numpy(), ref.indices.numpy())
+        values, indices = out
+        assert values is out.values and indices is out.indices
+
+
+def test_var_with_too_few_elements_gives_nan_gradient_like_torch():
+    x, tx = dp.tensor([1.0], requires_grad=True), torch.tensor([1.0], requires_grad=True)
+    x.var().backward()
+    with pytest.warns(UserWarning):
+        tx.var().backward()
+    assert np.isnan(x.grad.numpy()).all() and torch.isnan(tx.grad).all()
+
+
+INT_PROMOTION = [
+    ("int*float", lambda a, f: a * 0.5), ("int/int", lambda a, f: a / 2),
+    ("rdiv", lambda a, f: 1 / a), ("exp", lambda a, f: a.exp()), ("log", lambda a, f: a.log()),
+    ("sqrt", lambda a, f: a.sqrt()), ("int*f32", lambda a, f: a * f),
+    ("f32+int", lambda a, f: f + a),
+    ("f64-int", lambda a, f: f.double() - a), ("int**0.5", lambda a, f: a**0.5),
+    ("maximum", lambda a, f: dp.maximum(a, f) if isinstance(a, dp.Tensor) else torch.maximum(a, f)),
+    ("bool*f32", lambda a, f: (a > 1) * f), ("int+int", lambda a, f: a + a),
+    ("int**2", lambda a, f: a**2), ("int-1", lambda a, f: a - 1),
+]
+
+
+@pytest.mark.parametrize("name,fn", INT_PROMOTION, ids=[r[0] for r in INT_PROMOTION])
+def test_integer_tensors_promote_like_torch(name, fn):
+    """NumPy alone makes int64 * float32 float64; PyTorch (and distprop) keep float32."""
+    out = fn(dp.tensor([1, 2, 3]), dp.tensor([0.5, 1.5, 2.5]))
+    ref = fn(torch.tensor([1, 2, 3]), torch.tensor([0.5, 1.5, 2.5]))
+    assert out.dtype == np.dtype(str(ref.dtype).removeprefix("torch.")), name
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6)

@@ -8,12 +8,13 @@ methods and operators to them, explicitly.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
 from distprop.ops import arith, linalg, reduce, shape
 from distprop.ops.activation import log_softmax, relu, sigmoid, softmax, tanh
-from distprop.tensor import Tensor
+from distprop.tensor import Tensor, get_default_dtype
 
 
 def _operand(value):
@@ -29,20 +30,51 @@ def _operand(value):
     raise TypeError(f"unsupported operand of type {type(value).__name__}")
 
 
+def _is_float(value) -> bool:
+    return isinstance(value, Tensor) and value.dtype.kind in "fc"
+
+
+def _to_float(value, dtype):
+    """An integer/bool Tensor cast to ``dtype``; anything else unchanged."""
+    if isinstance(value, Tensor) and value.dtype.kind in "biu":
+        return Tensor._wrap(value.data.astype(dtype))
+    return value
+
+
+def _operands(a, b, true_div: bool = False):
+    """Both operands, with PyTorch's type promotion for integer/bool tensors: mixed with a float
+    tensor they take its dtype, with a Python float (or under true division) the default float
+    dtype. (NumPy alone would give float64 for ``int64 * float32``.)"""
+    a, b = _operand(a), _operand(b)
+    if _is_float(a) or _is_float(b):
+        dtype = a.dtype if _is_float(a) else b.dtype
+        return _to_float(a, dtype), _to_float(b, dtype)
+    if true_div or isinstance(a, float) or isinstance(b, float):
+        dtype = get_default_dtype()
+        return _to_float(a, dtype), _to_float(b, dtype)
+    return a, b
+
+
+def _float_input(a):
+    """Integer/bool tensors into float-valued functions (exp, log, sqrt) become the default
+    float dtype, as in PyTorch."""
+    return _to_float(a, get_default_dtype())
+
+
 def add(a, b):
-    return arith.Add.apply(_operand(a), _operand(b))
+    return arith.Add.apply(*_operands(a, b))
 
 
 def sub(a, b):
-    return arith.Sub.apply(_operand(a), _operand(b))
+    return arith.Sub.apply(*_operands(a, b))
 
 
 def mul(a, b):
-    return arith.Mul.apply(_operand(a), _operand(b))
+    return arith.Mul.apply(*_operands(a, b))
 
 
 def div(a, b):
-    return arith.Div.apply(_operand(a), _operand(b))
+    return arith.Div.apply(*_operands(a, b, true_div=True))
 
 
 def neg(a):
@@ -50,7 +82,7 @@ def neg(a):
 
 
 def pow(a, b):  # noqa: A001
-    a, b = _operand(a), _operand(b)
+    a, b = _operands(a, b)
     if isinstance(a, Tensor) and not isinstance(b, Tensor):
         return arith.PowScalar.apply(a, b)
     if not isinstance(a, Tensor):
@@ -59,15 +91,15 @@ def pow(a, b):  # noqa: A001
 
 
 def exp(a):
-    return arith.Exp.apply(a)
+    return arith.Exp.apply(_float_input(a))
 
 
 def log(a):
-    return arith.Log.apply(a)
+    return arith.Log.apply(_float_input(a))
 
 
 def sqrt(a):
-    return arith.Sqrt.apply(a)
+    return arith.Sqrt.apply(_float_input(a))
 
 
 def abs(a):  # noqa: A001
@@ -88,11 +120,11 @@ def where(condition, a, b):
 
 
 def maximum(a, b):
-    return arith.Maximum.apply(_operand(a), _operand(b))
+    return arith.Maximum.apply(*_operands(a, b))
 
 
 def minimum(a, b):
-    return arith.Minimum.apply(_operand(a), _operand(b))
+    return arith.Minimum.apply(*_operands(a, b))
 
 
 def matmul(a, b):
@@ -107,17 +139,27 @@ def mean(a, dim=None, keepdim=False):
     return reduce.Mean.apply(a, dim=dim, keepdim=keepdim)
 
 
+class ValuesIndices(NamedTuple):
+    """``(values, indices)`` of ``max``/``min`` along a dim, as ``torch.return_types.max``."""
+
+    values: Tensor
+    indices: Tensor
+
+
 def max(a, dim=None, keepdim=False):  # noqa: A001
     """Max over all elements, or ``(values, indices)`` along ``dim`` (as torch.max)."""
     if isinstance(dim, Tensor):
         return maximum(a, dim)
-    return reduce.Max.apply(a, dim=dim, keepdim=keepdim)
+    out = reduce.Max.apply(a, dim=dim, keepdim=keepdim)
+    return out if dim is None else ValuesIndices(*out)
 
 
 def min(a, dim=None, keepdim=False):  # noqa: A001
+    """Min over all elements, or ``(values, indices)`` along ``dim`` (as torch.min)."""
     if isinstance(dim, Tensor):
         return minimum(a, dim)
-    return reduce.Min.apply(a, dim=dim, keepdim=keepdim)
+    out = reduce.Min.apply(a, dim=dim, keepdim=keepdim)
+    return out if dim is None else ValuesIndices(*out)
 
 
 def amax(a, dim=None, keepdim=False):

@@ -31,6 +31,8 @@ def normalize_dims(dim, ndim: int) -> tuple[int, ...] | None:
                 f"[{-max(ndim, 1)}, {max(ndim, 1) - 1}], but got {d})"
             )
         out.append(d % max(ndim, 1))
+    if ndim == 0:
+        return None  # dim 0 / -1 of a 0-d tensor (allowed, as in PyTorch) is the whole tensor
     return tuple(sorted(set(out)))
 
 

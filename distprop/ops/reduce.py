@@ -60,10 +60,15 @@ class _Extreme(Function):
         self.dim = dim
         if a.size == 0:
             raise RuntimeError("max()/min() of an empty tensor")
-        if dim is None:
+        if dim is None or a.ndim == 0:
+            normalize_dims(dim, a.ndim)  # range check
             out = a.max() if self.use_max else a.min()
             self.mask = a == out
-            return out
+            if dim is None:
+                return out
+            self.dim = None
+            idx = xp.zeros((), dtype=xp.int64)
+            return out, idx
         (d,) = normalize_dims(dim, a.ndim)
         self.dim, self.keepdim = d, keepdim
         idx = a.argmax(axis=d) if self.use_max else a.argmin(axis=d)
@@ -110,4 +115,6 @@ class Var(Function):
 
     def backward(self, grad_out):
         g = _expand_to(grad_out, self.shape, self.dims, self.keepdim)
+        if not self.denominator:  # n <= correction: the output is NaN, and so is its gradient
+            return g * self.centered * float("nan")
         return g * self.centered * (2.0 / self.denominator)
