@@ -243,13 +243,19 @@ def test_bce_clamps_log_like_torch():
 
 @pytest.mark.parametrize("fname", ["cross_entropy", "nll_loss"])
 def test_all_ignored_mean_is_nan_like_torch(fname):
+    """Loss NaN, but gradient zero (a NaN gradient would poison an allreduce)."""
     x = normal(3, 4)
     t = np.full(3, -100)
+    dx, tx = dp.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = getattr(F, fname)(dp.tensor(x), dp.tensor(t))
-    ref = getattr(TF, fname)(torch.tensor(x), torch.tensor(t))
+        out = getattr(F, fname)(dx, dp.tensor(t))
+        out.backward()
+    ref = getattr(TF, fname)(tx, torch.tensor(t))
+    ref.backward()
     assert np.isnan(out.item()) and torch.isnan(ref)
+    np.testing.assert_array_equal(dx.grad.numpy(), tx.grad.numpy())
+    np.testing.assert_array_equal(dx.grad.numpy(), 0.0)
 
 
 def test_float64_weights_keep_float32_losses():

@@ -89,6 +89,12 @@ def _divide(num, den):
         return num / den
 
 
+def _mean_coef(grad_out, den):
+    """grad_out / den for a weighted mean's backward; zero when den == 0 (every target ignored:
+    the loss is NaN but, as in PyTorch, the gradient is zero, not NaN)."""
+    return grad_out / den if den else grad_out * 0
+
+
 # --- elementwise regression losses ----------------------------------------------------------
 
 
@@ -404,7 +410,7 @@ class CrossEntropy(Function):
         elif self.reduction == "sum":
             coef = grad_out
         else:
-            coef = _divide(grad_out, self.denom)
+            coef = _mean_coef(grad_out, self.denom)
         grad = grad_x = grad_target = None
         if self.needs_input_grad[0]:
             scale = coef * self.qsum / self.sumexp
@@ -457,7 +463,7 @@ class NLL(Function):
         elif self.reduction == "sum":
             coef = grad_out
         else:
-            coef = _divide(grad_out, self.denom)
+            coef = _mean_coef(grad_out, self.denom)
         m = self.wt.shape[0]
         grad = xp.zeros((m, self.classes), self.wt.dtype)
         grad[xp.arange(m), self.t] = -coef * self.wt
