@@ -183,6 +183,16 @@ def test_linear_shape_error_names_layer_and_shapes():
         dp.nn.Sequential(layer)(dp.randn(32, 100))
 
 
+def test_linear_refuses_integer_and_mismatched_dtype_inputs():
+    """A float64 input into a float32 layer would silently run a float64 GEMM (torch refuses)."""
+    layer = dp.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"Linear\(3, 2\).*float64.*float32"):
+        layer(dp.randn(4, 3, dtype=np.float64))
+    with pytest.raises(TypeError, match=r"Linear\(3, 2\).*int64"):
+        layer(dp.tensor([[1, 2, 3]]))
+    assert layer.double()(dp.randn(4, 3, dtype=np.float64)).dtype == np.float64
+
+
 def test_dropout_in_a_model_follows_train_and_eval():
     model = dp.nn.Sequential(dp.nn.Identity(), dp.nn.Dropout(0.5))
     x = dp.ones(100_000)

@@ -55,10 +55,13 @@ class Linear(Module):
             init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(
-            f"Linear({self.in_features}, {self.out_features})", x,
-            f"(*, {self.in_features})", x.ndim >= 1 and x.shape[-1] == self.in_features,
-        )
+        name = f"Linear({self.in_features}, {self.out_features})"
+        check_input(name, x, f"(*, {self.in_features})",
+                    x.ndim >= 1 and x.shape[-1] == self.in_features)
+        if x.dtype != self.weight.dtype:
+            raise TypeError(
+                f"{name}: input dtype {x.dtype} does not match the layer's {self.weight.dtype} "
+                "(convert the input with .to(dtype) or the layer with .to(dtype))")
         if self.bias is None:
             return LinearFn.apply(x, self.weight)
         return LinearFn.apply(x, self.weight, self.bias)
