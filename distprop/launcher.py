@@ -253,7 +253,11 @@ def plan(cfg: LaunchConfig) -> LaunchPlan:
                                                                              cfg.nprocs)))
     env = {var: str(threads) for var in THREAD_VARS}
     env.update(cfg.extra_env)
-    extra = shlex.split(cfg.mpi_args) if cfg.mpi_args else []
+    try:
+        extra = shlex.split(cfg.mpi_args) if cfg.mpi_args else []
+    except ValueError as exc:  # e.g. "No closing quotation"
+        raise LaunchError(f"--mpi-args {cfg.mpi_args!r} cannot be split like a shell would: "
+                          f"{exc}") from None
     argv = [exe]
     if impl == "mpich":
         argv += ["-n", str(cfg.nprocs)]

@@ -330,6 +330,28 @@ def test_bad_input_is_a_usage_error(args, message, tmp_path, monkeypatch):
     assert not (tmp_path / "config.json").exists()  # nothing was launched
 
 
+@pytest.mark.parametrize("toml,message", [
+    ('epochs = "x"', "option 'epochs' must be an integer, got 'x'"),
+    ("zero = 1", "option 'zero' must be true or false, got 1"),
+    ("[train]\nlr = \"fast\"", "option 'lr' must be a number, got 'fast'"),
+])
+def test_wrongly_typed_toml_value_is_a_usage_error(toml, message, tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    result = invoke("train", "--config", path, "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_unsplittable_mpi_args_is_a_usage_error(monkeypatch):
+    monkeypatch.setenv("DISTPROP_FAKE_MPI_VERSION", HYDRA)
+    result = invoke("launch", "-n", 2, "--mpi-args", '"unclosed', "--dry-run", "--", "true")
+    assert result.exit_code == 2, result.output
+    assert "--mpi-args '\"unclosed' cannot be split like a shell would: No closing quotation" \
+        in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("arrays,message", [
     ({"x": np.ones(10), "y": np.zeros(10, int)}, "array 'x' has shape (10,)"),
     ({"x": np.ones((10, 3)), "y": np.array([0, 1, -1, 0, 1, 0, 1, 0, 1, 0])},

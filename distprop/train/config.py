@@ -85,7 +85,7 @@ class TrainConfig:
             if name not in known:
                 raise ConfigError(f"{source}: unknown option {key!r}; known options: "
                                   + ", ".join(sorted(k.replace('_', '-') for k in known)))
-            clean[name] = value
+            clean[name] = _checked_type(name, value, source)
         return cls(**clean)
 
     def updated(self, **values) -> TrainConfig:
@@ -163,6 +163,26 @@ class TrainConfig:
                 raise ConfigError(f"--batch-size must be at least 1, got {batch}", "batch-size")
         return dataclasses.replace(self, batch_size=batch, global_batch_size=batch * per_step,
                                    world_size=world_size)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a table"}
+
+
+def _checked_type(name: str, value, source: str):
+    """``value`` if it fits field ``name``'s type (ints pass as floats), else ConfigError."""
+    hint = TrainConfig.__dataclass_fields__[name].type  # a string: "int | None", "float", ...
+    allowed = [t for t in (int, float, str, bool, dict) if t.__name__ in hint.split(" | ")]
+    if value is None and "None" in hint:
+        return value
+    for typ in allowed:
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+            return value
+    want = " or ".join(_TYPE_NAMES[t] for t in allowed)
+    raise ConfigError(f"{source}: option {name.replace('_', '-')!r} must be {want}, got "
+                      f"{value!r}", name.replace("_", "-"))
 
 
 def read_toml(path) -> dict:
