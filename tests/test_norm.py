@@ -195,3 +195,22 @@ def test_layernorm_errors_name_shapes():
         F.layer_norm(dp.randn(3, 2), (2, 3))
     with pytest.raises(ValueError, match="weight"):
         F.layer_norm(dp.randn(3, 4), 4, dp.ones(3))
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: dp.nn.LayerNorm(3), (2, 3)),
+    (lambda: dp.nn.BatchNorm1d(3), (4, 3)),
+    (lambda: dp.nn.BatchNorm1d(3, affine=False), (4, 3)),
+    (lambda: dp.nn.BatchNorm2d(3), (2, 3, 2, 2)),
+], ids=["layernorm", "bn1d", "bn1d_no_affine", "bn2d"])
+def test_norm_layers_refuse_an_input_of_another_float_dtype(make, shape):
+    """float64 into a float32 layer would silently compute (and update stats) in float64."""
+    layer = make()
+    with pytest.raises(TypeError, match=r"Norm.*\(.*float64 does not match the layer's float32"):
+        layer(dp.randn(*shape, dtype=np.float64))
+    assert layer.double()(dp.randn(*shape, dtype=np.float64)).dtype == np.float64
+
+
+def test_functional_linear_refuses_mixed_dtypes():
+    with pytest.raises(TypeError, match="linear: input dtype float64 does not match.*float32"):
+        dp.nn.functional.linear(dp.randn(2, 3, dtype=np.float64), dp.randn(4, 3))

@@ -227,6 +227,8 @@ def test_single_layer_dropout_warns_like_torch():
     (lambda m: m(dp.randn(4, 2, 3), lengths=[5, 1]), r"lengths must lie in \[0, 4\]"),
     (lambda m: m(dp.randn(4, 2, 3), lengths=[1, 1, 1]), r"one entry per batch row"),
     (lambda m: m(dp.randn(4, 2, 3, dtype="float64")), r"does not match the parameters' dtype"),
+    (lambda m: m(dp.tensor(np.ones((4, 2, 3), np.int64))),
+     r"LSTM\(3, 4\): expected a floating-point input, got dtype int64"),
 ])
 def test_errors_are_clear(call, match):
     model = LSTM(3, 4)

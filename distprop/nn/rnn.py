@@ -105,6 +105,8 @@ class RNNBase(Module):
                 f"{name}: expected input of shape {layout} or unbatched (T, {self.input_size}), "
                 f"got {x.shape}"
             )
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
         param = self.weight_ih_l0
         if x.dtype != param.dtype:
             raise TypeError(

@@ -66,6 +66,9 @@ class Linear(Function):
                 f"linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the "
                 f"weight expects {weight.shape[1]} (weight shape {tuple(weight.shape)})"
             )
+        if x.dtype != weight.dtype:
+            raise TypeError(f"linear: input dtype {x.dtype} does not match the weight's "
+                            f"{weight.dtype}")
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         x2 = x.reshape(-1, x.shape[-1])
         out = x2 @ weight.T
