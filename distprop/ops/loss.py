@@ -89,9 +89,14 @@ def _divide(num, den):
         return num / den
 
 
-def _mean_coef(grad_out, den):
-    """grad_out / den for a weighted mean's backward; zero when den == 0 (every target ignored:
-    the loss is NaN but, as in PyTorch, the gradient is zero, not NaN)."""
+def _row_coef(grad_out, reduction: str, den):
+    """Each row's share of ``grad_out`` in a class loss's backward: per row for 'none', the
+    whole for 'sum', ``grad_out / den`` for the weighted 'mean' (zero when den == 0, i.e. every
+    target ignored: the loss is NaN but, as in PyTorch, the gradient is zero, not NaN)."""
+    if reduction == "none":
+        return grad_out.reshape(-1)
+    if reduction == "sum":
+        return grad_out
     return grad_out / den if den else grad_out * 0
 
 
@@ -405,12 +410,7 @@ class CrossEntropy(Function):
 
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
-        if self.reduction == "none":
-            coef = grad_out.reshape(-1)
-        elif self.reduction == "sum":
-            coef = grad_out
-        else:
-            coef = _mean_coef(grad_out, self.denom)
+        coef = _row_coef(grad_out, self.reduction, self.denom)
         grad = grad_x = grad_target = None
         if self.needs_input_grad[0]:
             scale = coef * self.qsum / self.sumexp
@@ -458,12 +458,7 @@ class NLL(Function):
 
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
-        if self.reduction == "none":
-            coef = grad_out.reshape(-1)
-        elif self.reduction == "sum":
-            coef = grad_out
-        else:
-            coef = _mean_coef(grad_out, self.denom)
+        coef = _row_coef(grad_out, self.reduction, self.denom)
         m = self.wt.shape[0]
         grad = xp.zeros((m, self.classes), self.wt.dtype)
         grad[xp.arange(m), self.t] = -coef * self.wt
