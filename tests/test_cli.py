@@ -306,6 +306,7 @@ BAD_INPUTS = [
      "--global-batch-size 30 is not divisible by ranks x gradient accumulation = 2 x 4 = 8"),
     (["-n", 64], "-n 64 is more than the 2 CPU cores on this machine; pass --oversubscribe"),
     (["--epochs", 0], "--epochs must be at least 1"),
+    (["--weight-decay", -1], "--weight-decay must be a finite number >= 0, got -1.0"),
     (["--device", "cuda"], "needs CuPy"),
     (["--resume", "/nonexistent/ckpt.npz"], "checkpoint /nonexistent/ckpt.npz does not exist"),
     (["--config", "/nonexistent/x.toml"], "config file /nonexistent/x.toml does not exist"),
@@ -341,6 +342,17 @@ def test_wrongly_typed_toml_value_is_a_usage_error(toml, message, tmp_path):
     result = invoke("train", "--config", path, "--out", tmp_path)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_unwritable_out_dir_is_a_usage_error_and_dry_run_creates_nothing(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = invoke("train", "--out", tmp_path / "file" / "run")
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --out: cannot write the output directory" in result.output
+    assert "Traceback" not in result.output
+    result = invoke("train", "--out", tmp_path / "new" / "run", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_unsplittable_mpi_args_is_a_usage_error(monkeypatch):

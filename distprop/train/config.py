@@ -134,6 +134,10 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got "
                                   f"{getattr(self, name)}", name.replace("_", "-"))
+        for name in ("momentum", "weight_decay"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
+                                  f"{getattr(self, name)}", name.replace("_", "-"))
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}", "lr")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,8 +136,22 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
 # --- checks before launching --------------------------------------------------------------------
 
 
+def _check_out_dir(out: str) -> None:
+    """Refuse an ``--out`` that cannot be created, without creating anything (dry runs)."""
+    existing = Path(out).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".distprop-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the output directory {out}: {exc}", "out") from None
+
+
 def check(cfg: TrainConfig) -> TrainConfig:
     """Everything that can fail before training, as :class:`ConfigError` (the CLI's exit 2)."""
+    _check_out_dir(cfg.out)
     try:
         splits = load_data(cfg)
     except sources.DataError as exc:
