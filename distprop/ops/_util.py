@@ -23,6 +23,8 @@ def normalize_dims(dim, ndim: int) -> tuple[int, ...] | None:
     if dim is None:
         return None
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    if not dims:
+        return None  # an empty dim list reduces over everything, as in PyTorch
     out = []
     for d in dims:
         if not -max(ndim, 1) <= d < max(ndim, 1):

@@ -31,6 +31,9 @@ class MatMul(Function):
 
     def backward(self, grad_out):
         a, b = self.a, self.b
+        if a.ndim == 1 and b.ndim == 1:  # dot product: a 0-d grad_out
+            return (grad_out * b if self.needs_input_grad[0] else None,
+                    grad_out * a if self.needs_input_grad[1] else None)
         xp = get_array_module(grad_out)
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
