@@ -64,6 +64,10 @@ OPS = [
     ("max_dim", lambda a: a.max(dim=1)[0], lambda a: a.max(dim=1)[0], [normal(3, 4)]),
     ("min_dim_keep", lambda a: a.min(dim=0, keepdim=True)[0],
      lambda a: a.min(dim=0, keepdim=True)[0], [normal(3, 4)]),
+    ("amax_dims", lambda a: a.amax(dim=(0, 2)), lambda a: a.amax(dim=(0, 2)), [normal(3, 4, 2)]),
+    ("amin_keep", lambda a: a.amin(-1, keepdim=True), lambda a: a.amin(-1, keepdim=True),
+     [normal(3, 4)]),
+    ("amin_all", lambda a: a.amin(), lambda a: a.amin(), [normal(3, 4)]),
     ("var", lambda a: a.var(), lambda a: a.var(), [normal(3, 4)]),
     ("var_dim_biased", lambda a: a.var(dim=1, unbiased=False),
      lambda a: a.var(dim=1, unbiased=False), [normal(3, 4)]),
@@ -230,3 +234,12 @@ def test_integer_tensors_promote_like_torch(name, fn):
     ref = fn(torch.tensor([1, 2, 3]), torch.tensor([0.5, 1.5, 2.5]))
     assert out.dtype == np.dtype(str(ref.dtype).removeprefix("torch.")), name
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6)
+
+
+def test_amax_amin_split_the_gradient_over_ties_like_torch():
+    a = np.array([[1.0, 3.0, 3.0], [2.0, -1.0, 0.0], [5.0, 5.0, 5.0]])
+    for name in ("amax", "amin"):
+        x, tx = dp.tensor(a, requires_grad=True), torch.tensor(a, requires_grad=True)
+        getattr(x, name)(1).sum().backward()
+        getattr(tx, name)(1).sum().backward()
+        np.testing.assert_allclose(x.grad.numpy(), tx.grad.numpy(), rtol=1e-15)

@@ -163,13 +163,13 @@ def min(a, dim=None, keepdim=False):  # noqa: A001
 
 
 def amax(a, dim=None, keepdim=False):
-    out = reduce.Max.apply(a, dim=dim, keepdim=keepdim)
-    return out if dim is None else out[0]
+    """Max over ``dim`` (int or tuple); the gradient is split evenly over ties (as torch.amax)."""
+    return reduce.Amax.apply(a, dim=dim, keepdim=keepdim)
 
 
 def amin(a, dim=None, keepdim=False):
-    out = reduce.Min.apply(a, dim=dim, keepdim=keepdim)
-    return out if dim is None else out[0]
+    """Min over ``dim`` (int or tuple); the gradient is split evenly over ties (as torch.amin)."""
+    return reduce.Amin.apply(a, dim=dim, keepdim=keepdim)
 
 
 def var(a, dim=None, unbiased=None, keepdim=False, correction=None):

@@ -99,6 +99,32 @@ class Min(_Extreme):
     use_max = False
 
 
+class Amax(Function):
+    """out = max(a, dims) without indices; grad: g split evenly over the tied maxima."""
+
+    use_max = True
+
+    def forward(self, a, dim=None, keepdim=False):
+        if a.size == 0:
+            raise RuntimeError("amax()/amin() of an empty tensor")
+        self.shape, self.dims, self.keepdim = a.shape, normalize_dims(dim, a.ndim), keepdim
+        reduce_ = a.max if self.use_max else a.min
+        out = reduce_(axis=self.dims, keepdims=True)
+        self.mask = a == out
+        if keepdim:
+            return out
+        return out.reshape(()) if self.dims is None else out.squeeze(axis=self.dims)
+
+    def backward(self, grad_out):
+        g = _expand_to(grad_out, self.shape, self.dims, self.keepdim)
+        count = self.mask.sum(axis=self.dims, keepdims=True).astype(grad_out.dtype)
+        return self.mask * (g / count)
+
+
+class Amin(Amax):
+    use_max = False
+
+
 class Var(Function):
     """out = sum((a - mean)^2) / (n - correction); grad: 2 (a - mean) g / (n - correction)."""
 
