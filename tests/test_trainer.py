@@ -155,3 +155,33 @@ def test_an_early_stopped_run_stays_stopped_on_resume(tmp_path):
     assert len(first.epochs) == 2
     again = run(resume=dp.train.latest_valid(tmp_path))
     assert len(again.epochs) == 2 and again.final["step"] == first.final["step"]
+
+
+def test_stop_training_on_one_rank_stops_every_rank_after_the_epoch():
+    """A callback that sets stop_training on rank 1 only must not leave rank 0 in a collective."""
+    from helpers import run_mpi
+
+    script = """
+import distprop as dp
+from distprop import nn
+from distprop.data import sources
+from distprop.train import callbacks as cbs, fit
+import distprop.distributed as dist
+
+class StopOnRank1(cbs.Callback):
+    def on_epoch_end(self, trainer, logs):
+        if trainer.comm.rank == 1:
+            trainer.stop_training = True
+
+rank = dist.init().rank
+dp.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+data = sources.synthetic(n=64, shape=(8,), classes=4, seed=3, val_fraction=0.0,
+                         test_fraction=0.0)
+history = fit(model, nn.CrossEntropyLoss(), dp.optim.SGD(model.parameters(), lr=0.1),
+              data.train, epochs=3, batch_size=8, callbacks=[StopOnRank1()], prefetch=0)
+print(f"rank {rank} ran {len(history.epochs)} epoch(s)", flush=True)
+"""
+    res = run_mpi(script, 2, timeout=60, env={"DISTPROP_STALL_TIMEOUT": "10"})
+    assert res.returncode == 0, res.stderr
+    assert "rank 0 ran 1 epoch(s)" in res.stdout and "rank 1 ran 1 epoch(s)" in res.stdout

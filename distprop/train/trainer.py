@@ -307,6 +307,9 @@ class Trainer:
             self._history_records.append(logs)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, logs)
+            if self.comm.size > 1:  # a callback on one rank may stop: all ranks stop together
+                votes = self.comm.allreduce(np.array([float(self.stop_training)]), op="sum")
+                self.stop_training = bool(votes[0] > 0)
         final = dict(self._history_records[-1]) if self._history_records else {}
         for cb in self.callbacks:
             cb.on_train_end(self, final)
@@ -415,7 +418,8 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
         clip_grad_norm: clip the global gradient norm (after the allreduce) to this.
         grad_accum: micro-batches per optimizer step (gradients sync only on the last one).
         compression: ``"fp16"``/``"bf16"`` gradient compression in DDP.
-        callbacks: :mod:`distprop.train.callbacks` instances, run in order.
+        callbacks: :mod:`distprop.train.callbacks` instances, run in order. A callback that sets
+            ``trainer.stop_training`` on any rank stops every rank at the end of that epoch.
         seed: the sampler's shuffling seed.
         log_every: optimizer steps between metric reductions and log rows.
         prefetch: batches prepared ahead by a background thread.
