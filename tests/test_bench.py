@@ -310,6 +310,16 @@ def test_bad_input_is_usage_error(args, needle):
     assert needle in result.output
 
 
+@pytest.mark.parametrize("command", [["allreduce", "--sizes", "1KB"], ["project",
+                                     "--compute-ms", "10"], ["peers", "--model", "mlp"],
+                                     ["scaling", "--model", "mlp"]])
+def test_out_that_cannot_be_created_is_usage_error_before_running(command, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = _invoke(*command, "--out", str(tmp_path / "file" / "sub"))
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--out': cannot create directory" in result.output
+
+
 def test_cuda_without_a_gpu_is_usage_error():
     from distprop import backend
 

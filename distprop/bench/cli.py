@@ -55,6 +55,18 @@ def _parse_bandwidth(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _check_out(ctx, param, value):
+    """Create ``--out`` before any run, so an unusable directory is a usage error, not a
+    traceback after minutes of benchmarking."""
+    if value is None:
+        return value
+    try:
+        Path(value).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create directory {value}: {exc}") from None
+    return value
+
+
 def _check_launch(ranks: list[int], threads: int, oversubscribe: bool) -> None:
     try:
         launching.check_launchable(ranks, threads, oversubscribe)
@@ -126,6 +138,7 @@ def bench() -> None:
               help="compress gradients on the wire")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
+              callback=_check_out,
               help="directory for JSON lines, CSV and PNG")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
               help="Chrome trace per rank (FILE.n<R>.rank<r>.json) and merged per run")
@@ -175,7 +188,8 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
               help="also time DDP's sync of this zoo model's real gradient")
 @click.option("--oversubscribe", is_flag=True)
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              callback=_check_out)
 def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, oversubscribe,
                   timeout, out):
     """Allreduce bus bandwidth: distprop's communicator and DDP vs raw mpi4py."""
@@ -227,7 +241,8 @@ def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, o
               show_default=True)
 @click.option("--peers", "peer_list", default=",".join(
     ("torch", "torch-ddp", "mpi-allreduce", "gemm-floor")), show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              callback=_check_out)
 def peers_cmd(workload, ranks, batch_size, steps, warmup, threads_per_rank, oversubscribe,
               timeout, overlap, bucket_mb, peer_list, out):
     """The same workload in distprop, PyTorch and PyTorch DDP (gloo), with ratios."""
@@ -273,7 +288,8 @@ def peers_cmd(workload, ranks, batch_size, steps, warmup, threads_per_rank, over
               help="measure alpha/beta and compute here, and check the 2-rank prediction")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed steps of the calibration runs")
-@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              callback=_check_out)
 def project_cmd(workload, grad_mb, compute_ms, bandwidth, latency_us, ranks, bucket_mb,
                 first_bucket_mb, overlap, backward_fraction, calibrate, steps, out):
     """Alpha-beta projection of scaling efficiency (ring and tree allreduce, bucket overlap)."""
