@@ -217,6 +217,11 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     """Train a zoo model on a dataset, data-parallel over MPI ranks."""
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
 
+    if trace_file and not worker_config:
+        try:
+            run_mod.check_writable_dir(os.path.dirname(os.path.abspath(trace_file)), "trace")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--trace") from None
     if trace_file:  # ranks started below inherit the variable and trace themselves
         os.environ[trace.ENV_VAR] = os.path.abspath(trace_file)
         trace.enable(os.environ[trace.ENV_VAR])

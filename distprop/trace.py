@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -246,8 +247,9 @@ def _save_at_exit() -> None:
     if _state.enabled and _state.path is not None and _state.events:
         try:
             save()
-        except OSError:
-            pass
+        except OSError as exc:  # never fail the program over its trace, but say it is missing
+            print(f"distprop trace: could not write {_state.path}: {exc}", file=sys.stderr,
+                  flush=True)
 
 
 atexit.register(_save_at_exit)

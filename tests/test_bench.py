@@ -491,6 +491,28 @@ def test_make_table_from_recorded_rows():
     assert "| not run |" not in line
 
 
+def test_trace_that_cannot_be_written_says_so_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("")
+    code = (f"from distprop import trace\ntrace.enable({str(tmp_path / 'file' / 't.json')!r}, "
+            "rank=0)\nwith trace.span('x'):\n    pass\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    assert f"distprop trace: could not write {tmp_path / 'file' / 't.rank0.json'}" in proc.stderr
+
+
+def test_train_trace_in_unwritable_directory_is_usage_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(cli, ["train", "--trace", str(tmp_path / "file" / "t.json"),
+                                      "--out", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --trace: cannot write the directory" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.mpi
 def test_train_trace_per_rank(tmp_path):
     import subprocess

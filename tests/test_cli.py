@@ -348,7 +348,7 @@ def test_unwritable_out_dir_is_a_usage_error_and_dry_run_creates_nothing(tmp_pat
     (tmp_path / "file").write_text("")
     result = invoke("train", "--out", tmp_path / "file" / "run")
     assert result.exit_code == 2, result.output
-    assert "Invalid value for --out: cannot write the output directory" in result.output
+    assert "Invalid value for --out: cannot write the directory" in result.output
     assert "Traceback" not in result.output
     result = invoke("train", "--out", tmp_path / "new" / "run", "--dry-run")
     assert result.exit_code == 0, result.output

@@ -136,9 +136,13 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
 # --- checks before launching --------------------------------------------------------------------
 
 
-def _check_out_dir(out: str) -> None:
-    """Refuse an ``--out`` that cannot be created, without creating anything (dry runs)."""
-    existing = Path(out).absolute()
+def check_writable_dir(directory, param: str = "out") -> None:
+    """Refuse a directory that cannot be created, without creating anything (dry runs).
+
+    Raises:
+        ConfigError: naming ``directory`` and the option ``param``.
+    """
+    existing = Path(directory).absolute()
     while not existing.exists():
         existing = existing.parent
     try:
@@ -146,12 +150,12 @@ def _check_out_dir(out: str) -> None:
             raise NotADirectoryError(f"{existing} is not a directory")
         os.rmdir(tempfile.mkdtemp(prefix=".distprop-check-", dir=existing))
     except OSError as exc:
-        raise ConfigError(f"cannot write the output directory {out}: {exc}", "out") from None
+        raise ConfigError(f"cannot write the directory {directory}: {exc}", param) from None
 
 
 def check(cfg: TrainConfig) -> TrainConfig:
     """Everything that can fail before training, as :class:`ConfigError` (the CLI's exit 2)."""
-    _check_out_dir(cfg.out)
+    check_writable_dir(cfg.out)
     try:
         splits = load_data(cfg)
     except sources.DataError as exc:
