@@ -183,6 +183,22 @@ def test_linear_shape_error_names_layer_and_shapes():
         dp.nn.Sequential(layer)(dp.randn(32, 100))
 
 
+@pytest.mark.parametrize("make,match", [
+    (lambda: dp.nn.Linear(-1, 3), r"shape \(3, -1\).*non-negative"),
+    (lambda: dp.nn.Embedding(-2, 3), r"shape \(-2, 3\).*non-negative"),
+    (lambda: dp.nn.Conv2d(3, 4, 0), r"Conv2d: kernel_size must be >= 1, got \(0, 0\)"),
+    (lambda: dp.nn.Conv1d(3, 4, 3, stride=0), r"Conv1d: stride must be >= 1"),
+    (lambda: dp.nn.Conv2d(3, 4, 3, dilation=(1, 0)), r"Conv2d: dilation must be >= 1"),
+    (lambda: dp.nn.Conv2d(3, 4, 3, padding=-1), r"Conv2d: padding must be >= 0"),
+    (lambda: dp.nn.Sequential(dp.nn.ReLU(), lambda x: x), r"function is not a Module.*'1'"),
+    (lambda: dp.nn.ModuleList([3]), r"int is not a Module subclass"),
+])
+def test_bad_constructor_arguments_get_clear_errors(make, match):
+    """A kernel of size 0 used to build a layer that silently produced garbage."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
 def test_linear_refuses_integer_and_mismatched_dtype_inputs():
     """A float64 input into a float32 layer would silently run a float64 GEMM (torch refuses)."""
     layer = dp.nn.Linear(3, 2)

@@ -243,3 +243,29 @@ def test_amax_amin_split_the_gradient_over_ties_like_torch():
         getattr(x, name)(1).sum().backward()
         getattr(tx, name)(1).sum().backward()
         np.testing.assert_allclose(x.grad.numpy(), tx.grad.numpy(), rtol=1e-15)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: dp.ones(2, 3).flatten(3), IndexError, "Dimension out of range"),
+    (lambda: dp.ones(2, 3, 4).flatten(2, 1), RuntimeError, "start_dim cannot come after"),
+    (lambda: dp.ones(2, 3).squeeze(3), IndexError, "Dimension out of range"),
+    (lambda: dp.ones(2, 3).transpose(0, 2), IndexError, "Dimension out of range"),
+    (lambda: dp.ones(2, 3).permute(0, 0), RuntimeError, r"\(0, 0\) are not a permutation"),
+    (lambda: dp.ones(2, 3).expand(4, 3), RuntimeError, r"\(2, 3\) cannot be expanded to \(4, 3\)"),
+    (lambda: dp.ones(2, 3).expand(3), RuntimeError, r"\(2, 3\) cannot be expanded to \(3,\)"),
+    (lambda: dp.where(dp.ones(2) > 0, dp.ones(3), dp.ones(2)), ValueError,
+     r"where: shapes \(3,\) and \(2,\) cannot be broadcast"),
+])
+def test_bad_shape_arguments_get_clear_errors(call, error, match):
+    """These used to pass silently (flatten, squeeze wrapped dims around) or fail in NumPy."""
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_shape_ops_with_negative_and_0d_dims_match_torch():
+    x, tx = dp.ones(2, 1, 3, 1), torch.ones(2, 1, 3, 1)
+    for fn in (lambda a: a.squeeze((1, -1)), lambda a: a.squeeze(-1), lambda a: a.flatten(-2),
+               lambda a: a.flatten(0, -2), lambda a: a.transpose(-1, 0),
+               lambda a: a[:, 0].expand(4, -1, -1, 5)):
+        assert fn(x).shape == tuple(fn(tx).shape)
+    assert dp.tensor(3.0).transpose(0, -1).shape == () and dp.tensor(3.0).flatten().shape == (1,)

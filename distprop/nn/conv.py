@@ -38,6 +38,10 @@ class _ConvNd(Module):
         self.kernel_size = ntuple(kernel_size, nd, "kernel_size")
         self.stride = ntuple(stride, nd, "stride")
         self.dilation = ntuple(dilation, nd, "dilation")
+        for what, value in (("kernel_size", self.kernel_size), ("stride", self.stride),
+                            ("dilation", self.dilation)):
+            if min(value) < 1:
+                raise ValueError(f"{name}: {what} must be >= 1, got {value}")
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"{name}: invalid padding string {padding!r}, should be one "
@@ -48,6 +52,8 @@ class _ConvNd(Module):
             self.padding = padding
         else:
             self.padding = ntuple(padding, nd, "padding")
+            if min(self.padding) < 0:
+                raise ValueError(f"{name}: padding must be >= 0, got {self.padding}")
         self.groups = int(groups)
         self.padding_mode = padding_mode
         self.weight = new_parameter(

@@ -27,6 +27,9 @@ def check_input(layer: str, x, expected: str, ok: bool) -> None:
 
 def new_parameter(shape, device=None, dtype=None) -> Parameter:
     """An uninitialised Parameter of the default (or given) dtype on ``device``."""
+    if any(int(n) < 0 for n in shape):
+        raise ValueError(f"cannot create a parameter of shape {tuple(shape)}: sizes (features, "
+                         "channels, embeddings) must be non-negative")
     dt = np.dtype(dtype) if dtype is not None else get_default_dtype()
     dev = backend.device(device)
     with backend.device_context(dev):

@@ -117,6 +117,9 @@ class Module:
             self._non_persistent_buffers.add(name)
 
     def add_module(self, name: str, module: Module | None) -> None:
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"{type(module).__name__} is not a Module subclass (adding "
+                            f"submodule {name!r} to {type(self).__name__})")
         self._remove_from(name)
         self._modules[name] = module
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from distprop.ops import arith, linalg, reduce, shape
+from distprop.ops._util import normalize_dims
 from distprop.ops.activation import log_softmax, relu, sigmoid, softmax, tanh
 from distprop.tensor import Tensor, get_default_dtype
 
@@ -190,9 +191,11 @@ def reshape(a, *shape_):
 
 def flatten(a, start_dim=0, end_dim=-1):
     nd = a.ndim
+    (s,), (e,) = normalize_dims(start_dim, nd) or (0,), normalize_dims(end_dim, nd) or (0,)
     if nd == 0:
         return reshape(a, 1)
-    s, e = start_dim % nd, end_dim % nd
+    if s > e:
+        raise RuntimeError("flatten() has invalid args: start_dim cannot come after end_dim")
     new = a.shape[:s] + (-1,) + a.shape[e + 1 :]
     return reshape(a, new)
 
@@ -204,6 +207,9 @@ def permute(a, *dims):
 
 
 def transpose(a, dim0, dim1):
+    (dim0,), (dim1,) = normalize_dims(dim0, a.ndim) or (0,), normalize_dims(dim1, a.ndim) or (0,)
+    if a.ndim == 0:
+        return shape.Permute.apply(a, dims=())
     dims = list(range(a.ndim))
     dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
     return shape.Permute.apply(a, dims=tuple(dims))

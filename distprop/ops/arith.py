@@ -249,6 +249,9 @@ class Where(Function):
 
     def forward(self, cond, a, b):
         xp = get_array_module(cond, a, b)
+        _check_broadcast("where", a, b)
+        _check_broadcast("where", cond, a)
+        _check_broadcast("where", cond, b)
         self.cond = cond.astype(bool) if hasattr(cond, "astype") else cond
         self.shapes = (getattr(a, "shape", ()), getattr(b, "shape", ()))
         out = xp.where(self.cond, a, b)

@@ -6,6 +6,7 @@ import numpy as np
 
 from distprop import backend
 from distprop.backend import get_array_module
+from distprop.ops._util import normalize_dims
 from distprop.ops.arith import check_same_device
 from distprop.tensor import Function, Tensor
 
@@ -50,6 +51,9 @@ class Permute(Function):
                 f"permute: number of dims {len(dims)} does not match the tensor's {a.ndim}"
             )
         dims = tuple(d % a.ndim for d in dims) if a.ndim else ()
+        if sorted(dims) != list(range(a.ndim)):
+            raise RuntimeError(f"permute: dims {dims} are not a permutation of the "
+                               f"{a.ndim} dimensions of a tensor of shape {tuple(a.shape)}")
         self.inverse = tuple(np.argsort(dims)) if dims else ()
         return a.transpose(dims)
 
@@ -67,6 +71,9 @@ class Expand(Function):
         target = tuple(
             a.shape[i - lead] if (s == -1 and i >= lead) else s for i, s in enumerate(shape)
         )
+        if lead < 0 or any(n != t and n != 1 for n, t in zip(a.shape, target[lead:])):
+            raise RuntimeError(f"expand: a tensor of shape {tuple(a.shape)} cannot be expanded "
+                               f"to {tuple(shape)} (only size-1 dims can grow)")
         return xp.broadcast_to(a, target)
 
     def backward(self, grad_out):
@@ -204,7 +211,7 @@ class ToDevice(Function):
 def squeeze_shape(shape, dim) -> tuple[int, ...]:
     if dim is None:
         return tuple(s for s in shape if s != 1)
-    dims = {d % max(len(shape), 1) for d in ((dim,) if isinstance(dim, int) else dim)}
+    dims = set(normalize_dims(dim, len(shape)) or ())
     return tuple(s for i, s in enumerate(shape) if not (i in dims and s == 1))
 
 
