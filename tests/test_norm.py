@@ -180,6 +180,10 @@ def test_batchnorm_errors_name_layer_and_shapes():
         dp.nn.BatchNorm1d(3)(dp.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         dp.nn.BatchNorm1d(3)(dp.randn(1, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        dp.nn.BatchNorm1d(3, track_running_stats=False)(dp.randn(1, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # batch stats in eval
+        dp.nn.BatchNorm1d(3, track_running_stats=False).eval()(dp.randn(1, 3))
     bn = dp.nn.BatchNorm1d(3).eval()
     assert bn(dp.randn(1, 3)).shape == (1, 3)  # eval mode is fine with one sample
     with pytest.raises(TypeError, match="floating-point"):
