@@ -185,3 +185,22 @@ print(f"rank {rank} ran {len(history.epochs)} epoch(s)", flush=True)
     res = run_mpi(script, 2, timeout=60, env={"DISTPROP_STALL_TIMEOUT": "10"})
     assert res.returncode == 0, res.stderr
     assert "rank 0 ran 1 epoch(s)" in res.stdout and "rank 1 ran 1 epoch(s)" in res.stdout
+
+
+@pytest.mark.parametrize("which", ["train_data", "val_data"])
+def test_nan_in_the_data_is_an_error_before_training(which):
+    from distprop.data import TensorDataset
+
+    x = np.random.rand(20, 4).astype(np.float32)
+    bad = x.copy()
+    bad[7, 2] = np.nan
+    good, broken = TensorDataset(x, np.arange(20) % 4), TensorDataset(bad, np.arange(20) % 4)
+    model = nn.Linear(4, 4)
+    before = model.weight.numpy().copy()
+    data = {"train_data": good, "val_data": good, which: broken}
+    with pytest.raises(ValueError, match=rf"{which}: tensor 0 of the dataset has a non-finite "
+                                         r"value \(NaN or inf\) in sample 7"):
+        fit(model, nn.CrossEntropyLoss(), dp.optim.SGD(model.parameters(), lr=0.1),
+            data["train_data"], data["val_data"], epochs=1, batch_size=4,
+            comm=SingleProcessCommunicator())
+    np.testing.assert_array_equal(model.weight.numpy(), before)  # no step was taken

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distprop import backend, trace
-from distprop.data import DataLoader
+from distprop.data import DataLoader, TensorDataset
 from distprop.distributed.metrics import MetricsReducer
 from distprop.tensor import Tensor, no_grad
 from distprop.train import checkpoint as ckpt
@@ -62,6 +62,23 @@ def _optimizer_state(optimizer) -> dict:
         if getattr(optimizer, "comm", None) is not None and optimizer.comm.rank != 0:
             return {}  # the full state exists on rank 0 only, which writes the checkpoint
     return optimizer.state_dict()
+
+
+def _check_finite(dataset, name: str) -> None:
+    """NaN/inf in an in-memory ``TensorDataset`` is an error before training, on every rank
+    (memory-mapped files are checked by :mod:`distprop.data.sources` when they are loaded)."""
+    arrays = dataset.arrays if isinstance(dataset, TensorDataset) else ()
+    for i, a in enumerate(arrays):
+        if isinstance(a, np.ndarray) and not isinstance(a, np.memmap) and a.dtype.kind in "fc":
+            rows = a.reshape(a.shape[0], -1)
+            step = max(1, (1 << 26) // max(1, rows.shape[1] * a.itemsize))  # ~64 MB at a time
+            for start in range(0, rows.shape[0], step):
+                finite = np.isfinite(rows[start : start + step]).all(axis=1)
+                if finite.all():
+                    continue
+                row = start + int(np.argmin(finite))
+                raise ValueError(f"{name}: tensor {i} of the dataset has a non-finite value "
+                                 f"(NaN or inf) in sample {row}; clean the data before training")
 
 
 @dataclass
@@ -240,6 +257,9 @@ class Trainer:
             resume=None) -> History:
         """Train for ``epochs`` epochs (continuing from ``resume``, a checkpoint path or state)."""
         self.epochs = int(epochs)
+        _check_finite(train_data, "train_data")
+        if val_data is not None:
+            _check_finite(val_data, "val_data")
         loader = self._train_loader(train_data, batch_size)
         self.steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
         if self.steps_per_epoch == 0:
