@@ -215,7 +215,7 @@ def test_var_with_too_few_elements_gives_nan_gradient_like_torch():
     assert np.isnan(x.grad.numpy()).all() and torch.isnan(tx.grad).all()
 
 
-INT_PROMOTION = [
+PROMOTION = [
     ("int*float", lambda a, f: a * 0.5), ("int/int", lambda a, f: a / 2),
     ("rdiv", lambda a, f: 1 / a), ("exp", lambda a, f: a.exp()), ("log", lambda a, f: a.log()),
     ("sqrt", lambda a, f: a.sqrt()), ("int*f32", lambda a, f: a * f),
@@ -224,12 +224,15 @@ INT_PROMOTION = [
     ("maximum", lambda a, f: dp.maximum(a, f) if isinstance(a, dp.Tensor) else torch.maximum(a, f)),
     ("bool*f32", lambda a, f: (a > 1) * f), ("int+int", lambda a, f: a + a),
     ("int**2", lambda a, f: a**2), ("int-1", lambda a, f: a - 1),
+    ("f32*f64_0d", lambda a, f: f * (f[0] * 0 + 2).double()),
+    ("f64_0d/f32", lambda a, f: (f[1] * 0 + 2).double() / f),
+    ("f64*f32_0d", lambda a, f: f.double() * f[0]),
 ]
 
 
-@pytest.mark.parametrize("name,fn", INT_PROMOTION, ids=[r[0] for r in INT_PROMOTION])
-def test_integer_tensors_promote_like_torch(name, fn):
-    """NumPy alone makes int64 * float32 float64; PyTorch (and distprop) keep float32."""
+@pytest.mark.parametrize("name,fn", PROMOTION, ids=[r[0] for r in PROMOTION])
+def test_type_promotion_matches_torch(name, fn):
+    """NumPy alone makes int64 * float32 and float32 * float64_0d float64; PyTorch keeps float32."""
     out = fn(dp.tensor([1, 2, 3]), dp.tensor([0.5, 1.5, 2.5]))
     ref = fn(torch.tensor([1, 2, 3]), torch.tensor([0.5, 1.5, 2.5]))
     assert out.dtype == np.dtype(str(ref.dtype).removeprefix("torch.")), name
@@ -269,3 +272,13 @@ def test_shape_ops_with_negative_and_0d_dims_match_torch():
                lambda a: a[:, 0].expand(4, -1, -1, 5)):
         assert fn(x).shape == tuple(fn(tx).shape)
     assert dp.tensor(3.0).transpose(0, -1).shape == () and dp.tensor(3.0).flatten().shape == (1,)
+
+
+def test_0d_float64_tensor_keeps_float32_operand_and_gets_float64_grad():
+    x = dp.ones(3, requires_grad=True)
+    s = dp.tensor(2.0, dtype=np.float64, requires_grad=True)
+    y = x * s
+    assert y.dtype == np.float32 and (x * np.array(2.0)).dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32 and s.grad.dtype == np.float64
+    assert s.grad.item() == 3.0

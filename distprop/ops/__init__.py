@@ -43,10 +43,15 @@ def _to_float(value, dtype):
 
 
 def _operands(a, b, true_div: bool = False):
-    """Both operands, with PyTorch's type promotion for integer/bool tensors: mixed with a float
-    tensor they take its dtype, with a Python float (or under true division) the default float
-    dtype. (NumPy alone would give float64 for ``int64 * float32``.)"""
+    """Both operands, with PyTorch's type promotion: integer/bool tensors mixed with a float
+    tensor take its dtype, with a Python float (or under true division) the default float
+    dtype; a 0-d float tensor takes the dtype of an n-d float one. (NumPy alone would give
+    float64 for ``int64 * float32`` and for ``float32 * float64_0d``.)"""
     a, b = _operand(a), _operand(b)
+    if _is_float(a) and _is_float(b) and a.dtype != b.dtype and (a.ndim == 0) != (b.ndim == 0):
+        if a.ndim == 0:
+            return a.to(dtype=b.dtype), b
+        return a, b.to(dtype=a.dtype)
     if _is_float(a) or _is_float(b):
         dtype = a.dtype if _is_float(a) else b.dtype
         return _to_float(a, dtype), _to_float(b, dtype)
