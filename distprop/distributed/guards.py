@@ -86,9 +86,12 @@ def abort_on_exception(comm: Communicator):
     """
     try:
         yield
-    except (Exception, KeyboardInterrupt):
-        report_and_abort(comm, *sys.exc_info(),
-                         code=130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1)
+    except Exception:
+        report_and_abort(comm, *sys.exc_info())
+    except KeyboardInterrupt:
+        if comm.size == 1:
+            raise
+        report_and_abort(comm, *sys.exc_info(), code=130)
     except SystemExit as exc:  # sys.exit(n) on one rank: the others would wait in a collective
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == 0 or comm.size == 1:
