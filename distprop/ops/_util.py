@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from distprop.backend import get_array_module
-
 
 def unbroadcast(grad, shape):
     """Sum ``grad`` down to ``shape``, undoing NumPy broadcasting."""
@@ -38,15 +36,6 @@ def normalize_dims(dim, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
-def scalar_like(value, array):
-    """A Python scalar that keeps ``array``'s dtype under NumPy 2 promotion rules."""
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    return value
-
-
-def xp_of(*arrays):
-    return get_array_module(*arrays)
 
 
 def grad_destination(fn, index: int):
