@@ -162,6 +162,22 @@ Examples:
 """
 
 
+def _agreed_error(error: ConfigError | None) -> ConfigError | None:
+    """The first rank's usage error on every rank (a file missing on one node only would
+    otherwise stop that rank alone, unheard, while the others wait for it)."""
+    from distprop import distributed  # noqa: PLC0415
+
+    found = distributed.init().allgather_obj(None if error is None else (str(error), error.param))
+    bad = [(rank, e) for rank, e in enumerate(found) if e is not None]
+    if not bad:
+        return None
+    rank, (message, param) = bad[0]
+    if len(bad) < len(found) or any(e != bad[0][1] for _, e in bad):
+        ranks = ", ".join(str(r) for r, _ in bad)
+        message = f"on rank(s) {ranks}: {message}"
+    return ConfigError(message, param)
+
+
 @cli.command(context_settings=CONTEXT, epilog=_TRAIN_EPILOG)
 @click.option("--model", default=None, help="Model from the zoo [default: mlp].")
 @click.option("--dataset", default=None, help="digits, mnist1d, synthetic or PATH [default: "
@@ -196,7 +212,7 @@ Examples:
 @click.option("--resume", default=None, help="Checkpoint PATH, or 'auto' (newest valid in "
               "--out, fresh start if none).")
 @click.option("--scale-lr/--no-scale-lr", default=None,
-              help="Linear scaling rule: lr x global batch / 256 base, with warm-up.")
+              help="Linear scaling rule: lr x number of ranks, with warm-up.")
 @click.option("--early-stopping", type=int, default=None,
               help="Stop after N epochs without val-loss improvement (0: off) [0].")
 @click.option("--val-fraction", type=float, default=None, help="Held-out validation part.")
@@ -241,12 +257,17 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     world = nprocs if nprocs is not None else info_mod.launched_size()
     if nprocs is not None and nprocs < 1:
         raise click.BadParameter(f"must be at least 1, got {nprocs}", param_hint="-n")
+    error = None
     try:
         cfg = cfg.validate(world)
         cfg = run_mod.check(cfg)  # dataset file, shapes, labels, model fit, resume path
     except ConfigError as exc:
-        hint = f"--{exc.param}" if exc.param else None
-        raise click.BadParameter(str(exc), param_hint=hint) from None
+        error = exc
+    if world > 1 and not launching:  # ranks started by mpiexec: one failing alone would hang
+        error = _agreed_error(error)
+    if error is not None:
+        hint = f"--{error.param}" if error.param else None
+        raise click.BadParameter(str(error), param_hint=hint) from None
     cfg.nprocs = world
     if not launching:
         if dry_run:

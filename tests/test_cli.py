@@ -397,6 +397,21 @@ def test_usage_error_is_printed_once_under_mpiexec(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_usage_error_on_one_rank_only_is_printed_and_ends_every_rank(tmp_path):
+    """A dataset missing on one node only: rank 1 must not exit alone (unheard) while rank 0
+    waits for it; every rank exits 2 and rank 0 prints rank 1's error."""
+    rank_cmd = [sys.executable, "-m", "distprop", "train", "--epochs", "1", "--out",
+                str(tmp_path)]
+    done = subprocess.run([mpiexec_path(), "-n", "1", "-env", "DISTPROP_TRAIN_DATASET", "digits",
+                           *rank_cmd, ":", "-n", "1", "-env", "DISTPROP_TRAIN_DATASET",
+                           "/nonexistent/data.npz", *rank_cmd], capture_output=True, text=True,
+                          timeout=60, env=ENV, cwd=str(REPO))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("on rank(s) 1: dataset file /nonexistent/data.npz does not "
+                             "exist") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_usage_error_with_ranks_is_printed_once_before_launching(tmp_path):
     done = distprop("train", "-n", 2, "--optimizer", "lbfgs", "--out", tmp_path, timeout=60)
     assert done.returncode == 2
