@@ -55,6 +55,9 @@ def embedding(input, weight, padding_idx=None):
         indices = input.data
     else:
         indices = input if hasattr(input, "shape") else np.asarray(input)
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: weight must be 2-D (num_embeddings, embedding_dim), got "
+                         f"shape {tuple(weight.shape)}")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
     return _Embedding.apply(indices, weight, padding_idx=padding_idx)

@@ -114,6 +114,12 @@ def test_sdpa_errors(kwargs, error, match):
         sdpa(x, x, x, **kwargs)
 
 
+def test_sdpa_refuses_integer_inputs():
+    x = dp.tensor(np.ones((1, 2, 3), np.int64))
+    with pytest.raises(TypeError, match="query must be floating-point, got dtype int64"):
+        sdpa(x, x, x)
+
+
 # --- MultiheadAttention -----------------------------------------------------------------------
 
 E, HEADS, L, S, N = 8, 2, 4, 5, 3

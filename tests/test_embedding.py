@@ -71,3 +71,8 @@ def test_from_pretrained_freezes_by_default():
 def test_bad_padding_idx():
     with pytest.raises(ValueError, match="padding_idx"):
         Embedding(4, 2, padding_idx=4)
+
+
+def test_functional_embedding_needs_a_2d_weight():
+    with pytest.raises(ValueError, match=r"weight must be 2-D .* got shape \(3,\)"):
+        dp.nn.functional.embedding(dp.tensor([0]), dp.ones(3))

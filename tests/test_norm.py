@@ -215,6 +215,8 @@ def test_norm_layers_refuse_an_input_of_another_float_dtype(make, shape):
     assert layer.double()(dp.randn(*shape, dtype=np.float64)).dtype == np.float64
 
 
-def test_functional_linear_refuses_mixed_dtypes():
+def test_functional_linear_refuses_mixed_dtypes_and_a_bad_bias():
     with pytest.raises(TypeError, match="linear: input dtype float64 does not match.*float32"):
         dp.nn.functional.linear(dp.randn(2, 3, dtype=np.float64), dp.randn(4, 3))
+    with pytest.raises(ValueError, match=r"linear: bias must have shape \(4,\).*got \(5,\)"):
+        dp.nn.functional.linear(dp.randn(2, 3), dp.randn(4, 3), dp.randn(5))

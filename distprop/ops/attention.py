@@ -185,6 +185,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if t.ndim < 2:
             raise ValueError(f"scaled_dot_product_attention: {name} must be at least 2-D, "
                              f"got shape {t.shape}")
+        if t.dtype.kind != "f":
+            raise TypeError(f"scaled_dot_product_attention: {name} must be floating-point, "
+                            f"got dtype {t.dtype}")
         if t.dtype != query.dtype:
             raise TypeError(f"scaled_dot_product_attention: {name} dtype {t.dtype} differs "
                             f"from query dtype {query.dtype}")

@@ -72,6 +72,9 @@ class Linear(Function):
         if x.dtype != weight.dtype:
             raise TypeError(f"linear: input dtype {x.dtype} does not match the weight's "
                             f"{weight.dtype}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"linear: bias must have shape ({weight.shape[0]},) for a weight "
+                             f"of shape {tuple(weight.shape)}, got {tuple(bias.shape)}")
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         x2 = x.reshape(-1, x.shape[-1])
         out = x2 @ weight.T
