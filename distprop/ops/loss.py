@@ -97,7 +97,9 @@ def _row_coef(grad_out, reduction: str, den):
         return grad_out.reshape(-1)
     if reduction == "sum":
         return grad_out
-    return grad_out / den if den else grad_out * 0
+    # den == 0 only when every row weight is zero, so any finite coefficient gives a zero
+    # gradient: divide by 1 instead (no branch, hence no device sync on CuPy).
+    return grad_out / (den + (den == 0))
 
 
 # --- elementwise regression losses ----------------------------------------------------------
