@@ -104,8 +104,8 @@ def test_launch_dry_run_srun_forced_and_detected(tmp_path):
 
 def test_launch_runs_the_job_and_returns_its_exit_code():
     done = distprop("launch", "-n", "2", "--", sys.executable, "-c",
-                    "import os, sys; print('rank', os.environ['PMI_RANK'], "
-                    "os.environ['OMP_NUM_THREADS']); sys.exit(3)", timeout=60)
+                    "import os, sys; os.write(1, f\"rank {os.environ['PMI_RANK']} "
+                    "{os.environ['OMP_NUM_THREADS']}\\n\".encode()); sys.exit(3)", timeout=60)
     assert done.returncode == 3, done.stderr
     assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == \
         ["rank 0 1", "rank 1 1"]
