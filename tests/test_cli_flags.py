@@ -27,3 +27,11 @@ def test_zero_scale_lr_warmup_accumulation_clipping_early_stopping(tmp_path):
     assert max(r["lr"] for r in train) <= 2e-3 + 1e-12
     assert summary["test"]["accuracy"] > 0.85
     assert np.isfinite(summary["final"]["loss"])
+
+
+def test_diverging_run_is_one_error_message_not_a_traceback(tmp_path):
+    done = distprop("train", "-n", 2, "--model", "mlp", "--dataset", "digits", "--epochs", 1,
+                    "--lr", "1e6", "--out", tmp_path / "run", timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.count("distprop train: error:") == 1
+    assert "non-finite gradient" in done.stderr and "Traceback" not in done.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -365,7 +366,20 @@ def main_worker(cfg: TrainConfig) -> int:
         from distprop.distributed import guards  # noqa: PLC0415
 
         with guards.abort_on_exception(comm):
-            train(cfg, comm)
-    else:
+            return _train_reporting_divergence(cfg, comm)
+    return _train_reporting_divergence(cfg, comm)
+
+
+def _train_reporting_divergence(cfg: TrainConfig, comm) -> int:
+    """Run :func:`train`; a diverged run (non-finite gradients) is an error message, exit 1.
+
+    DDP's non-finite guard raises on every rank alike (it checks the averaged gradient), so the
+    ranks leave together and no abort is needed; rank 0 prints the message once.
+    """
+    try:
         train(cfg, comm)
+    except FloatingPointError as exc:
+        if comm.rank == 0:
+            print(f"distprop train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
