@@ -215,6 +215,12 @@ class Tensor:
             raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
 
+    def __iter__(self):
+        # Without this, Python would iterate a 0-d tensor as empty (its [0] is an IndexError).
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        return (self[i] for i in range(self.shape[0]))
+
     def __repr__(self) -> str:
         extra = ""
         if self._ctx is not None:

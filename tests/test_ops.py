@@ -282,3 +282,12 @@ def test_0d_float64_tensor_keeps_float32_operand_and_gets_float64_grad():
     y.sum().backward()
     assert x.grad.dtype == np.float32 and s.grad.dtype == np.float64
     assert s.grad.item() == 3.0
+
+
+def test_iterating_a_0d_tensor_is_an_error_and_rows_keep_the_graph():
+    with pytest.raises(TypeError, match="iteration over a 0-d tensor"):
+        list(dp.tensor(1.0))
+    x = dp.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    a, b = x
+    (a * 2 + b).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [[2.0, 2.0], [1.0, 1.0]])
