@@ -258,6 +258,8 @@ def test_amax_amin_split_the_gradient_over_ties_like_torch():
     (lambda: dp.ones(2, 3).expand(3), RuntimeError, r"\(2, 3\) cannot be expanded to \(3,\)"),
     (lambda: dp.where(dp.ones(2) > 0, dp.ones(3), dp.ones(2)), ValueError,
      r"where: shapes \(3,\) and \(2,\) cannot be broadcast"),
+    (lambda: dp.ones(2, 3)[5], IndexError, r"invalid index 5 for a tensor of shape \(2, 3\)"),
+    (lambda: dp.ones(3)[dp.tensor([1.0])], IndexError, r"invalid index .*integer"),
 ])
 def test_bad_shape_arguments_get_clear_errors(call, error, match):
     """These used to pass silently (flatten, squeeze wrapped dims around) or fail in NumPy."""

@@ -159,7 +159,7 @@ class GetItem(Function):
             return a[index]
         except IndexError as exc:
             raise IndexError(
-                f"index {index!r} is out of range for shape {tuple(a.shape)}: {exc}"
+                f"invalid index {index!r} for a tensor of shape {tuple(a.shape)}: {exc}"
             ) from None
 
     def backward(self, grad_out):
