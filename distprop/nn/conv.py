@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distprop.nn import init
-from distprop.nn.linear import new_parameter
+from distprop.nn.linear import check_dtype, new_parameter
 from distprop.nn.module import Module
 from distprop.ops.conv import conv_nd, ntuple
 from distprop.tensor import Tensor
@@ -85,10 +85,7 @@ class _ConvNd(Module):
             raise ValueError(
                 f"{name}: expected input of shape (N, {self.in_channels}, {spatial}) or "
                 f"({self.in_channels}, {spatial}), got {x.shape}")
-        if x.dtype != self.weight.dtype:
-            raise TypeError(
-                f"{name}: input dtype {x.dtype} does not match the layer's {self.weight.dtype} "
-                "(convert the input with .to(dtype) or the layer with .to(dtype))")
+        check_dtype(name, x, self.weight)
         return conv_nd(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                        self.groups, nd, name)
 

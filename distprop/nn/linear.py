@@ -25,6 +25,15 @@ def check_input(layer: str, x, expected: str, ok: bool) -> None:
         )
 
 
+def check_dtype(layer: str, x: Tensor, reference) -> None:
+    """Refuse a float input whose dtype differs from the layer's parameters (NumPy would
+    silently compute in the wider dtype), as PyTorch does."""
+    if reference is not None and x.dtype.kind == "f" and x.dtype != reference.dtype:
+        raise TypeError(
+            f"{layer}: input dtype {x.dtype} does not match the layer's {reference.dtype} "
+            "(convert the input with .to(dtype) or the layer with .to(dtype))")
+
+
 def new_parameter(shape, device=None, dtype=None) -> Parameter:
     """An uninitialised Parameter of the default (or given) dtype on ``device``."""
     if any(int(n) < 0 for n in shape):
@@ -61,10 +70,7 @@ class Linear(Module):
         name = f"Linear({self.in_features}, {self.out_features})"
         check_input(name, x, f"(*, {self.in_features})",
                     x.ndim >= 1 and x.shape[-1] == self.in_features)
-        if x.dtype != self.weight.dtype:
-            raise TypeError(
-                f"{name}: input dtype {x.dtype} does not match the layer's {self.weight.dtype} "
-                "(convert the input with .to(dtype) or the layer with .to(dtype))")
+        check_dtype(name, x, self.weight)
         if self.bias is None:
             return LinearFn.apply(x, self.weight)
         return LinearFn.apply(x, self.weight, self.bias)

@@ -6,19 +6,11 @@ import numpy as np
 
 from distprop import backend
 from distprop.nn import init
-from distprop.nn.linear import new_parameter
+from distprop.nn.linear import check_dtype, new_parameter
 from distprop.nn.module import Module
 from distprop.ops.norm import batch_norm, layer_norm
 from distprop.tensor import Tensor, get_default_dtype
 
-
-def _check_dtype(name: str, x: Tensor, reference) -> None:
-    """A float input whose dtype differs from the layer's parameters/buffers is refused (NumPy
-    would silently compute in the wider dtype), as in PyTorch."""
-    if reference is not None and x.dtype.kind == "f" and x.dtype != reference.dtype:
-        raise TypeError(
-            f"{name}: input dtype {x.dtype} does not match the layer's {reference.dtype} "
-            "(convert the input with .to(dtype) or the layer with .to(dtype))")
 
 class _BatchNorm(Module):
     _dims: tuple[int, ...] = ()
@@ -77,7 +69,7 @@ class _BatchNorm(Module):
                              f"{self._layout}, got input of shape {x.shape}")
         if x.dtype.kind != "f":
             raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
-        _check_dtype(name, x, self.weight if self.weight is not None else self.running_mean)
+        check_dtype(name, x, self.weight if self.weight is not None else self.running_mean)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -154,7 +146,7 @@ class LayerNorm(Module):
             raise ValueError(
                 f"LayerNorm({self.normalized_shape}): expected input of shape "
                 f"(*, {', '.join(map(str, self.normalized_shape))}), got {x.shape}")
-        _check_dtype(f"LayerNorm({self.normalized_shape})", x, self.weight)
+        check_dtype(f"LayerNorm({self.normalized_shape})", x, self.weight)
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
