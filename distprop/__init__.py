@@ -2,6 +2,18 @@
 
 from distprop import functional, nn, ops, optim
 from distprop.backend import Device, device, manual_seed
+from distprop.creation import (
+    arange,
+    empty,
+    full,
+    ones,
+    ones_like,
+    rand,
+    randint,
+    randn,
+    zeros,
+    zeros_like,
+)
 from distprop.ops import (
     abs,
     amax,
@@ -41,30 +53,20 @@ from distprop.ops import (
 from distprop.tensor import (
     Function,
     Tensor,
-    arange,
     as_tensor,
     bool_,
-    empty,
     enable_grad,
     float16,
     float32,
     float64,
     from_numpy,
-    full,
     get_default_dtype,
     int32,
     int64,
     is_grad_enabled,
     no_grad,
-    ones,
-    ones_like,
-    rand,
-    randint,
-    randn,
     set_default_dtype,
     tensor,
-    zeros,
-    zeros_like,
 )
 
 __version__ = "0.1.0"
