@@ -282,3 +282,9 @@ def test_classify_grad_norms_flags_vanishing_and_exploding_rnn(scale, kind):
     assert nan_report["nonfinite"] == ["w"] and np.isnan(nan_report["total_norm"])
     with pytest.raises(ValueError, match="vanishing < exploding"):
         dp.nn.utils.classify_grad_norms(norms, vanishing=1.0, exploding=0.5)
+
+
+def test_projected_lstm_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match="proj_size=2"):
+        LSTM(3, 4, proj_size=2)
+    assert LSTM(3, 4, proj_size=0).hidden_size == 4

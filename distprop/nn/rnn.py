@@ -286,7 +286,12 @@ class LSTM(RNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None):
+                 proj_size: int = 0, device=None, dtype=None):
+        if proj_size:
+            raise NotImplementedError(
+                f"LSTM(proj_size={proj_size}): projected LSTMs are not supported; use "
+                "proj_size=0 and a Linear layer on the output"
+            )
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device, dtype)
 
