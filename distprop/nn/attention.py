@@ -132,11 +132,9 @@ class MultiheadAttention(Module):
         if bias is None and is_causal:
             bias = causal_mask(target, source, dtype, backend.xp_for(device))
         if bias is not None:
-            if bias.ndim == 2 and bias.shape == (target, source):
-                pass
-            elif bias.ndim == 3 and bias.shape == (batch * self.num_heads, target, source):
+            if bias.ndim == 3 and bias.shape == (batch * self.num_heads, target, source):
                 bias = bias.reshape(batch, self.num_heads, target, source)
-            else:
+            elif bias.shape != (target, source):
                 raise ValueError(
                     f"{name}: attn_mask must have shape ({target}, {source}) or "
                     f"({batch * self.num_heads}, {target}, {source}) (batch * num_heads, L, S), "
