@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from distprop.nn import init
-from distprop.nn.linear import check_dtype, new_parameter
+from distprop.nn.linear import check_dtype, new_parameter, reset_affine
 from distprop.nn.module import Module
 from distprop.ops.conv import conv_nd, ntuple
 from distprop.tensor import Tensor
@@ -66,10 +65,7 @@ class _ConvNd(Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init.kaiming_uniform_(self.weight, a=5**0.5)
-        if self.bias is not None:
-            bound = init.bias_bound(self.weight)
-            init.uniform_(self.bias, -bound, bound)
+        reset_affine(self.weight, self.bias)
 
     def _describe(self) -> str:
         k = self.kernel_size[0] if len(set(self.kernel_size)) == 1 else self.kernel_size

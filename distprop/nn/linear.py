@@ -46,6 +46,15 @@ def new_parameter(shape, device=None, dtype=None) -> Parameter:
     return Parameter(data)
 
 
+def reset_affine(weight, bias) -> None:
+    """PyTorch's default init of Linear and Conv: kaiming_uniform_(a=sqrt(5)), bias
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    init.kaiming_uniform_(weight, a=5**0.5)
+    if bias is not None:
+        bound = init.bias_bound(weight)
+        init.uniform_(bias, -bound, bound)
+
+
 class Linear(Module):
     """y = x W^T + b, weight shape (out_features, in_features), PyTorch's default init."""
 
@@ -61,10 +70,7 @@ class Linear(Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init.kaiming_uniform_(self.weight, a=5**0.5)
-        if self.bias is not None:
-            bound = init.bias_bound(self.weight)
-            init.uniform_(self.bias, -bound, bound)
+        reset_affine(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         name = f"Linear({self.in_features}, {self.out_features})"
