@@ -55,6 +55,8 @@ def _sync():
 
 
 def distprop_step_fn(name: str, batch: int):
+    from bench_models import training_step  # noqa: PLC0415
+
     import distprop as dp  # noqa: PLC0415
     from distprop import models  # noqa: PLC0415
 
@@ -66,19 +68,14 @@ def distprop_step_fn(name: str, batch: int):
     loss_fn = dp.nn.CrossEntropyLoss()
     optimizer = dp.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
-    def step():
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = training_step(model, loss_fn, optimizer, x, y)
 
     return step, state, (x.numpy(), y.numpy())
 
 
 def torch_step_fn(name: str, state: dict, batch_arrays):
     import torch  # noqa: PLC0415
-    from bench_models import torch_model  # noqa: PLC0415
+    from bench_models import torch_model, training_step  # noqa: PLC0415
 
     model = torch_model(name)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
@@ -87,12 +84,7 @@ def torch_step_fn(name: str, state: dict, batch_arrays):
     loss_fn = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
-    def step():
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = training_step(model, loss_fn, optimizer, x, y)
 
     return step
 

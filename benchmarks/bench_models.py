@@ -78,6 +78,19 @@ def _torch_sequence_twins():
     return LSTMClassifier, TransformerClassifier
 
 
+def training_step(model, loss_fn, optimizer, x, y):
+    """One call = forward, loss, backward, update; the same body serves distprop and torch."""
+
+    def step():
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
 def distprop_step_fn(name: str, batch: int | None):
     """(step, model) for distprop: one call runs forward, loss, backward and the update."""
     import distprop as dp  # noqa: PLC0415
@@ -89,12 +102,7 @@ def distprop_step_fn(name: str, batch: int | None):
     loss_fn = dp.nn.CrossEntropyLoss()
     optimizer = dp.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
-    def step():
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = training_step(model, loss_fn, optimizer, x, y)
 
     return step, model
 
@@ -113,12 +121,7 @@ def torch_step_fn(name: str, batch: int | None, state=None):
     loss_fn = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
-    def step():
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = training_step(model, loss_fn, optimizer, x, y)
 
     return step, model
 
