@@ -52,7 +52,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _describe(exc: OSError) -> str:
+def describe(exc: OSError) -> str:
+    """The reason of an OSError in a few words (``no space left on device``)."""
     if exc.errno == errno.ENOSPC:
         return "no space left on device"
     return exc.strerror or str(exc)
@@ -83,7 +84,7 @@ def atomic_write(path, write: Callable, what: str = "file") -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {what} {path}: {_describe(exc)}") from exc
+        raise WriteError(exc.errno, f"cannot write {what} {path}: {describe(exc)}") from exc
     finally:
         try:
             tmp.unlink()
