@@ -124,6 +124,9 @@ CASES = [
      "...); labels must be 0..K-1 with every class present, or pass --num-classes K"),
     ("label 1000 with --num-classes 4", _npz(x=x40, y=y1000), ["--num-classes", 4],
      "array 'y' (labels) has label 1000 at row 5, outside the range [0, 4) of 4 classes"),
+    ("label 10^12", _npz(x=x40, y=np.where(y40 == 3, 10**12, y40)), [],
+     "labels in 'y' run up to 1000000000000, but 999999999997 of the classes "
+     "0..1000000000000 never occur (3, 4, 5, 6, 7, ...)"),
     ("a class never occurs", _npz(x=x40, y=gap_y), [],
      "labels in 'y' run up to 2, but class 1 never occurs; labels must be 0..K-1"),
     ("single class", _npz(x=x40, y=np.zeros(40, np.int64)), [],

@@ -160,14 +160,19 @@ def _check_classes(labels: list, source: str, y_name: str, num_classes: int,
                         "accuracy)")
     if explicit:
         return
-    missing = np.setdiff1d(np.arange(num_classes), present.astype(np.int64))
-    if missing.size:
-        if missing.size == 1:
-            gap = f"class {int(missing[0])} never occurs"
+    n_missing = int(num_classes) - present.size  # labels are in [0, num_classes) by now
+    if n_missing > 0:
+        seen, shown, c = set(present.astype(np.int64).tolist()), [], 0
+        while len(shown) < min(5, n_missing):  # no arange(num_classes): it may be 10^12
+            if c not in seen:
+                shown.append(str(c))
+            c += 1
+        if n_missing == 1:
+            gap = f"class {shown[0]} never occurs"
         else:
-            shown = ", ".join(str(int(c)) for c in missing[:5]) + (", ..." if missing.size > 5
-                                                                     else "")
-            gap = f"{missing.size} of the classes 0..{num_classes - 1} never occur ({shown})"
+            more = ", ..." if n_missing > 5 else ""
+            gap = (f"{n_missing} of the classes 0..{num_classes - 1} never occur "
+                   f"({', '.join(shown)}{more})")
         raise DataError(f"{source}: labels in '{y_name}' run up to {num_classes - 1}, but {gap}; "
                         "labels must be 0..K-1 with every class present, or pass --num-classes K "
                         "(num_classes=K) to say how many classes there are")

@@ -238,6 +238,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
         model = build_model(cfg, splits)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(str(exc), "model") from None
+    except MemoryError:
+        raise ConfigError(f"model {cfg.model!r} for {splits.num_classes} classes and samples of "
+                          f"shape {splits.input_shape} does not fit in memory", "model") from None
     from distprop.data import gather  # noqa: PLC0415
     from distprop.tensor import Tensor, no_grad  # noqa: PLC0415
 
