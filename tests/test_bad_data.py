@@ -191,3 +191,31 @@ def test_library_loader_raises_data_error_for_the_same_cases(tmp_path):
         sources.load(str(tmp_path / "e.npz"))
     np.savez(tmp_path / "g.npz", x=x40, y=gap_y)
     assert sources.load(str(tmp_path / "g.npz"), num_classes=3).num_classes == 3
+
+
+@pytest.mark.parametrize("kind", ["npz", "npz-compressed", "npy"])
+def test_damaged_dataset_files_raise_only_data_errors(kind, tmp_path):
+    import random  # noqa: PLC0415
+
+    from distprop.data import sources  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    {"npz": np.savez, "npz-compressed": np.savez_compressed}.get(
+        kind, lambda b, x, y: np.save(b, x))(buf, x=x40, y=y40)
+    name = "x.npy" if kind == "npy" else "d.npz"
+    np.save(tmp_path / "y.npy", y40)
+    rng = random.Random(kind)
+    for i in range(300):
+        data = bytearray(buf.getvalue())
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        else:
+            data = data[: rng.randrange(len(data))]
+        (tmp_path / name).write_bytes(bytes(data))
+        try:
+            sources.load(str(tmp_path / name))
+        except sources.DataError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            pytest.fail(f"mutation {i}: {type(exc).__name__}: {exc}")

@@ -294,3 +294,38 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_exits_2(kind, name, message
     err = " ".join(done.stderr.split())
     assert f"Invalid value for --resume: {path} {message}" in err, err
     assert "Traceback" not in done.stderr and "pickle" not in err.lower()
+
+
+def _mutations(data: bytes, count: int, seed: int):
+    import random  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    for _ in range(count):
+        b = bytearray(data)
+        if rng.random() < 0.5:
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        else:
+            b = b[: rng.randrange(len(b))]
+        yield bytes(b)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED],
+                         ids=["stored", "deflated"])
+def test_damaged_files_raise_only_checkpoint_errors(compression, tmp_path):
+    path = dp.save({"model": {"w": dp.randn(3, 4), "n": np.array(3)}, "pos": (1, None)},
+                   tmp_path / "c.npz")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(buf, "w", compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    damaged = tmp_path / "d.npz"
+    for i, data in enumerate(_mutations(buf.getvalue(), 300, seed=compression)):
+        damaged.write_bytes(data)
+        for verify in (True, False):
+            try:
+                ckpt.load(damaged, verify=verify)
+            except CheckpointError as exc:
+                assert str(damaged) in str(exc)
+            except Exception as exc:  # noqa: BLE001
+                pytest.fail(f"mutation {i} (verify={verify}): {type(exc).__name__}: {exc}")

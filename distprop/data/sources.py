@@ -333,8 +333,8 @@ def _check_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo):
             return fileio.read_npy_layout(member, info.file_size, where)
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-        raise DataError(f"{where}: cannot be read ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zlib.error, BadZipFile, unsupported zip features
+        raise DataError(f"{where}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _mmap_npz_member(path: Path, zf: zipfile.ZipFile, member: str):
@@ -363,7 +363,7 @@ def _mmap_npz_member(path: Path, zf: zipfile.ZipFile, member: str):
 def _read_npz(path: Path, mmap: bool) -> dict:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, OSError, ValueError, ...
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     out = {}
     with zf:
@@ -376,8 +376,9 @@ def _read_npz(path: Path, mmap: bool) -> dict:
                 try:
                     with zf.open(name + ".npy") as member:
                         array = np.lib.format.read_array(member, allow_pickle=False)
-                except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-                    raise DataError(f"{path}: member '{name}' cannot be read ({exc})") from exc
+                except Exception as exc:  # noqa: BLE001 - zlib.error, truncated data, ...
+                    raise DataError(f"{path}: member '{name}' cannot be read "
+                                    f"({type(exc).__name__}: {exc})") from exc
             out[name] = array
     return out
 
