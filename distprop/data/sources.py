@@ -8,7 +8,9 @@
   the rows of the batches it is given.
 
 Every loader returns :class:`DataSplits` and validates the arrays first: wrong shapes, labels out
-of range and NaN/inf raise :class:`DataError` naming the file and the array.
+of range, NaN/inf, classes that never occur (unless ``num_classes`` is given), a single class,
+sets too small for the split, and ``.npy`` headers claiming more data than the file holds (checked
+before anything is allocated) raise :class:`DataError` naming the file and the array.
 """
 
 from __future__ import annotations
@@ -491,7 +493,8 @@ def npz(path, x_key: str | None = None, y_key: str | None = None,
     Args:
         path: the ``.npz`` file.
         x_key, y_key: names of the feature and label arrays.
-        num_classes: number of classes (default: largest label + 1).
+        num_classes: number of classes (default: largest label + 1, every class 0..K-1 must
+            then occur); give it when some classes have no samples.
         val_fraction, test_fraction: held-out parts when the file is not pre-split.
         seed: seed of the split.
         validate: check shapes, label range and NaN/inf before returning.
