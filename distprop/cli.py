@@ -217,6 +217,9 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
               help="Stop after N epochs without val-loss improvement (0: off) [0].")
 @click.option("--val-fraction", type=float, default=None, help="Held-out validation part.")
 @click.option("--test-fraction", type=float, default=None, help="Held-out test part.")
+@click.option("--num-classes", type=int, default=None,
+              help="Classes of a dataset file (labels 0..K-1) [default: largest label + 1, "
+                   "every class present].")
 @click.option("--log-every", type=int, default=None, help="Log metrics every N steps [10].")
 @click.option("--prefetch", type=int, default=None, help="Batches prefetched by a thread [1].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -257,6 +260,9 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     world = nprocs if nprocs is not None else info_mod.launched_size()
     if nprocs is not None and nprocs < 1:
         raise click.BadParameter(f"must be at least 1, got {nprocs}", param_hint="-n")
+    if threads_per_rank is not None and threads_per_rank < 1:
+        raise click.BadParameter(f"must be at least 1, got {threads_per_rank}",
+                                 param_hint="--threads-per-rank")
     error = None
     try:
         cfg = cfg.validate(world)
@@ -273,6 +279,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
         if dry_run:
             click.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
             return
+        cfg.launch = {"threads_per_rank": threads_per_rank}  # one process: same thread policy
         sys.exit(run_mod.main_worker(cfg))
     cfg.launch = {"mpi": mpi or "auto", "hosts": hosts, "hostfile": hostfile,
                   "threads_per_rank": threads_per_rank}
@@ -283,7 +290,10 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
                           mpi_args, oversubscribe)
     plan = _plan_or_usage_error(lcfg)
     if not dry_run:
-        cfg.save_json(cfg_path)
+        try:
+            cfg.save_json(cfg_path)
+        except OSError as exc:  # e.g. a full disk: one line naming the file, nothing partial
+            raise click.ClickException(str(exc)) from None
         if cfg.device.startswith("cuda") and not hosts and not hostfile:
             _gpu_note(nprocs)
     sys.exit(_run_plan(plan, dry_run))

@@ -8,11 +8,14 @@
   the rows of the batches it is given.
 
 Every loader returns :class:`DataSplits` and validates the arrays first: wrong shapes, labels out
-of range and NaN/inf raise :class:`DataError` naming the file and the array.
+of range, NaN/inf, classes that never occur (unless ``num_classes`` is given), a single class,
+sets too small for the split, and ``.npy`` headers claiming more data than the file holds (checked
+before anything is allocated) raise :class:`DataError` naming the file and the array.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import zipfile
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distprop import fileio
 from distprop.data.dataset import Subset, TensorDataset, split_indices
 
 DATASETS = ("digits", "mnist1d", "synthetic")
@@ -94,7 +98,7 @@ def validate_arrays(x, y, source: str, x_name: str = "x", y_name: str = "y",
         bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
         if bad.size:
             raise DataError(f"{lwhere} must be integer class indices; row {bad[0]} is "
-                            f"{labels[bad[0]]!r}")
+                            f"{float(labels[bad[0]])!r}")
     elif labels.dtype.kind not in "iub":
         raise DataError(f"{lwhere} has dtype {labels.dtype}; expected integer class indices")
     low, high = labels.min(), labels.max()
@@ -128,12 +132,52 @@ def _splits(x, y, name, num_classes, val_fraction, test_fraction, seed, info,
     """Deterministic random train/val/test split of one array pair."""
     base = TensorDataset(x, y.astype(np.int64, copy=False), dtypes=(x_dtype, None))
     fractions = [1.0 - val_fraction - test_fraction, val_fraction, test_fraction]
-    train_idx, val_idx, test_idx = split_indices(len(base), fractions, seed)
+    train_idx, val_idx, test_idx = _split(len(base), fractions, seed, name)
     return DataSplits(
         train=Subset(base, train_idx),
         val=Subset(base, val_idx) if val_idx.size else None,
         test=Subset(base, test_idx) if test_idx.size else None,
         num_classes=num_classes, input_shape=tuple(x.shape[1:]), name=name, info=info)
+
+
+def _split(n: int, fractions: list, seed: int, source: str) -> list:
+    """:func:`split_indices`, with a :class:`DataError` when a held-out part would be empty."""
+    try:
+        return split_indices(n, fractions, seed)
+    except ValueError:
+        held = ", ".join(f"{name} {f:g}" for name, f in zip(("val", "test"), fractions[1:])
+                         if f > 0)
+        raise DataError(f"{source}: {n} samples are too few to hold out {held} (each held-out "
+                        "part needs at least one sample); use more data or lower "
+                        "--val-fraction/--test-fraction (0 disables a part)") from None
+
+
+def _check_classes(labels: list, source: str, y_name: str, num_classes: int,
+                   explicit: bool) -> None:
+    """At least two classes, and (unless ``explicit``) every class 0..num_classes-1 present."""
+    present = np.unique(np.concatenate([np.asarray(a).reshape(-1) for a in labels]))
+    if present.size < 2:
+        raise DataError(f"{source}: every label in '{y_name}' is {present[0]:g}; a classifier "
+                        "needs at least 2 classes (training would report a meaningless 100 % "
+                        "accuracy)")
+    if explicit:
+        return
+    n_missing = int(num_classes) - present.size  # labels are in [0, num_classes) by now
+    if n_missing > 0:
+        seen, shown, c = set(present.astype(np.int64).tolist()), [], 0
+        while len(shown) < min(5, n_missing):  # no arange(num_classes): it may be 10^12
+            if c not in seen:
+                shown.append(str(c))
+            c += 1
+        if n_missing == 1:
+            gap = f"class {shown[0]} never occurs"
+        else:
+            more = ", ..." if n_missing > 5 else ""
+            gap = (f"{n_missing} of the classes 0..{num_classes - 1} never occur "
+                   f"({', '.join(shown)}{more})")
+        raise DataError(f"{source}: labels in '{y_name}' run up to {num_classes - 1}, but {gap}; "
+                        "labels must be 0..K-1 with every class present, or pass --num-classes K "
+                        "(num_classes=K) to say how many classes there are")
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -266,7 +310,7 @@ def mnist1d(num_samples: int = 10000, data_seed: int = 42, val_fraction: float =
     for xk, yk in (("x", "y"), ("x_test", "y_test")):
         validate_arrays(arrays[xk], arrays[yk], f"mnist1d ({path})", xk, yk, num_classes=10)
     train = TensorDataset(arrays["x"], arrays["y"])
-    tr_idx, va_idx = split_indices(len(train), [1.0 - val_fraction, val_fraction], seed)
+    tr_idx, va_idx = _split(len(train), [1.0 - val_fraction, val_fraction], seed, "mnist1d")
     return DataSplits(train=Subset(train, tr_idx),
                       val=Subset(train, va_idx) if va_idx.size else None,
                       test=TensorDataset(arrays["x_test"], arrays["y_test"]),
@@ -276,9 +320,29 @@ def mnist1d(num_samples: int = 10000, data_seed: int = 42, val_fraction: float =
 # --- files --------------------------------------------------------------------------------------
 
 
+_MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data more than ~1032x
+
+
+def _check_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """Header of an ``.npz`` member checked against the member's size (no allocation yet)."""
+    where = f"{path}: member '{info.filename[:-4]}'"
+    if info.compress_type != zipfile.ZIP_STORED and \
+            info.file_size > _MAX_DEFLATE_RATIO * (info.compress_size + 64):
+        raise DataError(f"{where} claims {info.file_size} bytes from {info.compress_size} "
+                        "compressed ones; the file is corrupt")
+    try:
+        with zf.open(info) as member:
+            return fileio.read_npy_layout(member, info.file_size, where)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - zlib.error, BadZipFile, unsupported zip features
+        raise DataError(f"{where}: cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 def _mmap_npz_member(path: Path, zf: zipfile.ZipFile, member: str):
     """A read-only memory map of an uncompressed ``.npz`` member, or None if compressed."""
     info = zf.getinfo(member)
+    shape, fortran, dtype, header = _check_member(path, zf, info)
     if info.compress_type != zipfile.ZIP_STORED:
         return None
     with open(path, "rb") as f:
@@ -288,18 +352,12 @@ def _mmap_npz_member(path: Path, zf: zipfile.ZipFile, member: str):
             return None
         name_len = int.from_bytes(local[26:28], "little")
         extra_len = int.from_bytes(local[28:30], "little")
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        if dtype.hasobject:
-            raise DataError(f"{path}: member '{member}' holds Python objects; refusing to load "
-                            "it (pickle is never used)")
-        offset = f.tell()
+    offset = info.header_offset + 30 + name_len + extra_len + header
     if int(np.prod(shape)) == 0:
         return np.empty(shape, dtype=dtype)
+    if offset + math.prod(shape) * dtype.itemsize > path.stat().st_size:
+        raise DataError(f"{path}: member '{member[:-4]}' runs past the end of the file; the "
+                        "file is truncated")
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset,
                      order="F" if fortran else "C")
 
@@ -307,7 +365,7 @@ def _mmap_npz_member(path: Path, zf: zipfile.ZipFile, member: str):
 def _read_npz(path: Path, mmap: bool) -> dict:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, OSError, ValueError, ...
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     out = {}
     with zf:
@@ -315,14 +373,36 @@ def _read_npz(path: Path, mmap: bool) -> dict:
         for name in names:
             array = _mmap_npz_member(path, zf, name + ".npy") if mmap else None
             if array is None:
-                with zf.open(name + ".npy") as member:
-                    try:
+                if not mmap:
+                    _check_member(path, zf, zf.getinfo(name + ".npy"))
+                try:
+                    with zf.open(name + ".npy") as member:
                         array = np.lib.format.read_array(member, allow_pickle=False)
-                    except ValueError as exc:
-                        raise DataError(f"{path}: member '{name}' cannot be read without pickle "
-                                        f"({exc})") from exc
+                except Exception as exc:  # noqa: BLE001 - zlib.error, truncated data, ...
+                    raise DataError(f"{path}: member '{name}' cannot be read "
+                                    f"({type(exc).__name__}: {exc})") from exc
             out[name] = array
     return out
+
+
+def _read_npy(path: Path, mmap: bool):
+    """A ``.npy`` file, its header checked against the file size first (memory-mapped when
+    ``mmap`` and not empty)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            shape, fortran, dtype, header = fileio.read_npy_layout(f, size, str(path))
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype=dtype)
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=header,
+                         order="F" if fortran else "C")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot be read ({exc})") from None
 
 
 def _pick_keys(arrays: dict, source: str, x_key, y_key) -> tuple[str, str]:
@@ -353,15 +433,25 @@ def _from_arrays(arrays: dict, source: str, x_key, y_key, num_classes, val_fract
     for part in parts:
         px, py = parts[part]
         arrays[py] = np.asarray(arrays[py])  # labels are small: read them whole
-    if num_classes is None:
-        num_classes = max(int(np.asarray(arrays[py]).max()) + 1 for _, py in parts.values()
-                          if np.asarray(arrays[py]).size)
+    explicit = num_classes is not None
+    if explicit and int(num_classes) < 2:
+        raise DataError(f"{source}: num_classes (--num-classes) must be at least 2, got "
+                        f"{num_classes}")
+    found = []
     for px, py in parts.values():
         if validate:
-            validate_arrays(arrays[px], arrays[py], source, px, py, num_classes, input_shape)
+            found.append(validate_arrays(arrays[px], arrays[py], source, px, py, num_classes,
+                                         input_shape))
         elif arrays[px].ndim < 2 or arrays[py].shape != (arrays[px].shape[0],):
             raise DataError(f"{source}: arrays '{px}' {arrays[px].shape} and '{py}' "
                             f"{arrays[py].shape} do not form (samples, ...) and (samples,)")
+        elif arrays[py].size:
+            found.append(int(arrays[py].max()) + 1)
+    if not explicit:
+        num_classes = max(found, default=0)
+    if validate:
+        _check_classes([arrays[py] for _, py in parts.values()], source, yk, num_classes,
+                       explicit)
     shapes = {tuple(arrays[px].shape[1:]) for px, _ in parts.values()}
     if len(shapes) != 1:
         raise DataError(f"{source}: the parts have different sample shapes {sorted(shapes)}")
@@ -383,7 +473,7 @@ def _from_arrays(arrays: dict, source: str, x_key, y_key, num_classes, val_fract
 
     train, val, test = make("train"), make("val"), make("test")
     if val is None and val_fraction > 0:
-        tr_idx, va_idx = split_indices(len(train), [1.0 - val_fraction, val_fraction], seed)
+        tr_idx, va_idx = _split(len(train), [1.0 - val_fraction, val_fraction], seed, source)
         train, val = Subset(train, tr_idx), Subset(train, va_idx)
     return DataSplits(train, val, test, num_classes, tuple(arrays[xk].shape[1:]), source, info)
 
@@ -403,7 +493,8 @@ def npz(path, x_key: str | None = None, y_key: str | None = None,
     Args:
         path: the ``.npz`` file.
         x_key, y_key: names of the feature and label arrays.
-        num_classes: number of classes (default: largest label + 1).
+        num_classes: number of classes (default: largest label + 1, every class 0..K-1 must
+            then occur); give it when some classes have no samples.
         val_fraction, test_fraction: held-out parts when the file is not pre-split.
         seed: seed of the split.
         validate: check shapes, label range and NaN/inf before returning.
@@ -429,11 +520,8 @@ def npy(x_path, y_path, num_classes: int | None = None, val_fraction: float = 0.
     for p in (x_path, y_path):
         if not p.is_file():
             raise DataError(f"dataset file {p} does not exist")
-    try:
-        x = np.load(x_path, mmap_mode="r", allow_pickle=False)
-        y = np.load(y_path, allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"{x_path} / {y_path}: cannot be read without pickle ({exc})") from exc
+    x = _read_npy(x_path, mmap=True)
+    y = _read_npy(y_path, mmap=False)
     source = f"{x_path} + {y_path}"
     return _from_arrays({"x": x, "y": y}, source, "x", "y", num_classes, val_fraction,
                         test_fraction, seed, validate, input_shape)

@@ -11,12 +11,14 @@ state in its checkpoints under the callback's ``name``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
 import warnings
 from pathlib import Path
 
+from distprop import fileio
 from distprop.train.checkpoint import CheckpointManager
 
 CSV_FIELDS = ("kind", "epoch", "step", "loss", "accuracy", "lr", "samples_per_s", "grad_norm",
@@ -126,17 +128,26 @@ class MetricsLogger(Callback):
                 unfinished = row.get("kind") == "epoch" and row.get("epoch", 0) >= trainer.epoch
                 if row.get("step", 0) <= trainer.step and not unfinished:
                     rows.append(row)
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        fileio.atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows),
+                                 "metrics")
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        fileio.atomic_write_text(self.csv, table.getvalue(), "metrics")
 
     def _write(self, row: dict) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore").writerow(row)
+        for path in (self.jsonl, self.csv):
+            try:
+                with open(path, "a", newline="") as f:
+                    if path is self.jsonl:
+                        f.write(json.dumps(row) + "\n")
+                    else:
+                        csv.DictWriter(f, fieldnames=CSV_FIELDS,
+                                       extrasaction="ignore").writerow(row)
+            except OSError as exc:
+                raise fileio.WriteError(exc.errno, f"cannot write metrics {path}: "
+                                        f"{fileio.describe(exc)}") from exc
 
     def on_step_end(self, trainer, logs) -> None:
         if logs and trainer.is_main:

@@ -63,6 +63,7 @@ class TrainConfig:
     early_stopping: int = 0
     val_fraction: float | None = None
     test_fraction: float | None = None
+    num_classes: int | None = None
     log_every: int = 10
     prefetch: int = 1
     nprocs: int = 1
@@ -96,10 +97,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save_json(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        """Write the configuration atomically (no 0-byte or partial file on a full disk).
+
+        Raises:
+            distprop.fileio.WriteError: naming the file and the reason.
+        """
+        from distprop.fileio import atomic_write_text  # noqa: PLC0415
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True)
+                                 + "\n", "configuration")
 
     @classmethod
     def load_json(cls, path) -> TrainConfig:
@@ -138,6 +144,9 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
                                   f"{getattr(self, name)}", name.replace("_", "-"))
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"--num-classes must be at least 2, got {self.num_classes}",
+                              "num-classes")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}", "lr")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:

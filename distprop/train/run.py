@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distprop import backend
+from distprop import backend, fileio
 from distprop.data import sources
 from distprop.train import callbacks as cbs
 from distprop.train import checkpoint as ckpt
@@ -36,10 +36,12 @@ _SPLITS_CACHE: dict = {}
 
 def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
     """The dataset of ``cfg`` (cached per process, so ``check`` and training load it once)."""
-    key = (cfg.dataset, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    key = (cfg.dataset, cfg.seed, cfg.val_fraction, cfg.test_fraction, cfg.num_classes)
     if key in _SPLITS_CACHE:
         return _SPLITS_CACHE[key]
     kwargs = {}
+    if cfg.num_classes is not None and cfg.dataset not in sources.DATASETS:
+        kwargs["num_classes"] = cfg.num_classes
     if cfg.val_fraction is not None:
         kwargs["val_fraction"] = cfg.val_fraction
     if cfg.test_fraction is not None and cfg.dataset != "mnist1d":
@@ -134,6 +136,39 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / "checkpoints"
 
 
+def apply_thread_policy(cfg: TrainConfig, comm) -> int:
+    """Limit this rank's BLAS/OpenMP pools (threadpoolctl) and set the thread variables for any
+    subprocess; returns the thread count.
+
+    The count is ``--threads-per-rank`` when given; else, for N ranks, what the launcher chose
+    (``OMP_NUM_THREADS``, set by ``distprop train -n N``), or the node's cores divided by its
+    ranks; for a single process, every core (``cores // 1``), the same rule as for N ranks.
+    """
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    from distprop.launcher import THREAD_VARS, available_cores  # noqa: PLC0415
+
+    threads = (cfg.launch or {}).get("threads_per_rank")
+    if not threads and comm.size > 1:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        threads = int(env) if env.isdigit() and int(env) > 0 else \
+            max(1, available_cores() // max(1, comm.local_size))
+    threads = int(threads or max(1, available_cores()))
+    threadpool_limits(threads)
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
+    return threads
+
+
+def _blas_threads() -> list[dict]:
+    try:
+        from threadpoolctl import threadpool_info  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a runtime dependency
+        return []
+    return [{"api": p.get("internal_api"), "threads": p.get("num_threads")}
+            for p in threadpool_info()]
+
+
 # --- checks before launching --------------------------------------------------------------------
 
 
@@ -161,6 +196,10 @@ def check(cfg: TrainConfig) -> TrainConfig:
         splits = load_data(cfg)
     except sources.DataError as exc:
         raise ConfigError(str(exc), "dataset") from None
+    if cfg.num_classes is not None and cfg.num_classes != splits.num_classes:
+        raise ConfigError(f"dataset {cfg.dataset} has {splits.num_classes} classes; "
+                          f"--num-classes {cfg.num_classes} only applies to dataset files",
+                          "num-classes")
     if len(splits.train) < cfg.world_size:
         raise ConfigError(f"the training split has {len(splits.train)} samples, fewer than the "
                           f"{cfg.world_size} ranks", "dataset")
@@ -199,6 +238,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
         model = build_model(cfg, splits)
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(str(exc), "model") from None
+    except MemoryError:
+        raise ConfigError(f"model {cfg.model!r} for {splits.num_classes} classes and samples of "
+                          f"shape {splits.input_shape} does not fit in memory", "model") from None
     from distprop.data import gather  # noqa: PLC0415
     from distprop.tensor import Tensor, no_grad  # noqa: PLC0415
 
@@ -275,8 +317,10 @@ def _plot(history: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), "plot")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -287,6 +331,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     from distprop.train.trainer import Trainer  # noqa: PLC0415
 
     comm = comm or distributed.init()
+    threads = apply_thread_policy(cfg, comm)
     if comm.size != cfg.world_size:
         cfg = cfg.updated(world_size=comm.size, nprocs=comm.size)
         if cfg.global_batch_size is not None:
@@ -324,9 +369,12 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     callbacks += [checkpointer, cbs.ProgressBar()]
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for directory in (out, checkpoint_dir(cfg)):  # temporary files of a killed writer
+            fileio.remove_orphaned_temps(directory, started, log=lambda m: print(m, flush=True))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"distprop train: {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
-              f"{splits.sizes()}, {comm.size} rank(s), batch {cfg.batch_size}/rank x "
+              f"{splits.sizes()}, {comm.size} rank(s) x {threads} BLAS thread(s), batch "
+              f"{cfg.batch_size}/rank x "
               f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
               f"{cfg.optimizer} lr {base_lr(cfg):.4g}", flush=True)
     trainer = Trainer(model, nn.CrossEntropyLoss(), optimizer, comm=data_comm, device=dev,
@@ -346,11 +394,13 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         "final": history.final, "test": test, "resumed_from": history.resumed_from,
         "checkpoints": [str(p) for p in ckpt.list_checkpoints(checkpoint_dir(cfg))],
         "wall_time_s": time.time() - started,
+        "threads": {"per_rank": threads, "blas": _blas_threads()},
     }
     if comm.rank == 0:
         plot = _plot(history.epochs, out / "curves.png") if history.epochs else None
         summary["plot"] = str(plot) if plot else None
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        fileio.atomic_write_text(out / "summary.json",
+                                 json.dumps(summary, indent=2, default=str) + "\n", "summary")
         if test is not None:
             print(f"test: loss {test['loss']:.4f}  accuracy {100 * test['accuracy']:.2f}% "
                   f"({test['samples']} samples); wrote {out / 'summary.json'}", flush=True)
@@ -381,5 +431,12 @@ def _train_reporting_divergence(cfg: TrainConfig, comm) -> int:
     except FloatingPointError as exc:
         if comm.rank == 0:
             print(f"distprop train: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except fileio.WriteError as exc:  # disk full, no permission: one line, the file named
+        where = f" on rank {comm.rank}" if comm.size > 1 else ""
+        print(f"distprop train: error{where}: {exc}", file=sys.stderr, flush=True)
+        if comm.size > 1:  # the other ranks may be waiting for this one in a collective
+            time.sleep(0.5)
+            comm.abort(1)
         return 1
     return 0
