@@ -47,6 +47,10 @@ class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
     def data(self):  # CuPy's MemoryPointer: only .ptr is read by distprop
         return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
 
+    def __setitem__(self, key, value):
+        CALLS.append(("setitem", _devices[-1]))
+        super().__setitem__(key, value)
+
     def set(self, host, stream=None):
         CALLS.append(("set", id(self), _stream_name(stream)))
         np.copyto(np.asarray(self), np.asarray(host).reshape(self.shape))
@@ -63,8 +67,14 @@ def _dev(a):
     return a.view(ndarray) if isinstance(a, np.ndarray) and not isinstance(a, ndarray) else a
 
 
-def _forward(fn):
+_ALLOCATING = {"empty", "empty_like", "zeros", "zeros_like", "ones", "asarray", "array",
+               "ascontiguousarray", "full", "arange"}
+
+
+def _forward(name, fn):
     def call(*args, **kwargs):
+        if name in _ALLOCATING:
+            CALLS.append(("alloc", name, _devices[-1]))
         return _dev(fn(*args, **kwargs))
     return call
 
@@ -120,10 +130,16 @@ class Event:
         return True
 
 
+_devices: list = [None]  # None: no ``with cuda.Device(...)`` around the call
+
+
 @contextlib.contextmanager
 def _device(index=None):
-    CALLS.append(("device", index))
-    yield
+    _devices.append(index)
+    try:
+        yield
+    finally:
+        _devices.pop()
 
 
 class _Runtime:
@@ -300,7 +316,7 @@ def module() -> types.ModuleType:
 
     def __getattr__(name):  # everything else: the NumPy function, returning device arrays
         fn = getattr(np, name)
-        return _forward(fn) if callable(fn) else fn
+        return _forward(name, fn) if callable(fn) else fn
 
     mod.__getattr__ = __getattr__
     return mod
@@ -311,18 +327,27 @@ def installed(monkeypatch):
     """Make distprop's backend hand out the stand-in as CuPy (and ``cupyx.empty_pinned``)."""
     import sys  # noqa: PLC0415
 
-    from distprop import backend  # noqa: PLC0415
+    from distprop import backend, cuda_kernels  # noqa: PLC0415
 
     mod = module()
-    cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = lambda shape, dtype=np.float64: np.empty(shape, dtype)
-    from distprop import cuda_kernels  # noqa: PLC0415
-
     monkeypatch.setattr(cuda_kernels, "_cache", {})  # kernel objects of the stand-in only
     monkeypatch.setattr(backend, "_cupy", mod)
     monkeypatch.setattr(backend, "_cupy_checked", True)
-    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx_module())
     LAUNCHES.clear()
     CALLS.clear()
     _current[:] = [_NULL]
+    _devices[:] = [None]
     yield mod
+
+
+def cupyx_module() -> types.ModuleType:
+    """``cupyx`` with ``empty_pinned`` (plain host memory, recorded)."""
+    cupyx = types.ModuleType("cupyx")
+
+    def empty_pinned(shape, dtype=np.float64):
+        CALLS.append(("empty_pinned", shape))
+        return np.empty(shape, dtype)
+
+    cupyx.empty_pinned = empty_pinned
+    return cupyx
