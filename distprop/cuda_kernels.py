@@ -18,22 +18,15 @@ code path, which stays the reference and is what runs on the CPU), so results ag
 rounding. Arrays a kernel writes through computed indices are ``raw`` *output* parameters (CuPy
 declares input parameters const).
 
-One dispatch convention: a call site calls the kernel function unconditionally, on NumPy and
-CuPy arrays alike, and runs its ``xp`` code when the function returns ``None``::
+One dispatch convention: call sites call the kernel function unconditionally (NumPy or CuPy)
+and run their ``xp`` code when it returns ``None``, e.g. ``if cuda_kernels.lstm_forward_step(
+...) is None: <xp code>``. Each kernel function decides once, through :func:`_usable`: ``None``
+for NumPy arrays, when kernels are off (:func:`set_enabled`, ``DISTPROP_CUDA_KERNELS=0``) or an
+argument is outside what the kernel handles; else it launches and returns what it wrote.
 
-    if cuda_kernels.lstm_forward_step(g, c_prev, c, tanh_c, h) is None:
-        ...  # the xp reference code
-
-Each kernel function decides once, through :func:`_usable`, whether it applies: it returns
-``None`` for NumPy arrays, when fused kernels are turned off with :func:`set_enabled` or
-``DISTPROP_CUDA_KERNELS=0``, or when an argument is outside what the kernel handles; otherwise
-it launches and returns what it wrote (the updated parameter, the new hidden state, the gradient
-array, the loss tensor).
-
-Every kernel is declared once in :data:`KERNELS` (name -> :class:`KernelSpec`) and built from
-there by :func:`build`; the offline check (tests/test_gpu_offline.py) compiles every entry with
-NVRTC for float32/float64 and sm_80/sm_90 without a GPU, and checks each launch the way CuPy
-does.
+Every kernel is declared once in :data:`KERNELS` and made only by :func:`build`; the offline
+check (tests/test_gpu_offline.py) compiles each with NVRTC (float32/float64, sm_80/sm_90, no
+GPU) and checks its launches the way CuPy makes them.
 
 CuPy is reached only through :func:`distprop.backend.cupy_module`; importing this module costs
 nothing without it.
