@@ -88,6 +88,7 @@ class Stream:
     def __init__(self, non_blocking=False, null=False):
         Stream._count += 1
         self.name = "null" if null else f"stream{Stream._count}"
+        self.ptr = 0 if null else Stream._count
 
     def wait_event(self, event):
         CALLS.append(("wait_event", self.name, event.name))
@@ -154,6 +155,42 @@ class _Runtime:
 
 cuda = types.SimpleNamespace(Stream=Stream, Event=Event, Device=_device, runtime=_Runtime,
                              get_current_stream=lambda: _current[-1])
+
+# --- NCCL of one rank: collectives copy between the (host) pointers ---------------------------
+
+_NCCL_ITEMSIZE = {0: 1, 1: 1, 2: 4, 3: 4, 4: 8, 5: 8, 6: 2, 7: 4, 8: 8, 9: 2}
+
+
+class NcclCommunicator:
+    """``cupy.cuda.nccl.NcclCommunicator`` for a world of one rank (records each call)."""
+
+    def __init__(self, ndev, uid, rank):
+        if ndev != 1:
+            raise LaunchError("the stand-in NCCL has one rank")
+        CALLS.append(("nccl_init", _devices[-1]))
+
+    def _copy(self, name, src, dst, count, dtype, stream):
+        CALLS.append(("nccl", name, _devices[-1], stream))
+        if src != dst:
+            import ctypes  # noqa: PLC0415
+
+            ctypes.memmove(dst, src, count * _NCCL_ITEMSIZE[dtype])
+
+    def allReduce(self, src, dst, count, dtype, op, stream):  # noqa: N802 - NCCL's names
+        self._copy("allReduce", src, dst, count, dtype, stream)
+
+    def bcast(self, ptr, count, dtype, root, stream):
+        self._copy("bcast", ptr, ptr, count, dtype, stream)
+
+    def allGather(self, src, dst, count, dtype, stream):  # noqa: N802
+        self._copy("allGather", src, dst, count, dtype, stream)
+
+    def reduceScatter(self, src, dst, count, dtype, op, stream):  # noqa: N802
+        self._copy("reduceScatter", src, dst, count, dtype, stream)
+
+
+nccl = types.SimpleNamespace(available=True, get_version=lambda: 21903,
+                             get_unique_id=lambda: b"stand-in", NcclCommunicator=NcclCommunicator)
 
 
 # --- kernels --------------------------------------------------------------------------------------

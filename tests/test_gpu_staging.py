@@ -104,6 +104,31 @@ def test_cuda_aware_temporaries_and_copies_are_on_the_communicator_device():
         "rank 0 off-device []", "rank 1 off-device []"], proc.stdout
 
 
+@pytest.mark.parametrize("collective", ["allreduce", "broadcast", "allgather",
+                                        "reduce_scatter"])
+def test_nccl_temporaries_and_copies_back_are_on_the_communicator_device(collective,
+                                                                         monkeypatch):
+    from distprop.distributed import nccl  # noqa: PLC0415
+
+    monkeypatch.setattr(nccl, "nccl_module", lambda: cupy_standin.nccl)
+    with cupy_standin.installed(monkeypatch) as cp:
+        comm = nccl.NCCLCommunicator(SingleProcessCommunicator(), backend.Device("cuda", 1))
+        x = cp.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]  # non-contiguous
+        out = cp.zeros((3, 4), dtype=np.float32)[:, ::2]
+        cupy_standin.CALLS.clear()
+        if collective in ("allgather", "reduce_scatter"):
+            getattr(comm, collective)(x, out=out)
+            result = out
+        else:
+            result = getattr(comm, collective)(x)
+        calls = list(cupy_standin.CALLS)
+    np.testing.assert_array_equal(result, np.arange(12).reshape(3, 4)[:, ::2])
+    assert [c for c in calls if c[0] == "setitem"], "no copy back from the temporary"
+    wrong = [c for c in calls if c[0] in ("alloc", "setitem", "nccl") and c[2 if c[0] == "nccl"
+                                                                          else -1] != 1]
+    assert not wrong, f"device work outside cuda.Device(1): {wrong}"
+
+
 def test_mixed_device_message_of_the_gpu_test_matches_what_conv_layers_raise(monkeypatch):
     """tests/test_gpu.py expects this message on a real GPU; build it on the CPU by making the
     weight look like a CUDA array to the device check."""

@@ -126,6 +126,11 @@ class DeviceCommunicator(Communicator):
     def _cp(self):
         return backend.cupy_module()
 
+    def _copy_back(self, dst, src) -> None:
+        """``dst[...] = src`` (when they differ), the copy kernel on this rank's device."""
+        with self._cp().cuda.Device(self.device.index):
+            _copy_back(dst, src)
+
     # -- dispatch -------------------------------------------------------------------------------
 
     def barrier(self) -> None:
@@ -373,10 +378,6 @@ class CudaAwareMPICommunicator(DeviceCommunicator):
             work = array if array.flags.c_contiguous else cp.ascontiguousarray(array)
             cp.cuda.get_current_stream().synchronize()
         return work
-
-    def _copy_back(self, dst, src) -> None:
-        with self._cp().cuda.Device(self.device.index):  # the copy kernel runs on our device
-            _copy_back(dst, src)
 
     def _scale_mean(self, array, op) -> None:
         if op == "mean":
