@@ -9,15 +9,16 @@ that the GPU branches of distprop run on the CPU as far as their *launches* go:
   does, using CuPy's own parameter parser and type decision (``_decide_params_type``): the
   argument count, the unification of each type placeholder, the output shapes against the
   broadcast shape, a loop size, and that each scalar fits its declared type. It records the
-  launch (:data:`LAUNCHES`) and computes nothing: the outputs keep their contents;
+  launch (:data:`LAUNCHES`); by default it computes nothing (the outputs keep their contents),
+  in ``run`` mode (:func:`installed`) it runs CuPy's generated source compiled as host C++;
 * ``RawKernel(code, name)(grid, block, args)`` checks each argument against the C signature of
   ``name`` in ``code`` the way CuPy packs them (arrays as pointers of their dtype, NumPy scalars
   as their dtype, a Python int as a 64-bit integer, a Python float as a double) and records it;
 * ``cuda.Stream``, ``cuda.Event`` and ``ndarray.set`` record the calls made on them
   (:data:`CALLS`), so the stream ordering of the staging code can be checked.
 
-Since no kernel computes anything, no GPU test can pass through this stand-in by accident: it is
-only installed by tests that check launches and call order.
+The stand-in is installed only by the offline tests (never by a ``gpu`` test, never by distprop),
+so it cannot make a GPU test pass that would fail on a device.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 LAUNCHES: list[dict] = []
 CALLS: list[tuple] = []
+MODE = types.SimpleNamespace(run=False)  # run: launches also compute, as host C++
 
 
 class LaunchError(AssertionError):
@@ -244,8 +246,48 @@ class ElementwiseKernel:
             if not p.raw and a.shape != shape:
                 raise LaunchError(f"{self.name}: output {p.name} has shape {a.shape}, the "
                                   f"broadcast shape is {shape}")
-        LAUNCHES.append(dict(kind="elementwise", name=self.name, kernel=k, args=args,
-                             in_types=in_types, type_map=type_map, shape=shape))
+        launch = dict(kind="elementwise", name=self.name, kernel=k, args=args,
+                      in_types=in_types, type_map=type_map, shape=shape)
+        LAUNCHES.append(launch)
+        if MODE.run:
+            import host_kernels  # noqa: PLC0415
+
+            code, host, dims = elementwise_code(launch, index_32_bits=True)
+            host_kernels.run_elementwise(code, self.name, host, dims)
+
+
+def elementwise_code(launch: dict, index_32_bits: bool):
+    """CuPy's generated source for an elementwise launch (its own generator, with the argument
+    infos and type map CuPy's ``__call__`` would use, including ``_reduce_dims``' collapse of
+    C-contiguous loop arrays to one dimension), with the arguments and their shape + byte
+    strides as the kernel sees them."""
+    cupy = _real_cupy()
+    from cupy._core import _carray, _kernel, _scalar  # noqa: PLC0415
+
+    info = _kernel._ArgInfo
+    k, args, shape = launch["kernel"], launch["args"], launch["shape"]
+    params = k.in_params + k.out_params
+    loop = [a for p, a in zip(params, args) if isinstance(a, np.ndarray) and not p.raw]
+    reduce = all(a.flags.c_contiguous and a.shape == shape for a in loop)
+    lshape = (int(np.prod(shape)),) if reduce else shape
+    infos, host, dims = [], [], []
+    for i, (p, a) in enumerate(zip(params, args)):
+        if isinstance(a, np.ndarray):
+            view = a if p.raw else (a.reshape(lshape) if reduce else np.broadcast_to(a, shape))
+            infos.append(info(1, cupy.ndarray, a.dtype, view.ndim, bool(view.flags.c_contiguous),
+                              index_32_bits))
+            host.append(a)
+            dims.append(list(view.shape) + list(view.strides))
+        else:
+            t = np.dtype(launch["in_types"][i])
+            infos.append(info(3, _scalar.CScalar, t, 0, True, True))
+            host.append(np.array(a, dtype=t))
+            dims.append([])
+    infos.append(info(2, _carray.Indexer, None, len(lshape), True, index_32_bits))
+    dims.append(list(lshape))
+    code = _kernel._get_elementwise_kernel_code(tuple(infos), launch["type_map"], k.params,
+                                                k.operation, k.name, k.preamble)
+    return code, host, dims
 
 
 def _check_scalar(kernel, name, value, dtype):
@@ -332,6 +374,10 @@ class RawKernel:
                                   f"{type(a).__name__} {a!r} as {packed}")
         LAUNCHES.append(dict(kind="raw", name=self.name, code=self.code, options=self.options,
                              args=args, grid=grid, block=block))
+        if MODE.run:
+            import host_kernels  # noqa: PLC0415
+
+            host_kernels.run_raw(self.code, self.name, grid, block, args)
 
 
 class ReductionKernel:
@@ -360,8 +406,9 @@ def module() -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def installed(monkeypatch):
-    """Make distprop's backend hand out the stand-in as CuPy (and ``cupyx.empty_pinned``)."""
+def installed(monkeypatch, run: bool = False):
+    """Make distprop's backend hand out the stand-in as CuPy (and ``cupyx.empty_pinned``);
+    with ``run`` the kernels also compute (host C++), else they are only checked."""
     import sys  # noqa: PLC0415
 
     from distprop import backend, cuda_kernels  # noqa: PLC0415
@@ -375,6 +422,7 @@ def installed(monkeypatch):
     CALLS.clear()
     _current[:] = [_NULL]
     _devices[:] = [None]
+    monkeypatch.setattr(MODE, "run", run)
     yield mod
 
 

@@ -27,7 +27,7 @@ from distprop import cuda_kernels
 cupy = pytest.importorskip("cupy", reason="the offline GPU checks need the gpu-check extra: "
                                           "pip install -e '.[gpu-check]'")
 try:
-    from cupy._core import _kernel, _scalar, core
+    from cupy._core import core
     from cupy.cuda import nvrtc
 
     nvrtc.getVersion()
@@ -189,31 +189,9 @@ def test_raw_kernel_python_int_for_an_int_parameter_is_flagged(monkeypatch):
 
 # --- compiling what CuPy would compile -----------------------------------------------------------
 
-_NDARRAY, _INDEXER, _SCALAR = 1, 2, 3  # CuPy's _ArgKind
-
-
 def _elementwise_source(launch, index_32_bits: bool) -> str:
     """The module CuPy's ElementwiseKernel.__call__ generates for this launch."""
-    k, args = launch["kernel"], launch["args"]
-    params = k.in_params + k.out_params
-    loop = [a for p, a in zip(params, args) if isinstance(a, np.ndarray) and not p.raw]
-    # CuPy's _reduce_dims: all loop arrays C-contiguous -> one dimension
-    ndim = 1 if all(a.flags.c_contiguous for a in loop) else len(launch["shape"])
-    infos = []
-    for i, (p, a) in enumerate(zip(params, args)):
-        if isinstance(a, np.ndarray):
-            raw = p.raw
-            infos.append(_kernel._ArgInfo(_NDARRAY, cupy.ndarray, a.dtype, a.ndim if raw else ndim,
-                                          bool(a.flags.c_contiguous) if raw else ndim == 1,
-                                          index_32_bits))
-        else:
-            infos.append(_kernel._ArgInfo(_SCALAR, _scalar.CScalar,
-                                          np.dtype(launch["in_types"][i]), 0, True, True))
-    from cupy._core import _carray  # noqa: PLC0415
-
-    infos.append(_kernel._ArgInfo(_INDEXER, _carray.Indexer, None, ndim, True, index_32_bits))
-    code = _kernel._get_elementwise_kernel_code(tuple(infos), launch["type_map"], k.params,
-                                                k.operation, k.name, k.preamble)
+    code = cupy_standin.elementwise_code(launch, index_32_bits)[0]
     headers = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
     return headers + code  # what core.compile_with_cache prepends
 
@@ -256,3 +234,92 @@ def test_every_launched_kernel_compiles_with_nvrtc(launches, dtype, arch):
 def test_a_compiler_error_fails_the_check():
     with pytest.raises(pytest.fail.Exception, match="NVRTC .* rejects"):
         _compile('extern "C" __global__ void f(float* x) { x[0] = undefined_name; }', "sm_80")
+
+
+# --- the GPU branches run on the CPU: kernels as host C++ against the xp path -------------------
+
+
+def _layer_run(make, x_shape, dtype, loss=None):
+    """Forward + backward of a fresh seeded layer on the stand-in device: output, input grad and
+    parameter grads, as NumPy arrays."""
+    import distprop as dp  # noqa: PLC0415
+
+    dp.manual_seed(0)
+    layer = make(dp).to("cuda").to(dtype)
+    x = dp.tensor(np.random.default_rng(1).standard_normal(x_shape).astype(dtype),
+                  device="cuda", requires_grad=True)
+    out = layer(x)
+    out = out[0] if isinstance(out, tuple) else out
+    (out * out).sum().backward()
+    return [np.array(out.data), np.array(x.grad.data)] + [
+        np.array(p.grad.data) for p in layer.parameters()]
+
+
+def _cross_entropy_run(dtype, reduction):
+    import distprop as dp  # noqa: PLC0415
+
+    rng = np.random.default_rng(2)
+    x = dp.tensor((3 * rng.standard_normal((7, 300))).astype(dtype), device="cuda",
+                  requires_grad=True)
+    t = rng.integers(0, 300, size=7)
+    t[::3] = -100
+    out = dp.nn.functional.cross_entropy(x, dp.tensor(t, device="cuda"), reduction=reduction)
+    out.backward(dp.ones(*out.shape, device="cuda", dtype=dtype))
+    return [np.array(out.data), np.array(x.grad.data)]
+
+
+def _optimizer_run(dtype, name):
+    import distprop as dp  # noqa: PLC0415
+
+    dp.manual_seed(0)
+    model = dp.nn.Linear(5, 3).to("cuda").to(dtype)
+    opt = {"sgd": lambda p: dp.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True,
+                                         weight_decay=0.01),
+           "adam": lambda p: dp.optim.Adam(p, lr=0.01, weight_decay=0.01),
+           "adamw": lambda p: dp.optim.AdamW(p, lr=0.01, amsgrad=True)}[name](model.parameters())
+    x = dp.tensor(np.random.default_rng(3).standard_normal((4, 5)).astype(dtype), device="cuda")
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) ** 2).sum().backward()
+        opt.step()
+    return [np.array(p.data) for p in model.parameters()]
+
+
+RUNS = [
+    ("lstm", lambda dt: _layer_run(lambda dp: dp.nn.LSTM(4, 6, num_layers=2), (5, 3, 4), dt),
+     "distprop_lstm_"),
+    ("gru", lambda dt: _layer_run(lambda dp: dp.nn.GRU(4, 6), (5, 3, 4), dt), "distprop_gru_"),
+    ("conv1d", lambda dt: _layer_run(lambda dp: dp.nn.Conv1d(3, 4, 3, stride=2, padding=1),
+                                     (2, 3, 9), dt), "distprop_im2col_1d"),
+    ("conv2d groups", lambda dt: _layer_run(
+        lambda dp: dp.nn.Conv2d(4, 6, (3, 2), stride=(1, 2), dilation=(2, 1), padding=2,
+                                groups=2), (2, 4, 7, 6), dt), "distprop_col2im_2d"),
+    ("conv2d rows", lambda dt: _layer_run(lambda dp: dp.nn.Conv2d(16, 4, 3, padding=1),
+                                          (1, 16, 5, 5), dt), "distprop_im2col_2d"),
+    ("cross_entropy mean", lambda dt: _cross_entropy_run(dt, "mean"), "distprop_ce_forward"),
+    ("cross_entropy none", lambda dt: _cross_entropy_run(dt, "none"), "distprop_ce_backward"),
+    ("sgd nesterov", lambda dt: _optimizer_run(dt, "sgd"), "distprop_sgd_momentum"),
+    ("adam", lambda dt: _optimizer_run(dt, "adam"), "distprop_adam"),
+    ("adamw amsgrad", lambda dt: _optimizer_run(dt, "adamw"), "distprop_adam_amsgrad"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", RUNS, ids=[r[0] for r in RUNS])
+def test_gpu_branches_on_the_cpu_match_the_xp_path(case, dtype, monkeypatch):
+    import host_kernels  # noqa: PLC0415
+
+    if host_kernels.available():
+        pytest.skip(host_kernels.available())
+    _, run, kernel = case
+    with cupy_standin.installed(monkeypatch, run=True):
+        with cuda_kernels.disabled():
+            reference = run(np.dtype(dtype))
+        assert not cupy_standin.LAUNCHES
+        fused = run(np.dtype(dtype))
+        names = {launch["name"] for launch in cupy_standin.LAUNCHES}
+    assert any(n.startswith(kernel) for n in names), f"{kernel} never launched: {names}"
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == "float32" else dict(rtol=1e-11, atol=1e-13)
+    assert len(fused) == len(reference)
+    for i, (got, want) in enumerate(zip(fused, reference)):
+        np.testing.assert_allclose(got, want, **tol, err_msg=f"result {i}")
