@@ -138,10 +138,12 @@ def test_every_declared_kernel_is_launched_for_both_dtypes(launches):
 
 
 def _kernel_constructors(tree) -> list[int]:
+    """Lines naming a CuPy kernel class (on any object), or ``fuse`` on cp/cupy/xp."""
     return [node.lineno for node in ast.walk(tree)
             if isinstance(node, ast.Attribute)
-            and node.attr in ("ElementwiseKernel", "RawKernel", "ReductionKernel", "RawModule",
-                              "fuse")]
+            and (node.attr in ("ElementwiseKernel", "RawKernel", "ReductionKernel", "RawModule")
+                 or node.attr == "fuse" and isinstance(node.value, ast.Name)
+                 and node.value.id in ("cp", "cupy", "xp"))]
 
 
 def test_kernels_are_made_only_by_cuda_kernels_build():

@@ -66,6 +66,18 @@ def test_host_staged_buffer_is_released_only_after_its_async_copy_completed(monk
     assert len(comm._buffers) == 1
 
 
+def test_host_staged_buffer_is_overwritten_only_after_its_async_copy_completed(monkeypatch):
+    with cupy_standin.installed(monkeypatch) as cp:
+        comm = HostStagedCommunicator(SingleProcessCommunicator(), CUDA0)
+        a = cp.ones(5, dtype=np.float32)
+        comm.allreduce(a)
+        (record,) = _calls({"record"})
+        cupy_standin.CALLS.clear()
+        comm.allreduce(a)  # the same cached buffer: written again by get() and MPI
+        calls = list(cupy_standin.CALLS)
+    assert calls.index(("event_synchronize", record[1])) < calls.index(_calls({"get"})[0])
+
+
 CUDA_AWARE = r"""
 import sys
 sys.path.insert(0, "tests")
@@ -92,7 +104,7 @@ assert np.array_equal(np.asarray(out.T), np.stack([np.arange(4) + 10 * k for k i
 assert np.array_equal(np.asarray(part), n * np.arange(2 * n)[2 * r:2 * r + 2])
 assert any(c[0] == "alloc" for c in calls) and any(c[0] == "setitem" for c in calls), calls
 wrong = [c for c in calls if c[0] in ("alloc", "setitem") and c[-1] != 1]
-print(f"rank {r} off-device {wrong}", flush=True)
+sys.stdout.write(f"rank {r} off-device {wrong}\n")  # one write: ranks' lines stay whole
 """
 
 
@@ -100,7 +112,7 @@ print(f"rank {r} off-device {wrong}", flush=True)
 def test_cuda_aware_temporaries_and_copies_are_on_the_communicator_device():
     proc = run_mpi(CUDA_AWARE, nprocs=2, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert sorted(re.findall(r"rank \d off-device \[.*\]", proc.stdout)) == [
+    assert sorted(re.findall(r"rank \d off-device \[[^\]]*\]", proc.stdout)) == [
         "rank 0 off-device []", "rank 1 off-device []"], proc.stdout
 
 

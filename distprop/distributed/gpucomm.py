@@ -260,8 +260,8 @@ class HostStagedCommunicator(DeviceCommunicator):
     A buffer is cached per (device pointer, size, dtype), so the fixed gradient buckets of DDP
     reuse theirs every step; at most ``max_buffers`` are kept. ``ndarray.set()`` from pinned
     memory is asynchronous and does not tell CuPy's pinned-memory pool that the buffer is in use,
-    so each buffer keeps the event recorded after its last host-to-device copy, and an evicted
-    buffer is released only after that event completed.
+    so each buffer keeps the event recorded after its last host-to-device copy, and is
+    overwritten (reused) or released (evicted) only after that event completed.
     """
 
     kind = "mpi-host"
@@ -284,6 +284,9 @@ class HostStagedCommunicator(DeviceCommunicator):
                     copied.synchronize()
         else:
             self._buffers.move_to_end(key)
+            if entry[1] is not None:  # about to be overwritten: its last set() must be done
+                entry[1].synchronize()
+                entry[1] = None
         return entry[0]
 
     def _copied_from(self, host: np.ndarray) -> None:
