@@ -9,7 +9,8 @@ kernels run as one thread looping over the index range (``CUPY_FOR``); a raw ker
 block with one host thread per CUDA thread and a ``std::barrier`` for ``__syncthreads()``, so
 block reductions run as written.
 
-Needs g++ (C++20); compiled modules are cached under the temp directory by source hash.
+Needs g++ (C++20); compiled modules are cached under the temp directory, keyed by the source,
+the flags and the CuPy version.
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ def _include_options() -> list[str]:
     return [f"-I{base}"] + [f"-I{os.path.join(cccl, d)}" for d in ("libcudacxx", "thrust", "cub")]
 
 
+_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
+
+
 def _library(source: str) -> ctypes.CDLL:
-    key = hashlib.sha256(source.encode()).hexdigest()[:24]
+    import cupy  # noqa: PLC0415 - its headers are part of what is compiled
+
+    ident = "\n".join([cupy.__version__, *_FLAGS, *_include_options(), source])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:24]
     lib = _loaded.get(key)
     if lib is not None:
         return lib
@@ -78,8 +85,7 @@ def _library(source: str) -> ctypes.CDLL:
         with open(src, "w") as f:
             f.write(source)
         tmp = f"{path}.{os.getpid()}"
-        done = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                               *_include_options(), src, "-o", tmp],
+        done = subprocess.run(["g++", *_FLAGS, *_include_options(), src, "-o", tmp],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise AssertionError(f"host C++ compile failed:\n{done.stderr[-4000:]}\n{source}")
