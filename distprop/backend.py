@@ -115,7 +115,7 @@ def device(spec: str | Device | None = None) -> Device:
 
 def device_of(array) -> Device:
     """The device an array lives on."""
-    if isinstance(array, np.ndarray) or np.isscalar(array):
+    if type(array) is np.ndarray or np.isscalar(array):
         return CPU
     cp = _load_cupy()
     if cp is not None and isinstance(array, cp.ndarray):
@@ -153,7 +153,7 @@ def to_device(array, dev: Device):
 
 def to_host(array) -> np.ndarray:
     """A NumPy array with the same values (no copy when it already is one)."""
-    if isinstance(array, np.ndarray):
+    if type(array) is np.ndarray:
         return array
     cp = _load_cupy()
     if cp is not None and isinstance(array, cp.ndarray):

@@ -16,10 +16,17 @@ launch:
 Every kernel reproduces the formula and the operation order of its NumPy reference (the ``xp``
 code path, which stays the reference and is what runs on the CPU), so results agree to float32
 rounding. Arrays a kernel writes through computed indices are ``raw`` *output* parameters (CuPy
-declares input parameters const). The call sites dispatch with a small ``if xp is not numpy``
-test; each function here returns ``False`` (the caller then runs its ``xp`` code) when fused
-kernels are turned off with :func:`set_enabled` or ``DISTPROP_CUDA_KERNELS=0``, or when an
-argument is outside what the kernel handles.
+declares input parameters const).
+
+One dispatch convention: call sites call the kernel function unconditionally (NumPy or CuPy)
+and run their ``xp`` code when it returns ``None``, e.g. ``if cuda_kernels.lstm_forward_step(
+...) is None: <xp code>``. Each kernel function decides once, through :func:`_usable`: ``None``
+for NumPy arrays, when kernels are off (:func:`set_enabled`, ``DISTPROP_CUDA_KERNELS=0``) or an
+argument is outside what the kernel handles; else it launches and returns what it wrote.
+
+Every kernel is declared once in :data:`KERNELS` and made only by :func:`build`; the offline
+check (tests/test_gpu_offline.py) compiles each with NVRTC (float32/float64, sm_80/sm_90, no
+GPU) and checks its launches the way CuPy makes them.
 
 CuPy is reached only through :func:`distprop.backend.cupy_module`; importing this module costs
 nothing without it.
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,9 +71,9 @@ def disabled():
 
 
 def _usable(*arrays) -> bool:
-    """True when fused kernels are on and every array is a CuPy float32/float64 array of one
-    dtype."""
-    if not _enabled:
+    """The one GPU-or-not decision: True when fused kernels are on and every array is a CuPy
+    float32/float64 array of one dtype (False for NumPy arrays, without touching CuPy)."""
+    if not _enabled or type(arrays[0]) is np.ndarray:
         return False
     cp = backend.cupy_module()
     if cp is None:
@@ -75,12 +83,46 @@ def _usable(*arrays) -> bool:
         dtype in _FLOATS
 
 
-def _elementwise(name: str, in_params: str, out_params: str, body: str):
-    kernel = _cache.get(name)
+@dataclass(frozen=True)
+class KernelSpec:
+    """One fused kernel: ``kind`` is ``"elementwise"`` (``cupy.ElementwiseKernel(in_params,
+    out_params, body, name)``) or ``"raw"`` (``cupy.RawKernel``: ``body`` is the CUDA source
+    with ``%(T)s`` for the element type, the function is ``<name>_<float|double>``)."""
+
+    kind: str
+    name: str
+    body: str
+    in_params: str = ""
+    out_params: str = ""
+
+
+KERNELS: dict[str, KernelSpec] = {}
+
+
+def _declare(kind: str, name: str, body: str, in_params: str = "", out_params: str = "") -> str:
+    KERNELS[name] = KernelSpec(kind, name, body, in_params, out_params)
+    return name
+
+
+def build(name: str, dtype=None):
+    """The CuPy kernel object of :data:`KERNELS` ``[name]`` (raw kernels: for ``dtype``),
+    created once per process; the only place kernel objects are made."""
+    spec = KERNELS[name]
+    key = (name, None if spec.kind == "elementwise" else np.dtype(dtype).str)
+    kernel = _cache.get(key)
     if kernel is None:
         cp = backend.cupy_module()
-        kernel = _cache[name] = cp.ElementwiseKernel(in_params, out_params, body, name)
+        if spec.kind == "elementwise":
+            kernel = cp.ElementwiseKernel(spec.in_params, spec.out_params, spec.body, name)
+        else:
+            kernel = cp.RawKernel(spec.body % {"T": _ctype(dtype)}, raw_function_name(name, dtype))
+        _cache[key] = kernel
     return kernel
+
+
+def raw_function_name(name: str, dtype) -> str:
+    """The C function a raw kernel exports for ``dtype``."""
+    return f"{name}_{_ctype(dtype)}"
 
 
 def _ctype(dtype) -> str:
@@ -99,22 +141,9 @@ _EFFECTIVE_GRAD = """
 
 _SGD_IN = ("T grad, float64 lr, float64 momentum, float64 dampening, float64 weight_decay, "
            "int32 nesterov, int32 maximize, int32 first_step")
-
-
-def sgd(param, grad, momentum_buffer, *, lr: float, momentum: float, dampening: float,
-        weight_decay: float, nesterov: bool, maximize: bool, first_step: bool) -> bool:
-    """Fused :func:`distprop.optim.functional.sgd`; False when not applicable."""
-    arrays = (param, grad) if momentum == 0 else (param, grad, momentum_buffer)
-    if momentum != 0 and momentum_buffer is None or not _usable(*arrays):
-        return False
-    args = (grad, float(lr), float(momentum), float(dampening), float(weight_decay),
-            int(nesterov), int(maximize), int(first_step))
-    if momentum == 0:
-        kernel = _elementwise("distprop_sgd", _SGD_IN, "T param",
-                              _EFFECTIVE_GRAD + "param = param + d * (T)(-lr);")
-        kernel(*args, param)
-        return True
-    body = _EFFECTIVE_GRAD + """
+_SGD = _declare("elementwise", "distprop_sgd", _EFFECTIVE_GRAD + "param = param + d * (T)(-lr);",
+                _SGD_IN, "T param")
+_SGD_MOMENTUM = _declare("elementwise", "distprop_sgd_momentum", _EFFECTIVE_GRAD + """
     T b;
     if (first_step) {
         b = d;
@@ -125,10 +154,23 @@ def sgd(param, grad, momentum_buffer, *, lr: float, momentum: float, dampening: 
     buf = b;
     if (nesterov) d = b * (T)momentum + d; else d = b;
     param = param + d * (T)(-lr);
-    """
-    _elementwise("distprop_sgd_momentum", _SGD_IN, "T param, T buf", body)(*args, param,
-                                                                          momentum_buffer)
-    return True
+""", _SGD_IN, "T param, T buf")
+
+
+def sgd(param, grad, momentum_buffer, *, lr: float, momentum: float, dampening: float,
+        weight_decay: float, nesterov: bool, maximize: bool, first_step: bool):
+    """Fused :func:`distprop.optim.functional.sgd`: returns ``param`` (updated in place), or
+    None when not applicable."""
+    arrays = (param, grad) if momentum == 0 else (param, grad, momentum_buffer)
+    if momentum != 0 and momentum_buffer is None or not _usable(*arrays):
+        return None
+    args = (grad, float(lr), float(momentum), float(dampening), float(weight_decay),
+            int(nesterov), int(maximize), int(first_step))
+    if momentum == 0:
+        build(_SGD)(*args, param)
+    else:
+        build(_SGD_MOMENTUM)(*args, param, momentum_buffer)
+    return param
 
 
 _ADAM_BODY = """
@@ -160,30 +202,31 @@ _ADAM_BODY = """
 _ADAM_IN = ("T grad, float64 lr, float64 beta1, float64 beta2, float64 eps, "
             "float64 weight_decay, float64 step_size, float64 bias_correction2_sqrt, "
             "int32 maximize, int32 decoupled")
+_ADAM = _declare("elementwise", "distprop_adam", _ADAM_BODY % "T src = vv;", _ADAM_IN,
+                 "T param, T m, T v")
+_ADAM_AMSGRAD = _declare(
+    "elementwise", "distprop_adam_amsgrad",
+    _ADAM_BODY % "vmax = (vmax > vv || vmax != vmax) ? vmax : vv;\n    T src = vmax;",
+    _ADAM_IN, "T param, T m, T v, T vmax")
 
 
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step: float, lr: float,
          beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
-         maximize: bool, decoupled_weight_decay: bool) -> bool:
-    """Fused :func:`distprop.optim.functional.adam` (Adam, AdamW, amsgrad); False when not
-    applicable."""
+         maximize: bool, decoupled_weight_decay: bool):
+    """Fused :func:`distprop.optim.functional.adam` (Adam, AdamW, amsgrad): returns ``param``
+    (updated in place), or None when not applicable."""
     arrays = (param, grad, exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if amsgrad else ())
     if amsgrad and max_exp_avg_sq is None or not _usable(*arrays):
-        return False
+        return None
     step_size = lr / (1.0 - beta1**step)
     bc2 = (1.0 - beta2**step) ** 0.5
     args = (grad, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             float(step_size), float(bc2), int(maximize), int(decoupled_weight_decay))
     if amsgrad:
-        keep_max = "vmax = (vmax > vv || vmax != vmax) ? vmax : vv;\n    T src = vmax;"
-        kernel = _elementwise("distprop_adam_amsgrad", _ADAM_IN, "T param, T m, T v, T vmax",
-                              _ADAM_BODY % keep_max)
-        kernel(*args, param, exp_avg, exp_avg_sq, max_exp_avg_sq)
+        build(_ADAM_AMSGRAD)(*args, param, exp_avg, exp_avg_sq, max_exp_avg_sq)
     else:
-        kernel = _elementwise("distprop_adam", _ADAM_IN, "T param, T m, T v",
-                              _ADAM_BODY % "T src = vv;")
-        kernel(*args, param, exp_avg, exp_avg_sq)
-    return True
+        build(_ADAM)(*args, param, exp_avg, exp_avg_sq)
+    return param
 
 
 # --- softmax cross-entropy with class indices -------------------------------------------------
@@ -238,29 +281,29 @@ _CE_BACKWARD = """
 """
 
 
-def _ce_forward_kernel(dtype):
-    name = ("ce_forward", np.dtype(dtype).str)
-    kernel = _cache.get(name)
-    if kernel is None:
-        cp = backend.cupy_module()
-        t = _ctype(dtype)
-        code = _CE_FORWARD % {"T": t, "N": _CE_THREADS}
-        kernel = _cache[name] = cp.RawKernel(code, f"distprop_ce_forward_{t}")
-    return kernel
+_CE_FORWARD_KERNEL = _declare("raw", "distprop_ce_forward",
+                              _CE_FORWARD % {"T": "%(T)s", "N": _CE_THREADS})
+_CE_BACKWARD_KERNEL = _declare(
+    "elementwise", "distprop_ce_backward", _CE_BACKWARD,
+    "raw T x, raw int64 target, raw T row_max, raw T row_lse, raw T coef, "
+    "int64 classes, int64 ignore_index, int32 per_row", "T grad")
 
 
-def use_fused_cross_entropy(x, target, weight, label_smoothing: float) -> bool:
-    """True when :class:`FusedCrossEntropy` covers this call: CuPy (N, C) float logits,
-    (N,) integer class indices, no class weights, no label smoothing."""
-    data = x.data
-    if not _enabled or backend.get_array_module(data) is np:
-        return False
+def cross_entropy(input, target, weight, ignore_index: int, reduction: str,
+                  label_smoothing: float):
+    """Fused :func:`distprop.nn.functional.cross_entropy` (:class:`FusedCrossEntropy`): the
+    loss tensor, or None when not applicable. Covers CuPy (N, C) float logits with (N,)
+    integer class indices, no class weights and no label smoothing."""
+    data = input.data
     t = target.data if hasattr(target, "data") else target
-    return (weight is None and not label_smoothing and data.ndim == 2 and data.shape[1] > 0
-            and data.dtype in _FLOATS and getattr(t, "ndim", 0) == 1
-            and t.dtype.kind in "iu" and t.shape[0] == data.shape[0]
-            and not getattr(target, "requires_grad", False)
-            and backend.get_array_module(t) is not np)
+    if (not _usable(data) or weight is not None or label_smoothing or data.ndim != 2
+            or data.shape[1] == 0 or getattr(t, "ndim", 0) != 1
+            or t.dtype.kind not in "iu" or t.shape[0] != data.shape[0]
+            or getattr(target, "requires_grad", False)
+            or backend.get_array_module(t) is np):
+        return None
+    return FusedCrossEntropy.apply(input, target, ignore_index=int(ignore_index),
+                                   reduction=reduction)
 
 
 class FusedCrossEntropy(Function):
@@ -282,7 +325,7 @@ class FusedCrossEntropy(Function):
         row_max = cp.empty(rows, dtype=x.dtype)
         row_lse = cp.empty(rows, dtype=x.dtype)
         if rows:
-            _ce_forward_kernel(x.dtype)(
+            build(_CE_FORWARD_KERNEL, x.dtype)(
                 (rows,), (_CE_THREADS,),
                 (x, t, loss, row_max, row_lse, np.int64(rows), np.int64(classes),
                  np.int64(ignore_index)))
@@ -304,12 +347,8 @@ class FusedCrossEntropy(Function):
         else:
             coef = grad_out
         coef = coef.reshape(-1).astype(x.dtype, copy=False)
-        kernel = _elementwise(
-            "distprop_ce_backward",
-            "raw T x, raw int64 target, raw T row_max, raw T row_lse, raw T coef, "
-            "int64 classes, int64 ignore_index, int32 per_row", "T grad", _CE_BACKWARD)
         grad = backend.cupy_module().empty_like(x)
-        kernel(x, t, row_max, row_lse, coef, x.shape[1], ignore_index,
+        build(_CE_BACKWARD_KERNEL)(x, t, row_max, row_lse, coef, x.shape[1], ignore_index,
                int(self.reduction == "none"), grad)
         return grad, None
 
@@ -331,17 +370,19 @@ _LSTM_FORWARD = """
     tanh_c = tanh(cv);
     h = ao * tanh_c;
 """
+_LSTM_FORWARD_KERNEL = _declare(
+    "elementwise", "distprop_lstm_forward", _LSTM_FORWARD,
+    "T c_prev, int64 hidden", "T c, T tanh_c, T h, raw T gates")
 
 
-def lstm_forward_step(gates, c_prev, c, tanh_c, h) -> bool:
+def lstm_forward_step(gates, c_prev, c, tanh_c, h):
     """One LSTM step from pre-activations ``gates`` (B, 4H: i, f, g, o; sigmoid rows pre-scaled
-    by 1/2): writes the activations into ``gates`` and ``c``, ``tanh(c)``, ``h``."""
+    by 1/2): writes the activations into ``gates`` and ``c``, ``tanh(c)``, ``h``; returns ``h``,
+    or None when not applicable."""
     if not _usable(gates, c_prev, c, tanh_c, h) or not gates.flags.c_contiguous:
-        return False
-    kernel = _elementwise("distprop_lstm_forward", "T c_prev, int64 hidden",
-                          "T c, T tanh_c, T h, raw T gates", _LSTM_FORWARD)
-    kernel(c_prev, c.shape[1], c, tanh_c, h, gates)
-    return True
+        return None
+    build(_LSTM_FORWARD_KERNEL)(c_prev, c.shape[1], c, tanh_c, h, gates)
+    return h
 
 
 _LSTM_BACKWARD = """
@@ -356,19 +397,20 @@ _LSTM_BACKWARD = """
     dgates[base + 3 * hidden] = d_o * (((T)1 - ao) * ao);
     dc = dcv * af;
 """
+_LSTM_BACKWARD_KERNEL = _declare(
+    "elementwise", "distprop_lstm_backward", _LSTM_BACKWARD,
+    "T tanh_c, T c_prev, T dh, int64 hidden, raw T act", "T dc, raw T dgates")
 
 
-def lstm_backward_step(act, tanh_c, c_prev, dh, dc, dgates) -> bool:
+def lstm_backward_step(act, tanh_c, c_prev, dh, dc, dgates):
     """One LSTM BPTT step: gate gradients (w.r.t. the unscaled pre-activations) into ``dgates``
-    and ``dc`` carried to the previous step; ``dh`` is this step's hidden-state gradient."""
+    and ``dc`` carried to the previous step; ``dh`` is this step's hidden-state gradient.
+    Returns ``dgates``, or None when not applicable."""
     if not _usable(act, tanh_c, c_prev, dh, dc, dgates) or not (
             act.flags.c_contiguous and dgates.flags.c_contiguous):
-        return False
-    kernel = _elementwise("distprop_lstm_backward",
-                          "T tanh_c, T c_prev, T dh, int64 hidden, raw T act",
-                          "T dc, raw T dgates", _LSTM_BACKWARD)
-    kernel(tanh_c, c_prev, dh, dh.shape[1], act, dc, dgates)
-    return True
+        return None
+    build(_LSTM_BACKWARD_KERNEL)(tanh_c, c_prev, dh, dh.shape[1], act, dc, dgates)
+    return dgates
 
 
 _GRU_FORWARD = """
@@ -384,19 +426,21 @@ _GRU_FORWARD = """
     hidden_n = hn;
     h = (h_prev - n) * z + n;
 """
+_GRU_FORWARD_KERNEL = _declare(
+    "elementwise", "distprop_gru_forward", _GRU_FORWARD,
+    "T h_prev, int64 hidden, raw T rec", "T hidden_n, T h, raw T gates")
 
 
-def gru_forward_step(gates, rec, h_prev, hidden_n, h) -> bool:
+def gru_forward_step(gates, rec, h_prev, hidden_n, h):
     """One GRU step: ``gates`` (B, 3H: r, z, n) hold the input projections, ``rec`` the
     recurrent ones (bias included; r, z rows pre-scaled by 1/2). Writes activations into
-    ``gates``, ``W_hn h + b_hn`` into ``hidden_n`` and the new state into ``h``."""
+    ``gates``, ``W_hn h + b_hn`` into ``hidden_n`` and the new state into ``h``; returns ``h``,
+    or None when not applicable."""
     if not _usable(gates, rec, h_prev, hidden_n, h) or not (
             gates.flags.c_contiguous and rec.flags.c_contiguous):
-        return False
-    kernel = _elementwise("distprop_gru_forward", "T h_prev, int64 hidden, raw T rec",
-                          "T hidden_n, T h, raw T gates", _GRU_FORWARD)
-    kernel(h_prev, h.shape[1], rec, hidden_n, h, gates)
-    return True
+        return None
+    build(_GRU_FORWARD_KERNEL)(h_prev, h.shape[1], rec, hidden_n, h, gates)
+    return h
 
 
 _GRU_BACKWARD = """
@@ -417,19 +461,20 @@ _GRU_BACKWARD = """
     dhh[base + 2 * hidden] = dn * r;
     dh = g * z;
 """
+_GRU_BACKWARD_KERNEL = _declare(
+    "elementwise", "distprop_gru_backward", _GRU_BACKWARD,
+    "T h_prev, T hidden_n, int64 hidden, raw T act", "T dh, raw T dx, raw T dhh")
 
 
-def gru_backward_step(act, h_prev, hidden_n, dh, dx, dhh) -> bool:
+def gru_backward_step(act, h_prev, hidden_n, dh, dx, dhh):
     """One GRU BPTT step: gate gradients for the input side (``dx``) and the recurrent side
     (``dhh``), and ``dh`` replaced by its direct carry ``dh * z`` (the caller adds
-    ``dhh @ W_hh``)."""
+    ``dhh @ W_hh``). Returns ``dx``, or None when not applicable."""
     if not _usable(act, h_prev, hidden_n, dh, dx, dhh) or not (
             act.flags.c_contiguous and dx.flags.c_contiguous and dhh.flags.c_contiguous):
-        return False
-    kernel = _elementwise("distprop_gru_backward", "T h_prev, T hidden_n, int64 hidden, raw T act",
-                          "T dh, raw T dx, raw T dhh", _GRU_BACKWARD)
-    kernel(h_prev, hidden_n, dh.shape[1], act, dh, dx, dhh)
-    return True
+        return None
+    build(_GRU_BACKWARD_KERNEL)(h_prev, hidden_n, dh.shape[1], act, dh, dx, dhh)
+    return dx
 
 
 # --- convolution: im2col / col2im --------------------------------------------------------------
@@ -472,6 +517,10 @@ _IM2COL_1D = """
 _CONV_PARAMS = ("int64 groups, int64 cg, int64 kk, int64 ka, int64 msize, int32 rows, "
                 "int64 height, int64 width, int64 oh, int64 ow, int64 kh, int64 kw, "
                 "int64 sh, int64 sw, int64 ph, int64 pw, int64 dh, int64 dw")
+_IM2COL_KERNELS = {
+    nd: _declare("elementwise", f"distprop_im2col_{nd}d", _IM2COL % {"decode": decode},
+                 "raw T x, " + _CONV_PARAMS, "T buf")
+    for nd, decode in ((1, _IM2COL_1D), (2, _IM2COL_2D))}
 
 
 def _geometry(x_shape, out_sp, kernel, stride, dilation, padding):
@@ -483,23 +532,21 @@ def _geometry(x_shape, out_sp, kernel, stride, dilation, padding):
             stride[1], padding[0][0], padding[1][0], dilation[0], dilation[1])
 
 
-def im2col(x, buf, rows: bool, out_sp, kernel, stride, dilation, padding, groups: int) -> bool:
+def im2col(x, buf, rows: bool, out_sp, kernel, stride, dilation, padding, groups: int):
     """Fill the column buffer of :class:`distprop.ops.conv.ConvNd` straight from the unpadded
     input ``x`` (any strides): ``buf`` is (M, g, ka) when ``rows`` else (g, ka, M); a column
-    ``ka > prod(kernel) * cg`` (the fused bias) is filled with ones."""
+    ``ka > prod(kernel) * cg`` (the fused bias) is filled with ones. Returns ``buf``, or None
+    when not applicable."""
     nd = len(kernel)
     if nd not in (1, 2) or not _usable(x, buf) or not buf.flags.c_contiguous:
-        return False
+        return None
     cg = x.shape[1] // groups
     kk = cg * int(np.prod(kernel))
     ka = buf.shape[2] if rows else buf.shape[1]
     msize = buf.shape[0] if rows else buf.shape[2]
-    decode = _IM2COL_2D if nd == 2 else _IM2COL_1D
-    kernel_obj = _elementwise(f"distprop_im2col_{nd}d", "raw T x, " + _CONV_PARAMS, "T buf",
-                              _IM2COL % {"decode": decode})
     geo = _geometry(x.shape, out_sp, kernel, stride, dilation, padding)
-    kernel_obj(x, groups, cg, kk, ka, msize, int(rows), *geo, buf)
-    return True
+    build(_IM2COL_KERNELS[nd])(x, groups, cg, kk, ka, msize, int(rows), *geo, buf)
+    return buf
 
 
 _COL2IM = """
@@ -536,6 +583,11 @@ _COL2IM_1D = """
     const ptrdiff_t n = i / (width * cg * groups);
 """
 
+_COL2IM_KERNELS = {
+    nd: _declare("elementwise", f"distprop_col2im_{nd}d", _COL2IM % {"decode": decode},
+                 "raw T gbuf, " + _CONV_PARAMS, "T gx")
+    for nd, decode in ((1, _COL2IM_1D), (2, _COL2IM_2D))}
+
 
 def col2im(gbuf, x_shape, rows: bool, out_sp, kernel, stride, dilation, padding,
            groups: int):
@@ -549,10 +601,7 @@ def col2im(gbuf, x_shape, rows: bool, out_sp, kernel, stride, dilation, padding,
     cg = x_shape[1] // groups
     kk = cg * int(np.prod(kernel))
     msize = gbuf.shape[0] if rows else gbuf.shape[2]
-    decode = _COL2IM_2D if nd == 2 else _COL2IM_1D
-    kernel_obj = _elementwise(f"distprop_col2im_{nd}d", "raw T gbuf, " + _CONV_PARAMS, "T gx",
-                              _COL2IM % {"decode": decode})
     gx = cp.empty(tuple(x_shape), dtype=gbuf.dtype)
     geo = _geometry(x_shape, out_sp, kernel, stride, dilation, padding)
-    kernel_obj(gbuf, groups, cg, kk, kk, msize, int(rows), *geo, gx)
+    build(_COL2IM_KERNELS[nd])(gbuf, groups, cg, kk, kk, msize, int(rows), *geo, gx)
     return gx

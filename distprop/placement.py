@@ -72,6 +72,11 @@ class BatchStager:
 
     Pinned buffers are reused round-robin (``depth`` per shape and dtype); a buffer is reused
     only after the copy that last read it has finished.
+
+    Stream ordering: the device array comes from the memory pool of the caller's current stream,
+    whose queued kernels may still read memory freed into that pool; the copy stream therefore
+    waits on an event recorded on the current stream before it writes, and the consumer waits on
+    the copy's event (:meth:`ready`) before it reads.
     """
 
     def __init__(self, dev: backend.Device, depth: int = 3):
@@ -110,7 +115,10 @@ class BatchStager:
         with self._lock, cp.cuda.Device(self.device.index):
             ring, host = self._buffer(array.shape, array.dtype)
             np.copyto(host, array)
-            out = cp.empty(array.shape, dtype=array.dtype)
+            out = cp.empty(array.shape, dtype=array.dtype)  # current stream's pool
+            allocated = cp.cuda.Event(disable_timing=True)
+            allocated.record(cp.cuda.get_current_stream())
+            self.stream.wait_event(allocated)  # queued compute done with that memory first
             out.set(host, stream=self.stream)
             event = cp.cuda.Event(disable_timing=True)
             event.record(self.stream)

@@ -30,7 +30,18 @@ from distprop.optim.flat import contiguous_range, slot_of
 
 from helpers import run_mpi
 
-no_cupy = pytest.mark.skipif(backend.cupy_available(), reason="CuPy is installed here")
+
+@pytest.fixture
+def _cupy_missing(monkeypatch):
+    """Run as on a machine without CuPy, even where it is installed (the gpu-check extra):
+    DISTPROP_NO_CUPY makes the backend (and subprocesses) treat it as missing."""
+    monkeypatch.setenv("DISTPROP_NO_CUPY", "1")
+    monkeypatch.setattr(backend, "_cupy", None)
+    monkeypatch.setattr(backend, "_cupy_error", None)
+    monkeypatch.setattr(backend, "_cupy_checked", False)
+
+
+no_cupy = pytest.mark.usefixtures("_cupy_missing")
 
 
 # --- device per rank ---------------------------------------------------------------------------

@@ -126,6 +126,11 @@ class DeviceCommunicator(Communicator):
     def _cp(self):
         return backend.cupy_module()
 
+    def _copy_back(self, dst, src) -> None:
+        """``dst[...] = src`` (when they differ), the copy kernel on this rank's device."""
+        with self._cp().cuda.Device(self.device.index):
+            _copy_back(dst, src)
+
     # -- dispatch -------------------------------------------------------------------------------
 
     def barrier(self) -> None:
@@ -253,7 +258,10 @@ class HostStagedCommunicator(DeviceCommunicator):
     """Device collectives staged through cached pinned host buffers (``--comm mpi-host``).
 
     A buffer is cached per (device pointer, size, dtype), so the fixed gradient buckets of DDP
-    reuse theirs every step; at most ``max_buffers`` are kept.
+    reuse theirs every step; at most ``max_buffers`` are kept. ``ndarray.set()`` from pinned
+    memory is asynchronous and does not tell CuPy's pinned-memory pool that the buffer is in use,
+    so each buffer keeps the event recorded after its last host-to-device copy, and is
+    overwritten (reused) or released (evicted) only after that event completed.
     """
 
     kind = "mpi-host"
@@ -265,17 +273,30 @@ class HostStagedCommunicator(DeviceCommunicator):
 
     def _pinned(self, array, tag: str = "") -> np.ndarray:
         key = (array.data.ptr, array.size, array.dtype.str, tag)
-        buf = self._buffers.get(key)
-        if buf is None:
+        entry = self._buffers.get(key)
+        if entry is None:
             import cupyx  # noqa: PLC0415 - ships with CuPy
 
-            buf = cupyx.empty_pinned(array.size, dtype=array.dtype)
-            self._buffers[key] = buf
+            entry = self._buffers[key] = [cupyx.empty_pinned(array.size, dtype=array.dtype), None]
             while len(self._buffers) > self.max_buffers:
-                self._buffers.popitem(last=False)
+                _, (_, copied) = self._buffers.popitem(last=False)
+                if copied is not None:  # a set() may still read the evicted buffer
+                    copied.synchronize()
         else:
             self._buffers.move_to_end(key)
-        return buf
+            if entry[1] is not None:  # about to be overwritten: its last set() must be done
+                entry[1].synchronize()
+                entry[1] = None
+        return entry[0]
+
+    def _copied_from(self, host: np.ndarray) -> None:
+        """Keep the event of the asynchronous copy that reads ``host`` (see the class doc)."""
+        cp = self._cp()
+        for entry in reversed(self._buffers.values()):
+            if entry[0] is host:
+                entry[1] = cp.cuda.Event(disable_timing=True)
+                entry[1].record(cp.cuda.get_current_stream())
+                return
 
     def _to_host(self, array, tag: str = "") -> np.ndarray:
         """A pinned host copy of ``array`` (1-D); waits for the copy (and for the kernels before
@@ -290,7 +311,8 @@ class HostStagedCommunicator(DeviceCommunicator):
         cp = self._cp()
         with cp.cuda.Device(self.device.index):
             if array.flags.c_contiguous:
-                array.reshape(-1).set(host)
+                array.reshape(-1).set(host)  # asynchronous: reads host after we return
+                self._copied_from(host)
             else:
                 array[...] = cp.asarray(host).reshape(array.shape)
 
@@ -371,7 +393,7 @@ class CudaAwareMPICommunicator(DeviceCommunicator):
         work = self._ready(array)
         self.host._blocking("allreduce", work.nbytes, self.host.comm.Allreduce,
                             self.host.MPI.IN_PLACE, work, self._ops[op])
-        _copy_back(array, work)
+        self._copy_back(array, work)
         self._scale_mean(array, op)
         return array
 
@@ -384,7 +406,7 @@ class CudaAwareMPICommunicator(DeviceCommunicator):
             mpi_req = host.comm.Iallreduce(host.MPI.IN_PLACE, work, self._ops[op])
 
         def finish():
-            _copy_back(array, work)
+            self._copy_back(array, work)
             self._scale_mean(array, op)
 
         req = _MPIRequest(host, mpi_req, array, finish, "iallreduce", work.nbytes)
@@ -394,24 +416,27 @@ class CudaAwareMPICommunicator(DeviceCommunicator):
     def _device_broadcast(self, array, root):
         work = self._ready(array)
         self.host._blocking("broadcast", work.nbytes, self.host.comm.Bcast, work, root)
-        _copy_back(array, work)
+        self._copy_back(array, work)
         return array
 
     def _device_allgather(self, array, out):
         work = self._ready(array)
-        recv = out if out.flags.c_contiguous else self._cp().empty(out.shape, out.dtype)
-        self.host._blocking("allgather", work.nbytes * self.size, self.host.comm.Allgather,
-                            work, recv)
-        _copy_back(out, recv)
+        with self._cp().cuda.Device(self.device.index):
+            recv = out if out.flags.c_contiguous else self._cp().empty(out.shape, out.dtype)
+            self.host._blocking("allgather", work.nbytes * self.size, self.host.comm.Allgather,
+                                work, recv)
+            _copy_back(out, recv)
         return out
 
     def _device_reduce_scatter(self, array, op, out):
         if array.dtype == np.float16:
             return self._staged._device_reduce_scatter(array, op, out)
         work = self._ready(array)
-        recv = out if out.flags.c_contiguous else self._cp().empty(out.shape, out.dtype)
-        self.host._blocking("reduce_scatter", work.nbytes, self.host.comm.Reduce_scatter_block,
-                            work.reshape(-1), recv.reshape(-1), self._ops[op])
-        _copy_back(out, recv)
+        with self._cp().cuda.Device(self.device.index):
+            recv = out if out.flags.c_contiguous else self._cp().empty(out.shape, out.dtype)
+            self.host._blocking("reduce_scatter", work.nbytes,
+                                self.host.comm.Reduce_scatter_block, work.reshape(-1),
+                                recv.reshape(-1), self._ops[op])
+            _copy_back(out, recv)
         self._scale_mean(out, op)
         return out

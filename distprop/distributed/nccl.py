@@ -198,8 +198,7 @@ class NCCLCommunicator(DeviceCommunicator):
         ptr, n = work.data.ptr, work.size
         done = self._enqueue(lambda s: self.comm.allReduce(ptr, ptr, n, dtype, _NCCL_OPS[op], s))
         self._wait(done, "allreduce", work.nbytes)
-        if work is not array:
-            array[...] = work
+        self._copy_back(array, work)
         self._scale_mean(array, op)
         return array
 
@@ -212,8 +211,7 @@ class NCCLCommunicator(DeviceCommunicator):
         done = self._enqueue(lambda s: self.comm.allReduce(ptr, ptr, n, dtype, _NCCL_OPS[op], s))
 
         def finish():
-            if work is not array:
-                array[...] = work
+            self._copy_back(array, work)
             self._scale_mean(array, op)
 
         needs_finish = work is not array or op == "mean"
@@ -228,8 +226,7 @@ class NCCLCommunicator(DeviceCommunicator):
         ptr, n = work.data.ptr, work.size
         done = self._enqueue(lambda s: self.comm.bcast(ptr, n, dtype, root, s))
         self._wait(done, "broadcast", work.nbytes)
-        if work is not array:
-            array[...] = work
+        self._copy_back(array, work)
         return array
 
     def _device_allgather(self, array, out):
@@ -243,8 +240,7 @@ class NCCLCommunicator(DeviceCommunicator):
         sp, rp, n = send.data.ptr, recv.data.ptr, send.size
         done = self._enqueue(lambda s: self.comm.allGather(sp, rp, n, dtype, s))
         self._wait(done, "allgather", send.nbytes * self.size)
-        if recv is not out:
-            out[...] = recv
+        self._copy_back(out, recv)
         return out
 
     def _device_reduce_scatter(self, array, op, out):
@@ -259,8 +255,7 @@ class NCCLCommunicator(DeviceCommunicator):
         done = self._enqueue(
             lambda s: self.comm.reduceScatter(sp, rp, m, dtype, _NCCL_OPS[op], s))
         self._wait(done, "reduce_scatter", send.nbytes)
-        if recv is not out:
-            out[...] = recv
+        self._copy_back(out, recv)
         self._scale_mean(out, op)
         return out
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
-
 from distprop import cuda_kernels
 from distprop.backend import get_array_module
 from distprop.ops.arith import check_same_device
@@ -138,8 +136,8 @@ class ConvNd(Function):
         fuse = bias is not None and g == 1
         ka = kk + 1 if fuse else kk
         buf = xp.empty((m, g, ka) if rows else (g, ka, m), dtype=x.dtype)
-        if xp is np or not cuda_kernels.im2col(x, buf, rows, out_sp, kernel, stride, dilation,
-                                               padding, g):
+        if cuda_kernels.im2col(x, buf, rows, out_sp, kernel, stride, dilation, padding,
+                               g) is None:
             xpad = _padded(xp, x, padding, channels_last=rows)
             # Strided view (N, *out, g, *kernel, cg) of the padded input, any layout.
             sn, sc, *ssp = xpad.strides
@@ -190,8 +188,9 @@ class ConvNd(Function):
             gbuf = xp.empty((m, g, kk) if rows else (g, kk, m), dtype=grad_out.dtype)
             ga = gbuf.transpose(1, 0, 2) if rows else gbuf.transpose(0, 2, 1)  # (g, M, K)
             xp.matmul(g2, self.wk[:, :, :kk], out=ga)
-            if xp is np or (gx := cuda_kernels.col2im(gbuf, x_shape, rows, out_sp, kernel, stride,
-                                                      dilation, padding, g)) is None:
+            gx = cuda_kernels.col2im(gbuf, x_shape, rows, out_sp, kernel, stride, dilation,
+                                     padding, g)
+            if gx is None:
                 gcols = _logical_cols(xp, gbuf, rows, n, out_sp, g, kernel, cg)
                 gx = _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, rows)
         return gx, gw, gb

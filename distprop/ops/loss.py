@@ -530,9 +530,10 @@ def cross_entropy(input: Tensor, target, weight=None, size_average=None, ignore_
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     target = _target("cross_entropy", input, target)
-    if cuda_kernels.use_fused_cross_entropy(input, target, weight, label_smoothing):
-        return cuda_kernels.FusedCrossEntropy.apply(input, target, ignore_index=int(ignore_index),
-                                                    reduction=reduction)
+    fused = cuda_kernels.cross_entropy(input, target, weight, ignore_index, reduction,
+                                       label_smoothing)
+    if fused is not None:
+        return fused
     return CrossEntropy.apply(
         input, target, weight=_array(weight),
         ignore_index=int(ignore_index), reduction=reduction, label_smoothing=float(label_smoothing),

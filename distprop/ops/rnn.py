@@ -215,7 +215,7 @@ class LSTMLayer(Function):
             xp.matmul(hs[p], w_hh_t, out=rec)
             g += rec
             c = cs[n]
-            if xp is np or not cuda_kernels.lstm_forward_step(g, cs[p], c, tanh_c[t], hs[n]):
+            if cuda_kernels.lstm_forward_step(g, cs[p], c, tanh_c[t], hs[n]) is None:
                 xp.tanh(g, out=g)
                 g *= post_scale
                 g += post_shift
@@ -251,7 +251,7 @@ class LSTMLayer(Function):
                 dh *= seq.valid[t]
                 dc *= seq.valid[t]
             a, d, tc = gates[t], dgates[t], tanh_c[t]
-            if xp is np or not cuda_kernels.lstm_backward_step(a, tc, cs[p], dh, dc, d):
+            if cuda_kernels.lstm_backward_step(a, tc, cs[p], dh, dc, d) is None:
                 # h = o * tanh(c): do = dh * tanh(c); dc += dh * o * (1 - tanh(c)^2)
                 xp.multiply(dh, tc, out=d[:, h3:])
                 xp.multiply(tc, tc, out=tmp)
@@ -308,7 +308,7 @@ class GRULayer(Function):
             if b_hh_s is not None:
                 rec += b_hh_s
             h = hs[n]
-            if xp is np or not cuda_kernels.gru_forward_step(g, rec, hs[p], hidden_n[t], h):
+            if cuda_kernels.gru_forward_step(g, rec, hs[p], hidden_n[t], h) is None:
                 rz, cand = g[:, :h2], g[:, h2:]
                 rz += rec[:, :h2]
                 xp.tanh(rz, out=rz)
@@ -346,8 +346,7 @@ class GRULayer(Function):
                 carry = dh * seq.pad[t]
                 dh *= seq.valid[t]
             a, dx_t, dh_t = gates[t], dgx[t], dgh[t]
-            if xp is np or not cuda_kernels.gru_backward_step(a, hs[p], hidden_n[t], dh, dx_t,
-                                                               dh_t):
+            if cuda_kernels.gru_backward_step(a, hs[p], hidden_n[t], dh, dx_t, dh_t) is None:
                 r, z, cand = a[:, :hidden], a[:, hidden:h2], a[:, h2:]
                 dn = dx_t[:, h2:]
                 # h' = n + z * (h - n): dz = dh * (h - n), dn = dh * (1 - z), dh_prev = dh * z

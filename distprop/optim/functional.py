@@ -11,6 +11,7 @@ allocate them); the gradient is never modified.
 
 from __future__ import annotations
 
+from distprop import cuda_kernels
 from distprop.backend import get_array_module
 
 
@@ -58,14 +59,11 @@ def sgd(param, grad, momentum_buffer, *, lr: float, momentum: float = 0.0,
         maximize: bool = False, first_step: bool = False, scratch=None) -> None:
     """SGD: ``b = momentum * b + (1 - dampening) * g`` (``b = g`` at first), ``p -= lr * b``
     (``g + momentum * b`` with Nesterov)."""
+    if cuda_kernels.sgd(param, grad, momentum_buffer, lr=lr, momentum=momentum,
+                        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, first_step=first_step) is not None:
+        return  # one fused kernel on the GPU (same formula, same order)
     xp = get_array_module(param)
-    if xp.__name__ == "cupy":  # one fused kernel on the GPU (same formula, same order)
-        from distprop import cuda_kernels  # noqa: PLC0415
-
-        if cuda_kernels.sgd(param, grad, momentum_buffer, lr=lr, momentum=momentum,
-                            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                            maximize=maximize, first_step=first_step):
-            return
     s = _scratch(scratch, 2, param)
     d = effective_grad(xp, param, grad, weight_decay, maximize, s[0])
     if momentum != 0:
@@ -96,15 +94,12 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: float, 
     """Adam / AdamW: ``m = lerp(m, g, 1-b1)``, ``v = b2 v + (1-b2) g^2``,
     ``p -= lr / (1-b1^t) * m / (sqrt(v) / sqrt(1-b2^t) + eps)`` (``v`` -> running max with
     amsgrad; AdamW first scales ``p *= 1 - lr * weight_decay``)."""
+    if cuda_kernels.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
+                         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize,
+                         decoupled_weight_decay=decoupled_weight_decay) is not None:
+        return  # one fused kernel on the GPU (same formula, same order)
     xp = get_array_module(param)
-    if xp.__name__ == "cupy":  # one fused kernel on the GPU (same formula, same order)
-        from distprop import cuda_kernels  # noqa: PLC0415
-
-        if cuda_kernels.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
-                             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                             amsgrad=amsgrad, maximize=maximize,
-                             decoupled_weight_decay=decoupled_weight_decay):
-            return
     s = _scratch(scratch, 2, param)
     if weight_decay != 0 and decoupled_weight_decay:
         param *= 1.0 - lr * weight_decay
