@@ -58,6 +58,9 @@ def _launch_options(func):
                      help="Allow more ranks than slots (cores without a host list)."),
         click.option("--dry-run", is_flag=True, default=False,
                      help="Print the launcher command and exit."),
+        click.option("--stdin", "forward_stdin", is_flag=True, default=False,
+                     help="Forward this process's standard input to rank 0 (default: the "
+                          "ranks read /dev/null)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -65,11 +68,18 @@ def _launch_options(func):
 
 
 def _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
-                   oversubscribe, extra_env=None) -> launcher.LaunchConfig:
+                   oversubscribe, forward_stdin=False, extra_env=None) -> launcher.LaunchConfig:
     return launcher.LaunchConfig(
         nprocs=nprocs, command=list(command), hosts=hosts, hostfile=hostfile, mpi=mpi or "auto",
         threads_per_rank=threads_per_rank, mpi_args=mpi_args or "",
-        oversubscribe=bool(oversubscribe), mpiexec=mpiexec, extra_env=extra_env or {})
+        oversubscribe=bool(oversubscribe), mpiexec=mpiexec, extra_env=extra_env or {},
+        stdin=bool(forward_stdin))
+
+
+class Refused(click.ClickException):
+    """A request that cannot run as asked (exit 2), printed as one ``Error:`` line."""
+
+    exit_code = 2
 
 
 def _plan_or_usage_error(cfg: launcher.LaunchConfig) -> launcher.LaunchPlan:
@@ -112,13 +122,21 @@ Examples:
 @_launch_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def launch(nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args, oversubscribe,
-           dry_run, command):
-    """Run COMMAND on N MPI ranks with the right launcher and per-rank BLAS threads."""
+           dry_run, forward_stdin, command):
+    """Run COMMAND on N MPI ranks with the right launcher and per-rank BLAS threads.
+
+    The ranks read /dev/null as standard input unless --stdin is given.
+    """
     if command and command[0] == "--":
         command = command[1:]
     cfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
-                         mpi_args, oversubscribe)
+                         mpi_args, oversubscribe, forward_stdin)
     plan = _plan_or_usage_error(cfg)
+    if not dry_run:
+        try:
+            launcher.check_command(cfg, plan)
+        except launcher.LaunchError as exc:
+            raise Refused(str(exc)) from None
     if not dry_run and not hosts and not hostfile:
         _gpu_note(nprocs)
     sys.exit(_run_plan(plan, dry_run))
@@ -229,7 +247,7 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
                    "bucket's allreduce, waits, optimizer step. Open in ui.perfetto.dev.")
 @click.option("--worker-config", default=None, hidden=True)
 def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
-          oversubscribe, dry_run, trace_file, worker_config, **options):
+          oversubscribe, dry_run, forward_stdin, trace_file, worker_config, **options):
     """Train a zoo model on a dataset, data-parallel over MPI ranks."""
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
 
@@ -280,7 +298,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     cfg_path = os.path.join(out, "config.json")
     command = [sys.executable, "-m", "distprop", "train", "--worker-config", cfg_path]
     lcfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
-                          mpi_args, oversubscribe)
+                          mpi_args, oversubscribe, forward_stdin)
     plan = _plan_or_usage_error(lcfg)
     if not dry_run:
         cfg.save_json(cfg_path)
