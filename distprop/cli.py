@@ -8,9 +8,12 @@ starts, printed once: under ``mpirun``/``srun`` only rank 0 prints it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -246,8 +249,10 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
               help="Chrome trace per rank (FILE -> FILE.rank<N>.json): forward, backward, each "
                    "bucket's allreduce, waits, optimizer step. Open in ui.perfetto.dev.")
 @click.option("--worker-config", default=None, hidden=True)
+@click.option("--worker-config-sha256", default=None, hidden=True)
 def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
-          oversubscribe, dry_run, forward_stdin, trace_file, worker_config, **options):
+          oversubscribe, dry_run, forward_stdin, trace_file, worker_config, worker_config_sha256,
+          **options):
     """Train a zoo model on a dataset, data-parallel over MPI ranks."""
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
 
@@ -261,8 +266,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
         trace.enable(os.environ[trace.ENV_VAR])
 
     if worker_config:  # a rank started by `distprop train -n N`: the parent validated everything
-        cfg = TrainConfig.load_json(worker_config)
-        sys.exit(run_mod.main_worker(cfg))
+        sys.exit(run_mod.main_worker(_launched_config(worker_config, worker_config_sha256)))
 
     base = TrainConfig()
     if config_file:
@@ -291,20 +295,90 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
         if dry_run:
             click.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
             return
-        sys.exit(run_mod.main_worker(cfg))
+        with _locked_run_dir(cfg.out, agree=world > 1):  # rank 0 holds it for the ranks
+            code = run_mod.main_worker(cfg)
+        sys.exit(code)
     cfg.launch = {"mpi": mpi or "auto", "hosts": hosts, "hostfile": hostfile,
                   "threads_per_rank": threads_per_rank}
-    out = os.path.abspath(cfg.out)
-    cfg_path = os.path.join(out, "config.json")
-    command = [sys.executable, "-m", "distprop", "train", "--worker-config", cfg_path]
+    out = Path(cfg.out).absolute()
+    # The ranks read a file unique to this launch (checked against its digest), never
+    # config.json, which is only the record for the user.
+    text = cfg.to_json()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    launch_file = out / f"{LAUNCH_CONFIG_PREFIX}{os.getpid()}-{digest[:12]}.json"
+    command = [sys.executable, "-m", "distprop", "train", "--worker-config", str(launch_file),
+               "--worker-config-sha256", digest]
     lcfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
                           mpi_args, oversubscribe, forward_stdin)
     plan = _plan_or_usage_error(lcfg)
-    if not dry_run:
-        cfg.save_json(cfg_path)
-        if cfg.device.startswith("cuda") and not hosts and not hostfile:
-            _gpu_note(nprocs)
-    sys.exit(_run_plan(plan, dry_run))
+    if dry_run:
+        sys.exit(_run_plan(plan, dry_run))
+    with _locked_run_dir(out, agree=False):  # before anything is written into --out
+        for old in out.glob(f"{LAUNCH_CONFIG_PREFIX}*.json"):  # left by killed launchers
+            old.unlink(missing_ok=True)
+        _write_text(launch_file, text)
+        _write_text(out / "config.json", text)
+        try:
+            if cfg.device.startswith("cuda") and not hosts and not hostfile:
+                _gpu_note(nprocs)
+            code = _run_plan(plan, dry_run)
+        finally:
+            launch_file.unlink(missing_ok=True)
+    sys.exit(code)
+
+
+LAUNCH_CONFIG_PREFIX = ".launch-config-"
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc}") from None
+
+
+def _launched_config(path: str, sha256: str | None) -> TrainConfig:
+    """The configuration a rank was launched with; refuses a file changed since the launch."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise Refused(f"cannot read the launch configuration {path}: {exc}") from None
+    if sha256 is not None and hashlib.sha256(text.encode()).hexdigest() != sha256:
+        raise Refused(f"the launch configuration {path} was changed after the launch")
+    try:
+        return TrainConfig.from_dict(json.loads(text), path)
+    except (ConfigError, ValueError) as exc:
+        raise Refused(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _locked_run_dir(out, agree: bool):
+    """Hold the lock on the run directory ``out`` (see :mod:`distprop.train.rundir`).
+
+    With ``agree`` (ranks started by mpiexec/srun) rank 0 takes the lock and every rank learns
+    the outcome, so a refusal ends all ranks with exit 2 and rank 0 alone prints it.
+    """
+    from distprop import distributed  # noqa: PLC0415
+    from distprop.train import rundir  # noqa: PLC0415
+
+    lock, refusal = None, None
+    comm = distributed.init() if agree else None
+    if comm is None or comm.rank == 0:
+        try:
+            lock = rundir.RunDirLock.acquire(out, command=["distprop", *sys.argv[1:]])
+        except rundir.RunDirBusy as exc:
+            refusal = str(exc)
+        except OSError as exc:
+            refusal = f"--out {out}: cannot create the run directory or its lock file: {exc}"
+    if comm is not None:
+        refusal = comm.broadcast_obj(refusal, 0)
+    if refusal is not None:
+        raise Refused(refusal)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 cli.add_command(bench)

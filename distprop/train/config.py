@@ -1,8 +1,9 @@
 """The training configuration: one dataclass filled from defaults, a TOML file, env and flags.
 
 Precedence, lowest first: the dataclass defaults, ``--config FILE.toml``, ``DISTPROP_TRAIN_*``
-environment variables, command-line flags. The resolved configuration is written to
-``<out>/config.json`` and is what every rank trains from.
+environment variables, command-line flags. ``distprop train -n N`` writes the resolved
+configuration to a file unique to the launch, which its ranks read (checked against its
+SHA-256), and to ``<out>/config.json``, the record for the user.
 """
 
 from __future__ import annotations
@@ -95,10 +96,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> str:
+        """The configuration as the JSON text that :meth:`load_json` reads."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_json(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        path.write_text(self.to_json())
         return path
 
     @classmethod
