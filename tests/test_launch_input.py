@@ -34,13 +34,21 @@ def launch_with_open_stdin(*args, timeout=60) -> tuple[subprocess.CompletedProce
     return done, time.monotonic() - started
 
 
-def test_launch_in_a_while_read_loop_leaves_the_loop_its_input(tmp_path):
+LOOP_BODIES = {
+    "launch": f"-- '{sys.executable}' -c pass",
+    "train": "train -n 2 --model mlp --dataset synthetic --epochs 1 --out \"$out/$l\"",
+}
+
+
+@pytest.mark.parametrize("command", list(LOOP_BODIES))
+def test_a_launch_in_a_while_read_loop_leaves_the_loop_its_input(command, tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("one\ntwo\nthree\n")
-    launch = " ".join(f"'{a}'" for a in LAUNCH)
-    script = f"while read l; do {launch} -- '{sys.executable}' -c pass; echo \"ran $l\"; " \
-             f"done < '{lines}'"
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=180,
+    prefix = LAUNCH if command == "launch" else LAUNCH[:3]
+    call = " ".join(f"'{a}'" for a in prefix) + " " + LOOP_BODIES[command]
+    script = f"out='{tmp_path}'; while read l; do {call} > /dev/null || exit 1; " \
+             f"echo \"ran $l\"; done < '{lines}'"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
                           env=ENV, cwd=str(REPO))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:3] == ["ran one", "ran two", "ran three"], done.stdout
