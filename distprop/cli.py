@@ -8,9 +8,12 @@ starts, printed once: under ``mpirun``/``srun`` only rank 0 prints it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -58,6 +61,9 @@ def _launch_options(func):
                      help="Allow more ranks than slots (cores without a host list)."),
         click.option("--dry-run", is_flag=True, default=False,
                      help="Print the launcher command and exit."),
+        click.option("--stdin", "forward_stdin", is_flag=True, default=False,
+                     help="Forward this process's standard input to rank 0 (default: the "
+                          "ranks read /dev/null)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -65,11 +71,18 @@ def _launch_options(func):
 
 
 def _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
-                   oversubscribe, extra_env=None) -> launcher.LaunchConfig:
+                   oversubscribe, forward_stdin=False, extra_env=None) -> launcher.LaunchConfig:
     return launcher.LaunchConfig(
         nprocs=nprocs, command=list(command), hosts=hosts, hostfile=hostfile, mpi=mpi or "auto",
         threads_per_rank=threads_per_rank, mpi_args=mpi_args or "",
-        oversubscribe=bool(oversubscribe), mpiexec=mpiexec, extra_env=extra_env or {})
+        oversubscribe=bool(oversubscribe), mpiexec=mpiexec, extra_env=extra_env or {},
+        stdin=bool(forward_stdin))
+
+
+class Refused(click.ClickException):
+    """A request that cannot run as asked (exit 2), printed as one ``Error:`` line."""
+
+    exit_code = 2
 
 
 def _plan_or_usage_error(cfg: launcher.LaunchConfig) -> launcher.LaunchPlan:
@@ -112,13 +125,21 @@ Examples:
 @_launch_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def launch(nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args, oversubscribe,
-           dry_run, command):
-    """Run COMMAND on N MPI ranks with the right launcher and per-rank BLAS threads."""
+           dry_run, forward_stdin, command):
+    """Run COMMAND on N MPI ranks with the right launcher and per-rank BLAS threads.
+
+    The ranks read /dev/null as standard input unless --stdin is given.
+    """
     if command and command[0] == "--":
         command = command[1:]
     cfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
-                         mpi_args, oversubscribe)
+                         mpi_args, oversubscribe, forward_stdin)
     plan = _plan_or_usage_error(cfg)
+    if not dry_run:
+        try:
+            launcher.check_command(cfg, plan)
+        except launcher.LaunchError as exc:
+            raise Refused(str(exc)) from None
     if not dry_run and not hosts and not hostfile:
         _gpu_note(nprocs)
     sys.exit(_run_plan(plan, dry_run))
@@ -231,8 +252,10 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
               help="Chrome trace per rank (FILE -> FILE.rank<N>.json): forward, backward, each "
                    "bucket's allreduce, waits, optimizer step. Open in ui.perfetto.dev.")
 @click.option("--worker-config", default=None, hidden=True)
+@click.option("--worker-config-sha256", default=None, hidden=True)
 def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
-          oversubscribe, dry_run, trace_file, worker_config, **options):
+          oversubscribe, dry_run, forward_stdin, trace_file, worker_config, worker_config_sha256,
+          **options):
     """Train a zoo model on a dataset, data-parallel over MPI ranks."""
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
 
@@ -246,8 +269,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
         trace.enable(os.environ[trace.ENV_VAR])
 
     if worker_config:  # a rank started by `distprop train -n N`: the parent validated everything
-        cfg = TrainConfig.load_json(worker_config)
-        sys.exit(run_mod.main_worker(cfg))
+        sys.exit(run_mod.main_worker(_launched_config(worker_config, worker_config_sha256)))
 
     base = TrainConfig()
     if config_file:
@@ -280,23 +302,98 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
             click.echo(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
             return
         cfg.launch = {"threads_per_rank": threads_per_rank}  # one process: same thread policy
-        sys.exit(run_mod.main_worker(cfg))
+        with _locked_run_dir(cfg.out, agree=world > 1):  # rank 0 holds it for the ranks
+            code = run_mod.main_worker(cfg)
+        sys.exit(code)
     cfg.launch = {"mpi": mpi or "auto", "hosts": hosts, "hostfile": hostfile,
                   "threads_per_rank": threads_per_rank}
-    out = os.path.abspath(cfg.out)
-    cfg_path = os.path.join(out, "config.json")
-    command = [sys.executable, "-m", "distprop", "train", "--worker-config", cfg_path]
+    out = Path(cfg.out).absolute()
+    # The ranks read a file unique to this launch (checked against its digest), never
+    # config.json, which is only the record for the user.
+    text = cfg.to_json()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    launch_file = out / f"{LAUNCH_CONFIG_PREFIX}{os.getpid()}-{digest[:12]}.json"
+    command = [sys.executable, "-m", "distprop", "train", "--worker-config", str(launch_file),
+               "--worker-config-sha256", digest]
     lcfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
-                          mpi_args, oversubscribe)
+                          mpi_args, oversubscribe, forward_stdin)
     plan = _plan_or_usage_error(lcfg)
-    if not dry_run:
+    if dry_run:
+        sys.exit(_run_plan(plan, dry_run))
+    with _locked_run_dir(out, agree=False):  # before anything is written into --out
+        for old in out.glob(f"{LAUNCH_CONFIG_PREFIX}*.json"):  # left by killed launchers
+            old.unlink(missing_ok=True)
+        _write_text(launch_file, text, "launch configuration")
+        _write_text(out / "config.json", text, "configuration")
         try:
-            cfg.save_json(cfg_path)
-        except OSError as exc:  # e.g. a full disk: one line naming the file, nothing partial
-            raise click.ClickException(str(exc)) from None
-        if cfg.device.startswith("cuda") and not hosts and not hostfile:
-            _gpu_note(nprocs)
-    sys.exit(_run_plan(plan, dry_run))
+            if cfg.device.startswith("cuda") and not hosts and not hostfile:
+                _gpu_note(nprocs)
+            code = _run_plan(plan, dry_run)
+        finally:
+            launch_file.unlink(missing_ok=True)
+    sys.exit(code)
+
+
+LAUNCH_CONFIG_PREFIX = ".launch-config-"
+
+
+def _write_text(path: Path, text: str, what: str) -> None:
+    """Write ``text`` atomically; a full disk is one line naming the file, nothing partial."""
+    from distprop.fileio import atomic_write_text  # noqa: PLC0415
+
+    try:
+        atomic_write_text(path, text, what)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _launched_config(path: str, sha256: str | None) -> TrainConfig:
+    """The configuration a rank was launched with; refuses a file changed since the launch."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise Refused(f"cannot read the launch configuration {path}: {exc}") from None
+    if sha256 is not None and hashlib.sha256(text.encode()).hexdigest() != sha256:
+        raise Refused(f"the launch configuration {path} was changed after the launch")
+    try:
+        return TrainConfig.from_dict(json.loads(text), path)
+    except (ConfigError, ValueError) as exc:
+        raise Refused(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _locked_run_dir(out, agree: bool):
+    """Hold the lock on the run directory ``out`` (see :mod:`distprop.train.rundir`).
+
+    With ``agree`` (ranks started by mpiexec/srun) rank 0 takes the lock and every rank learns
+    the outcome, so a refusal ends all ranks with exit 2 and rank 0 alone prints it.
+    """
+    from distprop import distributed  # noqa: PLC0415
+    from distprop.train import rundir  # noqa: PLC0415
+
+    lock, refusal, failure = None, None, None
+    comm = distributed.init() if agree else None
+    if comm is None or comm.rank == 0:
+        try:
+            lock = rundir.RunDirLock.acquire(out, command=["distprop", *sys.argv[1:]])
+        except rundir.RunDirBusy as exc:
+            refusal = str(exc)
+        except OSError as exc:  # a full disk, no permission: not a usage error (exit 1)
+            from distprop.fileio import describe  # noqa: PLC0415
+
+            failure = (f"cannot create the run directory {out} or its lock file: "
+                       f"{describe(exc)}")
+    if comm is not None:
+        refusal, failure = comm.broadcast_obj((refusal, failure), 0)
+    if refusal is not None:
+        raise Refused(refusal)
+    if failure is not None:
+        raise click.ClickException(failure)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 cli.add_command(bench)

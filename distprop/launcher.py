@@ -10,15 +10,19 @@ Used by ``distprop launch`` and ``distprop train -n N``. Three launchers are und
 ``auto`` picks ``srun`` inside a Slurm job when ``srun`` exists, else asks the ``mpiexec`` found
 (the one next to ``sys.executable`` first, i.e. the ``mpich`` wheel) for ``--version``.
 Every rank gets ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS`` set to the
-threads per rank (default: this machine's cores // ranks per node, at least 1).
+threads per rank (default: this machine's cores // ranks per node, at least 1). The launcher
+reads /dev/null as standard input unless ``stdin`` is asked for (then rank 0 gets this
+process's), so a launch inside ``while read`` does not eat the loop's input.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +50,8 @@ class LaunchConfig:
         mpi_args: extra launcher arguments, split like a shell would.
         oversubscribe: allow more ranks than slots.
         mpiexec: a specific launcher executable (default: found automatically).
+        extra_env: more environment variables for the ranks.
+        stdin: forward this process's standard input to rank 0 (default: /dev/null).
     """
 
     nprocs: int
@@ -58,6 +64,7 @@ class LaunchConfig:
     oversubscribe: bool = False
     mpiexec: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    stdin: bool = False
 
 
 @dataclass
@@ -70,6 +77,7 @@ class LaunchPlan:
     launcher: str
     threads_per_rank: int
     slots: int | None
+    stdin: bool = False
 
     def shell(self) -> str:
         return " ".join(shlex.quote(a) for a in self.argv)
@@ -288,7 +296,84 @@ def plan(cfg: LaunchConfig) -> LaunchPlan:
             argv.append("--overcommit")
     argv += extra + list(cfg.command)
     return LaunchPlan(argv=argv, env=env, implementation=impl, launcher=exe,
-                      threads_per_rank=threads, slots=slots)
+                      threads_per_rank=threads, slots=slots, stdin=cfg.stdin)
+
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+_PYTHON_NAME = re.compile(r"python(\d+(\.\d+)*)?$")
+_PYTHON_VALUE_OPTIONS = ("-W", "-X", "--check-hash-based-pycs")
+_PYTHON_EXITING_OPTIONS = ("-h", "-?", "--help", "--help-env", "--help-xoptions", "--help-all",
+                           "-V", "--version")
+
+
+def _all_ranks_local(cfg: LaunchConfig, launch: LaunchPlan) -> bool:
+    if launch.implementation == "srun":
+        return False  # the nodes of the allocation
+    spec = cfg.hosts or None
+    if spec is None and cfg.hostfile is None:
+        return True
+    hosts = parse_hosts(spec) if spec else parse_hostfile(cfg.hostfile)
+    here = socket.gethostname()
+    return all(h in _LOCAL_HOSTS or h == here or h == here.split(".")[0] for h, _ in hosts)
+
+
+def python_reads_stdin(args: list[str]) -> bool:
+    """Whether ``python ARGS`` would read its program from standard input (no script, -c, -m)."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-":
+            return True
+        if arg in _PYTHON_EXITING_OPTIONS:
+            return False
+        if arg.startswith("--"):
+            i += 2 if arg in _PYTHON_VALUE_OPTIONS else 1
+            continue
+        if not arg.startswith("-"):
+            return False  # a script
+        for pos, letter in enumerate(arg[1:], 1):  # bundled flags: -uB, -Wignore, -c'code'
+            if letter in "cm":
+                return False
+            if letter in "hV?":
+                return False
+            if letter in "WX":
+                if pos == len(arg) - 1:
+                    i += 1  # the value is the next argument
+                break
+        i += 1
+    return True
+
+
+def check_command(cfg: LaunchConfig, launch: LaunchPlan) -> None:
+    """Refuse a command that cannot run, before anything starts.
+
+    A program missing on this machine is refused when every rank runs here (other hosts cannot
+    be checked from here); ``python`` without a script, ``-c`` or ``-m`` is refused unless
+    standard input is forwarded (it would wait for its program there), and under MPICH with
+    more than one rank even then (only rank 0 gets the input; the others would wait for ever).
+
+    Raises:
+        LaunchError: naming the command.
+    """
+    program = cfg.command[0]
+    if _all_ranks_local(cfg, launch):
+        path = cfg.extra_env.get("PATH", os.environ.get("PATH"))
+        if shutil.which(program, path=path) is None:
+            if os.sep in program and os.path.isfile(program):
+                raise LaunchError(f"command not executable: {program}")
+            raise LaunchError(f"command not found: {program}")
+    if not _PYTHON_NAME.match(os.path.basename(program)) or \
+            not python_reads_stdin(cfg.command[1:]):
+        return
+    if not cfg.stdin:
+        raise LaunchError(f"{shlex.join(cfg.command)} names no script, -c or -m, so python "
+                          "would wait for a program on standard input, which the ranks do not "
+                          "get; name a script, or pass --stdin to forward it to rank 0")
+    if cfg.nprocs > 1 and launch.implementation == "mpich":
+        raise LaunchError(f"{shlex.join(cfg.command)} names no script, -c or -m: with --stdin "
+                          "only rank 0 gets its program, the other ranks would wait for theirs "
+                          "for ever (MPICH's mpiexec never closes their standard input); name "
+                          "a script or use -n 1")
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -303,7 +388,8 @@ def run(launch: LaunchPlan) -> int:
     env.update(launch.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        proc = subprocess.Popen(launch.argv, env=env, start_new_session=True)
+        proc = subprocess.Popen(launch.argv, env=env, start_new_session=True,
+                                stdin=None if launch.stdin else subprocess.DEVNULL)
     except OSError as exc:
         raise LaunchError(f"cannot start {launch.argv[0]}: {exc}") from exc
     forwarded = []

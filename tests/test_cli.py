@@ -187,8 +187,9 @@ RESUME_ARGS = ("--model", "mlp", "--dataset", "digits", "--epochs", 2, "--batch-
                "--optimizer", "adam", "--lr", 1e-3)
 
 
-def _rank_pids(config: Path) -> dict[int, int]:
-    """PID by rank of the worker processes started for ``config``."""
+def _rank_pids(out: Path) -> dict[int, int]:
+    """PID by rank of the worker processes started for the run directory ``out``."""
+    prefix = str(out).encode() + b"/"
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -198,7 +199,7 @@ def _rank_pids(config: Path) -> dict[int, int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(config).encode() in cmd and b"--worker-config" in cmd:
+        if b"--worker-config" in cmd and any(arg.startswith(prefix) for arg in cmd):
             for var in environ:
                 if var.startswith(b"PMI_RANK="):
                     found[int(var.split(b"=")[1])] = int(entry.name)
@@ -225,7 +226,7 @@ def test_sigkill_one_rank_then_resume_auto_matches_uninterrupted_run(tmp_path):
     while len(dp.train.list_checkpoints(ckpt_dir)) < 2:  # steps 10 and 20 are on disk
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
-    pids = _rank_pids(out / "config.json")
+    pids = _rank_pids(out)
     os.kill(pids[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, "the job finished before it could be killed"

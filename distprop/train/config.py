@@ -1,8 +1,9 @@
 """The training configuration: one dataclass filled from defaults, a TOML file, env and flags.
 
 Precedence, lowest first: the dataclass defaults, ``--config FILE.toml``, ``DISTPROP_TRAIN_*``
-environment variables, command-line flags. The resolved configuration is written to
-``<out>/config.json`` and is what every rank trains from.
+environment variables, command-line flags. ``distprop train -n N`` writes the resolved
+configuration to a file unique to the launch, which its ranks read (checked against its
+SHA-256), and to ``<out>/config.json``, the record for the user.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> str:
+        """The configuration as the JSON text that :meth:`load_json` reads."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_json(self, path) -> Path:
         """Write the configuration atomically (no 0-byte or partial file on a full disk).
 
@@ -104,8 +109,7 @@ class TrainConfig:
         """
         from distprop.fileio import atomic_write_text  # noqa: PLC0415
 
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True)
-                                 + "\n", "configuration")
+        return atomic_write_text(path, self.to_json(), "configuration")
 
     @classmethod
     def load_json(cls, path) -> TrainConfig:
