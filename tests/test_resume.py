@@ -378,3 +378,16 @@ def test_resume_auto_skips_nonsense_checkpoints_and_takes_the_newest_valid_one(b
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == str(good)
     assert summary["steps"] == 40 + math.ceil((N_TRAIN - 1280) / 64)  # 2 ranks x 32 from 1280
+
+
+def test_resume_log_says_how_scale_lr_changed_the_rate(tmp_path):
+    args = ("--model", "mlp", "--dataset", "synthetic", "--epochs", 1, "--batch-size", 32,
+            "--checkpoint-every", 10, "--scale-lr")  # 26 steps on 2 ranks, lr 0.1 x 2
+    done = distprop("train", "-n", 2, *args, "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = distprop("train", *args, "--out", tmp_path / "one", "--resume",
+                    ckpt_path(tmp_path / "two", 20))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("written by 2 rank(s) (grad_accum 1): global batch 64 -> 32, steps per epoch 26 -> "
+            "52, lr 0.2 -> 0.1 (--scale-lr: lr x ranks), scheduled on the fraction of training "
+            "done; epoch 1 continues at sample 1280 of 1638") in done.stdout

@@ -147,7 +147,7 @@ def _check_ranks(ranks, world: int) -> None:
         try:  # on scratch generators: nothing of this process's random state is touched
             np.random.default_rng().bit_generator.state = entry.get("rng")
             np.random.RandomState().set_state(tuple(entry.get("numpy_global_rng")))
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
             raise _Bad(f"ranks[{r}].rng", f"is not a valid generator state ({exc})") from None
 
 

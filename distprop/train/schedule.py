@@ -75,6 +75,7 @@ class ProgressSchedule:
             group["lr"] = base * scale
 
     def get_last_lr(self) -> list[float]:
+        """The rates set last, one per parameter group."""
         return [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
@@ -88,7 +89,9 @@ class ProgressSchedule:
         progress) is accepted and ignored: the rate follows from the resumed position alone.
         """
         base = state.get("base_lrs") if state.get("kind") == "progress" else None
-        self._loaded_base = [float(b) for b in base] if isinstance(base, list) else None
+        numbers = isinstance(base, list) and all(
+            isinstance(b, int | float) and not isinstance(b, bool) for b in base)
+        self._loaded_base = [float(b) for b in base] if numbers else None
 
     def resume_notes(self) -> list[str]:
         """``lr OLD -> NEW (note)`` when the base rate changed since the checkpoint."""

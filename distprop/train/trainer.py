@@ -436,7 +436,11 @@ class Trainer:
                 from None
         for cb in self.callbacks:
             if cb.name in state.get("callbacks", {}):
-                cb.load_state_dict(state["callbacks"][cb.name])
+                try:
+                    cb.load_state_dict(state["callbacks"][cb.name])
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise ckpt.CheckpointError(f"checkpoint {where} is not usable: callbacks"
+                                               f"[{cb.name!r}] {exc}") from None
         self.epoch, self.step = pos["epoch"], pos["step"]
         self.stop_training = bool(pos.get("stopped", False))  # e.g. early stopping had fired
         self._start_sample = resume_mod.start_sample(pos, self.batch_size, self.comm.size,
