@@ -247,8 +247,8 @@ def describe_change(pos: dict, *, world_size: int, batch_size: int, grad_accum: 
     old_batch = pos.get("batch_size")
     new_global = batch_size * world_size * grad_accum
     old_global = None if old_batch is None else old_batch * old_world * old_accum
-    if (old_world, old_accum, old_batch) == (world_size, grad_accum, batch_size):
-        return None
+    if (old_world, old_accum) == (world_size, grad_accum) and old_batch in (None, batch_size):
+        return None  # an old-format checkpoint did not record its batch: assumed unchanged
 
     def change(name, old, new):
         if old is None:
