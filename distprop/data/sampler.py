@@ -19,6 +19,14 @@ class DistributedSampler:
     comes from NumPy's PCG64 (``np.random.default_rng(seed + epoch).permutation``), so the order
     differs from PyTorch's for the same seed; the counts, padding and strides are the same.
 
+    Resuming mid-epoch (:meth:`set_start`): the first ``start`` samples of the epoch's global
+    order (the permutation above, before padding) are skipped and the rest is split the same way,
+    padded by wrapping around to the epoch's first samples. Rank ``r`` then takes
+    ``order[start + r :: num_replicas]``, so with a global batch of ``batch * num_replicas``
+    samples, global batch ``k`` is ``order[start + k * B : start + (k + 1) * B]`` whatever the
+    number of ranks: a run stopped after ``start`` samples continues on any world size with
+    every remaining sample of the epoch seen once (plus the padding that evens out the ranks).
+
     Evaluation mode (``pad=False``): no padding and no dropping; rank ``r`` visits indices
     ``r, r + num_replicas, ...``, so every sample is seen exactly once across ranks (ranks may
     then get one sample less than others: reduce metrics with ``MetricsReducer`` after the loop,
@@ -54,7 +62,13 @@ class DistributedSampler:
         self.shuffle, self.seed, self.drop_last, self.pad = bool(shuffle), int(seed), \
             bool(drop_last), bool(pad)
         self.epoch = 0
-        n = len(dataset)
+        self.start = 0
+        self._size()
+
+    def _size(self) -> None:
+        """``num_samples`` (this rank's share) and ``total_size`` (all ranks', padded) of the
+        samples from ``start`` to the end of the epoch."""
+        n = len(self.dataset) - self.start
         if not self.pad:
             self.num_samples = len(range(self.rank, n, self.num_replicas))
             self.total_size = n
@@ -72,16 +86,17 @@ class DistributedSampler:
             order = np.random.default_rng(self.seed + self.epoch).permutation(n)
         else:
             order = np.arange(n)
+        rest = order[self.start :]
         if self.pad:
             if not self.drop_last:
-                padding = self.total_size - n
+                padding = self.total_size - rest.size
                 if padding > 0:
-                    order = np.concatenate([order, np.resize(order, padding)])
+                    rest = np.concatenate([rest, np.resize(order, padding)])
             else:
-                order = order[: self.total_size]
-            if order.size != self.total_size:
-                raise AssertionError(f"sampler built {order.size} indices, not {self.total_size}")
-        mine = order[self.rank : self.total_size : self.num_replicas]
+                rest = rest[: self.total_size]
+            if rest.size != self.total_size:
+                raise AssertionError(f"sampler built {rest.size} indices, not {self.total_size}")
+        mine = rest[self.rank : self.total_size : self.num_replicas]
         return mine.astype(np.int64, copy=False)
 
     def __iter__(self) -> Iterator[int]:
@@ -91,10 +106,29 @@ class DistributedSampler:
         return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for ``epoch`` (the same on every rank)."""
+        """Reshuffle for ``epoch`` (the same on every rank), starting at its first sample."""
         self.epoch = int(epoch)
+        if self.start:
+            self.set_start(0)
+
+    def set_start(self, start: int) -> None:
+        """Begin the current epoch ``start`` samples into its global order (resume mid-epoch).
+
+        ``start`` counts samples of the epoch's whole permutation, consumed by all ranks
+        together, so it means the same on any number of ranks; ``set_epoch`` resets it to 0.
+
+        Raises:
+            ValueError: when ``start`` is not in ``[0, len(dataset)]``.
+        """
+        n = len(self.dataset)
+        if isinstance(start, bool) or not isinstance(start, int | np.integer) \
+                or not 0 <= start <= n:
+            raise ValueError(f"set_start: start must be an integer in [0, {n}] (the samples of "
+                             f"one epoch), got {start!r}")
+        self.start = int(start)
+        self._size()
 
     def __repr__(self) -> str:
         return (f"DistributedSampler(num_replicas={self.num_replicas}, rank={self.rank}, "
                 f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
-                f"pad={self.pad}, epoch={self.epoch})")
+                f"pad={self.pad}, epoch={self.epoch}, start={self.start})")

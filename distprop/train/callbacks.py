@@ -46,6 +46,10 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def resume_notes(self) -> list[str]:
+        """What changed on resume (after ``load_state_dict``), for the trainer's log line."""
+        return []
+
 
 class ProgressBar(Callback):
     """A tqdm bar per epoch on rank 0 (quiet when stderr is not a terminal); epoch summary lines
@@ -85,13 +89,15 @@ class ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if trainer.is_main and self.print_epochs:
+        if trainer.is_main and self.print_epochs and not trainer.epoch_replayed:
             parts = [f"epoch {logs['epoch'] + 1}/{trainer.epochs}", f"step {logs['step']}",
                      f"loss {logs['loss']:.4f}", f"acc {100 * logs['accuracy']:.2f}%"]
             if logs.get("val_loss") is not None:
                 parts += [f"val_loss {logs['val_loss']:.4f}",
                           f"val_acc {100 * logs['val_accuracy']:.2f}%"]
-            parts += [f"lr {logs['lr']:.4g}", f"{logs['samples_per_s']:.0f} samples/s"]
+            parts.append(f"lr {logs['lr']:.4g}")
+            if logs.get("samples_per_s") is not None:
+                parts.append(f"{logs['samples_per_s']:.0f} samples/s")
             print("  ".join(parts), flush=True)
 
     def on_train_end(self, trainer, logs) -> None:
@@ -104,7 +110,8 @@ class MetricsLogger(Callback):
     """Appends step and epoch metrics to ``metrics.jsonl`` and ``metrics.csv`` (rank 0).
 
     On resume, rows after the resumed step are dropped first, so the files read like one
-    uninterrupted run.
+    uninterrupted run; the row of an epoch whose data was all consumed before the resume is
+    kept and not written again.
     """
 
     name = "metrics"
@@ -113,21 +120,29 @@ class MetricsLogger(Callback):
         self.directory = Path(directory)
         self.jsonl = self.directory / "metrics.jsonl"
         self.csv = self.directory / "metrics.csv"
+        self._kept_epochs: set[int] = set()
 
     def on_train_begin(self, trainer) -> None:
         if not trainer.is_main:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         rows = []
+        self._kept_epochs = set()
         if trainer.resumed_from is not None and self.jsonl.exists():
             for line in self.jsonl.read_text().splitlines():
                 try:
                     row = json.loads(line)
                 except ValueError:
                     continue  # a line cut by the crash
-                unfinished = row.get("kind") == "epoch" and row.get("epoch", 0) >= trainer.epoch
+                is_epoch = row.get("kind") == "epoch"
+                unfinished = is_epoch and row.get("epoch", 0) >= trainer.epoch
+                if unfinished and row.get("epoch") == trainer.epoch and trainer.samples_in_epoch \
+                        == trainer.epoch_samples and row.get("step") == trainer.step:
+                    unfinished = False  # only its epoch end is left to do: keep the row
                 if row.get("step", 0) <= trainer.step and not unfinished:
                     rows.append(row)
+                    if is_epoch:
+                        self._kept_epochs.add(row.get("epoch"))
         fileio.atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows),
                                  "metrics")
         table = io.StringIO(newline="")
@@ -154,13 +169,17 @@ class MetricsLogger(Callback):
             self._write({"kind": "train", **logs})
 
     def on_epoch_end(self, trainer, logs) -> None:
-        if trainer.is_main:
+        if trainer.is_main and logs["epoch"] not in self._kept_epochs:
             self._write({"kind": "epoch", **logs})
 
 
 class Checkpointer(Callback):
     """Saves the full training state every ``every_steps`` steps (0: at each epoch end) and at
     the end of training, keeping the last ``keep`` files in ``directory``.
+
+    A step checkpoint that falls on an epoch's last step is written at that epoch's end instead
+    (same file name), so that no checkpoint holds an epoch whose data is done but whose end
+    (validation, epoch metrics, early stopping) is not.
 
     Saving is collective (per-rank RNG states are gathered; a sharded optimizer consolidates its
     state); rank 0 writes the file.
@@ -172,11 +191,12 @@ class Checkpointer(Callback):
         self.manager = CheckpointManager(directory, keep=keep)
         self.every_steps = int(every_steps)
         self._last_saved: tuple[int, int, int] | None = None
+        self._deferred = False
         self.saved: list[Path] = []
 
     @staticmethod
     def _position(trainer) -> tuple[int, int, int]:
-        return (trainer.epoch, trainer.step, trainer.batch_in_epoch)
+        return (trainer.epoch, trainer.step, trainer.samples_in_epoch)
 
     def _save(self, trainer) -> None:
         if self._position(trainer) == self._last_saved:
@@ -189,13 +209,18 @@ class Checkpointer(Callback):
 
     def on_train_begin(self, trainer) -> None:
         self._last_saved = self._position(trainer) if trainer.resumed_from is not None else None
+        self._deferred = False
 
     def on_step_end(self, trainer, logs) -> None:
         if self.every_steps and trainer.step % self.every_steps == 0:
-            self._save(trainer)
+            if trainer.epoch_data_done:
+                self._deferred = True  # written at the epoch end, just after this
+            else:
+                self._save(trainer)
 
     def on_epoch_end(self, trainer, logs) -> None:
-        if not self.every_steps:
+        if not self.every_steps or self._deferred:
+            self._deferred = False
             self._save(trainer)
 
     def on_train_end(self, trainer, logs) -> None:
@@ -204,7 +229,12 @@ class Checkpointer(Callback):
 
 class LRSchedule(Callback):
     """Steps a learning-rate scheduler after every optimizer step (``interval='step'``), after
-    every epoch (``'epoch'``), or with the validation loss (``ReduceLROnPlateau``)."""
+    every epoch (``'epoch'``), or with the validation loss (``ReduceLROnPlateau``).
+
+    A scheduler with ``set_progress`` (:class:`distprop.train.schedule.ProgressSchedule`) is
+    given the fraction of training done instead, after every step and when training begins,
+    so it ends where it should on any number of ranks and batch size.
+    """
 
     name = "lr_schedule"
 
@@ -216,7 +246,9 @@ class LRSchedule(Callback):
         self.interval = "epoch" if self.plateau else interval
 
     def on_step_end(self, trainer, logs) -> None:
-        if self.interval == "step":
+        if hasattr(self.scheduler, "set_progress"):
+            self.scheduler.set_progress(trainer.progress)
+        elif self.interval == "step":
             self.scheduler.step()
 
     def on_epoch_end(self, trainer, logs) -> None:
@@ -231,6 +263,14 @@ class LRSchedule(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state)
+
+    def on_train_begin(self, trainer) -> None:
+        if hasattr(self.scheduler, "set_progress"):  # a resumed run: the rate of its position
+            self.scheduler.set_progress(trainer.progress)
+
+    def resume_notes(self) -> list[str]:
+        notes = getattr(self.scheduler, "resume_notes", None)
+        return notes() if notes is not None else []
 
 
 class EarlyStoppingCallback(Callback):

@@ -88,43 +88,30 @@ def build_optimizer(cfg: TrainConfig, params):
     return cls(params, **kwargs)
 
 
-def build_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """The LR schedule, stepped per optimizer step (``plateau``: per epoch on val loss).
+def build_schedule(cfg: TrainConfig, optimizer):
+    """The LR schedule, on the fraction of training done (``plateau``: per epoch on val loss).
 
     ``step``: x0.1 every third of the run; ``multistep``: x0.1 at 50 % and 75 %;
     ``exponential``: x0.01 over the run; ``cosine``: to 0; ``linear``: to 1 % of the rate;
     ``plateau``: x0.1 after 2 epochs without val-loss improvement. ``--warmup-epochs`` ramps
-    linearly from 1 % of the rate first.
+    linearly from 1 % of the rate first. Being defined on the fraction of the run's samples
+    consumed (:class:`~distprop.train.schedule.ProgressSchedule`), a schedule ends where it
+    should when a run is resumed on another number of ranks or batch size.
     """
     from distprop.optim import lr_scheduler as lrs  # noqa: PLC0415
+    from distprop.train import schedule  # noqa: PLC0415
 
-    total = cfg.epochs * steps_per_epoch
-    warm = int(round(warmup_epochs(cfg) * steps_per_epoch))
-    rest = max(1, total - warm)
+    warm = warmup_epochs(cfg) / cfg.epochs
     name = cfg.lr_schedule
     if name == "plateau":
         if warm:
             raise ConfigError("--lr-schedule plateau cannot be combined with warm-up "
                               "(--warmup-epochs / --scale-lr)", "lr-schedule")
         return lrs.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
-    main = None
-    if name == "step":
-        main = lrs.StepLR(optimizer, step_size=max(1, math.ceil(rest / 3)), gamma=0.1)
-    elif name == "multistep":
-        main = lrs.MultiStepLR(optimizer, milestones=[max(1, rest // 2), max(2, rest * 3 // 4)],
-                               gamma=0.1)
-    elif name == "exponential":
-        main = lrs.ExponentialLR(optimizer, gamma=0.01 ** (1.0 / rest))
-    elif name == "cosine":
-        main = lrs.CosineAnnealingLR(optimizer, T_max=rest)
-    elif name == "linear":
-        main = lrs.LinearLR(optimizer, start_factor=1.0, end_factor=0.01, total_iters=rest)
-    if not warm:
-        return main
-    warmup = lrs.LinearLR(optimizer, start_factor=0.01, end_factor=1.0, total_iters=warm)
-    if main is None:
-        return warmup
-    return lrs.SequentialLR(optimizer, [warmup, main], milestones=[warm])
+    if name == "none" and not warm:
+        return None
+    return schedule.ProgressSchedule(optimizer, schedule.factor_fn(name, warm),
+                                     note="--scale-lr: lr x ranks" if cfg.scale_lr else "")
 
 
 def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
@@ -256,37 +243,59 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model {cfg.model!r} gives outputs of shape {out.shape}, expected "
                           f"(batch, {splits.num_classes})", "model")
     try:
-        build_schedule(cfg, build_optimizer(cfg.updated(zero=False), model.parameters()),
-                       steps_per_epoch(cfg, len(splits.train)))
+        optimizer = build_optimizer(cfg.updated(zero=False), model.parameters())
+        build_schedule(cfg, optimizer)
     except ValueError as exc:
         raise ConfigError(str(exc), "lr-schedule") from None
     if cfg.resume not in (None, "auto"):
         try:
-            state = ckpt.load(cfg.resume)
+            check_resume(cfg, cfg.resume, model, optimizer, len(splits.train))
         except ckpt.CheckpointError as exc:
             raise ConfigError(str(exc), "resume") from None
-        if not isinstance(state, dict) or state.get("kind") != "distprop-trainer":
-            raise ConfigError(f"{cfg.resume} is a checkpoint but not of a training run",
-                              "resume")
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        theirs = {k: tuple(np.shape(v)) for k, v in state["model"].items()}
-        if own != theirs:
-            raise ConfigError(f"{cfg.resume} holds a different model than --model "
-                              f"{cfg.model} for dataset {cfg.dataset}", "resume")
     return cfg
+
+
+def check_resume(cfg: TrainConfig, path, model, optimizer, n_train: int) -> dict:
+    """Load ``path`` and check it whole against this run (model, optimizer, data, ranks).
+
+    Returns:
+        The checkpoint's position.
+
+    Raises:
+        CheckpointError: the file is unreadable or corrupted, or a field is missing or wrong
+            (naming the file and the field).
+    """
+    from distprop.train import resume  # noqa: PLC0415
+
+    return resume.check_state(ckpt.load(path), path, model=model, optimizer=optimizer,
+                              epoch_samples=n_train, world_size=cfg.world_size,
+                              grad_accum=cfg.grad_accum)
 
 
 # --- training on every rank ---------------------------------------------------------------------
 
 
-def _resume_source(cfg: TrainConfig, comm) -> str | None:
+def _latest_usable(cfg: TrainConfig, model, optimizer, n_train: int) -> Path | None:
+    """The newest checkpoint in ``--out`` that verifies and fits this run; the others are
+    skipped with a message naming the file and what is wrong with it."""
+    for path in reversed(ckpt.list_checkpoints(checkpoint_dir(cfg))):
+        try:
+            check_resume(cfg, path, model, optimizer, n_train)
+            return path
+        except ckpt.CheckpointError as exc:
+            print(f"skipping unusable checkpoint: {exc}; falling back to the previous one",
+                  flush=True)
+    return None
+
+
+def _resume_source(cfg: TrainConfig, comm, model, optimizer, n_train: int) -> str | None:
     if cfg.resume is None:
         return None
     if cfg.resume != "auto":
         return cfg.resume
     found = None
     if comm.rank == 0:
-        found = ckpt.latest_valid(checkpoint_dir(cfg), log=lambda m: print(m, flush=True))
+        found = _latest_usable(cfg, model, optimizer, n_train)
         if found is None:
             print(f"--resume auto: no usable checkpoint in {checkpoint_dir(cfg)}; starting "
                   "from scratch", flush=True)
@@ -354,8 +363,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
 
     data_comm = make_comm(cfg.comm, host=comm, device=dev)  # the world comm itself on the CPU
     optimizer = build_optimizer(cfg, model.parameters())
-    spe = steps_per_epoch(cfg, len(splits.train))
-    schedule = build_schedule(cfg, optimizer, spe)
+    schedule = build_schedule(cfg, optimizer)
     out = Path(cfg.out)
     callbacks = []
     if schedule is not None:
@@ -382,7 +390,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
                       compression=None if cfg.compression == "none" else cfg.compression,
                       callbacks=callbacks, seed=cfg.seed, log_every=cfg.log_every,
                       prefetch=cfg.prefetch)
-    resume = _resume_source(cfg, comm)
+    resume = _resume_source(cfg, comm, model, optimizer, len(splits.train))
     history = trainer.fit(splits.train, splits.val, epochs=cfg.epochs,
                           batch_size=cfg.batch_size, resume=resume)
     test = trainer.evaluate(splits.test) if splits.test is not None else None

@@ -9,9 +9,12 @@ correct counts and sample counts stay on the device and are reduced across ranks
 interval and at epoch ends, not every step (one float64 vector, kept by the trainer so that it
 can go into checkpoints; evaluation uses :class:`~distprop.distributed.MetricsReducer`).
 
-The trainer's position (epoch, optimizer step, micro-batches consumed in the epoch), every rank's
-RNG state and running metric sums go into checkpoints with the model, optimizer and callback
-states, so a run resumed on the same ranks continues exactly as if it had not stopped.
+The trainer's position (epoch, optimizer step, samples of the epoch's global order consumed),
+every rank's RNG state and running metric sums go into checkpoints with the model, optimizer and
+callback states, so a run resumed on the same ranks continues exactly as if it had not stopped.
+Resumed on another number of ranks, the interrupted epoch continues at the same sample (every
+remaining sample seen once); with the same global batch the result is the uninterrupted run's up
+to float rounding (see :mod:`distprop.train.resume`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from distprop.data import DataLoader, TensorDataset
 from distprop.distributed.metrics import MetricsReducer
 from distprop.tensor import Tensor, no_grad
 from distprop.train import checkpoint as ckpt
+from distprop.train import resume as resume_mod
 
 
 def _default_comm():
@@ -122,8 +126,15 @@ class Trainer:
         self.epoch = 0
         self.epochs = 0
         self.step = 0
-        self.batch_in_epoch = 0
-        self.steps_per_epoch = 0
+        self.batch_in_epoch = 0  # micro-batches since this epoch's loader started
+        self.steps_per_epoch = 0  # of a whole epoch
+        self.batch_size = 0  # per rank and micro-batch
+        self.epoch_samples = 0  # the training set's size
+        self.epoch_replayed = False  # this epoch's data was all consumed before this run
+        self._start_sample = 0  # where this epoch's loader started in the global order
+        self._skipped_steps = 0  # steps of this epoch done before that
+        self._epoch_batches = 0
+        self._counts = [0.0, 0.0]  # samples this rank processed in this run: epoch, interval
         self.stop_training = False
         self.resumed_from: str | None = None
         self._sums = None  # this rank's running sums: epoch [loss, correct, n], interval [...]
@@ -138,7 +149,24 @@ class Trainer:
 
     @property
     def step_in_epoch(self) -> int:
-        return self.batch_in_epoch // self.grad_accum
+        return self._skipped_steps + self.batch_in_epoch // self.grad_accum
+
+    @property
+    def samples_in_epoch(self) -> int:
+        """Samples of the current epoch's global order consumed (by all ranks together)."""
+        done = self._start_sample + self.batch_in_epoch * self.batch_size * self.comm.size
+        return min(done, self.epoch_samples)
+
+    @property
+    def epoch_data_done(self) -> bool:
+        """True once every batch of the current epoch went through (before its epoch end)."""
+        return self.batch_in_epoch >= self._epoch_batches
+
+    @property
+    def progress(self) -> float:
+        """The fraction of training done, in samples: the same on any number of ranks."""
+        within = self.samples_in_epoch / self.epoch_samples if self.epoch_samples else 0.0
+        return min(1.0, (self.epoch + within) / max(1, self.epochs))
 
     def barrier(self) -> None:
         self.comm.barrier()
@@ -155,12 +183,10 @@ class Trainer:
             self._sums = xp.zeros(6, dtype=np.float64)
         if epoch:
             self._sums[:3] = 0
+            self._counts[0] = 0.0
         if interval:
             self._sums[3:] = 0
-
-    def _reduce(self, values) -> np.ndarray:
-        host = np.asarray(backend.to_host(values), dtype=np.float64).copy()
-        return self.comm.allreduce(host, op="sum")
+            self._counts[1] = 0.0
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -184,6 +210,8 @@ class Trainer:
                         xp.asarray(correct, dtype=np.float64), xp.asarray(n, dtype=np.float64)])
         self._sums[:3] += row
         self._sums[3:] += row
+        self._counts[0] += n
+        self._counts[1] += n
 
     def _grad_norm(self) -> float:
         """Global L2 norm of the (already averaged) gradients, identical on all ranks; the
@@ -245,12 +273,16 @@ class Trainer:
                 "samples": int(reducer.totals["loss"][1])}
 
     def _log_row(self, epoch_part: bool, norm, elapsed: float) -> dict:
+        """Reduced metrics of the epoch (or log interval) so far; the rate counts only the
+        samples processed in this run (a resumed epoch's sums include earlier runs')."""
         lo, hi = (0, 3) if epoch_part else (3, 6)
-        total = self._reduce(self._sums[lo:hi])
+        host = np.asarray(backend.to_host(self._sums[lo:hi]), dtype=np.float64)
+        done_here = self._counts[0 if epoch_part else 1]
+        total = self.comm.allreduce(np.append(host, done_here), op="sum")
         count = max(total[2], 1.0)
+        rate = float(total[3] / elapsed) if elapsed > 0 and total[3] > 0 else None
         return {"epoch": self.epoch, "step": self.step, "loss": float(total[0] / count),
-                "accuracy": float(total[1] / count), "lr": self.lr(),
-                "samples_per_s": float(total[2] / elapsed) if elapsed > 0 else 0.0,
+                "accuracy": float(total[1] / count), "lr": self.lr(), "samples_per_s": rate,
                 "grad_norm": norm, "time": time.time()}
 
     def fit(self, train_data, val_data=None, epochs: int = 1, batch_size: int = 32,
@@ -261,6 +293,8 @@ class Trainer:
         if val_data is not None:
             _check_finite(val_data, "val_data")
         loader = self._train_loader(train_data, batch_size)
+        self.batch_size, self.epoch_samples = int(batch_size), len(train_data)
+        self._start_sample = 0
         self.steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training data gives no batches on rank {self.comm.rank} "
@@ -281,14 +315,18 @@ class Trainer:
         epoch_start = interval_start
         while self.epoch < self.epochs and not self.stop_training:
             loader.set_epoch(self.epoch)
-            if self.batch_in_epoch:
-                loader.skip_batches(self.batch_in_epoch)
-            else:
+            start = self._start_sample  # > 0 only in an epoch resumed mid-way
+            loader.sampler.set_start(start)
+            if not start:
                 self._reset_sums(epoch=True, interval=False)
                 epoch_start = time.perf_counter()
+            n_batches = self._epoch_batches = len(loader)
+            self.batch_in_epoch = 0
+            self._skipped_steps = max(0, self.steps_per_epoch
+                                      - math.ceil(n_batches / self.grad_accum)) if start else 0
+            self.epoch_replayed = start > 0 and n_batches == 0
             for cb in self.callbacks:
                 cb.on_epoch_begin(self, self.epoch)
-            n_batches = len(loader)
             for batch in loader:
                 x, y = self._to_device(batch)
                 group_start = (self.batch_in_epoch // self.grad_accum) * self.grad_accum
@@ -322,7 +360,7 @@ class Trainer:
                 val = self.evaluate(val_data, batch_size=max(batch_size, 256))
                 logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
             self.epoch += 1
-            self.batch_in_epoch = 0
+            self.batch_in_epoch = self._start_sample = self._skipped_steps = 0
             self._reset_sums(epoch=True, interval=False)
             self._history_records.append(logs)
             for cb in self.callbacks:
@@ -359,8 +397,10 @@ class Trainer:
             "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks
                           if cb.name and cb.state_dict() is not None},
             "position": {"epoch": self.epoch, "step": self.step,
-                         "batch_in_epoch": self.batch_in_epoch, "sampler_epoch": self.epoch,
+                         "samples_in_epoch": self.samples_in_epoch,
+                         "epoch_samples": self.epoch_samples, "batch_size": self.batch_size,
                          "grad_accum": self.grad_accum, "world_size": self.comm.size,
+                         "steps_per_epoch": self.steps_per_epoch, "sampler_epoch": self.epoch,
                          "seed": self.seed, "stopped": self.stop_training},
             "ranks": gathered,
             "history": list(self._history_records),
@@ -369,9 +409,14 @@ class Trainer:
     def load_checkpoint(self, source) -> None:
         """Restore model, optimizer, callbacks, position, RNG and metric sums.
 
-        ``source`` is a path or an already loaded state. Different world sizes are allowed
-        (parameters and optimizer state do not depend on it) and are reported on rank 0; the
-        interrupted epoch then continues at the same fraction of its samples.
+        ``source`` is a path or an already loaded state; it is checked whole by
+        :func:`distprop.train.resume.check_state` before anything is restored. Different world
+        sizes, batch sizes and accumulation are allowed (parameters and optimizer state do not
+        depend on them) and are reported on rank 0: the interrupted epoch continues at the same
+        sample of its global order, so every remaining sample is seen once.
+
+        Raises:
+            CheckpointError: naming the file and the field that is missing or wrong.
         """
         path = None
         if not isinstance(source, dict):
@@ -379,41 +424,49 @@ class Trainer:
             state = ckpt.load(source)
         else:
             state = source
-        if state.get("kind") != "distprop-trainer":
-            raise ckpt.CheckpointError(f"{path or 'state'} is not a trainer checkpoint")
+        where = path or "state"
+        pos = resume_mod.check_state(state, where, model=self.model, optimizer=self.optimizer,
+                                     epoch_samples=self.epoch_samples or None,
+                                     world_size=self.comm.size, grad_accum=self.grad_accum)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {where} is not usable: optimizer {exc}") \
+                from None
         for cb in self.callbacks:
             if cb.name in state.get("callbacks", {}):
-                cb.load_state_dict(state["callbacks"][cb.name])
-        pos = state["position"]
-        self.epoch, self.step = int(pos["epoch"]), int(pos["step"])
+                try:
+                    cb.load_state_dict(state["callbacks"][cb.name])
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise ckpt.CheckpointError(f"checkpoint {where} is not usable: callbacks"
+                                               f"[{cb.name!r}] {exc}") from None
+        self.epoch, self.step = pos["epoch"], pos["step"]
         self.stop_training = bool(pos.get("stopped", False))  # e.g. early stopping had fired
-        old_world, old_accum = int(pos["world_size"]), int(pos["grad_accum"])
+        self._start_sample = resume_mod.start_sample(pos, self.batch_size, self.comm.size,
+                                                     self.epoch_samples)
+        old_world = pos["world_size"]
         ranks = state["ranks"]
         self._reset_sums()
         xp = self._xp()
-        if old_world == self.comm.size and old_accum == self.grad_accum:
-            self.batch_in_epoch = int(pos["batch_in_epoch"])
+        if old_world == self.comm.size:
             mine = ranks[self.comm.rank]
             self._sums[...] = xp.asarray(mine["sums"], dtype=np.float64)
         else:
-            steps_done = int(pos["batch_in_epoch"]) // old_accum
-            fraction = steps_done / max(1, self.steps_per_epoch * old_world // self.comm.size)
-            self.batch_in_epoch = min(int(fraction * self.steps_per_epoch),
-                                      self.steps_per_epoch - 1) * self.grad_accum
             if self.comm.rank == 0:
                 self._sums[...] = xp.asarray(np.sum([r["sums"] for r in ranks], axis=0))
             mine = ranks[self.comm.rank % old_world]
-            if self.is_main:
-                print(f"resuming on {self.comm.size} rank(s) (grad_accum {self.grad_accum}) from "
-                      f"a checkpoint written by {old_world} rank(s) (grad_accum {old_accum}): "
-                      "parameters and optimizer state carry over; the data order and RNG streams "
-                      "differ from an uninterrupted run", flush=True)
+        line = resume_mod.describe_change(
+            pos, world_size=self.comm.size, batch_size=self.batch_size,
+            grad_accum=self.grad_accum, steps_per_epoch=self.steps_per_epoch,
+            start=self._start_sample, epoch_samples=self.epoch_samples,
+            notes=[n for cb in self.callbacks for n in cb.resume_notes()])
+        if line and self.is_main:
+            print(line, flush=True)
         backend.set_rng_state(mine["rng"])
         np.random.set_state(tuple(mine["numpy_global_rng"]))
         self._history_records = list(state.get("history", []))
-        self.resumed_from = path or "state"
+        self.resumed_from = where
 
 
 def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
