@@ -319,8 +319,8 @@ BAD_INPUTS = [
 def test_bad_input_is_a_usage_error(args, message, tmp_path, monkeypatch):
     if args == ["-n", 64] and (os.cpu_count() or 1) >= 64:
         pytest.skip("this machine has 64 cores")
-    if args == ["--device", "cuda"] and dp.backend.cupy_available():
-        pytest.skip("CuPy is installed")
+    if args == ["--device", "cuda"] and dp.backend.cupy_available():  # the gpu-check extra
+        message = "needs a CUDA GPU, but CuPy sees none"
     monkeypatch.setenv("DISTPROP_FAKE_MPI_VERSION", HYDRA)
     result = invoke("train", *args, "--out", tmp_path)
     assert result.exit_code == 2, result.output
