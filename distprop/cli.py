@@ -16,6 +16,7 @@ import click
 
 from distprop import info as info_mod
 from distprop import launcher, trace
+from distprop.after_cli import register as register_after_commands
 from distprop.bench.cli import bench
 from distprop.train.config import (
     COMMS,
@@ -300,6 +301,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
 
 
 cli.add_command(bench)
+register_after_commands(cli)  # evaluate, predict, export
 
 
 # --- entry point --------------------------------------------------------------------------------
