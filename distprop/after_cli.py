@@ -90,11 +90,11 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
     if nprocs is not None and nprocs > 1:
         try:  # usage errors once, here, before anything is launched
             after.load_data(run, dataset)
-            after.find_checkpoint(run, checkpoint, log=_say)
+            checkpoint = str(after.find_checkpoint(run, checkpoint, log=_say))
         except after.RunError as exc:
             raise _usage(exc) from None
-        argv = [run_dir, "--split", split, "--batch-size", str(batch_size)]
-        argv += ["--checkpoint", checkpoint] if checkpoint else []
+        argv = [run_dir, "--split", split, "--batch-size", str(batch_size),
+                "--checkpoint", checkpoint]
         argv += ["--dataset", dataset] if dataset else []
         argv += ["--json"] if as_json else []
         sys.exit(_relaunch(nprocs, argv))
@@ -113,7 +113,9 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
                     picked = None  # every rank reports it below
             checkpoint = checkpoint or comm.broadcast_obj(picked, 0)
         after.load_data(run, dataset)
-        after.find_checkpoint(run, checkpoint)
+        quiet = world > 1  # rank 0 reported skipped checkpoints when it picked one
+        checkpoint = str(after.find_checkpoint(run, checkpoint,
+                                               log=(lambda m: None) if quiet else _say))
     except after.RunError as exc:
         error = exc
     if world > 1:
@@ -131,7 +133,7 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
             with guards.abort_on_exception(comm):
                 result = after.evaluate(run, checkpoint, dataset, split, batch_size, comm=comm)
         else:
-            result = after.evaluate(run, checkpoint, dataset, split, batch_size, log=_say)
+            result = after.evaluate(run, checkpoint, dataset, split, batch_size)
     except after.RunError as exc:
         raise _usage(exc) from None
     if info_mod.launched_rank() not in (0, None):
