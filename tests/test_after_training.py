@@ -236,7 +236,7 @@ def _inputs(name: str, n: int = 4) -> np.ndarray:
     return models.sample_batch(name, n, seed=3)[0].numpy()
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "transformer"])
 def test_distprop_to_safetensors_to_torch_same_logits(name, tmp_path):
     dp.manual_seed(1)
     ours = models.build_model(name)
@@ -249,7 +249,7 @@ def test_distprop_to_safetensors_to_torch_same_logits(name, tmp_path):
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "transformer"])
 def test_torch_to_safetensors_to_distprop_same_logits(name, tmp_path):
     torch.manual_seed(2)
     twin = torch_model(name)
@@ -285,10 +285,11 @@ def test_bfloat16_tensors_load_as_float32_with_a_warning(tmp_path):
 def test_torch_files_only_through_load_torch(tmp_path):
     twin = torch_model("mlp")
     torch.save(twin.state_dict(), tmp_path / "m.pt")
-    with pytest.raises(dp.train.CheckpointError, match=r"PyTorch file.*dp.load_torch"):
+    with pytest.raises(dp.train.CheckpointError, match=r"PyTorch file.*dp.load_torch") as info:
         dp.load(tmp_path / "m.pt")
+    assert "pickle" not in str(info.value)  # the house style of checkpoint messages
     torch.save(twin.state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
-    with pytest.raises(dp.train.CheckpointError, match=r"pickle file.*dp.load_torch"):
+    with pytest.raises(dp.train.CheckpointError, match=r"looks like a PyTorch file.*dp.load_torch"):
         dp.load(tmp_path / "old.pt")
     ours = models.build_model("mlp")
     ours.load_state_dict(dp.load_torch(tmp_path / "m.pt"), strict=True)

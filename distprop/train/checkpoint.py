@@ -205,9 +205,9 @@ def save(obj, path) -> Path:
 def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
     if not head:
         kind = "an empty file"
-    elif head[:1] == b"\x80":
-        return CheckpointError(f"{path} is a pickle file (e.g. an old-style torch.save); "
-                               f"dp.load never unpickles. {_TORCH_HINT}")
+    elif head[:1] == b"\x80" and path.suffix in (".pt", ".pth"):  # an old-style torch.save
+        return CheckpointError(f"{path} is not a distprop checkpoint (it looks like a PyTorch "
+                               f"file). {_TORCH_HINT}")
     elif head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < (100 << 20):
         return CheckpointError(f"{path} is a safetensors file, not a distprop checkpoint; read it "
                                "with dp.load_safetensors(path)")
@@ -222,7 +222,7 @@ def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
 
 
 _TORCH_HINT = ("To read its tensors, install torch and call dp.load_torch(path) (torch.load with "
-               "weights_only=True)")
+               "weights_only=True); dp.load reads distprop checkpoints only")
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data more than ~1032x
 
 
@@ -238,7 +238,7 @@ def _read_members(path: Path) -> tuple[dict, bytes, str]:
         others = [i.filename for i in zf.infolist() if not i.filename.endswith(".npy")]
         if any(name == "data.pkl" or name.endswith("/data.pkl") for name in others):
             raise CheckpointError(f"{path} is a PyTorch file (torch.save), not a distprop "
-                                  f"checkpoint; dp.load never unpickles. {_TORCH_HINT}")
+                                  f"checkpoint. {_TORCH_HINT}")
         if _META not in infos or _SHA not in infos or others:
             held = sorted(infos)[:6] + others[:3]
             raise CheckpointError(f"{path} is not a distprop checkpoint (an .npz/zip archive "
