@@ -106,6 +106,19 @@ def test_evaluate_a_two_rank_run(run2, how):
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
+@pytest.mark.mpi
+def test_evaluate_a_run_without_summary_uses_config_json(run2, tmp_path):
+    """A run stopped before its end (launched with -n) has config.json but no summary.json."""
+    run = tmp_path / "run"
+    shutil.copytree(run2, run)
+    want = json.loads((run / "summary.json").read_text())["test"]
+    (run / "summary.json").unlink()
+    done = distprop("evaluate", run, "--json")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["accuracy"] == want["accuracy"] and got["samples"] == want["samples"]
+
+
 def _no_valid_checkpoint(run: Path, tmp: Path) -> list:
     for p in dp.train.list_checkpoints(run / "checkpoints"):
         p.write_bytes(p.read_bytes()[:1000])
