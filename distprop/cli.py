@@ -19,6 +19,7 @@ import click
 
 from distprop import info as info_mod
 from distprop import launcher, trace
+from distprop.after_cli import register as register_after_commands
 from distprop.bench.cli import bench
 from distprop.train.config import (
     COMMS,
@@ -397,6 +398,7 @@ def _locked_run_dir(out, agree: bool):
 
 
 cli.add_command(bench)
+register_after_commands(cli)  # evaluate, predict, export
 
 
 # --- entry point --------------------------------------------------------------------------------

@@ -205,6 +205,12 @@ def save(obj, path) -> Path:
 def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
     if not head:
         kind = "an empty file"
+    elif head[:1] == b"\x80" and path.suffix in (".pt", ".pth"):  # an old-style torch.save
+        return CheckpointError(f"{path} is not a distprop checkpoint (it looks like a PyTorch "
+                               f"file). {_TORCH_HINT}")
+    elif head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < (100 << 20):
+        return CheckpointError(f"{path} is a safetensors file, not a distprop checkpoint; read it "
+                               "with dp.load_safetensors(path)")
     elif head.startswith(b"\x93NUMPY"):
         kind = "a single .npy array, not an .npz archive"
     elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
@@ -215,6 +221,8 @@ def _not_a_checkpoint(path: Path, head: bytes) -> CheckpointError:
                            "checkpoint-<step>.npz files distprop writes into <out>/checkpoints")
 
 
+_TORCH_HINT = ("To read its tensors, install torch and call dp.load_torch(path) (torch.load with "
+               "weights_only=True); dp.load reads distprop checkpoints only")
 _MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data more than ~1032x
 
 
@@ -228,6 +236,9 @@ def _read_members(path: Path) -> tuple[dict, bytes, str]:
     with zipfile.ZipFile(path) as zf:
         infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
         others = [i.filename for i in zf.infolist() if not i.filename.endswith(".npy")]
+        if any(name == "data.pkl" or name.endswith("/data.pkl") for name in others):
+            raise CheckpointError(f"{path} is a PyTorch file (torch.save), not a distprop "
+                                  f"checkpoint. {_TORCH_HINT}")
         if _META not in infos or _SHA not in infos or others:
             held = sorted(infos)[:6] + others[:3]
             raise CheckpointError(f"{path} is not a distprop checkpoint (an .npz/zip archive "
