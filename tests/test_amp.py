@@ -7,6 +7,9 @@ short training run are compared with float32 at 2e-2 relative error (several rou
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -18,6 +21,10 @@ import distprop as dp
 import distprop.nn.functional as F
 from distprop import nn
 from distprop.amp import GradScaler, autocast
+from distprop.data import sources
+from distprop.distributed.comm import SingleProcessCommunicator
+from distprop.train import callbacks as cbs
+from distprop.train.trainer import Trainer
 from tests.helpers import run_mpi
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
@@ -414,3 +421,92 @@ def test_ddp_inf_on_one_rank(use_scaler):
     weights = {line.split()[1] + line.split()[3]: line.rsplit("w=", 1)[1] for line in lines}
     for step in range(3):
         assert weights[f"0{step}"] == weights[f"1{step}"], out
+
+
+# --- Trainer and CLI ------------------------------------------------------------------------------
+
+class _InfAt(cbs.Callback):
+    """Makes the loss of optimizer step ``at`` infinite (through the trainer's loss_fn)."""
+
+    def __init__(self, holder: dict, at: int):
+        self.holder, self.at = holder, at
+
+    def on_step_end(self, trainer, logs):
+        self.holder["inf"] = trainer.step == self.at
+
+
+class _Crash(cbs.Callback):
+    def on_step_end(self, trainer, logs):
+        if trainer.step == 10:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def _amp_fit(tmp_path, name, extra=(), resume=None):
+    data = sources.synthetic(n=320, shape=(8,), classes=4, seed=3, val_fraction=0.1)
+    dp.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = dp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    holder = {"inf": False}
+    ce = nn.CrossEntropyLoss()
+
+    def loss_fn(out, y):
+        loss = ce(out, y)
+        return loss * float("inf") if holder["inf"] else loss
+
+    ckpts = cbs.Checkpointer(tmp_path / name, every_steps=4, keep=2)
+    trainer = Trainer(model, loss_fn, opt, comm=SingleProcessCommunicator(), prefetch=0,
+                      callbacks=[_InfAt(holder, 5), ckpts, *extra], amp="float16")
+    history = trainer.fit(data.train, data.val, epochs=2, batch_size=16, resume=resume)
+    return trainer, model, history
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_trainer_amp_skips_the_inf_step_and_checkpoints_the_scaler(tmp_path):
+    """fit(amp='float16'): forward under autocast, loss scaled; the step whose loss is inf is
+    skipped and halves the scale; checkpoints carry the scaler, and a resumed run continues
+    with the same scale and parameters as an uninterrupted one."""
+    trainer, model, history = _amp_fit(tmp_path, "straight")
+    assert trainer.scaler.skipped_steps == 1 and trainer.scaler.get_scale() == 2.0 ** 15
+    assert np.isfinite(history.final["val_loss"])
+    latest = dp.train.latest_valid(tmp_path / "straight")
+    assert dp.load(latest)["scaler"]["scale"] == 2.0 ** 15
+    with pytest.raises(KeyboardInterrupt):
+        _amp_fit(tmp_path, "crashed", extra=[_Crash()])
+    resumed_from = dp.train.latest_valid(tmp_path / "crashed")
+    trainer2, model2, _ = _amp_fit(tmp_path, "crashed", resume=resumed_from)
+    assert trainer2.scaler.get_scale() == 2.0 ** 15 and trainer2.scaler.skipped_steps == 0
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+
+
+def test_trainer_rejects_bfloat16():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="bfloat16 is not available"):
+        Trainer(model, nn.MSELoss(), dp.optim.SGD(model.parameters(), lr=0.1),
+                comm=SingleProcessCommunicator(), amp="bfloat16")
+
+
+def _cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "distprop", "train", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_train_amp_two_ranks(tmp_path):
+    out = tmp_path / "run"
+    done = _cli("-n", 2, "--amp", "--model", "mlp", "--dataset", "digits", "--epochs", 2,
+                "--optimizer", "adam", "--lr", 2e-3, "--out", out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["amp"] == "float16"
+    assert summary["test"]["accuracy"] >= 0.9, summary["test"]
+    assert "scaler" in dp.load(dp.train.latest_valid(out / "checkpoints"))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("bfloat16", "--amp bfloat16 is not available: NumPy and CuPy have no bfloat16 dtype"),
+    ("int8", "unknown amp 'int8'; choose one of none, float16"),
+])
+def test_cli_bad_amp_is_a_usage_error(value, message, tmp_path):
+    done = _cli("--amp", value, "--epochs", 1, "--out", tmp_path / "run", timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
