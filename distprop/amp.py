@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
+import weakref
 
 import numpy as np
 
@@ -150,17 +150,14 @@ def cast_inputs(policy: str, args: tuple) -> tuple:
 
 # -- loss scaling ---------------------------------------------------------------------------------
 
-class _Scaled(threading.local):
-    pending = 0  # losses scaled by a GradScaler whose update() has not run yet
-
-
-_scaled = _Scaled()
+# GradScalers that scaled a loss and have not run update() yet (weakly: a dropped one leaves).
+_PENDING: weakref.WeakSet = weakref.WeakSet()
 
 
 def loss_is_scaled() -> bool:
-    """True between a :meth:`GradScaler.scale` and the matching :meth:`GradScaler.update` (in
-    this thread): non-finite gradients are then the scaler's business (it skips the step)."""
-    return _scaled.pending > 0
+    """True between a :meth:`GradScaler.scale` and the matching :meth:`GradScaler.update`:
+    non-finite gradients are then the scaler's business (it skips the step)."""
+    return len(_PENDING) > 0
 
 
 _READY, _UNSCALED, _STEPPED = 0, 1, 2
@@ -227,7 +224,6 @@ class GradScaler:
         self._growth_interval = int(growth_interval)
         self._growth_tracker = 0
         self._per_optimizer: dict[int, dict] = {}
-        self._scaled_pending = False
         #: Steps skipped because of inf/NaN gradients (since construction).
         self.skipped_steps = 0
 
@@ -268,9 +264,7 @@ class GradScaler:
         if not self._enabled:
             return outputs
         if isinstance(outputs, Tensor):
-            if not self._scaled_pending:
-                self._scaled_pending = True
-                _scaled.pending += 1
+            _PENDING.add(self)
             return outputs * self._scale
         if isinstance(outputs, (list, tuple)):
             return type(outputs)(self.scale(o) for o in outputs)
@@ -319,9 +313,7 @@ class GradScaler:
         ``growth_interval`` clean steps; or set ``new_scale``. Call once per iteration."""
         if not self._enabled:
             return
-        if self._scaled_pending:
-            self._scaled_pending = False
-            _scaled.pending -= 1
+        _PENDING.discard(self)
         if new_scale is not None:
             if not (isinstance(new_scale, (int, float)) and math.isfinite(new_scale)
                     and new_scale > 0):

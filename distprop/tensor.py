@@ -90,9 +90,8 @@ class Function:
 
     #: Outputs that are not differentiable (e.g. argmax indices); indices into the output tuple.
     non_differentiable_outputs: tuple[int, ...] = ()
-    #: What :func:`distprop.amp.autocast` does to the floating Tensor inputs: ``'lower'`` (GEMMs:
-    #: float32 -> the autocast dtype), ``'fp32'`` (reductions, softmax, norms, losses: float16 ->
-    #: float32) or None (run in the inputs' dtypes, NumPy promotion).
+    #: Under :class:`distprop.amp.autocast`: ``'lower'`` (GEMMs: float32 inputs -> float16),
+    #: ``'fp32'`` (float16 inputs -> float32) or None (inputs' dtypes). See distprop/amp.py.
     amp_policy: str | None = None
 
     @classmethod
