@@ -72,10 +72,5 @@ from distprop.tensor import (
 __version__ = "0.1.0"
 
 # Data, checkpoints (dp.save / dp.load) and the training loop; imported last (they use the above).
-from distprop import (  # noqa: E402, F401
-    amp,  # noqa: E402, F401  (mixed precision: dp.amp.autocast, GradScaler)
-    data,
-    distributed,
-    train,
-)
+from distprop import amp, data, distributed, train  # noqa: E402, F401
 from distprop.train.checkpoint import load, save  # noqa: E402, F401
