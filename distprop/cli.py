@@ -220,6 +220,9 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1].")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default=None,
               help="Gradient compression on the wire [none].")
+@click.option("--amp", is_flag=False, flag_value="float16", default=None,
+              help="Mixed precision: float16 autocast + dynamic loss scaling; --amp alone "
+                   "means float16 [none].")
 @click.option("--zero/--no-zero", default=None, help="Shard optimizer state (ZeRO-1).")
 @click.option("--device", default=None,
               help="cpu, cuda (one GPU per rank, by node-local rank) or cuda:N [cpu].")

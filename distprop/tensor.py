@@ -34,6 +34,14 @@ class _GradMode(threading.local):
 _grad_mode = _GradMode()
 
 
+class _AutocastMode(threading.local):
+    dtype = None  # the low dtype inside an enabled distprop.amp.autocast, else None
+    device_type = None  # 'cpu', 'cuda' or None (every device)
+
+
+_autocast_mode = _AutocastMode()
+
+
 def is_grad_enabled() -> bool:
     return _grad_mode.enabled
 
@@ -82,9 +90,16 @@ class Function:
 
     #: Outputs that are not differentiable (e.g. argmax indices); indices into the output tuple.
     non_differentiable_outputs: tuple[int, ...] = ()
+    #: Under :class:`distprop.amp.autocast`: ``'lower'`` (GEMMs: float32 inputs -> float16),
+    #: ``'fp32'`` (float16 inputs -> float32) or None (inputs' dtypes). See distprop/amp.py.
+    amp_policy: str | None = None
 
     @classmethod
     def apply(cls, *args, **kwargs):
+        if _autocast_mode.dtype is not None and cls.amp_policy is not None:
+            from distprop.amp import cast_inputs  # noqa: PLC0415
+
+            args = cast_inputs(cls.amp_policy, args)
         fn = cls()
         arrays = [a.data if isinstance(a, Tensor) else a for a in args]
         needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
@@ -468,6 +483,8 @@ def backward(
             return
         slots = pending.setdefault(id(tensor._ctx), [None] * len(tensor._ctx.outputs_meta))
         i = tensor._output_index
+        if grad.dtype != tensor._ctx.outputs_meta[i][1]:  # mixed dtypes (autocast): as PyTorch,
+            grad = grad.astype(tensor._ctx.outputs_meta[i][1])  # a grad has its tensor's dtype
         slots[i] = grad if slots[i] is None else slots[i] + grad
         if tensor._retains_grad:
             retained.append((tensor, None))

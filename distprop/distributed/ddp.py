@@ -16,7 +16,9 @@ How one synchronised step runs:
    averaged gradients: the optimizer step and the next forward can never see unsynchronised
    ones. Overlap happens during backward; ``last_sync`` records how long the end wait took.
 4. A non-finite check on the averaged gradient (identical on every rank) raises, or zeroes the
-   gradient and sets ``step_ok = False`` so the training loop skips the optimizer step.
+   gradient and sets ``step_ok = False`` so the training loop skips the optimizer step. After a
+   :class:`distprop.amp.GradScaler` scaled the loss it only sets ``step_ok = False`` and leaves
+   the gradients to the scaler, which skips the step and backs off on every rank alike.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import weakref
 
 import numpy as np
 
-from distprop import backend, trace
+from distprop import amp, backend, trace
 from distprop.distributed import compression as _codec
 from distprop.distributed import guards
 from distprop.distributed.comm import Communicator
@@ -425,6 +427,12 @@ class DistributedDataParallel(Module):
         )
 
     def _handle_nonfinite(self, bad_ranks: list[int]) -> None:
+        if amp.loss_is_scaled():
+            # A GradScaler scaled this loss: inf/NaN is its signal to skip the step and lower the
+            # scale. Leave the (identical on every rank) gradients for scaler.step to see.
+            self.step_ok = False
+            self.skipped_steps += 1
+            return
         names = [n for n, p in zip(self._names, self._params) if not _exactly_finite(p.grad.data)]
         if self.nonfinite == "raise":
             source = f" (from rank(s) {', '.join(map(str, bad_ranks))})" if bad_ranks else ""

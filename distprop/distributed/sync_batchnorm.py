@@ -28,6 +28,8 @@ class SyncBatchNormFunction(Function):
     """y = (x - mean) * invstd * w + b, mean/var over all ranks' batches;
     grad: w * invstd * (g - sum(g) / n - xhat * sum(g xhat) / n), both sums over all ranks."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     def forward(self, x, weight=None, bias=None, *, comm, eps, stats_out):
         """Normalise with the global batch statistics; ``stats_out`` receives (mean, var, n)
         as float64 per-channel arrays and the global sample count."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distprop import backend
+from distprop import amp, backend
 from distprop.nn import init
 from distprop.nn.linear import Linear, new_parameter
 from distprop.nn.module import Module
@@ -109,7 +109,8 @@ class MultiheadAttention(Module):
                 )
             if t.ndim != query.ndim:
                 raise ValueError(f"{name}: query is {query.ndim}-D but {what} is {t.ndim}-D")
-            if t.dtype != self.out_proj.weight.dtype:
+            if t.dtype != self.out_proj.weight.dtype and not amp.mixed_ok(
+                    t.dtype, self.out_proj.weight.dtype):
                 raise TypeError(f"{name}: {what} dtype {t.dtype} does not match the parameters' "
                                 f"dtype {self.out_proj.weight.dtype}")
         if key.shape[:-1] != value.shape[:-1]:

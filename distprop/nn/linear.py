@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distprop import backend
+from distprop import amp, backend
 from distprop.nn import init
 from distprop.nn.module import Module, Parameter
 from distprop.ops import flatten
@@ -28,7 +28,8 @@ def check_input(layer: str, x, expected: str, ok: bool) -> None:
 def check_dtype(layer: str, x: Tensor, reference) -> None:
     """Refuse a float input whose dtype differs from the layer's parameters (NumPy would
     silently compute in the wider dtype), as PyTorch does."""
-    if reference is not None and x.dtype.kind == "f" and x.dtype != reference.dtype:
+    if (reference is not None and x.dtype.kind == "f" and x.dtype != reference.dtype
+            and not amp.mixed_ok(x.dtype, reference.dtype)):
         raise TypeError(
             f"{layer}: input dtype {x.dtype} does not match the layer's {reference.dtype} "
             "(convert the input with .to(dtype) or the layer with .to(dtype))")

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-from distprop import backend
+from distprop import amp, backend
 from distprop.nn import init
 from distprop.nn.linear import new_parameter
 from distprop.nn.module import Module
@@ -108,7 +108,7 @@ class RNNBase(Module):
         if x.dtype.kind != "f":
             raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
         param = self.weight_ih_l0
-        if x.dtype != param.dtype:
+        if x.dtype != param.dtype and not amp.mixed_ok(x.dtype, param.dtype):
             raise TypeError(
                 f"{name}: input dtype {x.dtype} does not match the parameters' dtype "
                 f"{param.dtype} (convert the input or call .to({x.dtype}) on the module)"
@@ -124,7 +124,8 @@ class RNNBase(Module):
             raise TypeError(f"{self._name()}: {what} must be a Tensor, got {type(h).__name__}")
         if h.shape != expected:
             raise ValueError(f"{self._name()}: expected {what} of shape {expected}, got {h.shape}")
-        if h.dtype != self.weight_ih_l0.dtype:
+        if h.dtype != self.weight_ih_l0.dtype and not amp.mixed_ok(h.dtype,
+                                                                   self.weight_ih_l0.dtype):
             raise TypeError(
                 f"{self._name()}: {what} dtype {h.dtype} does not match the parameters' dtype "
                 f"{self.weight_ih_l0.dtype}"

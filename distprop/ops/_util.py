@@ -50,3 +50,23 @@ def grad_destination(fn, index: int):
     if t is None or t._ctx is not None or t.grad is not None or t._grad_buffer is None:
         return None
     return t._grad_buffer
+
+
+def gemm(a, b, out=None):
+    """``a @ b`` (NumPy matmul semantics, optional ``out``). Float16 NumPy operands (autocast on
+    the CPU) run as one float32 BLAS GEMM rounded once to the result dtype -- float32
+    accumulation, as GPU tensor cores do -- since NumPy's float16 matmul has no BLAS (~100x
+    slower) and accumulates in float16. Everything else is ``xp.matmul`` unchanged."""
+    import numpy as np  # noqa: PLC0415
+
+    if type(a) is np.ndarray and np.float16 in (a.dtype, getattr(b, "dtype", None)):
+        result = np.matmul(a.astype(np.float32), b.astype(np.float32))
+        if out is None:
+            return result.astype(np.result_type(a, b))
+        out[...] = result
+        return out
+    if out is None:
+        return a @ b
+    from distprop.backend import get_array_module  # noqa: PLC0415
+
+    return get_array_module(a).matmul(a, b, out=out)

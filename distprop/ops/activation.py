@@ -127,6 +127,8 @@ class Tanh(Function):
 class Softmax(Function):
     """out = exp(x - max) / sum(exp(x - max)); grad: out * (g - sum(g * out))."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     def forward(self, x, dim):
         xp = get_array_module(x)
         (self.dim,) = normalize_dims(dim, x.ndim)
@@ -149,6 +151,8 @@ class Softmax(Function):
 
 class LogSoftmax(Function):
     """out = x - max - log(sum(exp(x - max))); grad: g - exp(out) * sum(g)."""
+
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
 
     def forward(self, x, dim):
         xp = get_array_module(x)

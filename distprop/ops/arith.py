@@ -171,6 +171,8 @@ class RPowScalar(Function):
 class Exp(Function):
     """out = exp(a); grad: g * out."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     def forward(self, a):
         self.out = get_array_module(a).exp(a)
         return self.out
@@ -181,6 +183,8 @@ class Exp(Function):
 
 class Log(Function):
     """out = log(a); grad: g / a."""
+
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
 
     def forward(self, a):
         self.a = a

@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 
-from distprop import backend
+from distprop import amp, backend
 from distprop.backend import get_array_module
-from distprop.ops._util import unbroadcast
+from distprop.ops._util import gemm, unbroadcast
 from distprop.tensor import Function, Tensor
 
 
@@ -31,6 +31,8 @@ class ScaledDotProductAttention(Function):
     output.
     """
 
+    amp_policy = "lower"  # autocast: see distprop/amp.py
+
     def forward(self, q, k, v, bias=None, scale=None, dropout_p=0.0, need_weights=False):
         xp = get_array_module(q)
         if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
@@ -40,7 +42,7 @@ class ScaledDotProductAttention(Function):
                 f"key[-2] == value[-2])"
             )
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        probs = q @ _swap(k)
+        probs = gemm(q, _swap(k))
         probs *= scale
         if bias is not None:
             probs += bias
@@ -65,16 +67,16 @@ class ScaledDotProductAttention(Function):
                 self.drop *= 1.0 / keep
             weights = probs * self.drop
         self.saved = (q, k, v, probs, weights, scale)
-        out = weights @ v
+        out = gemm(weights, v)
         return (out, weights) if need_weights else out
 
     def backward(self, grad_out, grad_weights=None):
         q, k, v, probs, weights, scale = self.saved
         needs = self.needs_input_grad
-        dv = unbroadcast(_swap(weights) @ grad_out, v.shape) if needs[2] else None
+        dv = unbroadcast(gemm(_swap(weights), grad_out), v.shape) if needs[2] else None
         if not (needs[0] or needs[1]):
             return None, None, dv
-        dp = grad_out @ _swap(v)
+        dp = gemm(grad_out, _swap(v))
         if grad_weights is not None:
             dp += grad_weights
         if self.drop is not None:
@@ -84,8 +86,8 @@ class ScaledDotProductAttention(Function):
         dp -= row
         dp *= probs
         dp *= scale
-        dq = unbroadcast(dp @ k, q.shape) if needs[0] else None
-        dk = unbroadcast(_swap(dp) @ q, k.shape) if needs[1] else None
+        dq = unbroadcast(gemm(dp, k), q.shape) if needs[0] else None
+        dk = unbroadcast(gemm(_swap(dp), q), k.shape) if needs[1] else None
         return dq, dk, dv
 
 
@@ -188,7 +190,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if t.dtype.kind != "f":
             raise TypeError(f"scaled_dot_product_attention: {name} must be floating-point, "
                             f"got dtype {t.dtype}")
-        if t.dtype != query.dtype:
+        if t.dtype != query.dtype and not amp.mixed_ok(t.dtype, query.dtype):
             raise TypeError(f"scaled_dot_product_attention: {name} dtype {t.dtype} differs "
                             f"from query dtype {query.dtype}")
     if not 0.0 <= dropout_p <= 1.0:

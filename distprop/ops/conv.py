@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import itertools
 
-from distprop import cuda_kernels
+from distprop import amp, cuda_kernels
 from distprop.backend import get_array_module
+from distprop.ops._util import gemm
 from distprop.ops.arith import check_same_device
 from distprop.tensor import Function, Tensor
 
@@ -117,6 +118,8 @@ class ConvNd(Function):
     extra column of ones, so neither the bias add nor its gradient costs a pass of its own.
     """
 
+    amp_policy = "lower"  # autocast: see distprop/amp.py
+
     ROWS_MIN_CHANNELS = 8
 
     def forward(self, x, weight, bias=None, *, stride, padding, dilation, groups):
@@ -156,7 +159,7 @@ class ConvNd(Function):
             wk[0, :, kk] = bias
         a = buf.transpose(1, 0, 2) if rows else buf.transpose(0, 2, 1)  # (g, M, ka)
         out = xp.empty((m, o), dtype=x.dtype)
-        xp.matmul(a, wk.transpose(0, 2, 1), out=out.reshape(m, g, og).transpose(1, 0, 2))
+        gemm(a, wk.transpose(0, 2, 1), out=out.reshape(m, g, og).transpose(1, 0, 2))
         if bias is not None and not fuse:
             out += bias
         self.meta = (x.shape, out_sp, kernel, stride, dilation, padding, g, og, cg, rows, fuse)
@@ -175,7 +178,7 @@ class ConvNd(Function):
         need_w = self.needs_input_grad[1]
         need_b = self.has_bias and self.needs_input_grad[2]
         if need_w or (need_b and fuse):
-            gwk = xp.matmul(g2.transpose(0, 2, 1), self.a)  # (g, og, ka)
+            gwk = gemm(g2.transpose(0, 2, 1), self.a)  # (g, og, ka)
             if need_b and fuse:
                 gb = gwk[0, :, kk]
             # (g, og, *kernel, cg) -> (o, cg, *kernel)
@@ -183,11 +186,11 @@ class ConvNd(Function):
                 (0, 1, 2 + nd, *range(2, 2 + nd))).reshape(o, cg, *kernel)
         if need_b and not fuse:
             ones = xp.ones(m, dtype=grad_out.dtype)
-            gb = ones @ g2.transpose(1, 0, 2).reshape(m, o)
+            gb = gemm(ones, g2.transpose(1, 0, 2).reshape(m, o))
         if self.needs_input_grad[0]:
             gbuf = xp.empty((m, g, kk) if rows else (g, kk, m), dtype=grad_out.dtype)
             ga = gbuf.transpose(1, 0, 2) if rows else gbuf.transpose(0, 2, 1)  # (g, M, K)
-            xp.matmul(g2, self.wk[:, :, :kk], out=ga)
+            gemm(g2, self.wk[:, :, :kk], out=ga)
             gx = cuda_kernels.col2im(gbuf, x_shape, rows, out_sp, kernel, stride, dilation,
                                      padding, g)
             if gx is None:
@@ -252,7 +255,7 @@ def conv_nd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
         )
     if input.dtype.kind != "f":
         raise TypeError(f"{name}: expected a floating-point input, got dtype {input.dtype}")
-    if input.dtype != weight.dtype:
+    if input.dtype != weight.dtype and not amp.mixed_ok(input.dtype, weight.dtype):
         raise TypeError(
             f"{name}: input dtype {input.dtype} and weight dtype {weight.dtype} differ "
             "(convert one with .to(dtype))"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from distprop.backend import get_array_module
-from distprop.ops._util import grad_destination, unbroadcast
+from distprop.ops._util import gemm, grad_destination, unbroadcast
 from distprop.ops.arith import check_same_device
 from distprop.tensor import Function
 
@@ -14,6 +14,8 @@ def _swap_last(a):
 
 class MatMul(Function):
     """out = a @ b (NumPy semantics, batched); grads: g @ b^T, a^T @ g."""
+
+    amp_policy = "lower"  # autocast: see distprop/amp.py
 
     def forward(self, a, b):
         if a.ndim == 0 or b.ndim == 0:
@@ -27,7 +29,7 @@ class MatMul(Function):
                 f"({ka} != {kb})"
             )
         self.a, self.b = a, b
-        return a @ b
+        return gemm(a, b)
 
     def backward(self, grad_out):
         a, b = self.a, self.b
@@ -44,16 +46,16 @@ class MatMul(Function):
             g = xp.expand_dims(g, -1)
         ga = gb = None
         if self.needs_input_grad[0]:
-            ga = g @ _swap_last(b2)
+            ga = gemm(g, _swap_last(b2))
             ga = unbroadcast(ga, a2.shape)
             if a.ndim == 1:
                 ga = ga.reshape(a.shape)
         if self.needs_input_grad[1]:
             if b2.ndim == 2 and a2.ndim > 2:
                 # Fold the batch into the rows: one GEMM instead of a batched product + sum.
-                gb = a2.reshape(-1, a2.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+                gb = gemm(a2.reshape(-1, a2.shape[-1]).T, g.reshape(-1, g.shape[-1]))
             else:
-                gb = unbroadcast(_swap_last(a2) @ g, b2.shape)
+                gb = unbroadcast(gemm(_swap_last(a2), g), b2.shape)
             if b.ndim == 1:
                 gb = gb.reshape(b.shape)
         return ga, gb
@@ -61,6 +63,8 @@ class MatMul(Function):
 
 class Linear(Function):
     """out = x @ W^T + b; grads: g @ W, g^T @ x, sum(g)."""
+
+    amp_policy = "lower"  # autocast: see distprop/amp.py
 
     def forward(self, x, weight, bias=None):
         check_same_device("linear", x, weight, bias)
@@ -77,7 +81,7 @@ class Linear(Function):
                              f"of shape {tuple(weight.shape)}, got {tuple(bias.shape)}")
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ weight.T
+        out = gemm(x2, weight.T)
         if bias is not None:
             out += bias
         return out.reshape(x.shape[:-1] + (weight.shape[0],))
@@ -87,11 +91,11 @@ class Linear(Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gx = gw = gb = None
         if self.needs_input_grad[0]:
-            gx = (g2 @ weight).reshape(x.shape)
+            gx = gemm(g2, weight).reshape(x.shape)
         if self.needs_input_grad[1]:
             dest = grad_destination(self, 1)
             x2 = x.reshape(-1, x.shape[-1])
-            gw = g2.T @ x2 if dest is None else get_array_module(g2).matmul(g2.T, x2, out=dest)
+            gw = gemm(g2.T, x2, out=dest)
         if self.has_bias and self.needs_input_grad[2]:
             gb = g2.sum(axis=0)
         return gx, gw, gb

@@ -108,6 +108,8 @@ def _row_coef(grad_out, reduction: str, den):
 class _DiffLoss(Function):
     """Losses of d = x - y: forward reduces loss(d); grads are dloss(d) * g and its negation."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     name = "loss"
 
     def forward(self, x, y, reduction="mean", **options):
@@ -194,6 +196,8 @@ class SmoothL1(_DiffLoss):
 class BCE(Function):
     """l = -w (y log x + (1 - y) log(1 - x)), logs >= -100; dl/dx = w (x - y) / (x (1 - x))."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     def forward(self, x, y, weight=None, reduction="mean"):
         name = "binary_cross_entropy"
         _check_float(name, x)
@@ -240,6 +244,8 @@ class BCE(Function):
 
 class BCEWithLogits(Function):
     """l = w ((1 - y) x + (1 + (pw - 1) y) softplus(-x)); dl/dx = w ((1 + (pw-1) y) s - pw y)."""
+
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
 
     def forward(self, x, y, weight=None, pos_weight=None, reduction="mean"):
         name = "binary_cross_entropy_with_logits"
@@ -354,6 +360,8 @@ def _index_target(name: str, x, target, classes: int, ignore_index: int):
 class CrossEntropy(Function):
     """l = -sum_c q_c log softmax(x)_c (q: weighted smoothed target); dl/dx = softmax sum(q) - q."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     def forward(self, x, target, weight=None, ignore_index=-100, reduction="mean",
                 label_smoothing=0.0):
         name = "cross_entropy"
@@ -438,6 +446,8 @@ class CrossEntropy(Function):
 
 class NLL(Function):
     """l = -w[t] x[t] (input: log-probabilities); dl/dx = -w[t] at the target class."""
+
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
 
     def forward(self, x, target, weight=None, ignore_index=-100, reduction="mean"):
         name = "nll_loss"

@@ -15,6 +15,8 @@ class BatchNorm(Function):
     """y = (x - mean) / sqrt(var + eps) * w + b over all axes but 1;
     train grad: w * invstd / n * (n g - sum g - xhat sum(g xhat)), eval grad: w * invstd * g."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     def forward(self, x, weight=None, bias=None, *, mean=None, var=None, eps, stats_out=None):
         """Batch statistics when ``mean``/``var`` are None (training; stored into ``stats_out``
         when given), else those (the running statistics)."""
@@ -127,6 +129,8 @@ def _data(t):
 class LayerNorm(Function):
     """y = (x - mean) / sqrt(var + eps) * w + b over the last k axes;
     grad: invstd * (gh - mean(gh) - xhat mean(gh xhat)) with gh = g w."""
+
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
 
     def forward(self, x, weight=None, bias=None, *, ndim, eps):
         xp = get_array_module(x)

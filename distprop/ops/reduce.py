@@ -20,6 +20,8 @@ def _expand_to(grad, shape, dims, keepdim):
 class Sum(Function):
     """out = sum(a, dims); grad: g broadcast back."""
 
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
+
     def forward(self, a, dim=None, keepdim=False):
         self.shape, self.dims, self.keepdim = a.shape, normalize_dims(dim, a.ndim), keepdim
         if a.dtype.kind in "biu":
@@ -32,6 +34,8 @@ class Sum(Function):
 
 class Mean(Function):
     """out = mean(a, dims); grad: g / n broadcast back."""
+
+    amp_policy = "fp32"  # autocast: see distprop/amp.py
 
     def forward(self, a, dim=None, keepdim=False):
         self.shape, self.dims, self.keepdim = a.shape, normalize_dims(dim, a.ndim), keepdim

@@ -124,6 +124,8 @@ def _check(name, x, h0, w_ih, w_hh, gates: int):
 class RNNLayer(Function):
     """h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh), act = tanh or relu; BPTT backward."""
 
+    amp_policy = "fp32"  # autocast: recurrences run in float32 (see distprop/amp.py)
+
     def forward(self, x, h0, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh",
                 reverse=False, lengths=None):
         _check("RNN", x, h0, w_ih, w_hh, 1)
@@ -185,6 +187,8 @@ class RNNLayer(Function):
 
 class LSTMLayer(Function):
     """LSTM (gates i, f, g, o): c_t = f*c_{t-1} + i*g, h_t = o*tanh(c_t); BPTT backward."""
+
+    amp_policy = "fp32"  # autocast: recurrences run in float32 (see distprop/amp.py)
 
     def forward(self, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False,
                 lengths=None):
@@ -283,6 +287,8 @@ class LSTMLayer(Function):
 
 class GRULayer(Function):
     """GRU (gates r, z, n): n = tanh(W_in x + b_in + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h."""
+
+    amp_policy = "fp32"  # autocast: recurrences run in float32 (see distprop/amp.py)
 
     def forward(self, x, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False, lengths=None):
         _check("GRU", x, h0, w_ih, w_hh, 3)

@@ -52,6 +52,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     grad_accum: int = 1
     compression: str = "none"
+    amp: str = "none"
     zero: bool = False
     device: str = "cpu"
     comm: str = "auto"
@@ -133,6 +134,11 @@ class TrainConfig:
             if value not in choices:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of "
                                   f"{', '.join(choices)}", name)
+        if self.amp == "bfloat16":
+            raise ConfigError("--amp bfloat16 is not available: NumPy and CuPy have no bfloat16 "
+                              "dtype; use --amp float16", "amp")
+        if self.amp not in ("none", "float16"):
+            raise ConfigError(f"unknown amp {self.amp!r}; choose one of none, float16", "amp")
         if self.device.split(":")[0] not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose cpu, cuda or cuda:N",
                               "device")

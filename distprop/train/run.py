@@ -389,7 +389,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
                       clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
                       compression=None if cfg.compression == "none" else cfg.compression,
                       callbacks=callbacks, seed=cfg.seed, log_every=cfg.log_every,
-                      prefetch=cfg.prefetch)
+                      prefetch=cfg.prefetch, amp=None if cfg.amp == "none" else cfg.amp)
     resume = _resume_source(cfg, comm, model, optimizer, len(splits.train))
     history = trainer.fit(splits.train, splits.val, epochs=cfg.epochs,
                           batch_size=cfg.batch_size, resume=resume)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from distprop import amp as _amp
 from distprop import backend, trace
 from distprop.data import DataLoader, TensorDataset
 from distprop.distributed.metrics import MetricsReducer
@@ -101,7 +102,8 @@ class Trainer:
     def __init__(self, model, loss_fn, optimizer, *, comm=None, device="cpu",
                  clip_grad_norm: float | None = None, grad_accum: int = 1,
                  compression: str | None = None, callbacks=(), seed: int = 0,
-                 log_every: int = 10, prefetch: int = 1, ddp_kwargs: dict | None = None):
+                 log_every: int = 10, prefetch: int = 1, ddp_kwargs: dict | None = None,
+                 amp=None):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if log_every < 1:
@@ -122,6 +124,10 @@ class Trainer:
         self.log_every = int(log_every)
         self.prefetch = int(prefetch)
         self.ddp = _ddp(model, self.comm, compression, ddp_kwargs)
+        # mixed precision: amp=None/False off; True, 'float16' or dp.float16 on (see dp.amp)
+        on = amp is not None and amp is not False
+        self.autocast = _amp.autocast(dtype=None if amp is True or not on else amp, enabled=on)
+        self.scaler = _amp.GradScaler(enabled=on)
         # position
         self.epoch = 0
         self.epochs = 0
@@ -223,13 +229,19 @@ class Trainer:
 
     def _optimizer_step(self, log_now: bool) -> float | None:
         """Clip, step and zero the gradients; the global grad norm on logging steps."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # norms and clipping see the true gradients
         norm = self._grad_norm() if log_now else None
         if self.clip_grad_norm is not None:
             from distprop.nn.utils import clip_grad_norm_  # noqa: PLC0415
 
             clipped_from = float(clip_grad_norm_(self.model.parameters(), self.clip_grad_norm))
             norm = clipped_from if norm is None else norm
-        if getattr(self.ddp, "step_ok", True):
+        if self.scaler.is_enabled():  # skips a step with inf/NaN gradients, on every rank
+            with trace.span("optimizer.step", step=self.step):
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif getattr(self.ddp, "step_ok", True):
             with trace.span("optimizer.step", step=self.step):
                 self.optimizer.step()
         self.optimizer.zero_grad()
@@ -334,12 +346,12 @@ class Trainer:
                 last_micro = self.batch_in_epoch + 1 == group_start + group_size
                 sync = contextlib.nullcontext() if last_micro else self.ddp.no_sync()
                 with sync:
-                    with trace.span("forward", step=self.step):
+                    with trace.span("forward", step=self.step), self.autocast:
                         out = self.ddp(x)
                         loss = self.loss_fn(out, y)
                         scaled = loss if group_size == 1 else loss * (1.0 / group_size)
                     with trace.span("backward", step=self.step):
-                        scaled.backward()
+                        self.scaler.scale(scaled).backward()
                 self._accumulate_metrics(out, y, loss)
                 self.batch_in_epoch += 1
                 if not last_micro:
@@ -404,6 +416,7 @@ class Trainer:
                          "seed": self.seed, "stopped": self.stop_training},
             "ranks": gathered,
             "history": list(self._history_records),
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
     def load_checkpoint(self, source) -> None:
@@ -431,9 +444,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler.is_enabled() and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ckpt.CheckpointError(f"checkpoint {where} is not usable: optimizer {exc}") \
-                from None
+            raise ckpt.CheckpointError(f"checkpoint {where} is not usable: optimizer or loss "
+                                       f"scaler {exc}") from None
         for cb in self.callbacks:
             if cb.name in state.get("callbacks", {}):
                 try:
@@ -473,7 +488,7 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
         batch_size: int = 32, *, comm=None, device="cpu", clip_grad_norm: float | None = None,
         grad_accum: int = 1, compression: str | None = None, callbacks=(), seed: int = 0,
         log_every: int = 10, prefetch: int = 1, resume=None,
-        ddp_kwargs: dict | None = None) -> History:
+        ddp_kwargs: dict | None = None, amp=None) -> History:
     """Train ``model`` data-parallel over the ranks of ``comm`` (default: ``dp.distributed``).
 
     Args:
@@ -498,6 +513,9 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
         prefetch: batches prepared ahead by a background thread.
         resume: a checkpoint path (or loaded state) to continue from.
         ddp_kwargs: extra ``DistributedDataParallel`` arguments.
+        amp: mixed precision: ``'float16'`` (or True) runs forward and loss under
+            :class:`distprop.amp.autocast` and scales the loss with a
+            :class:`distprop.amp.GradScaler` (its state goes into checkpoints); None: float32.
 
     Returns:
         A :class:`History` with one record per epoch.
@@ -505,5 +523,5 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
     trainer = Trainer(model, loss_fn, optimizer, comm=comm, device=device,
                       clip_grad_norm=clip_grad_norm, grad_accum=grad_accum,
                       compression=compression, callbacks=callbacks, seed=seed,
-                      log_every=log_every, prefetch=prefetch, ddp_kwargs=ddp_kwargs)
+                      log_every=log_every, prefetch=prefetch, ddp_kwargs=ddp_kwargs, amp=amp)
     return trainer.fit(train_data, val_data, epochs=epochs, batch_size=batch_size, resume=resume)
