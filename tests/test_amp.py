@@ -26,6 +26,7 @@ from distprop.data import sources
 from distprop.distributed.comm import SingleProcessCommunicator
 from distprop.train import callbacks as cbs
 from distprop.train.trainer import Trainer
+
 from helpers import run_mpi
 
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
