@@ -88,14 +88,14 @@ def _gpu_note(ranks_on_node: int) -> None:
         click.echo(f"distprop: {note}", err=True)
 
 
-def _run_plan(plan: launcher.LaunchPlan, dry_run: bool) -> int:
+def _run_plan(plan: launcher.LaunchPlan, dry_run: bool, resume_hint: str | None = None) -> int:
     if dry_run:
         click.echo(plan.shell())
         return 0
     click.echo(f"distprop: {plan.implementation} launch, {plan.threads_per_rank} thread(s) per "
                f"rank: {plan.shell()}", err=True)
     try:
-        return launcher.run(plan)
+        return launcher.run(plan, resume_hint=resume_hint)
     except launcher.LaunchError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -286,7 +286,9 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
         cfg.save_json(cfg_path)
         if cfg.device.startswith("cuda") and not hosts and not hostfile:
             _gpu_note(nprocs)
-    sys.exit(_run_plan(plan, dry_run))
+    hint = (f"Run the same command with --resume auto to continue from the last checkpoint in "
+            f"{out}")
+    sys.exit(_run_plan(plan, dry_run, resume_hint=hint))
 
 
 cli.add_command(bench)

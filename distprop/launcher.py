@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from distprop import supervise
 
 IMPLEMENTATIONS = ("auto", "mpich", "openmpi", "srun")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -70,6 +71,7 @@ class LaunchPlan:
     launcher: str
     threads_per_rank: int
     slots: int | None
+    local: bool = True  #: every rank on this machine (no host list, not Slurm)
 
     def shell(self) -> str:
         return " ".join(shlex.quote(a) for a in self.argv)
@@ -288,44 +290,27 @@ def plan(cfg: LaunchConfig) -> LaunchPlan:
             argv.append("--overcommit")
     argv += extra + list(cfg.command)
     return LaunchPlan(argv=argv, env=env, implementation=impl, launcher=exe,
-                      threads_per_rank=threads, slots=slots)
+                      threads_per_rank=threads, slots=slots,
+                      local=hosts is None and impl != "srun")
 
 
 # --- running ------------------------------------------------------------------------------------
 
 
-def run(launch: LaunchPlan) -> int:
-    """Run the plan, forwarding SIGINT/SIGTERM to the launcher; returns the job's exit code.
+def run(launch: LaunchPlan, resume_hint: str | None = None) -> int:
+    """Run the plan under supervision; returns the job's exit code.
 
-    A job ended by a signal returns 128 + the signal number, as a shell would.
+    The ranks are owned by this process: if it dies (any signal), they die with it. SIGINT and
+    SIGTERM are forwarded to the launcher (exit 130/143); a rank killed by a signal is named
+    (rank, host, PID, signal) and the job returns 128 + the signal, as a shell would.
+    ``resume_hint`` is added to that line (``train``: how to continue). See
+    :mod:`distprop.supervise`.
     """
     env = dict(os.environ)
     env.update(launch.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        proc = subprocess.Popen(launch.argv, env=env, start_new_session=True)
+        return supervise.run_job(launch.argv, env, launch.implementation, local=launch.local,
+                                 resume_hint=resume_hint)
     except OSError as exc:
         raise LaunchError(f"cannot start {launch.argv[0]}: {exc}") from exc
-    forwarded = []
-
-    def forward(signum, _frame):
-        forwarded.append(signum)
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread: signals stay with the caller
-            pass
-    try:
-        code = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if code < 0:
-        return 128 - code
-    return code
