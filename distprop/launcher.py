@@ -148,6 +148,15 @@ def detect(mpi: str = "auto", mpiexec: str | None = None) -> tuple[str, str]:
     return found, exe
 
 
+_BATCH_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "PBS_NODEFILE", "LSB_JOBID", "PE_HOSTFILE",
+               "COBALT_JOBID", "FLUX_JOB_ID")
+
+
+def in_batch_allocation() -> bool:
+    """Inside a batch job, where ``mpiexec`` may place ranks on other nodes by itself."""
+    return any(var in os.environ for var in _BATCH_VARS)
+
+
 def running_as_root() -> bool:
     """Whether this process runs as root (``DISTPROP_ASSUME_ROOT=0|1`` overrides, for tests)."""
     forced = os.environ.get("DISTPROP_ASSUME_ROOT")
@@ -291,7 +300,7 @@ def plan(cfg: LaunchConfig) -> LaunchPlan:
     argv += extra + list(cfg.command)
     return LaunchPlan(argv=argv, env=env, implementation=impl, launcher=exe,
                       threads_per_rank=threads, slots=slots,
-                      local=hosts is None and impl != "srun")
+                      local=hosts is None and impl != "srun" and not in_batch_allocation())
 
 
 # --- running ------------------------------------------------------------------------------------

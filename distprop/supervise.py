@@ -149,7 +149,7 @@ class Supervisor:
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self._server, selectors.EVENT_READ, None)
-        buffers: dict[socket.socket, list] = {}  # conn -> [bytes, rank or None, opened at]
+        buffers: dict[socket.socket, list] = {}  # conn -> [bytes, rank|None, opened at, conn]
         while True:
             stopping = self._stop.is_set()
             for key, _ in sel.select(timeout=0.05 if stopping else 0.2):
@@ -159,7 +159,7 @@ class Supervisor:
                     except OSError:
                         continue
                     conn.setblocking(False)
-                    buffers[conn] = [b"", None, time.monotonic()]
+                    buffers[conn] = [b"", None, time.monotonic(), conn]
                     sel.register(conn, selectors.EVENT_READ, "conn")
                     continue
                 conn = key.fileobj
@@ -208,6 +208,10 @@ class Supervisor:
                 if rank is None:
                     return False
                 state[1] = rank
+                try:
+                    state[3].send(b"ok\n")  # the rank knows it reached its own launcher
+                except OSError:
+                    return False
             else:
                 self._event(state[1], msg)
         return len(state[0]) <= _MAX_LINE
@@ -304,7 +308,7 @@ class OutputCopier:
         self._thread.join(timeout)
 
     def _copy(self) -> None:
-        fd, sink_ok = self._stream.fileno(), True
+        fd = self._stream.fileno()
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -314,8 +318,11 @@ class OutputCopier:
                 break
             if not chunk:
                 break
-            if sink_ok:
-                sink_ok = _write_all(self._sink, chunk)
+            if not _write_all(self._sink, chunk):
+                # Our stdout is gone (``distprop launch ... | head``): close the pipe so the
+                # launcher gets SIGPIPE on its next write, as it would have without us.
+                self._stream.close()
+                return
             self._scan(chunk)
         self._scan(b"\n")
 
@@ -342,7 +349,7 @@ def _write_all(fd: int, data: bytes) -> bool:
             view = view[os.write(fd, view):]
         except InterruptedError:
             continue
-        except OSError:  # our stdout is gone (closed pipe): keep draining, stop writing
+        except OSError:
             return False
     return True
 

@@ -75,6 +75,20 @@ def kill_all(pids) -> None:
             pass
 
 
+def run_owned(cmd, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that also kills the launcher's descendants when it times out."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env or ENV, cwd=str(REPO))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(children(proc.pid))
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} ran past {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def start(*args, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "distprop", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -182,8 +196,7 @@ def test_rank_dead_before_init_ends_the_job(tmp_path, how, limit, expected):
         cmd = [mpiexec_path(), "-n", "2", sys.executable, str(script)]
         env = {**ENV, "DISTPROP_INIT_TIMEOUT": "5"}
     t0 = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO),
-                          timeout=limit + 30)
+    done = run_owned(cmd, env=env, timeout=limit + 30)
     elapsed = time.monotonic() - t0
     assert done.returncode == 1, done.stdout + done.stderr
     assert elapsed < limit, elapsed
@@ -193,10 +206,9 @@ def test_rank_dead_before_init_ends_the_job(tmp_path, how, limit, expected):
 
 
 def test_init_timeout_must_be_a_number():
-    done = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c",
-                           "import distprop.distributed as d; d.init()"],
-                          capture_output=True, text=True, cwd=str(REPO), timeout=60,
-                          env={**ENV, "DISTPROP_INIT_TIMEOUT": "soon"})
+    done = run_owned([mpiexec_path(), "-n", "2", sys.executable, "-c",
+                      "import distprop.distributed as d; d.init()"],
+                     env={**ENV, "DISTPROP_INIT_TIMEOUT": "soon"})
     assert done.returncode != 0
     assert "DISTPROP_INIT_TIMEOUT must be a number of seconds (0 disables), got 'soon'" \
         in done.stderr
@@ -220,9 +232,8 @@ def test_sys_exit_on_one_rank_aborts_the_job_with_its_status(tmp_path):
     script = tmp_path / "exits.py"
     script.write_text(EXITS)
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "distprop", "launch", "-n", "2", "--",
-                           sys.executable, str(script)], capture_output=True, text=True,
-                          env=ENV, cwd=str(REPO), timeout=90)
+    done = run_owned([sys.executable, "-m", "distprop", "launch", "-n", "2", "--",
+                      sys.executable, script], timeout=90)
     assert done.returncode == 3, done.stdout + done.stderr
     assert time.monotonic() - t0 < 30  # not the 600 s stall watchdog
     assert "DONE" not in done.stdout
@@ -234,9 +245,8 @@ def test_sys_exit_on_one_rank_aborts_the_job_with_its_status(tmp_path):
 
 def test_sys_exit_on_every_rank_keeps_its_status_without_an_abort(tmp_path):
     """All ranks leaving together (a usage error seen by each) finalise normally."""
-    done = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c",
-                           "import sys, distprop.distributed as d; d.init(); sys.exit(2)"],
-                          capture_output=True, text=True, env=ENV, cwd=str(REPO), timeout=60)
+    done = run_owned([mpiexec_path(), "-n", "2", sys.executable, "-c",
+                      "import sys, distprop.distributed as d; d.init(); sys.exit(2)"])
     assert done.returncode == 2, done.stdout + done.stderr
     assert "MPI_Abort" not in done.stdout + done.stderr
 
@@ -297,3 +307,68 @@ def test_launcher_stopped_by_a_signal_forwards_it_and_exits_128_plus(tmp_path, s
         kill_all(spawned + pids)
     assert proc.returncode == code, err
     assert f"distprop: received {signal.Signals(sig).name}; forwarded it" in err
+
+
+# --- the control channel and the output pass-through ---------------------------------------------
+
+RANK_SIDE = """
+import os, time
+from distprop.distributed import lifeline
+line = lifeline.connect()
+assert line is not None
+line.report("ready", size=2)
+time.sleep(30)
+"""
+
+
+def test_control_channel_needs_the_token_and_a_rank_exits_when_its_launcher_is_gone():
+    from distprop import supervise
+    from distprop.distributed.lifeline import Lifeline
+
+    sup = supervise.Supervisor(local=False).start()  # every interface, advertised by host name
+    try:
+        host, port, token = sup.env()[supervise.ENV_VAR].rsplit(":", 2)
+        with pytest.raises(OSError, match="unexpected reply"):
+            Lifeline(f"{host}:{port}:not-the-token", rank=0, size=2)
+        assert sup.ranks == {}
+        env = {**ENV, **sup.env(), "PMI_RANK": "1", "PMI_SIZE": "2"}
+        proc = subprocess.Popen([sys.executable, "-c", RANK_SIDE], stderr=subprocess.PIPE,
+                                text=True, env=env, cwd=str(REPO))
+        deadline = time.monotonic() + 30
+        while not (1 in sup.ranks and sup.ranks[1].ready):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        assert sup.ranks[1].pid == proc.pid and sup.ranks[1].size == 2
+    finally:
+        sup.close()
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert f"[rank 1] distprop: the launcher (distprop at {host}:{port}) is gone" in err
+
+
+def test_launch_output_into_a_closed_pipe_ends_the_job():
+    """``distprop launch ... | head -1`` ends like the bare launcher would (SIGPIPE)."""
+    reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "distprop", "launch", "-n", "2", "--",
+                             sys.executable, "-c",
+                             "import time\nwhile True:\n print('x' * 100, flush=True)\n "
+                             "time.sleep(0.001)"],
+                            stdout=reader.stdin, stderr=subprocess.PIPE, env=ENV, cwd=str(REPO))
+    reader.stdin.close()
+    spawned = []
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and proc.poll() is None:
+            spawned = children(proc.pid) or spawned
+            time.sleep(0.1)
+        proc.communicate(timeout=30)
+    finally:
+        kill_all(spawned)
+        proc.kill()
+    assert reader.stdout.read() == b"x" * 100 + b"\n"
+    reader.wait(timeout=5)
+    assert proc.returncode == 128 + signal.SIGPIPE

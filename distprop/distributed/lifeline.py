@@ -64,11 +64,17 @@ class Lifeline:
         host, port, token = address.rsplit(":", 2)
         self.rank, self.address = rank, f"{host}:{port}"
         self._lock = threading.Lock()
-        self._sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT)
-        self._sock.settimeout(None)
-        hello = {"event": "hello", "token": token, "rank": rank, "size": size,
-                 "pid": os.getpid(), "host": socket.gethostname()}
-        self._sock.sendall((json.dumps(hello) + "\n").encode())
+        hello = (json.dumps({"event": "hello", "token": token, "rank": rank, "size": size,
+                             "pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode()
+        errors = []
+        for name in dict.fromkeys([host, "127.0.0.1"]):  # the launcher may be on this host
+            try:
+                self._sock = _handshake(name, int(port), hello)
+                break
+            except OSError as exc:
+                errors.append(f"{name}: {exc}")
+        else:
+            raise OSError("; ".join(errors))
         self._thread = threading.Thread(target=self._watch, name="distprop-lifeline",
                                         daemon=True)
         self._thread.start()
@@ -95,6 +101,27 @@ class Lifeline:
         _say(self.rank, f"the launcher (distprop at {self.address}) is gone; ending this rank "
              "so that it does not run on unowned")
         _flush_and_exit(LOST_LAUNCHER_STATUS)
+
+
+def _handshake(host: str, port: int, hello: bytes) -> socket.socket:
+    """Connect, register, and wait for the launcher's ``ok`` (a stranger on that port that
+    hangs up must not read as "the launcher died")."""
+    sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    try:
+        sock.sendall(hello)
+        reply = b""
+        while not reply.endswith(b"\n") and len(reply) < 16:
+            chunk = sock.recv(16)
+            if not chunk:
+                break
+            reply += chunk
+        if reply != b"ok\n":
+            raise OSError(f"unexpected reply {reply[:16]!r}")
+        sock.settimeout(None)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 _lifeline: Lifeline | None = None
