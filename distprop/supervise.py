@@ -442,20 +442,6 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
                             f"ended (exit code {128 - code})")
     if code == 0:
         return 0, None
-    if banner is not None and banner.signal is not None:
-        record = supervisor.by_pid(banner.pid, banner.host) if banner.pid else None
-        if record is not None:
-            who = _who(record)
-        else:
-            who = f"a rank (PID {banner.pid} on {banner.host}; it had not called dist.init())"
-        sig = banner.signal
-        what = f"{who} was killed by {signal_name(sig)} (signal {sig})"
-        if sig == signal.SIGKILL:
-            what += ", e.g. by the out-of-memory killer"
-        message = f"{what}; the other ranks were stopped (exit code {128 + sig})"
-        if resume_hint:
-            message += f". {resume_hint}"
-        return 128 + sig, message
     timed_out = [r for r in supervisor.ranks.values() if r.timed_out is not None]
     if timed_out:
         size = max((r.size or 0 for r in supervisor.ranks.values()), default=0)
@@ -469,6 +455,21 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
             absent = "some rank never finished MPI initialisation"
         return code, (f"{absent}; rank(s) {gave_up} gave up waiting after {waited:.0f} s "
                       f"(DISTPROP_INIT_TIMEOUT); exit code {code}")
+    if banner is not None and banner.signal is not None:
+        record = supervisor.by_pid(banner.pid, banner.host) if banner.pid else None
+        if record is not None:
+            who = _who(record)
+        else:
+            who = (f"a rank (PID {banner.pid} on {banner.host}; which one is unknown: it had "
+                   "not registered through dist.init())")
+        sig = banner.signal
+        what = f"{who} was killed by {signal_name(sig)} (signal {sig})"
+        if sig == signal.SIGKILL:
+            what += ", e.g. by the out-of-memory killer"
+        message = f"{what}; the other ranks were stopped (exit code {128 + sig})"
+        if resume_hint:
+            message += f". {resume_hint}"
+        return 128 + sig, message
     leaver = supervisor.first("exit")
     if leaver is not None and leaver.exit_code:
         return code, (f"{_who(leaver)} exited with status {leaver.exit_code} while other ranks "

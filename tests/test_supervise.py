@@ -372,3 +372,36 @@ def test_launch_output_into_a_closed_pipe_ends_the_job():
     assert reader.stdout.read() == b"x" * 100 + b"\n"
     reader.wait(timeout=5)
     assert proc.returncode == 128 + signal.SIGPIPE
+
+
+HYDRA_BANNER = b"""partial rank output without a newline
+===================================================================================
+=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
+=   PID 5477 RUNNING AT node-7.cluster
+=   EXIT CODE: 9
+=   CLEANING UP REMAINING PROCESSES
+=   YOU CAN IGNORE THE BELOW CLEANUP MESSAGES
+===================================================================================
+YOUR APPLICATION TERMINATED WITH THE EXIT STRING: Killed (signal 9)
+This typically refers to a problem with your application.
+"""
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, len(HYDRA_BANNER)])
+def test_hydra_banner_is_passed_through_and_read_whatever_the_chunking(chunk):
+    from distprop import supervise
+
+    source_r, source_w = os.pipe()
+    sink_r, sink_w = os.pipe()
+    with os.fdopen(source_r, "rb", buffering=0) as stream:
+        copier = supervise.OutputCopier(stream, sink_w).start()
+        for i in range(0, len(HYDRA_BANNER), chunk):
+            os.write(source_w, HYDRA_BANNER[i:i + chunk])
+            time.sleep(0.001 if chunk < 8 else 0)
+        os.close(source_w)
+        copier.join(10)
+    os.close(sink_w)
+    with os.fdopen(sink_r, "rb") as sink:
+        assert sink.read() == HYDRA_BANNER
+    assert copier.banner == supervise.Banner(pid=5477, host="node-7.cluster", exit_code=9,
+                                             signal=9)

@@ -84,9 +84,9 @@ def abort_on_exception(comm: Communicator):
     """Any exception escaping the block prints ``[rank r]`` traceback and aborts the job.
 
     ``KeyboardInterrupt`` aborts with code 130 and ``sys.exit(n)`` with ``n != 0`` aborts with
-    ``n``, so a rank that stops alone never leaves the others waiting in a collective (a bare
-    ``sys.exit(n)`` outside this block skips ``sys.excepthook``; only the stall watchdog ends
-    that job).
+    ``n``, so a rank that stops alone never leaves the others waiting in a collective (outside
+    this block, ``init()``'s :func:`install_exit_guard` does the same for ``sys.exit(n)``
+    after a short grace).
     """
     try:
         yield
@@ -132,9 +132,10 @@ def install_exit_guard(comm: Communicator, grace: float = EXIT_GRACE) -> None:
     private communicator. If all ranks arrive within ``grace`` seconds (a usage error seen by
     every rank, say) MPI finalises normally and the status stands; otherwise this rank prints why
     and calls ``MPI_Abort(n)``, so ``mpiexec`` (and ``distprop launch``) return ``n`` at once.
-    A rank leaving with status 0 finalises as usual. ``raise SystemExit(n)`` written out is not
-    seen (only ``sys.exit``); the stall watchdog still ends such a job. Idempotent; no-op for a
-    world of one or a communicator without MPI.
+    A rank leaving with status 0 finalises as usual. Only ``sys.exit`` on the main thread is
+    seen: ``raise SystemExit(n)`` written out is not (the stall watchdog still ends such a job),
+    and a ``sys.exit(n)`` whose ``SystemExit`` was caught still counts at exit. Idempotent;
+    no-op for a world of one or a communicator without MPI.
     """
     mpi = getattr(comm, "MPI", None)
     if comm.size == 1 or mpi is None or _exit_guard.get("comm") is comm:
@@ -143,7 +144,8 @@ def install_exit_guard(comm: Communicator, grace: float = EXIT_GRACE) -> None:
     original = _exit_guard.get("original", sys.exit)
 
     def exit(status=None):  # stands in for sys.exit
-        _exit_guard["status"] = _status(status)
+        if threading.current_thread() is threading.main_thread():  # elsewhere it ends a thread
+            _exit_guard["status"] = _status(status)
         original(status)
 
     def leave() -> None:
