@@ -11,6 +11,8 @@ Used by ``distprop launch`` and ``distprop train -n N``. Three launchers are und
 (the one next to ``sys.executable`` first, i.e. the ``mpich`` wheel) for ``--version``.
 Every rank gets ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS`` set to the
 threads per rank (default: this machine's cores // ranks per node, at least 1).
+:func:`run` supervises the job (:mod:`distprop.supervise`): the ranks die with this process,
+and a rank killed by a signal is named, with exit code 128 + the signal.
 """
 
 from __future__ import annotations

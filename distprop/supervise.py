@@ -358,7 +358,7 @@ def _write_all(fd: int, data: bytes) -> bool:
 
 
 def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bool = True,
-            resume_hint: str | None = None) -> int:
+            resume_hint: str | None = None, stdin=None) -> int:
     """Run the launcher command under supervision; returns the job's exit code.
 
     Args:
@@ -368,6 +368,7 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
             Open MPI gets ``-x DISTPROP_SUPERVISOR`` so its ranks see the variable).
         local: every rank runs on this machine (the control channel stays on loopback).
         resume_hint: when a rank was killed, say this too (``train``: resume from checkpoint).
+        stdin: the launcher child's stdin, as for ``subprocess.Popen`` (None: inherited).
 
     SIGINT/SIGTERM received by the launcher are forwarded to the launcher child and the job
     returns 130/143. A job whose rank was killed by a signal returns 128 + that signal.
@@ -381,7 +382,7 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
         argv = [argv[0], "-x", ENV_VAR, *argv[1:]]
     read_banner = implementation == "mpich"
     try:
-        proc = subprocess.Popen(argv, env=env, start_new_session=True,
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=stdin,
                                 preexec_fn=parent_death_signal(signal.SIGTERM),
                                 stdout=subprocess.PIPE if read_banner else None)
     except OSError:
