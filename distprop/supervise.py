@@ -107,40 +107,55 @@ class Supervisor:
 
     Args:
         local: every rank runs on this machine (listen on loopback only).
+        listen: False gives a supervisor without a channel (nothing registers).
+
+    Raises:
+        OSError: the server socket cannot be opened.
     """
 
-    def __init__(self, local: bool = True):
+    def __init__(self, local: bool = True, listen: bool = True):
         self.token = secrets.token_hex(16)
         self.ranks: dict[int, RankRecord] = {}
         self.order: list[tuple[float, int, str]] = []  # (time, rank, event) in arrival order
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        family = socket.AF_INET
-        self._server = socket.socket(family, socket.SOCK_STREAM)
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1" if local else "0.0.0.0", 0))
-        self._server.listen(128)
-        self._server.setblocking(False)
+        self._server = self._thread = None
+        if not listen:
+            return
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1" if local else "0.0.0.0", 0))
+            server.listen(128)
+            server.setblocking(False)
+        except OSError:
+            server.close()
+            raise
+        self._server = server
         self.host = "127.0.0.1" if local else socket.gethostname()
         self.port = self._server.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name="distprop-supervisor",
                                         daemon=True)
 
     def env(self) -> dict[str, str]:
-        """The variable that tells ranks where to register."""
+        """The variable that tells ranks where to register (empty without a channel)."""
+        if self._server is None:
+            return {}
         return {ENV_VAR: f"{self.host}:{self.port}:{self.token}"}
 
     def start(self) -> Supervisor:
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop serving (after reading what is already buffered) and close every socket."""
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
         try:
-            self._server.close()
+            if self._server is not None:
+                self._server.close()
         except OSError:
             pass
 
@@ -376,9 +391,15 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
     Raises:
         OSError: the launcher cannot be started.
     """
-    supervisor = Supervisor(local=local)
-    env = {**env, **supervisor.env()}
-    if implementation == "openmpi":
+    try:
+        supervisor = Supervisor(local=local)
+    except OSError as exc:  # no usable network stack: run unsupervised rather than not at all
+        print(f"distprop: cannot open the control channel for the ranks ({exc}); they will not "
+              "stop by themselves if this launcher dies", file=sys.stderr, flush=True)
+        supervisor = Supervisor(listen=False)
+    env = {k: v for k, v in env.items() if k != ENV_VAR}  # not an outer launcher's channel
+    env.update(supervisor.env())
+    if implementation == "openmpi" and supervisor.env():
         argv = [argv[0], "-x", ENV_VAR, *argv[1:]]
     read_banner = implementation == "mpich"
     try:
