@@ -73,7 +73,7 @@ class LaunchPlan:
     launcher: str
     threads_per_rank: int
     slots: int | None
-    local: bool = True  #: every rank on this machine (no host list, not Slurm)
+    local: bool = True  #: every rank on this machine (no host list, srun or batch allocation)
 
     def shell(self) -> str:
         return " ".join(shlex.quote(a) for a in self.argv)
