@@ -102,14 +102,14 @@ def _gpu_note(ranks_on_node: int) -> None:
         click.echo(f"distprop: {note}", err=True)
 
 
-def _run_plan(plan: launcher.LaunchPlan, dry_run: bool) -> int:
+def _run_plan(plan: launcher.LaunchPlan, dry_run: bool, resume_hint: str | None = None) -> int:
     if dry_run:
         click.echo(plan.shell())
         return 0
     click.echo(f"distprop: {plan.implementation} launch, {plan.threads_per_rank} thread(s) per "
                f"rank: {plan.shell()}", err=True)
     try:
-        return launcher.run(plan)
+        return launcher.run(plan, resume_hint=resume_hint)
     except launcher.LaunchError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -332,7 +332,9 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
         try:
             if cfg.device.startswith("cuda") and not hosts and not hostfile:
                 _gpu_note(nprocs)
-            code = _run_plan(plan, dry_run)
+            hint = ("Run the same command with --resume auto to continue from the last "
+                    f"checkpoint in {out}")
+            code = _run_plan(plan, dry_run, resume_hint=hint)
         finally:
             launch_file.unlink(missing_ok=True)
     sys.exit(code)

@@ -13,6 +13,8 @@ Every rank gets ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS``
 threads per rank (default: this machine's cores // ranks per node, at least 1). The launcher
 reads /dev/null as standard input unless ``stdin`` is asked for (then rank 0 gets this
 process's), so a launch inside ``while read`` does not eat the loop's input.
+:func:`run` supervises the job (:mod:`distprop.supervise`): the ranks die with this process,
+and a rank killed by a signal is named, with exit code 128 + the signal.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from distprop import supervise
 
 IMPLEMENTATIONS = ("auto", "mpich", "openmpi", "srun")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -78,6 +81,7 @@ class LaunchPlan:
     threads_per_rank: int
     slots: int | None
     stdin: bool = False
+    local: bool = True  #: every rank on this machine (no host list, srun or batch allocation)
 
     def shell(self) -> str:
         return " ".join(shlex.quote(a) for a in self.argv)
@@ -152,6 +156,15 @@ def detect(mpi: str = "auto", mpiexec: str | None = None) -> tuple[str, str]:
         raise LaunchError(f"cannot tell which MPI {exe} belongs to from its --version output; "
                           "pass --mpi mpich|openmpi|srun")
     return found, exe
+
+
+_BATCH_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "PBS_NODEFILE", "LSB_JOBID", "PE_HOSTFILE",
+               "COBALT_JOBID", "FLUX_JOB_ID")
+
+
+def in_batch_allocation() -> bool:
+    """Inside a batch job, where ``mpiexec`` may place ranks on other nodes by itself."""
+    return any(var in os.environ for var in _BATCH_VARS)
 
 
 def running_as_root() -> bool:
@@ -296,7 +309,8 @@ def plan(cfg: LaunchConfig) -> LaunchPlan:
             argv.append("--overcommit")
     argv += extra + list(cfg.command)
     return LaunchPlan(argv=argv, env=env, implementation=impl, launcher=exe,
-                      threads_per_rank=threads, slots=slots, stdin=cfg.stdin)
+                      threads_per_rank=threads, slots=slots, stdin=cfg.stdin,
+                      local=hosts is None and impl != "srun" and not in_batch_allocation())
 
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -379,39 +393,21 @@ def check_command(cfg: LaunchConfig, launch: LaunchPlan) -> None:
 # --- running ------------------------------------------------------------------------------------
 
 
-def run(launch: LaunchPlan) -> int:
-    """Run the plan, forwarding SIGINT/SIGTERM to the launcher; returns the job's exit code.
+def run(launch: LaunchPlan, resume_hint: str | None = None) -> int:
+    """Run the plan under supervision; returns the job's exit code.
 
-    A job ended by a signal returns 128 + the signal number, as a shell would.
+    The ranks are owned by this process: if it dies (any signal), they die with it. SIGINT and
+    SIGTERM are forwarded to the launcher (exit 130/143); a rank killed by a signal is named
+    (rank, host, PID, signal) and the job returns 128 + the signal, as a shell would.
+    ``resume_hint`` is added to that line (``train``: how to continue). See
+    :mod:`distprop.supervise`.
     """
     env = dict(os.environ)
     env.update(launch.env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        proc = subprocess.Popen(launch.argv, env=env, start_new_session=True,
-                                stdin=None if launch.stdin else subprocess.DEVNULL)
+        return supervise.run_job(launch.argv, env, launch.implementation, local=launch.local,
+                                 resume_hint=resume_hint,
+                                 stdin=None if launch.stdin else subprocess.DEVNULL)
     except OSError as exc:
         raise LaunchError(f"cannot start {launch.argv[0]}: {exc}") from exc
-    forwarded = []
-
-    def forward(signum, _frame):
-        forwarded.append(signum)
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread: signals stay with the caller
-            pass
-    try:
-        code = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if code < 0:
-        return 128 - code
-    return code

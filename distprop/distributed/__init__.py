@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from distprop.distributed import lifeline
 from distprop.distributed.comm import (
     Communicator,
     MPICommunicator,
@@ -55,8 +56,16 @@ def init(backend: str | None = None, stall_timeout: float | None = None,
             an MPI launcher started the process).
         stall_timeout: seconds a collective may wait before the stall watchdog aborts the job
             (default: env ``DISTPROP_STALL_TIMEOUT``, else 600; 0 disables).
-        guards: with more than one rank, install the abort-on-uncaught-exception hook and the
-            stall watchdog.
+        guards: with more than one rank, install the abort-on-uncaught-exception hook, the
+            exit guard (``sys.exit(n)`` with ``n != 0`` on one rank aborts the job with ``n``)
+            and the stall watchdog.
+
+    With MPI, before MPI is initialised: under ``distprop launch``/``train -n N`` the rank
+    registers with its launcher and exits if the launcher dies
+    (:mod:`distprop.distributed.lifeline`); and MPI initialisation must complete within
+    ``DISTPROP_INIT_TIMEOUT`` seconds (default 45; 0 disables), else this rank prints that some
+    rank did not arrive and exits with status 1 (a rank that died before ``init()`` would
+    otherwise leave the others waiting forever).
 
     Calling it again returns the same communicator.
     """
@@ -79,12 +88,22 @@ def init(backend: str | None = None, stall_timeout: float | None = None,
                     f"mpi4py is not importable ({exc}); install it: pip install 'distprop[mpich]'"
                 ) from exc
             choice = "single"
-    world = MPICommunicator() if choice == "mpi" else SingleProcessCommunicator()
+    if choice == "mpi":
+        lifeline.connect()  # before MPI: the launcher learns of ranks that never get through
+        timer = lifeline.start_init_timer()
+        lifeline.initialize_mpi()  # without the GIL, so that the timer can fire
+        world = MPICommunicator()
+        if timer is not None:
+            timer.done()
+        lifeline.report("ready", size=world.size)
+    else:
+        world = SingleProcessCommunicator()
     _world = world
     if guards and world.size > 1:
         from distprop.distributed import guards as _guards  # noqa: PLC0415
 
         _guards.install_excepthook(world)
+        _guards.install_exit_guard(world)
         _watchdog = _guards.start_watchdog(world, stall_timeout)
     return world
 

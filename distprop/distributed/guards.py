@@ -7,12 +7,16 @@
 * :class:`StallWatchdog` -- a daemon thread that watches the collective the communicator is
   blocked in; past ``timeout`` seconds (argument or ``DISTPROP_STALL_TIMEOUT``) it prints which
   collective, on which rank, where the main thread is, and aborts the job.
+* :func:`install_exit_guard` -- ``sys.exit(n)`` with ``n != 0`` on one rank, after ``init()``,
+  aborts the whole job with status ``n`` within seconds, instead of leaving that rank in
+  ``MPI_Finalize`` and the others in their next collective until the stall watchdog fires.
 * :func:`check_replicas` -- compares a checksum of a parameter buffer across ranks and names the
   ranks that diverged from rank 0.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -80,9 +84,9 @@ def abort_on_exception(comm: Communicator):
     """Any exception escaping the block prints ``[rank r]`` traceback and aborts the job.
 
     ``KeyboardInterrupt`` aborts with code 130 and ``sys.exit(n)`` with ``n != 0`` aborts with
-    ``n``, so a rank that stops alone never leaves the others waiting in a collective (a bare
-    ``sys.exit(n)`` outside this block skips ``sys.excepthook``; only the stall watchdog ends
-    that job).
+    ``n``, so a rank that stops alone never leaves the others waiting in a collective (outside
+    this block, ``init()``'s :func:`install_exit_guard` does the same for ``sys.exit(n)``
+    after a short grace).
     """
     try:
         yield
@@ -104,6 +108,71 @@ def abort_on_exception(comm: Communicator):
             pass
         time.sleep(_ABORT_DELAY)
         comm.abort(code)
+
+
+EXIT_GRACE = 3.0  # seconds the ranks leaving with a non-zero status wait for each other
+_exit_guard: dict = {}
+
+
+def _status(code) -> int:
+    """The process exit status ``sys.exit(code)`` produces."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    return 1  # sys.exit("message") prints it and exits 1
+
+
+def install_exit_guard(comm: Communicator, grace: float = EXIT_GRACE) -> None:
+    """Make ``sys.exit(n)`` (``n != 0``) on one rank end the whole job with status ``n``.
+
+    ``sys.exit`` is wrapped to remember the status, and an exit handler, registered after
+    mpi4py's ``MPI_Finalize`` handler so it runs first, checks whether the other ranks are
+    leaving too: every rank leaving with a non-zero status posts a non-blocking barrier on a
+    private communicator. If all ranks arrive within ``grace`` seconds (a usage error seen by
+    every rank, say) MPI finalises normally and the status stands; otherwise this rank prints why
+    and calls ``MPI_Abort(n)``, so ``mpiexec`` (and ``distprop launch``) return ``n`` at once.
+    A rank leaving with status 0 finalises as usual. Only ``sys.exit`` on the main thread is
+    seen: ``raise SystemExit(n)`` written out is not (the stall watchdog still ends such a job),
+    and a ``sys.exit(n)`` whose ``SystemExit`` was caught still counts at exit. Idempotent;
+    no-op for a world of one or a communicator without MPI.
+    """
+    mpi = getattr(comm, "MPI", None)
+    if comm.size == 1 or mpi is None or _exit_guard.get("comm") is comm:
+        return
+    private = comm.comm.Dup()  # collective: every rank calls init(), so every rank gets here
+    original = _exit_guard.get("original", sys.exit)
+
+    def exit(status=None):  # stands in for sys.exit
+        if threading.current_thread() is threading.main_thread():  # elsewhere it ends a thread
+            _exit_guard["status"] = _status(status)
+        original(status)
+
+    def leave() -> None:
+        status = _exit_guard.get("status", 0)
+        if not status or _exit_guard.get("comm") is not comm or mpi.Is_finalized():
+            return
+        request = private.Ibarrier()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if request.Test():
+                return  # every rank is leaving: finalise normally, keep the status
+            time.sleep(0.01)
+        from distprop.distributed import lifeline  # noqa: PLC0415
+
+        lifeline.report("exit", code=status)
+        try:
+            sys.stderr.write(_prefixed(comm.rank, (
+                f"rank {comm.rank} of {comm.size} is leaving with status {status} (sys.exit) "
+                f"while other ranks are still running; aborting the job (MPI_Abort({status}))")))
+            sys.stderr.flush()
+        except Exception:
+            pass
+        comm.abort(status)
+
+    _exit_guard.update(comm=comm, original=original, status=0)
+    sys.exit = exit
+    atexit.register(leave)
 
 
 def stall_timeout_from_env(default: float | None = DEFAULT_STALL_TIMEOUT) -> float | None:
