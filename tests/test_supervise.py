@@ -114,7 +114,7 @@ def wait_for_pids(proc: subprocess.Popen, directory: Path, count: int = 2,
 
 def train_pids(out: Path, proc: subprocess.Popen, timeout: float = 60) -> list[int]:
     """PIDs of the rank processes of ``distprop train --out OUT`` (found through /proc)."""
-    needle = str(out / "config.json").encode()
+    needle = str(out).encode()  # the per-launch configuration file lies in --out
     deadline = time.monotonic() + timeout
     while True:
         found = []
@@ -126,8 +126,8 @@ def train_pids(out: Path, proc: subprocess.Popen, timeout: float = 60) -> list[i
                 environ = (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if needle in cmd and b"--worker-config" in cmd and b"PMI_RANK=" in environ \
-                    and b"hydra" not in cmd[0]:
+            if any(arg.startswith(needle) for arg in cmd) and b"--worker-config" in cmd \
+                    and b"PMI_RANK=" in environ and b"hydra" not in cmd[0]:
                 found.append(int(entry.name))
         if len(found) == 2 and (out / "checkpoints").exists():
             return found
