@@ -140,10 +140,11 @@ def _check_ranks(ranks, world: int) -> None:
         if not isinstance(entry, dict):
             raise _Bad(f"ranks[{r}]", "must be a mapping")
         sums = entry.get("sums")
-        if not isinstance(sums, list) or len(sums) != 6 or not all(
+        if not isinstance(sums, list) or len(sums) < 4 or len(sums) % 2 or not all(
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                for v in sums):
-            raise _Bad(f"ranks[{r}].sums", "must be a list of 6 finite numbers")
+                for v in sums):  # epoch and interval: [loss, metric sums..., samples] each
+            raise _Bad(f"ranks[{r}].sums", "must be a list of an even number (at least 4) of "
+                       "finite numbers")
         try:  # on scratch generators: nothing of this process's random state is touched
             np.random.default_rng().bit_generator.state = entry.get("rng")
             np.random.RandomState().set_state(tuple(entry.get("numpy_global_rng")))
