@@ -24,9 +24,11 @@ from distprop.bench.cli import bench
 from distprop.train.config import (
     COMMS,
     COMPRESSIONS,
+    LOSSES,
     LR_SCHEDULES,
     MODELS,
     OPTIMIZERS,
+    TASKS,
     ConfigError,
     TrainConfig,
     read_toml,
@@ -220,10 +222,10 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
               help="cnn: channels of the first convolution (the second has twice as many) [32].")
 @click.option("--dataset", default=None, help="digits, mnist1d, synthetic or PATH [default: "
               "digits].")
-@click.option("--task", type=click.Choice(("classification", "regression")), default=None,
+@click.option("--task", type=click.Choice(TASKS), default=None,
               help="classification (integer labels, accuracy) or regression (.npz with float "
                    "targets y of shape (N,) or (N, k); r2 and mae) [classification].")
-@click.option("--loss", type=click.Choice(("cross_entropy", "mse", "huber")), default=None,
+@click.option("--loss", type=click.Choice(LOSSES), default=None,
               help="Loss: cross_entropy (classification); mse or huber (regression) [default: "
                    "cross_entropy / mse].")
 @click.option("--epochs", type=int, default=None, help="Training epochs [default: 5].")

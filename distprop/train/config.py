@@ -19,6 +19,9 @@ LR_SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "linear", 
 COMPRESSIONS = ("none", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
 COMMS = ("auto", "nccl", "mpi-cuda", "mpi-host")  # distprop.distributed.selection.COMM_CHOICES
+TASKS = ("classification", "regression")  # see distprop.train.tasks
+TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}  # 1st: default
+LOSSES = tuple(name for names in TASK_LOSSES.values() for name in names)
 
 
 class ConfigError(ValueError):

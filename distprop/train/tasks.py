@@ -18,9 +18,11 @@ import numpy as np
 
 from distprop.data import sources
 from distprop.data.dataset import Subset, TensorDataset
+from distprop.train.config import TASK_LOSSES as LOSSES
+from distprop.train.config import TASKS
 
-TASKS = ("classification", "regression")
-LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}
+__all__ = ["LOSSES", "TASKS", "check_loss", "default_loss", "describe", "load_regression",
+           "loss_fn", "metrics"]
 
 
 def default_loss(task: str) -> str:
