@@ -141,8 +141,9 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{result['split']}: loss {result['loss']:.4f}  accuracy "
-               f"{100 * result['accuracy']:.2f}% ({result['samples']} samples of "
+    from distprop.train.tasks import describe  # noqa: PLC0415
+
+    click.echo(f"{result['split']}: {describe(result)} ({result['samples']} samples of "
                f"{result['dataset']}); checkpoint {result['checkpoint']}")
 
 
@@ -172,6 +173,10 @@ def predict(run_dir, input_path, output_path, probs, checkpoint, batch_size):
     from distprop.train import after  # noqa: PLC0415
 
     run = _open(run_dir)
+    if probs and run.config.task != "classification":
+        raise click.BadParameter(f"{run_dir} is a {run.config.task} run: its outputs are not "
+                                 "class scores, so there are no probabilities",
+                                 param_hint="--probs")
     try:
         x = after.prepare_inputs(run, after.read_inputs(input_path), input_path)
         model, path = after.load_model(run, checkpoint, log=_say)
@@ -182,7 +187,9 @@ def predict(run_dir, input_path, output_path, probs, checkpoint, batch_size):
         after.write_array(output_path, out, "predictions")
     except fileio.WriteError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote {'probabilities' if probs else 'logits'} {out.shape} float32 to "
+    kind = "probabilities" if probs else "logits" if run.config.task == "classification" \
+        else "predictions"
+    click.echo(f"wrote {kind} {out.shape} float32 to "
                f"{output_path} (checkpoint {path})", err=True)
 
 

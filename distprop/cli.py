@@ -24,9 +24,11 @@ from distprop.bench.cli import bench
 from distprop.train.config import (
     COMMS,
     COMPRESSIONS,
+    LOSSES,
     LR_SCHEDULES,
     MODELS,
     OPTIMIZERS,
+    TASKS,
     ConfigError,
     TrainConfig,
     read_toml,
@@ -165,7 +167,9 @@ def info(as_json, no_mpi_init):
 # --- train --------------------------------------------------------------------------------------
 
 _TRAIN_EPILOG = f"""\b
-Models:       {', '.join(MODELS)}
+Models:       {', '.join(MODELS)}, or package.module:factory
+Size options: mlp --hidden --layers; cnn --channels; lstm --hidden --layers;
+              transformer --hidden (d_model) --layers; wide none
 Datasets:     digits, mnist1d, synthetic, or a path (.npz, .npy, directory with x.npy/y.npy)
 Optimizers:   {', '.join(OPTIMIZERS)}
 LR schedules: {', '.join(LR_SCHEDULES)}
@@ -181,6 +185,9 @@ Examples:
   distprop train -n 2 --model cnn --dataset mnist1d --optimizer adam --lr 3e-3 --epochs 20
   distprop train -n 4 --global-batch-size 256 --scale-lr --warmup-epochs 1 --out runs/a
   distprop train -n 2 --out runs/a --resume auto      # continue from the newest good checkpoint
+  distprop train -n 2 --model mlp --hidden 256 --layers 3
+  distprop train -n 2 --model mymodels:build           # mymodels.py in the current directory
+  distprop train -n 2 --task regression --dataset data.npz --loss huber
 """
 
 
@@ -201,9 +208,26 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 
 
 @cli.command(context_settings=CONTEXT, epilog=_TRAIN_EPILOG)
-@click.option("--model", default=None, help="Model from the zoo [default: mlp].")
+@click.option("--model", default=None,
+              help="Zoo model, or a factory package.module:callable called as "
+                   "factory(input_shape=(...), num_classes=K) -> dp.nn.Module (importable "
+                   "from the current directory) [default: mlp].")
+@click.option("--hidden", type=int, default=None,
+              help="Hidden width: mlp (every hidden layer) [1024], lstm [256], transformer "
+                   "(d_model, a multiple of 4) [128].")
+@click.option("--layers", type=int, default=None,
+              help="Depth: mlp hidden layers [2], lstm layers [1], transformer encoder layers "
+                   "[2].")
+@click.option("--channels", type=int, default=None,
+              help="cnn: channels of the first convolution (the second has twice as many) [32].")
 @click.option("--dataset", default=None, help="digits, mnist1d, synthetic or PATH [default: "
               "digits].")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="classification (integer labels, accuracy) or regression (.npz with float "
+                   "targets y of shape (N,) or (N, k); r2 and mae) [classification].")
+@click.option("--loss", type=click.Choice(LOSSES), default=None,
+              help="Loss: cross_entropy (classification); mse or huber (regression) [default: "
+                   "cross_entropy / mse].")
 @click.option("--epochs", type=int, default=None, help="Training epochs [default: 5].")
 @click.option("--batch-size", type=int, default=None,
               help="Samples per rank per micro-batch [default: 32].")
@@ -260,7 +284,8 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
           oversubscribe, dry_run, forward_stdin, trace_file, worker_config, worker_config_sha256,
           **options):
-    """Train a zoo model on a dataset, data-parallel over MPI ranks."""
+    """Train a zoo model (or your own, --model pkg.mod:factory) on a dataset, data-parallel
+    over MPI ranks."""
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
 
     if trace_file and not worker_config:

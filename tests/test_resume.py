@@ -316,8 +316,8 @@ NONSENSE = [
     ("no ranks", _drop("ranks"), "ranks is missing"),
     ("ranks not a list", _set("ranks", None), "ranks must be a list of one entry per rank of the 1 "
                                           "that wrote it, got NoneType"),
-    ("sums as text", _rank0("sums", ["x"] * 6), "ranks[0].sums must be a list of 6 "
-                                                "numbers"),
+    ("sums as text", _rank0("sums", ["x"] * 6), "ranks[0].sums must be a list of an even "
+                                                "number (at least 4) of numbers"),
     ("broken generator", _rank0("rng", {"bit_generator": "PCG64"}), "ranks[0].rng is not a "
                                                                     "valid generator state"),
     ("model as a list", _set("model", []), "model must be a mapping, got list"),

@@ -48,7 +48,8 @@ class Run:
         config: the training configuration (from ``summary.json``, else ``config.json``).
         summary: ``summary.json`` when the run finished, else None.
         input_shape: one sample's shape, None until known (from the summary or the data).
-        num_classes: the model's outputs, None until known.
+        num_classes: the model's outputs (classes, or target columns of a regression run),
+            None until known.
     """
 
     directory: Path
@@ -100,7 +101,8 @@ def open_run(run_dir) -> Run:
     if summary is not None:
         try:
             shape = tuple(int(s) for s in summary["input_shape"])
-            classes = int(summary["num_classes"])
+            outputs = summary.get("num_outputs")  # regression runs: the targets' width
+            classes = int(outputs if outputs is not None else summary["num_classes"])
         except (KeyError, TypeError, ValueError):
             raise RunError(f"{summary_path} lacks a valid input_shape/num_classes") from None
     return Run(directory, config, summary, shape, classes)
@@ -130,6 +132,9 @@ def load_data(run: Run, dataset: str | None = None) -> sources.DataSplits:
     if tuple(splits.input_shape) != run.input_shape:
         raise RunError(f"dataset {cfg.dataset} has samples of shape {tuple(splits.input_shape)}; "
                        f"the run's model takes {run.input_shape}")
+    if cfg.task == "regression" and splits.num_classes != run.num_classes:
+        raise RunError(f"dataset {cfg.dataset} has {splits.num_classes} target column(s); the "
+                       f"run's model has {run.num_classes} outputs")
     if splits.num_classes > run.num_classes:
         raise RunError(f"dataset {cfg.dataset} has {splits.num_classes} classes; the run's model "
                        f"has {run.num_classes} outputs")
@@ -179,15 +184,20 @@ def load_weights(path) -> dict:
 
 
 def build_model(run: Run):
-    """The run's model, freshly initialised (as ``distprop train`` built it)."""
-    from distprop.train.adapt import model_for  # noqa: PLC0415
+    """The run's model, freshly initialised (as ``distprop train`` built it: zoo model with the
+    run's size options, or the run's factory, which must still be importable)."""
+    from distprop.train.modelspec import build, is_factory  # noqa: PLC0415
 
     if run.input_shape is None:
         load_data(run)  # an unfinished run: the data tell the sample shape and class count
+    cfg = run.config
     try:
-        return model_for(run.config.model, run.input_shape, run.num_classes)
+        return build(cfg.model, run.input_shape, run.num_classes, hidden=cfg.hidden,
+                     layers=cfg.layers, channels=cfg.channels)
     except ValueError as exc:
-        raise RunError(f"cannot rebuild the run's model: {exc}") from None
+        hint = " (a factory is imported from the current directory or PYTHONPATH, as in " \
+            "training)" if is_factory(cfg.model) else ""
+        raise RunError(f"cannot rebuild the run's model: {exc}{hint}") from None
 
 
 def load_model(run: Run, checkpoint=None, log=None):
@@ -215,16 +225,18 @@ def load_model(run: Run, checkpoint=None, log=None):
 
 def evaluate(run: Run, checkpoint=None, dataset: str | None = None, split: str = "test",
              batch_size: int = 256, comm=None, log=None) -> dict:
-    """Loss and accuracy of the run's model on a split of its dataset, over the ranks of
-    ``comm`` (default: the world; one process is a world of one).
+    """Loss and metrics of the run's model on a split of its dataset, over the ranks of
+    ``comm`` (default: the world; one process is a world of one), with the run's loss.
 
     Returns:
-        ``{"loss", "accuracy", "samples", "split", "dataset", "checkpoint"}``.
+        ``{"loss", "accuracy", "samples", "split", "dataset", "checkpoint"}`` (a regression
+        run: ``"r2"`` and ``"mae"`` instead of ``"accuracy"``).
 
     Raises:
         RunError: see :func:`load_model` and :func:`load_data`; an empty split.
     """
-    from distprop import nn, optim  # noqa: PLC0415
+    from distprop import optim  # noqa: PLC0415
+    from distprop.train import tasks  # noqa: PLC0415
     from distprop.train.trainer import Trainer  # noqa: PLC0415
 
     if split not in SPLITS:
@@ -238,8 +250,10 @@ def evaluate(run: Run, checkpoint=None, dataset: str | None = None, split: str =
                        "run's fractions")
     model, path = load_model(run, checkpoint, log=log)
     # A Trainer only for its evaluate(), which reduces the sums over the ranks; lr 0, no steps.
-    trainer = Trainer(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.0),
-                      comm=comm, seed=run.config.seed)
+    cfg = run.config
+    trainer = Trainer(model, tasks.loss_fn(cfg.task, cfg.loss),
+                      optim.SGD(model.parameters(), lr=0.0), comm=comm, seed=cfg.seed,
+                      metrics=tasks.metrics(cfg.task), progress=False)
     result = trainer.evaluate(part, batch_size=batch_size)
     result.update(split=split, dataset=dataset or run.config.dataset, checkpoint=str(path))
     return result
@@ -338,7 +352,7 @@ def export(run: Run, out, fmt: str | None = None, checkpoint=None, log=None) -> 
     model, path = load_model(run, checkpoint, log=log)
     state = {k: np.ascontiguousarray(v.numpy()) for k, v in model.state_dict().items()}
     if fmt == "safetensors":
-        meta = {"distprop_model": run.config.model,
+        meta = {"distprop_model": run.config.model, "task": run.config.task,
                 "input_shape": json.dumps(list(run.input_shape)),
                 "num_classes": str(run.num_classes), "checkpoint": path.name,
                 "architecture": repr(model)}

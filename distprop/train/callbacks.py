@@ -51,6 +51,24 @@ class Callback:
         return []
 
 
+def _metric_names(trainer) -> list[str]:
+    return list(getattr(trainer, "metric_names", ["accuracy"]))
+
+
+def _metric_parts(trainer, logs: dict, prefix: str) -> list[str]:
+    """``acc 97.50%`` for accuracy, ``r2 0.9312`` for other metrics, as in the epoch line."""
+    parts = []
+    for name in _metric_names(trainer):
+        value = logs.get(prefix + name)
+        if value is None:
+            continue
+        if name == "accuracy":
+            parts.append(f"{prefix}acc {100 * value:.2f}%")
+        else:
+            parts.append(f"{prefix}{name} {value:.4f}")
+    return parts
+
+
 class ProgressBar(Callback):
     """A tqdm bar per epoch on rank 0 (quiet when stderr is not a terminal); epoch summary lines
     are printed to stdout on rank 0 either way."""
@@ -83,7 +101,7 @@ class ProgressBar(Callback):
             self._bar.update(1)
             if logs:
                 self._bar.set_postfix(loss=f"{logs['loss']:.4f}",
-                                      acc=f"{logs['accuracy']:.3f}")
+                                      **{n: f"{logs[n]:.3f}" for n in _metric_names(trainer)})
 
     def on_epoch_end(self, trainer, logs) -> None:
         if self._bar is not None:
@@ -91,10 +109,10 @@ class ProgressBar(Callback):
             self._bar = None
         if trainer.is_main and self.print_epochs and not trainer.epoch_replayed:
             parts = [f"epoch {logs['epoch'] + 1}/{trainer.epochs}", f"step {logs['step']}",
-                     f"loss {logs['loss']:.4f}", f"acc {100 * logs['accuracy']:.2f}%"]
+                     f"loss {logs['loss']:.4f}", *_metric_parts(trainer, logs, "")]
             if logs.get("val_loss") is not None:
                 parts += [f"val_loss {logs['val_loss']:.4f}",
-                          f"val_acc {100 * logs['val_accuracy']:.2f}%"]
+                          *_metric_parts(trainer, logs, "val_")]
             parts.append(f"lr {logs['lr']:.4g}")
             if logs.get("samples_per_s") is not None:
                 parts.append(f"{logs['samples_per_s']:.0f} samples/s")
@@ -121,8 +139,12 @@ class MetricsLogger(Callback):
         self.jsonl = self.directory / "metrics.jsonl"
         self.csv = self.directory / "metrics.csv"
         self._kept_epochs: set[int] = set()
+        self._fields = CSV_FIELDS
 
     def on_train_begin(self, trainer) -> None:
+        extra = [n for name in _metric_names(trainer) for n in (name, f"val_{name}")
+                 if n not in CSV_FIELDS]
+        self._fields = CSV_FIELDS[:-1] + tuple(extra) + CSV_FIELDS[-1:]  # time stays last
         if not trainer.is_main:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -146,7 +168,7 @@ class MetricsLogger(Callback):
         fileio.atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows),
                                  "metrics")
         table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(table, fieldnames=self._fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         fileio.atomic_write_text(self.csv, table.getvalue(), "metrics")
@@ -158,7 +180,7 @@ class MetricsLogger(Callback):
                     if path is self.jsonl:
                         f.write(json.dumps(row) + "\n")
                     else:
-                        csv.DictWriter(f, fieldnames=CSV_FIELDS,
+                        csv.DictWriter(f, fieldnames=self._fields,
                                        extrasaction="ignore").writerow(row)
             except OSError as exc:
                 raise fileio.WriteError(exc.errno, f"cannot write metrics {path}: "

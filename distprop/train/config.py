@@ -19,6 +19,9 @@ LR_SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "linear", 
 COMPRESSIONS = ("none", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
 COMMS = ("auto", "nccl", "mpi-cuda", "mpi-host")  # distprop.distributed.selection.COMM_CHOICES
+TASKS = ("classification", "regression")  # see distprop.train.tasks
+TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}  # 1st: default
+LOSSES = tuple(name for names in TASK_LOSSES.values() for name in names)
 
 
 class ConfigError(ValueError):
@@ -36,10 +39,20 @@ class TrainConfig:
     Batch sizes: ``batch_size`` is per rank and per micro-batch; the global batch of one
     optimizer step is ``batch_size * world_size * grad_accum``. Giving ``global_batch_size``
     instead derives ``batch_size`` (it must divide by ``world_size * grad_accum``).
+
+    ``model`` is a zoo name or a factory ``package.module:callable`` (see
+    :mod:`distprop.train.modelspec`, which also says which of ``hidden``, ``layers`` and
+    ``channels`` each zoo model takes); ``task`` and ``loss`` are described in
+    :mod:`distprop.train.tasks`.
     """
 
     model: str = "mlp"
     dataset: str = "digits"
+    task: str = "classification"
+    loss: str | None = None
+    hidden: int | None = None
+    layers: int | None = None
+    channels: int | None = None
     epochs: int = 5
     batch_size: int | None = None
     global_batch_size: int | None = None
@@ -118,6 +131,28 @@ class TrainConfig:
 
     # --- checks ---------------------------------------------------------------------------------
 
+    def _validate_model_and_task(self) -> None:
+        """``--model`` (zoo name or factory), size options, ``--task`` and ``--loss``."""
+        from distprop.train import modelspec, tasks  # noqa: PLC0415
+
+        if self.model not in MODELS and not modelspec.is_factory(self.model):
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)} "
+                              "or a factory 'package.module:callable'", "model")
+        try:
+            modelspec.check_sizes(self.model, self.hidden, self.layers, self.channels)
+        except modelspec.ModelSpecError as exc:
+            raise ConfigError(str(exc), exc.param) from None
+        if self.task not in tasks.TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of "
+                              f"{', '.join(tasks.TASKS)}", "task")
+        try:
+            tasks.check_loss(self.task, self.loss)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "loss") from None
+        if self.task == "regression" and self.num_classes is not None:
+            raise ConfigError("--num-classes does not apply to --task regression (the model's "
+                              "outputs are the targets' width)", "num-classes")
+
     def validate(self, world_size: int) -> TrainConfig:
         """Check names, ranges and batch arithmetic for ``world_size`` ranks.
 
@@ -126,8 +161,8 @@ class TrainConfig:
         Raises:
             ConfigError: naming the option and the valid choices or the arithmetic that fails.
         """
-        for name, value, choices in (("model", self.model, MODELS),
-                                     ("optimizer", self.optimizer, OPTIMIZERS),
+        self._validate_model_and_task()
+        for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
                                      ("lr-schedule", self.lr_schedule, LR_SCHEDULES),
                                      ("compression", self.compression, COMPRESSIONS),
                                      ("comm", self.comm, COMMS)):

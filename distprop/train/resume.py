@@ -140,10 +140,12 @@ def _check_ranks(ranks, world: int) -> None:
         if not isinstance(entry, dict):
             raise _Bad(f"ranks[{r}]", "must be a mapping")
         sums = entry.get("sums")
-        # running metric sums: an inf loss is legitimate (a step skipped by the loss scaler)
-        if not isinstance(sums, list) or len(sums) != 6 or not all(
+        # running sums, epoch and interval: [loss, metric sums..., samples] each; an inf loss is
+        # legitimate (a step skipped by the loss scaler)
+        if not isinstance(sums, list) or len(sums) < 4 or len(sums) % 2 or not all(
                 isinstance(v, int | float) and not isinstance(v, bool) for v in sums):
-            raise _Bad(f"ranks[{r}].sums", "must be a list of 6 numbers")
+            raise _Bad(f"ranks[{r}].sums", "must be a list of an even number (at least 4) of "
+                       "numbers")
         try:  # on scratch generators: nothing of this process's random state is touched
             np.random.default_rng().bit_generator.state = entry.get("rng")
             np.random.RandomState().set_state(tuple(entry.get("numpy_global_rng")))

@@ -36,9 +36,17 @@ _SPLITS_CACHE: dict = {}
 
 def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
     """The dataset of ``cfg`` (cached per process, so ``check`` and training load it once)."""
-    key = (cfg.dataset, cfg.seed, cfg.val_fraction, cfg.test_fraction, cfg.num_classes)
+    key = (cfg.dataset, cfg.seed, cfg.val_fraction, cfg.test_fraction, cfg.num_classes,
+           cfg.task)
     if key in _SPLITS_CACHE:
         return _SPLITS_CACHE[key]
+    if cfg.task == "regression":
+        from distprop.train.tasks import load_regression  # noqa: PLC0415
+
+        fractions = {k: v for k, v in (("val_fraction", cfg.val_fraction),
+                                       ("test_fraction", cfg.test_fraction)) if v is not None}
+        splits = _SPLITS_CACHE[key] = load_regression(cfg.dataset, seed=cfg.seed, **fractions)
+        return splits
     kwargs = {}
     if cfg.num_classes is not None and cfg.dataset not in sources.DATASETS:
         kwargs["num_classes"] = cfg.num_classes
@@ -54,10 +62,12 @@ def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
 
 
 def build_model(cfg: TrainConfig, splits: sources.DataSplits):
-    """The zoo model ``cfg.model`` sized for the dataset (see :mod:`distprop.train.adapt`)."""
-    from distprop.train.adapt import model_for  # noqa: PLC0415
+    """The model ``cfg.model`` (zoo name, with its size options, or factory) sized for the
+    dataset (see :mod:`distprop.train.modelspec` and :mod:`distprop.train.adapt`)."""
+    from distprop.train.modelspec import build  # noqa: PLC0415
 
-    return model_for(cfg.model, splits.input_shape, splits.num_classes)
+    return build(cfg.model, splits.input_shape, splits.num_classes, hidden=cfg.hidden,
+                 layers=cfg.layers, channels=cfg.channels)
 
 
 def base_lr(cfg: TrainConfig) -> float:
@@ -224,7 +234,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
     try:
         model = build_model(cfg, splits)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(str(exc), "model") from None
+        raise ConfigError(str(exc), getattr(exc, "param", "model")) from None
     except MemoryError:
         raise ConfigError(f"model {cfg.model!r} for {splits.num_classes} classes and samples of "
                           f"shape {splits.input_shape} does not fit in memory", "model") from None
@@ -236,12 +246,15 @@ def check(cfg: TrainConfig) -> TrainConfig:
         with no_grad():
             model.eval()
             out = model(Tensor(x))
-    except (ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a factory's model may raise anything
         raise ConfigError(f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (samples "
-                          f"of shape {splits.input_shape}): {exc}", "model") from None
-    if out.ndim != 2 or out.shape[1] != splits.num_classes:
-        raise ConfigError(f"model {cfg.model!r} gives outputs of shape {out.shape}, expected "
-                          f"(batch, {splits.num_classes})", "model")
+                          f"of shape {splits.input_shape}): {type(exc).__name__}: {exc}",
+                          "model") from None
+    if not hasattr(out, "ndim") or out.ndim != 2 or out.shape[1] != splits.num_classes:
+        what = "classes" if cfg.task == "classification" else "target columns"
+        raise ConfigError(f"model {cfg.model!r} gives outputs of shape "
+                          f"{getattr(out, 'shape', type(out).__name__)}, expected (batch, "
+                          f"{splits.num_classes}) for {splits.num_classes} {what}", "model")
     try:
         optimizer = build_optimizer(cfg.updated(zero=False), model.parameters())
         build_schedule(cfg, optimizer)
@@ -314,13 +327,14 @@ def _plot(history: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     epochs = [r["epoch"] + 1 for r in history]
+    metric = "accuracy" if "accuracy" in history[0] else "r2"  # classification / regression
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["loss"] for r in history], marker="o", label="train")
-    ax_acc.plot(epochs, [r["accuracy"] for r in history], marker="o", label="train")
+    ax_acc.plot(epochs, [r.get(metric) for r in history], marker="o", label="train")
     if any(r.get("val_loss") is not None for r in history):
         ax_loss.plot(epochs, [r.get("val_loss") for r in history], marker="o", label="val")
-        ax_acc.plot(epochs, [r.get("val_accuracy") for r in history], marker="o", label="val")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax_acc.plot(epochs, [r.get(f"val_{metric}") for r in history], marker="o", label="val")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, metric)):
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -335,7 +349,7 @@ def _plot(history: list[dict], path: Path) -> Path | None:
 
 def train(cfg: TrainConfig, comm=None) -> dict:
     """Train from ``cfg`` on the ranks of ``comm``; returns the summary (on every rank)."""
-    from distprop import distributed, nn  # noqa: PLC0415
+    from distprop import distributed  # noqa: PLC0415
     from distprop.backend import manual_seed  # noqa: PLC0415
     from distprop.train.trainer import Trainer  # noqa: PLC0415
 
@@ -385,7 +399,10 @@ def train(cfg: TrainConfig, comm=None) -> dict:
               f"{cfg.batch_size}/rank x "
               f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
               f"{cfg.optimizer} lr {base_lr(cfg):.4g}", flush=True)
-    trainer = Trainer(model, nn.CrossEntropyLoss(), optimizer, comm=data_comm, device=dev,
+    from distprop.train import tasks  # noqa: PLC0415
+
+    trainer = Trainer(model, tasks.loss_fn(cfg.task, cfg.loss), optimizer, comm=data_comm,
+                      device=dev, metrics=tasks.metrics(cfg.task),
                       clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
                       compression=None if cfg.compression == "none" else cfg.compression,
                       callbacks=callbacks, seed=cfg.seed, log_every=cfg.log_every,
@@ -396,7 +413,9 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     test = trainer.evaluate(splits.test) if splits.test is not None else None
     summary = {
         "config": cfg.to_dict(), "world_size": comm.size, "dataset": splits.sizes(),
-        "num_classes": splits.num_classes, "input_shape": list(splits.input_shape),
+        "task": cfg.task, "num_outputs": splits.num_classes,
+        "num_classes": splits.num_classes if cfg.task == "classification" else None,
+        "input_shape": list(splits.input_shape),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "epochs_run": len(history.epochs), "steps": trainer.step,
         "final": history.final, "test": test, "resumed_from": history.resumed_from,
@@ -410,8 +429,8 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         fileio.atomic_write_text(out / "summary.json",
                                  json.dumps(summary, indent=2, default=str) + "\n", "summary")
         if test is not None:
-            print(f"test: loss {test['loss']:.4f}  accuracy {100 * test['accuracy']:.2f}% "
-                  f"({test['samples']} samples); wrote {out / 'summary.json'}", flush=True)
+            print(f"test: {tasks.describe(test)} ({test['samples']} samples); wrote "
+                  f"{out / 'summary.json'}", flush=True)
     return summary
 
 

@@ -29,10 +29,10 @@ import numpy as np
 from distprop import amp as _amp
 from distprop import backend, trace
 from distprop.data import DataLoader, TensorDataset
-from distprop.distributed.metrics import MetricsReducer
 from distprop.tensor import Tensor, no_grad
 from distprop.train import checkpoint as ckpt
 from distprop.train import resume as resume_mod
+from distprop.train.metrics import MetricSums, default_metrics
 
 
 def _default_comm():
@@ -86,6 +86,22 @@ def _check_finite(dataset, name: str) -> None:
                                  f"(NaN or inf) in sample {row}; clean the data before training")
 
 
+def _default_progress(callbacks, progress: bool | None) -> list:
+    """The progress reporter ``fit`` adds: none when ``callbacks`` has a ProgressBar or
+    ``progress`` is False; with ``progress=None`` only when stderr is a terminal; with True
+    always (a tqdm bar when tqdm is installed and stderr is a terminal, epoch lines on stdout;
+    rank 0 only)."""
+    import sys  # noqa: PLC0415
+
+    from distprop.train.callbacks import ProgressBar  # noqa: PLC0415
+
+    if progress is False or any(isinstance(cb, ProgressBar) for cb in callbacks):
+        return []
+    if progress is None and not sys.stderr.isatty():
+        return []
+    return [ProgressBar()]
+
+
 @dataclass
 class History:
     """What ``fit`` returns: one record per epoch, the final metrics, and where files went."""
@@ -97,13 +113,14 @@ class History:
 
 
 class Trainer:
-    """Runs epochs of data-parallel training; see :func:`fit` for the arguments."""
+    """Runs epochs of data-parallel training; see :func:`fit` for the arguments (``metrics``
+    and ``progress`` included)."""
 
     def __init__(self, model, loss_fn, optimizer, *, comm=None, device="cpu",
                  clip_grad_norm: float | None = None, grad_accum: int = 1,
                  compression: str | None = None, callbacks=(), seed: int = 0,
                  log_every: int = 10, prefetch: int = 1, ddp_kwargs: dict | None = None,
-                 amp=None):
+                 amp=None, metrics: dict | None = None, progress: bool | None = None):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if log_every < 1:
@@ -119,7 +136,10 @@ class Trainer:
         self.optimizer = optimizer
         self.clip_grad_norm = clip_grad_norm
         self.grad_accum = int(grad_accum)
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) + _default_progress(callbacks, progress)
+        # name -> metric (see distprop.train.metrics); None: accuracy, as a classifier
+        self.metrics = dict(default_metrics() if metrics is None else metrics)
+        self._layout: MetricSums | None = None
         self.seed = int(seed)
         self.log_every = int(log_every)
         self.prefetch = int(prefetch)
@@ -143,7 +163,7 @@ class Trainer:
         self._counts = [0.0, 0.0]  # samples this rank processed in this run: epoch, interval
         self.stop_training = False
         self.resumed_from: str | None = None
-        self._sums = None  # this rank's running sums: epoch [loss, correct, n], interval [...]
+        self._sums = None  # this rank's running sums: epoch [loss, metric sums.., n], interval
         self._last_norm: float | None = None
         self.last_grad_norms: dict[str, float] = {}
 
@@ -183,15 +203,32 @@ class Trainer:
     def _xp(self):
         return backend.xp_for(self.device)
 
+    @property
+    def metric_names(self) -> list[str]:
+        """The names of the metrics in the log rows (besides ``loss``)."""
+        return list(self.metrics)
+
+    def _set_layout(self, dataset) -> MetricSums:
+        """The running sums' layout for ``dataset``'s target shape (from its first sample)."""
+        sample = dataset[0] if len(dataset) else None
+        target_shape = tuple(sample[1].shape) if isinstance(sample, tuple | list) and \
+            len(sample) == 2 and hasattr(sample[1], "shape") else ()
+        layout = MetricSums(self.metrics, target_shape)
+        if self._layout is None or layout.width != self._layout.width:
+            self._sums = None
+        self._layout = layout
+        return layout
+
     def _reset_sums(self, epoch: bool = True, interval: bool = True) -> None:
         xp = self._xp()
+        w = self._layout.width
         if self._sums is None:
-            self._sums = xp.zeros(6, dtype=np.float64)
+            self._sums = xp.zeros(2 * w, dtype=np.float64)
         if epoch:
-            self._sums[:3] = 0
+            self._sums[:w] = 0
             self._counts[0] = 0.0
         if interval:
-            self._sums[3:] = 0
+            self._sums[w:] = 0
             self._counts[1] = 0.0
 
     # --- one step -----------------------------------------------------------------------------
@@ -207,15 +244,12 @@ class Trainer:
         return x, y
 
     def _accumulate_metrics(self, out: Tensor, y: Tensor, loss: Tensor) -> None:
-        xp = self._xp()
         n = float(y.shape[0]) if y.ndim else 1.0
-        correct = 0.0
-        if out.ndim == 2 and y.ndim == 1 and y.dtype.kind in "iu":
-            correct = (out.data.argmax(axis=1) == y.data).sum()
-        row = xp.stack([xp.asarray(loss.data, dtype=np.float64) * n,
-                        xp.asarray(correct, dtype=np.float64), xp.asarray(n, dtype=np.float64)])
-        self._sums[:3] += row
-        self._sums[3:] += row
+        w = self._layout.width
+        with no_grad():
+            row = self._layout.row(out, y, loss, self._xp())
+        self._sums[:w] += row
+        self._sums[w:] += row
         self._counts[0] += n
         self._counts[1] += n
 
@@ -258,44 +292,42 @@ class Trainer:
                           prefetch=self.prefetch, device=device)
 
     def evaluate(self, dataset, batch_size: int = 256) -> dict:
-        """Mean loss and accuracy over ``dataset``; each rank evaluates every size-th sample
-        (no padding, so the reduced numbers are exact)."""
+        """Mean loss and the metrics over ``dataset``; each rank evaluates every size-th sample
+        (no padding, so the reduced numbers are exact): ``{"loss", <metric names>, "samples"}``.
+        """
         from distprop.data.sampler import DistributedSampler  # noqa: PLC0415
 
         sampler = DistributedSampler(dataset, num_replicas=self.comm.size, rank=self.comm.rank,
                                      shuffle=False, pad=False)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                             device=self.device if self.device.is_cuda else None)
-        reducer = MetricsReducer(["loss", "accuracy"], comm=self.comm)
+        layout = self._layout if self._layout is not None else self._set_layout(dataset)
+        xp = self._xp()
+        sums = xp.zeros(layout.width, dtype=np.float64)
         was_training = self.model.training
         self.model.eval()
         with no_grad():
             for batch in loader:
                 x, y = self._to_device(batch)
                 out = self.model(x)
-                n = float(y.shape[0])
-                reducer.add("loss", self.loss_fn(out, y).data * n, n)
-                if out.ndim == 2 and y.ndim == 1:
-                    reducer.add("accuracy", (out.data.argmax(axis=1) == y.data).sum(), n)
-                else:
-                    reducer.add("accuracy", 0.0, n)
+                sums += layout.row(out, y, self.loss_fn(out, y), xp)
         self.model.train(was_training)
-        means = reducer.reduce()
-        return {"loss": means["loss"], "accuracy": means["accuracy"],
-                "samples": int(reducer.totals["loss"][1])}
+        totals = np.asarray(backend.to_host(sums), dtype=np.float64)
+        if self.comm.size > 1:
+            totals = self.comm.allreduce(totals, op="sum")
+        return {**layout.values(totals), "samples": int(totals[-1])}
 
     def _log_row(self, epoch_part: bool, norm, elapsed: float) -> dict:
         """Reduced metrics of the epoch (or log interval) so far; the rate counts only the
         samples processed in this run (a resumed epoch's sums include earlier runs')."""
-        lo, hi = (0, 3) if epoch_part else (3, 6)
+        w = self._layout.width
+        lo, hi = (0, w) if epoch_part else (w, 2 * w)
         host = np.asarray(backend.to_host(self._sums[lo:hi]), dtype=np.float64)
         done_here = self._counts[0 if epoch_part else 1]
         total = self.comm.allreduce(np.append(host, done_here), op="sum")
-        count = max(total[2], 1.0)
-        rate = float(total[3] / elapsed) if elapsed > 0 and total[3] > 0 else None
-        return {"epoch": self.epoch, "step": self.step, "loss": float(total[0] / count),
-                "accuracy": float(total[1] / count), "lr": self.lr(), "samples_per_s": rate,
-                "grad_norm": norm, "time": time.time()}
+        rate = float(total[w] / elapsed) if elapsed > 0 and total[w] > 0 else None
+        return {"epoch": self.epoch, "step": self.step, **self._layout.values(total[:w]),
+                "lr": self.lr(), "samples_per_s": rate, "grad_norm": norm, "time": time.time()}
 
     def fit(self, train_data, val_data=None, epochs: int = 1, batch_size: int = 32,
             resume=None) -> History:
@@ -307,6 +339,7 @@ class Trainer:
         loader = self._train_loader(train_data, batch_size)
         self.batch_size, self.epoch_samples = int(batch_size), len(train_data)
         self._start_sample = 0
+        self._set_layout(train_data)
         self.steps_per_epoch = math.ceil(len(loader) / self.grad_accum)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training data gives no batches on rank {self.comm.rank} "
@@ -370,7 +403,8 @@ class Trainer:
             logs = self._log_row(True, self._last_norm, time.perf_counter() - epoch_start)
             if val_data is not None:
                 val = self.evaluate(val_data, batch_size=max(batch_size, 256))
-                logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+                for name in ("loss", *self.metrics):
+                    logs[f"val_{name}"] = val[name]
             self.epoch += 1
             self.batch_in_epoch = self._start_sample = self._skipped_steps = 0
             self._reset_sums(epoch=True, interval=False)
@@ -419,6 +453,19 @@ class Trainer:
             **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
+    def _check_sums(self, state, where: str) -> None:
+        """Refuse a checkpoint whose running metric sums do not fit this trainer's metrics."""
+        if self._layout is None or not isinstance(state, dict):
+            return
+        want = 2 * self._layout.width
+        for r, entry in enumerate(state.get("ranks") or []):
+            sums = entry.get("sums") if isinstance(entry, dict) else None
+            if isinstance(sums, list) and len(sums) != want:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {where} is not usable: ranks[{r}].sums has {len(sums)} "
+                    f"entries; this trainer's metrics ({', '.join(self.metrics) or 'none'}) "
+                    f"keep {want} (was it written with other metrics?)")
+
     def load_checkpoint(self, source) -> None:
         """Restore model, optimizer, callbacks, position, RNG and metric sums.
 
@@ -438,6 +485,7 @@ class Trainer:
         else:
             state = source
         where = path or "state"
+        self._check_sums(state, where)
         pos = resume_mod.check_state(state, where, model=self.model, optimizer=self.optimizer,
                                      epoch_samples=self.epoch_samples or None,
                                      world_size=self.comm.size, grad_accum=self.grad_accum)
@@ -488,7 +536,8 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
         batch_size: int = 32, *, comm=None, device="cpu", clip_grad_norm: float | None = None,
         grad_accum: int = 1, compression: str | None = None, callbacks=(), seed: int = 0,
         log_every: int = 10, prefetch: int = 1, resume=None,
-        ddp_kwargs: dict | None = None, amp=None) -> History:
+        ddp_kwargs: dict | None = None, amp=None, metrics: dict | None = None,
+        progress: bool | None = None) -> History:
     """Train ``model`` data-parallel over the ranks of ``comm`` (default: ``dp.distributed``).
 
     Args:
@@ -516,6 +565,14 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
         amp: mixed precision: ``'float16'`` (or True) runs forward and loss under
             :class:`distprop.amp.autocast` and scales the loss with a
             :class:`distprop.amp.GradScaler` (its state goes into checkpoints); None: float32.
+        metrics: ``{name: fn or Metric}`` computed on every batch and reduced exactly across
+            ranks with the loss (see :mod:`distprop.train.metrics` for the contract: ``fn``
+            returns ``(sum, count)`` or a batch mean); they appear in the logs as ``name`` and
+            ``val_name``. None: ``{"accuracy": Accuracy()}``; ``{}``: the loss only.
+        progress: report progress on rank 0 (a :class:`~distprop.train.callbacks.ProgressBar`:
+            a tqdm bar when tqdm is installed and stderr is a terminal, one line per epoch on
+            stdout). None: only when stderr is a terminal; True: always; False: never. Not
+            added when ``callbacks`` holds a ProgressBar already.
 
     Returns:
         A :class:`History` with one record per epoch.
@@ -523,5 +580,6 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
     trainer = Trainer(model, loss_fn, optimizer, comm=comm, device=device,
                       clip_grad_norm=clip_grad_norm, grad_accum=grad_accum,
                       compression=compression, callbacks=callbacks, seed=seed,
-                      log_every=log_every, prefetch=prefetch, ddp_kwargs=ddp_kwargs, amp=amp)
+                      log_every=log_every, prefetch=prefetch, ddp_kwargs=ddp_kwargs, amp=amp,
+                      metrics=metrics, progress=progress)
     return trainer.fit(train_data, val_data, epochs=epochs, batch_size=batch_size, resume=resume)
