@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import distprop as dp
+from distprop.flat import slot_of
 from distprop.nn import Parameter
 from distprop.optim import flatten
-from distprop.optim.flat import slot_of
 
 rng = np.random.default_rng(0)
 SHAPES = [(4, 5), (4,), (3, 4), (3,)]

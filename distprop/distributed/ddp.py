@@ -36,8 +36,8 @@ from distprop.distributed import compression as _codec
 from distprop.distributed import guards
 from distprop.distributed.comm import Communicator
 from distprop.distributed.consistency import broadcast_state, check_same_model
+from distprop.flat import flatten, slot_of
 from distprop.nn.module import Module
-from distprop.optim.flat import flatten, slot_of
 from distprop.tensor import Tensor, is_grad_enabled, queue_callback
 
 _MB = 1 << 20

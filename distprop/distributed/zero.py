@@ -1,6 +1,6 @@
 """ZeroRedundancyOptimizer: optimizer state sharded over ranks (ZeRO stage 1).
 
-The parameters live in flat buffers (:mod:`distprop.optim.flat`). For each buffer, the span
+The parameters live in flat buffers (:mod:`distprop.flat`). For each buffer, the span
 holding this optimizer's parameters is cut into ``world_size`` contiguous chunks of
 ``span // world_size`` elements; rank r owns chunk r, and the last rank also owns the fewer than
 ``world_size`` leftover elements, so no padded copy of the buffer is ever made. A rank builds the
@@ -33,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 
 from distprop import backend
+from distprop.flat import FlatBuffer, flatten, slot_of
 from distprop.nn.module import Parameter
-from distprop.optim.flat import FlatBuffer, slot_of
 from distprop.optim.optimizer import Optimizer
 from distprop.tensor import Tensor, as_array, enable_grad
 
@@ -175,8 +175,6 @@ class ZeroRedundancyOptimizer(Optimizer):
         for i, p in enumerate(self._params):
             slot = slot_of(p)
             if slot is None:  # moved out of its buffer since: flatten again
-                from distprop.optim.flat import flatten  # noqa: PLC0415
-
                 flatten(self._params)
                 return self._plan()
             by_buffer.setdefault(id(slot.buffer), (slot.buffer, []))[1].append(

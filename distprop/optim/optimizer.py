@@ -1,6 +1,6 @@
 """The Optimizer base class: parameter groups, flat state, fused steps over flat buffers.
 
-The constructor puts the parameters into flat buffers (:func:`~distprop.optim.flat.flatten`)
+The constructor puts the parameters into flat buffers (:func:`~distprop.flat.flatten`)
 unless they already are. Each group is then cut into *segments*, runs of its parameters that are
 consecutive in one FlatBuffer, and each segment keeps its state (``exp_avg``, ...) as flat arrays
 in the same layout; ``optimizer.state[p]`` holds views into them, so ``state_dict()`` and user
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from distprop import backend
-from distprop.optim.flat import flatten, slot_of
+from distprop.flat import flatten, slot_of
 from distprop.optim.layout import Layout, Segment, scalar_dtype
 from distprop.tensor import Tensor, as_array, enable_grad
 
