@@ -33,7 +33,7 @@ import numpy as np
 
 from distprop import amp, backend, trace
 from distprop.distributed import compression as _codec
-from distprop.distributed import guards
+from distprop.distributed import guards, world
 from distprop.distributed.comm import Communicator
 from distprop.distributed.consistency import broadcast_state, check_same_model
 from distprop.flat import flatten, slot_of
@@ -118,9 +118,7 @@ class DistributedDataParallel(Module):
             first = next(iter(module.parameters()), None)
             comm = make_comm(comm, device=None if first is None else first.device)
         if comm is None:
-            from distprop import distributed  # noqa: PLC0415
-
-            comm = distributed.init()
+            comm = world.init()
         self.module = module
         self.comm = comm
         self.bucket_cap_mb, self.first_bucket_mb = float(bucket_cap_mb), float(first_bucket_mb)

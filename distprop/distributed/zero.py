@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from distprop import backend
+from distprop.distributed import world
 from distprop.flat import FlatBuffer, flatten, slot_of
 from distprop.nn.module import Parameter
 from distprop.optim.optimizer import Optimizer
@@ -122,9 +123,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                              f"{gradients_averaged!r}")
         comm = process_group if process_group is not None else comm
         if comm is None:
-            from distprop import distributed  # noqa: PLC0415
-
-            comm = distributed.init()
+            comm = world.init()
         self.comm = comm
         self.optimizer_class = optimizer_class
         self.gradients_averaged = gradients_averaged
