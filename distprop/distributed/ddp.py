@@ -46,6 +46,16 @@ _MB = 1 << 20
 _OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
+def owner_of(param: Tensor) -> DistributedDataParallel | None:
+    """The live :class:`DistributedDataParallel` whose gradient hooks ``param`` carries (the
+    latest wrapper of its model), or None when no DDP syncs its gradient.
+
+    :class:`~distprop.distributed.ZeroRedundancyOptimizer` uses it to know whether gradients
+    arrive averaged over its ranks.
+    """
+    return _OWNERS.get(id(param))
+
+
 class _Bucket:
     """A contiguous slice ``[start, stop)`` of one flat gradient buffer."""
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from distprop import backend
 from distprop.distributed import world
+from distprop.distributed.ddp import owner_of
 from distprop.flat import FlatBuffer, flatten, slot_of
 from distprop.nn.module import Parameter
 from distprop.optim.optimizer import Optimizer
@@ -140,7 +141,7 @@ class ZeroRedundancyOptimizer(Optimizer):
 
     # --- construction -------------------------------------------------------------------------
 
-    def _check_group(self, group: dict) -> None:
+    def check_group(self, group: dict) -> None:
         """Hyper-parameters are checked by the wrapped optimizer (in :meth:`_build`)."""
 
     @property
@@ -263,10 +264,8 @@ class ZeroRedundancyOptimizer(Optimizer):
             return self.gradients_averaged
         if self.comm.size == 1:
             return True
-        from distprop.distributed.ddp import _OWNERS  # noqa: PLC0415
-
         for p in self._params:
-            owner = _OWNERS.get(id(p))
+            owner = owner_of(p)
             if owner is None or owner.comm.size != self.comm.size:
                 return False
         return True
@@ -329,7 +328,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                     inner[key] = value
                     changed = True
             if changed:
-                self.optim._check_group(inner)
+                self.optim.check_group(inner)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -453,7 +452,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                    **{k: v for k, v in saved.items() if k != "params"}}
             if isinstance(new.get("betas"), list):
                 new["betas"] = tuple(new["betas"])
-            self.optim._check_group(new)
+            self.optim.check_group(new)
             new_groups.append(new)
             for key in saved["params"]:
                 ids[key] = len(ids)
@@ -467,7 +466,8 @@ class ZeroRedundancyOptimizer(Optimizer):
                 raise ValueError(f"state dict has state for parameter {key!r}, which is in no "
                                  "parameter group")
             i = ids[key]
-            full[i] = self.optim._validate_entry(new_groups[group_of[i]], key, params[i], entry)
+            full[i] = self.optim.validate_state_entry(new_groups[group_of[i]], key, params[i],
+                                                      entry)
         for group, new in zip(self.param_groups, new_groups):
             group.update(new)
         self._sync_hyperparameters()
@@ -479,7 +479,7 @@ class ZeroRedundancyOptimizer(Optimizer):
         """Give the wrapped optimizer this rank's slices of ``full`` (index -> state)."""
         inner_state, k = {}, 0
         for inner in self.optim.param_groups:
-            arrays = self.optim._array_state(inner)
+            arrays = self.optim.array_state(inner)
             for _ in inner["params"]:
                 pc = self._inner_pieces[k]
                 if pc is not None and full.get(pc.index):
