@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 
 import numpy as np
@@ -38,6 +37,7 @@ import numpy as np
 import distprop as dp
 from distprop import distributed as dist
 from distprop import nn
+from distprop.bench.runner import peak_rss_mb
 
 
 def build_wide() -> nn.Module:
@@ -196,7 +196,7 @@ def main() -> None:
                 extra["exposed_vs_overlap_off"] = rec["sync_s"]["median"] / off["sync_s"]["median"]
         emit(name, rec, **extra)
     comm.set_progress_thread(default_thread)
-    rss = comm.allgather_obj(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    rss = comm.allgather_obj(peak_rss_mb())
     emit("peak-rss", {"peak_rss_mb": max(rss)})
     if args.out and comm.rank == 0:
         with open(args.out, "a") as f:

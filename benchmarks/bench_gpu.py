@@ -75,7 +75,9 @@ def distprop_step_fn(name: str, batch: int):
 
 def torch_step_fn(name: str, state: dict, batch_arrays):
     import torch  # noqa: PLC0415
-    from bench_models import torch_model, training_step  # noqa: PLC0415
+    from bench_models import training_step  # noqa: PLC0415
+
+    from distprop.bench.torch_zoo import torch_model  # noqa: PLC0415
 
     model = torch_model(name)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import pstats
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,55 +26,10 @@ import time
 
 import numpy as np
 
+from distprop.bench.runner import peak_rss_mb
+from distprop.bench.torch_zoo import torch_model
+
 LR, MOMENTUM = 0.01, 0.9
-
-
-def torch_model(name: str):
-    """The same architecture as ``distprop.models`` in PyTorch (same state_dict keys)."""
-    import torch.nn as tnn  # noqa: PLC0415
-
-    if name == "mlp":
-        return tnn.Sequential(tnn.Linear(784, 1024), tnn.ReLU(), tnn.Linear(1024, 1024),
-                              tnn.ReLU(), tnn.Linear(1024, 10))
-    if name == "cnn":
-        return tnn.Sequential(tnn.Conv2d(1, 32, 3), tnn.ReLU(), tnn.MaxPool2d(2),
-                              tnn.Conv2d(32, 64, 3), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
-                              tnn.Linear(1600, 128), tnn.ReLU(), tnn.Linear(128, 10))
-    if name == "wide":
-        return tnn.Sequential(tnn.Linear(1024, 4096), tnn.ReLU(), tnn.Linear(4096, 4096),
-                              tnn.ReLU(), tnn.Linear(4096, 1024), tnn.ReLU(),
-                              tnn.Linear(1024, 10))
-    if name in ("lstm", "transformer"):
-        lstm_twin, transformer_twin = _torch_sequence_twins()
-        return lstm_twin() if name == "lstm" else transformer_twin()
-    raise ValueError(f"no PyTorch twin for model {name!r}")
-
-
-def _torch_sequence_twins():
-    """PyTorch twins of ``distprop.models.LSTMClassifier`` / ``TransformerClassifier``."""
-    import torch.nn as tnn  # noqa: PLC0415
-
-    class LSTMClassifier(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = tnn.LSTM(64, 256, batch_first=True)
-            self.fc = tnn.Linear(256, 10)
-
-        def forward(self, x):
-            return self.fc(self.lstm(x)[0][:, -1])
-
-    class TransformerClassifier(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding = tnn.Embedding(1000, 128)
-            layer = tnn.TransformerEncoderLayer(128, 4, 512, dropout=0.0, batch_first=True)
-            self.encoder = tnn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-            self.fc = tnn.Linear(128, 10)
-
-        def forward(self, tokens):
-            return self.fc(self.encoder(self.embedding(tokens)).mean(dim=1))
-
-    return LSTMClassifier, TransformerClassifier
 
 
 def training_step(model, loss_fn, optimizer, x, y):
@@ -167,18 +121,6 @@ def rss_worker(framework: str, name: str, batch: int | None, threads: int, steps
     for _ in range(steps):
         step()
     print(peak_rss_mb())
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM; ru_maxrss would include the forking parent's)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def summarize(times: list[float], batch: int) -> dict:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
 
 import distprop as dp
 from distprop import distributed as dist
 from distprop import models, nn
+from distprop.bench.runner import peak_rss_mb
 from distprop.distributed.zero import optimizer_state_nbytes
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     row = {"workload": "wide", "optimizer": name, "ranks": comm.size,
            "rank": comm.rank, "parameter_bytes": params,
            "optimizer_state_bytes": optimizer_state_nbytes(opt),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mb": peak_rss_mb(),
            "step_s_median": statistics.median(times)}
     lines = comm.allgather_obj(json.dumps(row))
     if comm.rank == 0:

@@ -4,7 +4,7 @@ Two jobs that sit between :mod:`distprop.backend` (which knows how to copy one a
 rest of the library:
 
 * :func:`flat_members` / :func:`reflatten` keep a flattened model flat across ``Module.to()``:
-  parameters that lived as views of a :class:`~distprop.optim.flat.FlatBuffer` are re-homed into
+  parameters that lived as views of a :class:`~distprop.flat.FlatBuffer` are re-homed into
   a new buffer on their new device/dtype (gradients included), so the optimizer, DDP and
   clipping keep working on whole buffers. The optimizer notices the old buffer is invalid and
   moves its state next to the new one.
@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 
 from distprop import backend
+from distprop.flat import flatten, slot_of
 
 # --- keeping flat models flat across Module.to() ---------------------------------------------
 
@@ -31,8 +32,6 @@ from distprop import backend
 def flat_members(module) -> list[tuple[object, list]]:
     """Each live FlatBuffer holding some of ``module``'s parameters, with ``(index, parameter)``
     pairs in buffer order (taken before a move; :func:`reflatten` uses it after)."""
-    from distprop.optim.flat import slot_of  # noqa: PLC0415 - flat imports tensor, not us
-
     found: dict[int, tuple[object, list]] = {}
     for p in module.parameters():
         slot = slot_of(p)
@@ -49,8 +48,6 @@ def reflatten(members: list[tuple[object, list]]) -> list:
     still its buffer view did not move (same device and dtype) and stays where it is. Returns
     the new buffers (the parameters keep them alive).
     """
-    from distprop.optim.flat import flatten  # noqa: PLC0415
-
     new = []
     for buf, indexed in members:
         moved = [p for i, p in indexed if p.data is not buf.views[i]]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from distprop import backend
+from distprop.tensor_methods import TensorMethods
 
 float16 = np.float16
 float32 = np.float32
@@ -136,8 +137,11 @@ class Function:
         self._freed = True
 
 
-class Tensor:
+class Tensor(TensorMethods):
     """An n-dimensional array that can record the operations applied to it.
+
+    Its operators and math methods (``+``, ``@``, ``.sum()``, ...) are the functions of
+    :mod:`distprop.ops`, bound at import; :mod:`distprop.tensor_methods` declares them.
 
     Attributes:
         data: the underlying NumPy or CuPy array.

@@ -19,13 +19,11 @@ from safetensors.torch import load_file, save_file
 
 import distprop as dp
 from distprop import models, weights
+from distprop.bench.torch_zoo import torch_model
 from distprop.cli import cli
 from distprop.train import after
 
 from helpers import REPO, mpiexec_path
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_models import torch_model  # noqa: E402 - the PyTorch twins of the zoo
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import distprop as dp
+from distprop.flat import FlatBuffer, contiguous_range, flatten, slot_of
 from distprop.nn import Parameter
-from distprop.optim.flat import FlatBuffer, contiguous_range, flatten, slot_of
 
 
 def params(*shapes, dtype=np.float64):

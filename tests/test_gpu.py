@@ -20,10 +20,10 @@ import pytest
 
 import distprop as dp
 from distprop import backend, cuda_kernels
+from distprop.flat import contiguous_range, slot_of
 from distprop.nn import functional as F
 from distprop.nn.module import Parameter
 from distprop.optim import functional as OF
-from distprop.optim.flat import contiguous_range, slot_of
 
 from helpers import numeric_grad, run_mpi
 

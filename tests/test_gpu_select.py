@@ -26,7 +26,7 @@ from distprop.distributed.selection import (
     comm_kind,
     make_comm,
 )
-from distprop.optim.flat import contiguous_range, slot_of
+from distprop.flat import contiguous_range, slot_of
 
 from helpers import run_mpi
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import distprop as dp
+from distprop.flat import slot_of
 from distprop.nn import Parameter
 from distprop.optim import flatten
-from distprop.optim.flat import slot_of
 
 rng = np.random.default_rng(0)
 SHAPES = [(4, 5), (4,), (3, 4), (3,)]
@@ -265,8 +265,8 @@ def test_fused_path_runs_on_whole_slices(monkeypatch):
     ps = dp_params()
     opt = dp.optim.Adam(ps, lr=0.01)
     calls = []
-    kernel = opt._kernel
-    monkeypatch.setattr(opt, "_kernel", lambda *a: calls.append(a[1].shape) or kernel(*a))
+    kernel = opt.kernel
+    monkeypatch.setattr(opt, "kernel", lambda *a: calls.append(a[1].shape) or kernel(*a))
     run_dp(opt, ps, 2)
     assert calls == [(39,), (39,)]  # one call per step over the whole 39-element buffer
     calls.clear()

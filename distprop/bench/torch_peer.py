@@ -16,6 +16,7 @@ import sys
 import time
 
 from distprop.bench.runner import make_batch, peak_rss_mb
+from distprop.bench.torch_zoo import torch_model
 
 
 def torch_available() -> bool:
@@ -24,54 +25,6 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def build_torch_model(workload: str):
-    """The workload of BENCHMARKS.md as a torch module (same layers and shapes as the zoo)."""
-    import torch
-    from torch import nn
-
-    if workload == "mlp":
-        return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                             nn.Linear(1024, 10))
-    if workload == "wide":
-        return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
-                             nn.Linear(4096, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    if workload == "cnn":
-        return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3),
-                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 128),
-                             nn.ReLU(), nn.Linear(128, 10))
-
-    class LSTMNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = nn.LSTM(64, 256, batch_first=True)
-            self.head = nn.Linear(256, 10)
-
-        def forward(self, x):
-            out, _ = self.lstm(x)
-            return self.head(out[:, -1])
-
-    class TransformerNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(1000, 128)
-            self.layers = nn.ModuleList([
-                nn.TransformerEncoderLayer(128, 4, 512, dropout=0.0, batch_first=True)
-                for _ in range(2)])
-            self.head = nn.Linear(128, 10)
-
-        def forward(self, x):
-            h = self.embed(x)
-            for layer in self.layers:
-                h = layer(h)
-            return self.head(torch.mean(h, dim=1))
-
-    if workload == "lstm":
-        return LSTMNet()
-    if workload == "transformer":
-        return TransformerNet()
-    raise ValueError(f"no torch peer for workload {workload!r}")
 
 
 def worker(config: dict) -> dict | None:
@@ -91,7 +44,7 @@ def worker(config: dict) -> dict | None:
         os.environ["MASTER_PORT"] = str(config["master_port"])
         tdist.init_process_group("gloo", rank=rank, world_size=size)
     torch.manual_seed(int(config.get("seed", 0)))
-    model = build_torch_model(config["workload"])
+    model = torch_model(config["workload"])
     net = torch.nn.parallel.DistributedDataParallel(model) if use_ddp else model
     opt = torch.optim.SGD(model.parameters(), lr=float(config.get("lr", 1e-3)), momentum=0.9)
     x_np, y_np = make_batch(config["workload"], int(config["batch_per_rank"]), seed=1000 + rank)

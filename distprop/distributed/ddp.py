@@ -33,17 +33,27 @@ import numpy as np
 
 from distprop import amp, backend, trace
 from distprop.distributed import compression as _codec
-from distprop.distributed import guards
+from distprop.distributed import guards, world
 from distprop.distributed.comm import Communicator
 from distprop.distributed.consistency import broadcast_state, check_same_model
+from distprop.flat import flatten, slot_of
 from distprop.nn.module import Module
-from distprop.optim.flat import flatten, slot_of
 from distprop.tensor import Tensor, is_grad_enabled, queue_callback
 
 _MB = 1 << 20
 
 # id(parameter) -> the DDP whose hooks it carries (weakly: a dropped wrapper frees its slot).
 _OWNERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def owner_of(param: Tensor) -> DistributedDataParallel | None:
+    """The live :class:`DistributedDataParallel` whose gradient hooks ``param`` carries (the
+    latest wrapper of its model), or None when no DDP syncs its gradient.
+
+    :class:`~distprop.distributed.ZeroRedundancyOptimizer` uses it to know whether gradients
+    arrive averaged over its ranks.
+    """
+    return _OWNERS.get(id(param))
 
 
 class _Bucket:
@@ -118,9 +128,7 @@ class DistributedDataParallel(Module):
             first = next(iter(module.parameters()), None)
             comm = make_comm(comm, device=None if first is None else first.device)
         if comm is None:
-            from distprop import distributed  # noqa: PLC0415
-
-            comm = distributed.init()
+            comm = world.init()
         self.module = module
         self.comm = comm
         self.bucket_cap_mb, self.first_bucket_mb = float(bucket_cap_mb), float(first_bucket_mb)

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from distprop import backend
+from distprop.distributed import world
 from distprop.distributed.comm import Communicator
 from distprop.tensor import Tensor
 
@@ -39,9 +40,7 @@ class MetricsReducer:
 
     def __init__(self, names: Iterable[str] | None = None, comm: Communicator | None = None):
         if comm is None:
-            from distprop import distributed  # noqa: PLC0415
-
-            comm = distributed.init()
+            comm = world.init()
         self.comm = comm
         self._fixed = names is not None
         self._names: list[str] = list(names) if names is not None else []

@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 
 from distprop import backend
+from distprop.distributed import world
 from distprop.distributed.comm import Communicator
 
 COMM_CHOICES = ("auto", "nccl", "mpi-cuda", "mpi-host")
@@ -163,9 +164,7 @@ def make_comm(choice: str = "auto", host: Communicator | None = None, device=Non
     if choice not in COMM_CHOICES:
         raise ValueError(f"unknown comm {choice!r}: choose one of {', '.join(COMM_CHOICES)}")
     if host is None:
-        from distprop import distributed  # noqa: PLC0415
-
-        host = distributed.init()
+        host = world.init()
     dev = device if isinstance(device, backend.Device) else (
         backend.CPU if device is None else backend.device(device))
     if dev.is_cuda:

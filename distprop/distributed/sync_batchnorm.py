@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from distprop.backend import get_array_module
+from distprop.distributed import world
 from distprop.nn.module import Module
 from distprop.nn.normalization import _BatchNorm
 from distprop.ops.norm import _channel_shape
@@ -136,9 +137,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _comm(self):
         if self.process_group is None:
-            from distprop import distributed  # noqa: PLC0415
-
-            return distributed.init()
+            return world.init()
         return self.process_group
 
     def forward(self, x: Tensor) -> Tensor:

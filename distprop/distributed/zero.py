@@ -1,6 +1,6 @@
 """ZeroRedundancyOptimizer: optimizer state sharded over ranks (ZeRO stage 1).
 
-The parameters live in flat buffers (:mod:`distprop.optim.flat`). For each buffer, the span
+The parameters live in flat buffers (:mod:`distprop.flat`). For each buffer, the span
 holding this optimizer's parameters is cut into ``world_size`` contiguous chunks of
 ``span // world_size`` elements; rank r owns chunk r, and the last rank also owns the fewer than
 ``world_size`` leftover elements, so no padded copy of the buffer is ever made. A rank builds the
@@ -33,8 +33,10 @@ from __future__ import annotations
 import numpy as np
 
 from distprop import backend
+from distprop.distributed import world
+from distprop.distributed.ddp import owner_of
+from distprop.flat import FlatBuffer, flatten, slot_of
 from distprop.nn.module import Parameter
-from distprop.optim.flat import FlatBuffer, slot_of
 from distprop.optim.optimizer import Optimizer
 from distprop.tensor import Tensor, as_array, enable_grad
 
@@ -122,9 +124,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                              f"{gradients_averaged!r}")
         comm = process_group if process_group is not None else comm
         if comm is None:
-            from distprop import distributed  # noqa: PLC0415
-
-            comm = distributed.init()
+            comm = world.init()
         self.comm = comm
         self.optimizer_class = optimizer_class
         self.gradients_averaged = gradients_averaged
@@ -141,7 +141,7 @@ class ZeroRedundancyOptimizer(Optimizer):
 
     # --- construction -------------------------------------------------------------------------
 
-    def _check_group(self, group: dict) -> None:
+    def check_group(self, group: dict) -> None:
         """Hyper-parameters are checked by the wrapped optimizer (in :meth:`_build`)."""
 
     @property
@@ -175,8 +175,6 @@ class ZeroRedundancyOptimizer(Optimizer):
         for i, p in enumerate(self._params):
             slot = slot_of(p)
             if slot is None:  # moved out of its buffer since: flatten again
-                from distprop.optim.flat import flatten  # noqa: PLC0415
-
                 flatten(self._params)
                 return self._plan()
             by_buffer.setdefault(id(slot.buffer), (slot.buffer, []))[1].append(
@@ -266,10 +264,8 @@ class ZeroRedundancyOptimizer(Optimizer):
             return self.gradients_averaged
         if self.comm.size == 1:
             return True
-        from distprop.distributed.ddp import _OWNERS  # noqa: PLC0415
-
         for p in self._params:
-            owner = _OWNERS.get(id(p))
+            owner = owner_of(p)
             if owner is None or owner.comm.size != self.comm.size:
                 return False
         return True
@@ -332,7 +328,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                     inner[key] = value
                     changed = True
             if changed:
-                self.optim._check_group(inner)
+                self.optim.check_group(inner)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -456,7 +452,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                    **{k: v for k, v in saved.items() if k != "params"}}
             if isinstance(new.get("betas"), list):
                 new["betas"] = tuple(new["betas"])
-            self.optim._check_group(new)
+            self.optim.check_group(new)
             new_groups.append(new)
             for key in saved["params"]:
                 ids[key] = len(ids)
@@ -470,7 +466,8 @@ class ZeroRedundancyOptimizer(Optimizer):
                 raise ValueError(f"state dict has state for parameter {key!r}, which is in no "
                                  "parameter group")
             i = ids[key]
-            full[i] = self.optim._validate_entry(new_groups[group_of[i]], key, params[i], entry)
+            full[i] = self.optim.validate_state_entry(new_groups[group_of[i]], key, params[i],
+                                                      entry)
         for group, new in zip(self.param_groups, new_groups):
             group.update(new)
         self._sync_hyperparameters()
@@ -482,7 +479,7 @@ class ZeroRedundancyOptimizer(Optimizer):
         """Give the wrapped optimizer this rank's slices of ``full`` (index -> state)."""
         inner_state, k = {}, 0
         for inner in self.optim.param_groups:
-            arrays = self.optim._array_state(inner)
+            arrays = self.optim.array_state(inner)
             for _ in inner["params"]:
                 pc = self._inner_pieces[k]
                 if pc is not None and full.get(pc.index):

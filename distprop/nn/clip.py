@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from distprop import backend
-from distprop.optim.flat import contiguous_range
+from distprop.flat import contiguous_range
 from distprop.tensor import Tensor
 
 # CPU chunk: short enough that float32 dot products inside a chunk stay accurate, long enough

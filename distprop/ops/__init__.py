@@ -8,6 +8,7 @@ methods and operators to them, explicitly.
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -261,76 +262,78 @@ def _compare(op):
     return method
 
 
-def _bind_tensor_methods() -> None:
-    import operator  # noqa: PLC0415
+#: Every Tensor operator and math method: name -> the function of this module it calls
+#: (declared for type checkers in :mod:`distprop.tensor_methods`).
+TENSOR_METHODS: dict[str, object] = {
+    "__add__": add,
+    "__radd__": _reverse(add),
+    "__sub__": sub,
+    "__rsub__": _reverse(sub),
+    "__mul__": mul,
+    "__rmul__": _reverse(mul),
+    "__truediv__": div,
+    "__rtruediv__": _reverse(div),
+    "__neg__": neg,
+    "__pow__": pow,
+    "__rpow__": _reverse(pow),
+    "__matmul__": matmul,
+    "__rmatmul__": _reverse(matmul),
+    "__getitem__": getitem,
+    "__abs__": abs,
+    "__lt__": _compare(operator.lt),
+    "__le__": _compare(operator.le),
+    "__gt__": _compare(operator.gt),
+    "__ge__": _compare(operator.ge),
+    "__eq__": _compare(operator.eq),
+    "__ne__": _compare(operator.ne),
+    "add": add,
+    "sub": sub,
+    "mul": mul,
+    "div": div,
+    "neg": neg,
+    "pow": pow,
+    "matmul": matmul,
+    "exp": exp,
+    "log": log,
+    "sqrt": sqrt,
+    "abs": abs,
+    "sign": sign,
+    "clamp": clamp,
+    "clip": clamp,
+    "maximum": maximum,
+    "minimum": minimum,
+    "sum": sum,
+    "mean": mean,
+    "max": max,
+    "min": min,
+    "amax": amax,
+    "amin": amin,
+    "var": var,
+    "std": std,
+    "reshape": reshape,
+    "view": reshape,
+    "flatten": flatten,
+    "permute": permute,
+    "transpose": transpose,
+    "squeeze": squeeze,
+    "unsqueeze": unsqueeze,
+    "expand": expand,
+    "relu": relu,
+    "sigmoid": sigmoid,
+    "tanh": tanh,
+    "softmax": softmax,
+    "log_softmax": log_softmax,
+    "argmax": lambda self, dim=None, keepdim=False: Tensor._wrap(
+        _argext(self.data, dim, keepdim, "argmax")
+    ),
+    "argmin": lambda self, dim=None, keepdim=False: Tensor._wrap(
+        _argext(self.data, dim, keepdim, "argmin")
+    ),
+}
 
-    methods = {
-        "__add__": add,
-        "__radd__": _reverse(add),
-        "__sub__": sub,
-        "__rsub__": _reverse(sub),
-        "__mul__": mul,
-        "__rmul__": _reverse(mul),
-        "__truediv__": div,
-        "__rtruediv__": _reverse(div),
-        "__neg__": neg,
-        "__pow__": pow,
-        "__rpow__": _reverse(pow),
-        "__matmul__": matmul,
-        "__rmatmul__": _reverse(matmul),
-        "__getitem__": getitem,
-        "__abs__": abs,
-        "__lt__": _compare(operator.lt),
-        "__le__": _compare(operator.le),
-        "__gt__": _compare(operator.gt),
-        "__ge__": _compare(operator.ge),
-        "__eq__": _compare(operator.eq),
-        "__ne__": _compare(operator.ne),
-        "add": add,
-        "sub": sub,
-        "mul": mul,
-        "div": div,
-        "neg": neg,
-        "pow": pow,
-        "matmul": matmul,
-        "exp": exp,
-        "log": log,
-        "sqrt": sqrt,
-        "abs": abs,
-        "sign": sign,
-        "clamp": clamp,
-        "clip": clamp,
-        "maximum": maximum,
-        "minimum": minimum,
-        "sum": sum,
-        "mean": mean,
-        "max": max,
-        "min": min,
-        "amax": amax,
-        "amin": amin,
-        "var": var,
-        "std": std,
-        "reshape": reshape,
-        "view": reshape,
-        "flatten": flatten,
-        "permute": permute,
-        "transpose": transpose,
-        "squeeze": squeeze,
-        "unsqueeze": unsqueeze,
-        "expand": expand,
-        "relu": relu,
-        "sigmoid": sigmoid,
-        "tanh": tanh,
-        "softmax": softmax,
-        "log_softmax": log_softmax,
-        "argmax": lambda self, dim=None, keepdim=False: Tensor._wrap(
-            _argext(self.data, dim, keepdim, "argmax")
-        ),
-        "argmin": lambda self, dim=None, keepdim=False: Tensor._wrap(
-            _argext(self.data, dim, keepdim, "argmin")
-        ),
-    }
-    for name, fn in methods.items():
+
+def _bind_tensor_methods() -> None:
+    for name, fn in TENSOR_METHODS.items():
         setattr(Tensor, name, fn)
     Tensor.__hash__ = object.__hash__
 

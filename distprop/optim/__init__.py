@@ -1,9 +1,9 @@
 """Optimizers over flat parameter buffers, and learning-rate schedules (``dp.optim``)."""
 
+from distprop.flat import FlatBuffer, flatten
 from distprop.optim import functional, lr_scheduler
 from distprop.optim.adam import Adam, AdamW, NAdam
 from distprop.optim.adaptive import Adadelta, Adagrad, RMSprop
-from distprop.optim.flat import FlatBuffer, flatten
 from distprop.optim.optimizer import Optimizer
 from distprop.optim.sgd import SGD
 

@@ -44,23 +44,23 @@ class Adam(Optimizer):
                     "decoupled_weight_decay": decoupled_weight_decay}
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def check_group(self, group):
         _check_adam_group(group)
 
-    def _array_state(self, group):
+    def array_state(self, group):
         names = {"exp_avg": 0.0, "exp_avg_sq": 0.0}
         if group["amsgrad"]:
             names["max_exp_avg_sq"] = 0.0
         return names
 
-    def _scalar_state(self, group):
+    def scalar_state(self, group):
         return {"step": 0.0}
 
-    def _advance(self, group, scalars, first):
+    def advance(self, group, scalars, first):
         step = scalars["step"] + 1.0
         return {"step": step}, {"step": step}
 
-    def _kernel(self, group, param, grad, arrays, args, scratch):
+    def kernel(self, group, param, grad, arrays, args, scratch):
         beta1, beta2 = group["betas"]
         F.adam(param, grad, arrays["exp_avg"], arrays["exp_avg_sq"],
                arrays.get("max_exp_avg_sq"), step=args["step"], lr=float(group["lr"]),
@@ -111,17 +111,17 @@ class NAdam(Optimizer):
                     "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def check_group(self, group):
         _check_adam_group(group)
         _check_nonneg(group, "momentum_decay", "momentum_decay value")
 
-    def _array_state(self, group):
+    def array_state(self, group):
         return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
-    def _scalar_state(self, group):
+    def scalar_state(self, group):
         return {"step": 0.0, "mu_product": 1.0}
 
-    def _advance(self, group, scalars, first):
+    def advance(self, group, scalars, first):
         step = scalars["step"] + 1.0
         mu, mu_next = F.nadam_scalars(step, float(group["betas"][0]),
                                       float(group["momentum_decay"]))
@@ -131,7 +131,7 @@ class NAdam(Optimizer):
         return ({"step": step, "mu_product": mu_product},
                 {"step": step, "mu": mu, "mu_next": mu_next, "mu_product": mu_product})
 
-    def _kernel(self, group, param, grad, arrays, args, scratch):
+    def kernel(self, group, param, grad, arrays, args, scratch):
         beta1, beta2 = group["betas"]
         F.nadam(param, grad, arrays["exp_avg"], arrays["exp_avg_sq"], step=args["step"],
                 mu=args["mu"], mu_next=args["mu_next"], mu_product=args["mu_product"],

@@ -21,7 +21,7 @@ class Adagrad(Optimizer):
             runs fused over the flat buffer); likewise ``fused`` where PyTorch has it.
     """
 
-    _eager_state = True
+    eager_state = True
 
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
@@ -32,24 +32,24 @@ class Adagrad(Optimizer):
                     "maximize": maximize}
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def check_group(self, group):
         _check_nonneg(group, "lr", "learning rate")
         _check_nonneg(group, "lr_decay", "lr_decay value")
         _check_nonneg(group, "weight_decay", "weight_decay value")
         _check_nonneg(group, "initial_accumulator_value", "initial_accumulator_value value")
         _check_nonneg(group, "eps", "epsilon value")
 
-    def _array_state(self, group):
+    def array_state(self, group):
         return {"sum": float(group["initial_accumulator_value"])}
 
-    def _scalar_state(self, group):
+    def scalar_state(self, group):
         return {"step": 0.0}
 
-    def _advance(self, group, scalars, first):
+    def advance(self, group, scalars, first):
         step = scalars["step"] + 1.0
         return {"step": step}, {"step": step}
 
-    def _kernel(self, group, param, grad, arrays, args, scratch):
+    def kernel(self, group, param, grad, arrays, args, scratch):
         F.adagrad(param, grad, arrays["sum"], step=args["step"], lr=float(group["lr"]),
                   lr_decay=float(group["lr_decay"]), weight_decay=float(group["weight_decay"]),
                   eps=float(group["eps"]), maximize=bool(group["maximize"]), scratch=scratch)
@@ -78,14 +78,14 @@ class RMSprop(Optimizer):
                     "centered": centered, "weight_decay": weight_decay, "maximize": maximize}
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def check_group(self, group):
         _check_nonneg(group, "lr", "learning rate")
         _check_nonneg(group, "eps", "epsilon value")
         _check_nonneg(group, "momentum", "momentum value")
         _check_nonneg(group, "weight_decay", "weight_decay value")
         _check_nonneg(group, "alpha", "alpha value")
 
-    def _array_state(self, group):
+    def array_state(self, group):
         names = {"square_avg": 0.0}
         if group["momentum"] > 0:
             names["momentum_buffer"] = 0.0
@@ -93,14 +93,14 @@ class RMSprop(Optimizer):
             names["grad_avg"] = 0.0
         return names
 
-    def _scalar_state(self, group):
+    def scalar_state(self, group):
         return {"step": 0.0}
 
-    def _advance(self, group, scalars, first):
+    def advance(self, group, scalars, first):
         step = scalars["step"] + 1.0
         return {"step": step}, {}
 
-    def _kernel(self, group, param, grad, arrays, args, scratch):
+    def kernel(self, group, param, grad, arrays, args, scratch):
         F.rmsprop(param, grad, arrays["square_avg"], arrays.get("momentum_buffer"),
                   arrays.get("grad_avg"), lr=float(group["lr"]), alpha=float(group["alpha"]),
                   eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
@@ -129,23 +129,23 @@ class Adadelta(Optimizer):
                     "maximize": maximize}
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def check_group(self, group):
         _check_nonneg(group, "lr", "learning rate")
         _check_unit(group, "rho", "rho value", closed=True)
         _check_nonneg(group, "eps", "epsilon value")
         _check_nonneg(group, "weight_decay", "weight_decay value")
 
-    def _array_state(self, group):
+    def array_state(self, group):
         return {"square_avg": 0.0, "acc_delta": 0.0}
 
-    def _scalar_state(self, group):
+    def scalar_state(self, group):
         return {"step": 0.0}
 
-    def _advance(self, group, scalars, first):
+    def advance(self, group, scalars, first):
         step = scalars["step"] + 1.0
         return {"step": step}, {}
 
-    def _kernel(self, group, param, grad, arrays, args, scratch):
+    def kernel(self, group, param, grad, arrays, args, scratch):
         F.adadelta(param, grad, arrays["square_avg"], arrays["acc_delta"],
                    lr=float(group["lr"]), rho=float(group["rho"]), eps=float(group["eps"]),
                    weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from distprop import backend
-from distprop.optim.flat import FlatBuffer, slot_of
+from distprop.flat import FlatBuffer, slot_of
 from distprop.tensor import Tensor, get_default_dtype
 
 

@@ -1,6 +1,6 @@
 """The Optimizer base class: parameter groups, flat state, fused steps over flat buffers.
 
-The constructor puts the parameters into flat buffers (:func:`~distprop.optim.flat.flatten`)
+The constructor puts the parameters into flat buffers (:func:`~distprop.flat.flatten`)
 unless they already are. Each group is then cut into *segments*, runs of its parameters that are
 consecutive in one FlatBuffer, and each segment keeps its state (``exp_avg``, ...) as flat arrays
 in the same layout; ``optimizer.state[p]`` holds views into them, so ``state_dict()`` and user
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from distprop import backend
-from distprop.optim.flat import flatten, slot_of
+from distprop.flat import flatten, slot_of
 from distprop.optim.layout import Layout, Segment, scalar_dtype
 from distprop.tensor import Tensor, as_array, enable_grad
 
@@ -45,22 +45,29 @@ class Optimizer:
             ``"params"`` entry and optional per-group hyper-parameters).
         defaults: hyper-parameters used where a group does not set its own.
 
-    Subclasses implement:
+    Subclasses describe their state and update rule through the public extension hooks below
+    (each gets the parameter group, so per-group hyper-parameters apply); wrappers such as
+    :class:`~distprop.distributed.ZeroRedundancyOptimizer` call the same hooks on the optimizer
+    they wrap:
 
-    * ``_check_group(group)``: raise ValueError on bad hyper-parameters;
-    * ``_array_state(group) -> {name: initial value}``: per-element state arrays;
-    * ``_scalar_state(group) -> {name: initial value}``: per-parameter scalars (``step``);
-    * ``_advance(group, scalars, first) -> (new_scalars, kernel_args)``: this step's scalars;
-    * ``_kernel(group, param, grad, arrays, args, scratch)``: the update, one call of a function
-      of :mod:`distprop.optim.functional` on (any slice of) the arrays.
+    * :meth:`check_group`: raise ValueError on bad hyper-parameters;
+    * :meth:`array_state`: the per-element state arrays and their initial values;
+    * :meth:`scalar_state`: the per-parameter scalars (``step``) and their initial values;
+    * :meth:`advance`: this step's scalars and the arguments of the update;
+    * :meth:`kernel`: the update, one call of a function of :mod:`distprop.optim.functional` on
+      (any slice of) the arrays;
+    * :attr:`eager_state`: create the state at construction rather than at the first step.
+
+    :meth:`validate_state_entry` checks one parameter's entry of a loaded state dict against
+    these hooks.
     """
 
     #: Whether state is created for every parameter at construction (Adagrad) or lazily.
-    _eager_state = False
+    eager_state = False
 
     def __init__(self, params, defaults: dict):
         self.defaults = dict(defaults)
-        self._check_group(self.defaults)
+        self.check_group(self.defaults)
         self.state: defaultdict[Tensor, dict] = defaultdict(dict)
         self.param_groups: list[dict] = []
         self._layouts: list[Layout | None] = []
@@ -85,19 +92,37 @@ class Optimizer:
 
     # --- hooks (overridden by the optimizers) -----------------------------------------------
 
-    def _check_group(self, group: dict) -> None:
+    def check_group(self, group: dict) -> None:
+        """Raise ValueError (naming the hyper-parameter) if ``group`` is not valid.
+
+        Called on ``defaults``, on each group added and on each group of a loaded state dict.
+        Overrides replace this check of ``lr`` (check it too).
+        """
         _check_nonneg(group, "lr", "learning rate")
 
-    def _array_state(self, group: dict) -> dict[str, float]:
+    def array_state(self, group: dict) -> dict[str, float]:
+        """The per-element state of a parameter in ``group``: ``{name: initial value}``.
+
+        Each name becomes an array of the parameter's shape and dtype (``exp_avg``, ...); an
+        empty dict means the optimizer keeps no per-element state for this group.
+        """
         return {}
 
-    def _scalar_state(self, group: dict) -> dict[str, float]:
+    def scalar_state(self, group: dict) -> dict[str, float]:
+        """The per-parameter scalars of a parameter in ``group``: ``{name: initial value}``
+        (e.g. ``{"step": 0}``)."""
         return {}
 
-    def _advance(self, group: dict, scalars: dict[str, float], first: bool):
+    def advance(self, group: dict, scalars: dict[str, float], first: bool):
+        """One step's scalars: ``(new_scalars, kernel_args)`` from the parameter's current
+        :meth:`scalar_state` values (``first``: its state was just created); ``kernel_args``
+        (bias corrections, ...) reach :meth:`kernel` as ``args``."""
         return {}, {}
 
-    def _kernel(self, group, param, grad, arrays, args, scratch) -> None:  # pragma: no cover
+    def kernel(self, group, param, grad, arrays, args, scratch) -> None:  # pragma: no cover
+        """Update ``param`` in place from ``grad``, and the :meth:`array_state` ``arrays``
+        with it: equal-shaped arrays (a flat-buffer slice or one parameter) on its device;
+        ``args`` from :meth:`advance`, ``scratch`` preallocated temporaries of the same shape."""
         raise NotImplementedError(f"{type(self).__name__} does not define its update")
 
     # --- groups -----------------------------------------------------------------------------
@@ -145,7 +170,7 @@ class Optimizer:
             )
         for key, value in self.defaults.items():
             group.setdefault(key, value)
-        self._check_group(group)
+        self.check_group(group)
         group["params"] = params
         return group
 
@@ -159,7 +184,7 @@ class Optimizer:
             self.param_groups.append(group)
             self._layouts.append(None)
             layout = self._layout(len(self.param_groups) - 1)
-            if self._eager_state:
+            if self.eager_state:
                 for seg in layout.segments:
                     self._init_state(group, seg, range(len(seg.params)))
 
@@ -179,7 +204,7 @@ class Optimizer:
 
     def _move_state(self, group: dict, old: Layout, new: Layout) -> None:
         """Copy every parameter's state from the old segments into the new ones."""
-        array_init, scalar_init = self._array_state(group), self._scalar_state(group)
+        array_init, scalar_init = self.array_state(group), self.scalar_state(group)
         for seg in new.segments:
             for k, p in enumerate(seg.params):
                 found = old.where.get(id(p))
@@ -206,7 +231,7 @@ class Optimizer:
         entry.update(arrays)
 
     def _init_state(self, group: dict, seg: Segment, ks) -> None:
-        array_init, scalar_init = self._array_state(group), self._scalar_state(group)
+        array_init, scalar_init = self.array_state(group), self.scalar_state(group)
         if not array_init and not scalar_init:
             return
         seg.ensure(array_init, scalar_init)
@@ -266,7 +291,7 @@ class Optimizer:
                 kinds.append(2)
         if not any(kinds):
             return
-        array_init, scalar_init = self._array_state(group), self._scalar_state(group)
+        array_init, scalar_init = self.array_state(group), self.scalar_state(group)
         stateful = bool(array_init or scalar_init)
         if stateful:
             seg.ensure(array_init, scalar_init)
@@ -296,7 +321,7 @@ class Optimizer:
         if stateful and first:
             self._init_state(group, seg, range(k0, k1))
         scalars = {name: float(s[k0]) for name, s in seg.scalars.items()}
-        new_scalars, args = self._advance(group, scalars, first)
+        new_scalars, args = self.advance(group, scalars, first)
         for name, value in new_scalars.items():
             seg.scalars[name][k0:k1] = value
         if flat:
@@ -330,7 +355,7 @@ class Optimizer:
             scratch = self._scratch(xp, param, min(n, chunk))
             if param.ndim != 1:
                 scratch = [s.reshape(param.shape) for s in scratch]
-            self._kernel(group, param, grad, arrays, args, scratch)
+            self.kernel(group, param, grad, arrays, args, scratch)
             return
         scratch = self._scratch(xp, param, chunk)
         names = list(arrays)
@@ -339,7 +364,7 @@ class Optimizer:
             b = min(a + chunk, n)
             part = dict(zip(names, (v[a:b] for v in values)))
             s = scratch if b - a == chunk else [t[: b - a] for t in scratch]
-            self._kernel(group, param[a:b], grad[a:b], part, args, s)
+            self.kernel(group, param[a:b], grad[a:b], part, args, s)
 
     def _scratch(self, xp, like, n: int) -> list:
         dev = backend.device_of(like)
@@ -363,7 +388,7 @@ class Optimizer:
             ``state``, updated in place (scalars such as ``step`` as 0-d arrays).
         """
         g = self.param_groups[group]
-        array_init, scalar_init = self._array_state(g), self._scalar_state(g)
+        array_init, scalar_init = self.array_state(g), self.scalar_state(g)
         first = not state
         xp = backend.get_array_module(data)
         for name, fill in array_init.items():
@@ -373,7 +398,7 @@ class Optimizer:
             if name not in state:
                 state[name] = np.array(init, dtype=scalar_dtype())
         scalars = {name: float(state[name]) for name in scalar_init}
-        new_scalars, args = self._advance(g, scalars, first)
+        new_scalars, args = self.advance(g, scalars, first)
         for name, value in new_scalars.items():
             state[name] = np.array(value, dtype=scalar_dtype())
         self._apply(g, data, grad, {name: state[name] for name in array_init}, args)
@@ -432,7 +457,7 @@ class Optimizer:
             for key, value in self.defaults.items():
                 new.setdefault(key, value)  # e.g. a PyTorch state dict from an older version
             new["params"] = group["params"]
-            self._check_group(new)
+            self.check_group(new)
             new_groups.append(new)
             for key, p in zip(saved["params"], group["params"]):
                 id_map[key] = (gi, p)
@@ -445,7 +470,7 @@ class Optimizer:
                                      "in no parameter group")
                 key = key_int
             gi, p = id_map[key]
-            loaded.append((gi, p, self._validate_entry(new_groups[gi], key, p, entry)))
+            loaded.append((gi, p, self.validate_state_entry(new_groups[gi], key, p, entry)))
         # Commit: hyper-parameters, then state.
         for group, new in zip(self.param_groups, new_groups):
             group.clear()
@@ -457,7 +482,7 @@ class Optimizer:
         for gi, p, entry in loaded:
             seg, k = self._layouts[gi].where[id(p)]
             group = self.param_groups[gi]
-            seg.ensure(self._array_state(group), self._scalar_state(group))
+            seg.ensure(self.array_state(group), self.scalar_state(group))
             arrays, scalars = seg.views(k)
             for name, value in entry.items():
                 target = arrays[name] if name in arrays else scalars[name]
@@ -465,14 +490,26 @@ class Optimizer:
                 target[...] = value.astype(target.dtype, copy=False)
             seg.inited[k] = True
             self._publish(seg, k)
-        if self._eager_state:
+        if self.eager_state:
             for index, group in enumerate(self.param_groups):
                 for seg in self._layout(index).segments:
                     self._init_state(group, seg, range(len(seg.params)))
 
-    def _validate_entry(self, group: dict, key, p: Tensor, entry: dict) -> dict:
-        array_names = self._array_state(group)
-        scalar_names = self._scalar_state(group)
+    def validate_state_entry(self, group: dict, key, p: Tensor, entry: dict) -> dict:
+        """Check one parameter's entry of a loaded state dict; returns it as arrays.
+
+        Args:
+            group: the parameter's group (after loading).
+            key: how the state dict names the parameter (used in messages).
+            p: the parameter.
+            entry: ``{state name: value}`` from the state dict.
+
+        Raises:
+            ValueError: a state of the wrong shape, a state this optimizer does not use with
+                these settings, or a partial entry.
+        """
+        array_names = self.array_state(group)
+        scalar_names = self.scalar_state(group)
         out = {}
         for name, value in entry.items():
             if value is None:

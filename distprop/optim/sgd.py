@@ -28,7 +28,7 @@ class SGD(Optimizer):
                     "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize}
         super().__init__(params, defaults)
 
-    def _check_group(self, group):
+    def check_group(self, group):
         _check_nonneg(group, "lr", "learning rate")
         _check_nonneg(group, "momentum", "momentum value")
         _check_nonneg(group, "weight_decay", "weight_decay value")
@@ -39,13 +39,13 @@ class SGD(Optimizer):
                 f"{group['momentum']}, dampening={group['dampening']})"
             )
 
-    def _array_state(self, group):
+    def array_state(self, group):
         return {"momentum_buffer": 0.0} if group["momentum"] != 0 else {}
 
-    def _advance(self, group, scalars, first):
+    def advance(self, group, scalars, first):
         return {}, {"first_step": first}
 
-    def _kernel(self, group, param, grad, arrays, args, scratch):
+    def kernel(self, group, param, grad, arrays, args, scratch):
         F.sgd(param, grad, arrays.get("momentum_buffer"), lr=float(group["lr"]),
               momentum=float(group["momentum"]), dampening=float(group["dampening"]),
               weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
