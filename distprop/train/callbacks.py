@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import sys
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 from distprop import fileio
 from distprop.train.checkpoint import CheckpointManager
 
+_log = logging.getLogger(__name__)
 CSV_FIELDS = ("kind", "epoch", "step", "loss", "accuracy", "lr", "samples_per_s", "grad_norm",
               "val_loss", "val_accuracy", "time")
 
@@ -98,7 +100,7 @@ class ProgressBar(Callback):
             parts.append(f"lr {logs['lr']:.4g}")
             if logs.get("samples_per_s") is not None:
                 parts.append(f"{logs['samples_per_s']:.0f} samples/s")
-            print("  ".join(parts), flush=True)
+            _log.info("  ".join(parts))
 
     def on_train_end(self, trainer, logs) -> None:
         if self._bar is not None:
@@ -307,9 +309,9 @@ class EarlyStoppingCallback(Callback):
             self.stopped_epoch = logs["epoch"]
             trainer.stop_training = True
             if trainer.is_main:
-                print(f"early stopping after epoch {logs['epoch'] + 1}: {self.monitor} has not "
-                      f"improved for {self.stopper.num_bad_steps} epoch(s) (best "
-                      f"{self.stopper.best:.4g})", flush=True)
+                _log.info(f"early stopping after epoch {logs['epoch'] + 1}: {self.monitor} has "
+                          f"not improved for {self.stopper.num_bad_steps} epoch(s) (best "
+                          f"{self.stopper.best:.4g})")
 
     def state_dict(self) -> dict:
         return self.stopper.state_dict()
@@ -337,7 +339,7 @@ class GradNormMonitor(Callback):
         if trainer.is_main and self.warned < self.max_warnings:
             self.warned += 1
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            _log.warning(f"warning: {message}")
 
     def on_step_end(self, trainer, logs) -> None:
         if not logs or logs.get("grad_norm") is None:

@@ -10,6 +10,7 @@ standard callbacks, and writes ``summary.json`` and ``curves.png`` into ``--out`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": 
                      "rmsprop": "RMSprop", "adadelta": "Adadelta", "nadam": "NAdam"}
 DEFAULT_LR = {"sgd": 0.1, "adadelta": 1.0, "adagrad": 0.01}
 _SPLITS_CACHE: dict = {}
+_log = logging.getLogger(__name__)
 
 
 # --- pieces -------------------------------------------------------------------------------------
@@ -283,8 +285,7 @@ def _latest_usable(cfg: TrainConfig, model, optimizer, n_train: int) -> Path | N
             check_resume(cfg, path, model, optimizer, n_train)
             return path
         except ckpt.CheckpointError as exc:
-            print(f"skipping unusable checkpoint: {exc}; falling back to the previous one",
-                  flush=True)
+            _log.info(f"skipping unusable checkpoint: {exc}; falling back to the previous one")
     return None
 
 
@@ -297,10 +298,10 @@ def _resume_source(cfg: TrainConfig, comm, model, optimizer, n_train: int) -> st
     if comm.rank == 0:
         found = _latest_usable(cfg, model, optimizer, n_train)
         if found is None:
-            print(f"--resume auto: no usable checkpoint in {checkpoint_dir(cfg)}; starting "
-                  "from scratch", flush=True)
+            _log.info(f"--resume auto: no usable checkpoint in {checkpoint_dir(cfg)}; starting "
+                      "from scratch")
         else:
-            print(f"--resume auto: continuing from {found}", flush=True)
+            _log.info(f"--resume auto: continuing from {found}")
     found = comm.broadcast_obj(str(found) if found else None, 0)
     return found
 
@@ -357,7 +358,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         dev = device_mod.assign_device(comm, cfg.device)
         mapping = device_mod.gather_mapping(comm, dev)
         if comm.rank == 0:
-            print("distprop train: devices\n" + device_mod.describe_mapping(mapping), flush=True)
+            _log.info("distprop train: devices\n" + device_mod.describe_mapping(mapping))
         model.to(dev)
     from distprop.distributed.selection import make_comm  # noqa: PLC0415
 
@@ -378,13 +379,13 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for directory in (out, checkpoint_dir(cfg)):  # temporary files of a killed writer
-            fileio.remove_orphaned_temps(directory, started, log=lambda m: print(m, flush=True))
+            fileio.remove_orphaned_temps(directory, started, log=_log.info)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"distprop train: {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
-              f"{splits.sizes()}, {comm.size} rank(s) x {threads} BLAS thread(s), batch "
-              f"{cfg.batch_size}/rank x "
-              f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
-              f"{cfg.optimizer} lr {base_lr(cfg):.4g}", flush=True)
+        _log.info(f"distprop train: {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
+                  f"{splits.sizes()}, {comm.size} rank(s) x {threads} BLAS thread(s), batch "
+                  f"{cfg.batch_size}/rank x "
+                  f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
+                  f"{cfg.optimizer} lr {base_lr(cfg):.4g}")
     trainer = Trainer(model, nn.CrossEntropyLoss(), optimizer, comm=data_comm, device=dev,
                       clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
                       compression=None if cfg.compression == "none" else cfg.compression,
@@ -410,8 +411,8 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         fileio.atomic_write_text(out / "summary.json",
                                  json.dumps(summary, indent=2, default=str) + "\n", "summary")
         if test is not None:
-            print(f"test: loss {test['loss']:.4f}  accuracy {100 * test['accuracy']:.2f}% "
-                  f"({test['samples']} samples); wrote {out / 'summary.json'}", flush=True)
+            _log.info(f"test: loss {test['loss']:.4f}  accuracy {100 * test['accuracy']:.2f}% "
+                      f"({test['samples']} samples); wrote {out / 'summary.json'}")
     return summary
 
 
