@@ -306,32 +306,86 @@ def _resume_source(cfg: TrainConfig, comm, model, optimizer, n_train: int) -> st
     return found
 
 
-def _plot(history: list[dict], path: Path) -> Path | None:
+def _step_rows(metrics_jsonl: Path) -> list[dict]:
+    """The per-step rows of ``metrics.jsonl`` (none when it cannot be read)."""
+    try:
+        lines = metrics_jsonl.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("kind") == "train" and row.get("lr") is not None:
+            rows.append(row)
+    return rows
+
+
+def curves_figure(history: list[dict], steps: list[dict] = (), test: dict | None = None,
+                  title: str = ""):
+    """The training curves (None without matplotlib): loss and accuracy per epoch (counted
+    from 1) for train and val with the test result as a star after the last epoch, and the
+    learning rate per optimizer step (``steps``: rows of ``metrics.jsonl``; the epochs' ends
+    when there are none) with the epoch ends marked."""
     try:
         import matplotlib  # noqa: PLC0415
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
     except ImportError:
         return None
     epochs = [r["epoch"] + 1 for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_loss.plot(epochs, [r["loss"] for r in history], marker="o", label="train")
     ax_acc.plot(epochs, [r["accuracy"] for r in history], marker="o", label="train")
     if any(r.get("val_loss") is not None for r in history):
         ax_loss.plot(epochs, [r.get("val_loss") for r in history], marker="o", label="val")
         ax_acc.plot(epochs, [r.get("val_accuracy") for r in history], marker="o", label="val")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    if test is not None and epochs:
+        ax_loss.plot([epochs[-1]], [test["loss"]], "*", markersize=14, label="test")
+        ax_acc.plot([epochs[-1]], [test["accuracy"]], "*", markersize=14, label="test")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_title(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_step = {r["step"]: r["lr"] for r in [*steps, *history] if r.get("lr") is not None}
+    ax_lr.plot(sorted(by_step), [by_step[s] for s in sorted(by_step)],
+               marker="" if steps else "o", label="lr")
+    for i, r in enumerate(history):
+        ax_lr.axvline(r["step"], color="gray", linestyle=":", linewidth=0.8,
+                      label="epoch end" if i == 0 else None)
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_title("learning rate")
+    for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def _plot(history: list[dict], path: Path, test: dict | None = None,
+          title: str = "") -> Path | None:
+    """Write :func:`curves_figure` to ``path`` (atomically); None without matplotlib."""
+    fig = curves_figure(history, _step_rows(path.parent / "metrics.jsonl"), test, title)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     try:
         fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), "plot")
     finally:
         plt.close(fig)
     return path
+
+
+def _plot_title(cfg: TrainConfig, world: int) -> str:
+    return (f"{cfg.model} on {cfg.dataset}: {world} rank(s), {cfg.optimizer} lr "
+            f"{base_lr(cfg):.4g} ({cfg.lr_schedule}), {cfg.global_batch_size} samples per step")
 
 
 def train(cfg: TrainConfig, comm=None) -> dict:
@@ -400,13 +454,15 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         "num_classes": splits.num_classes, "input_shape": list(splits.input_shape),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "epochs_run": len(history.epochs), "steps": trainer.step,
-        "final": history.final, "test": test, "resumed_from": history.resumed_from,
+        "final": cbs.numbered_from_one(history.final), "test": test,
+        "resumed_from": history.resumed_from,
         "checkpoints": [str(p) for p in ckpt.list_checkpoints(checkpoint_dir(cfg))],
         "wall_time_s": time.time() - started,
         "threads": {"per_rank": threads, "blas": _blas_threads()},
     }
     if comm.rank == 0:
-        plot = _plot(history.epochs, out / "curves.png") if history.epochs else None
+        plot = _plot(history.epochs, out / "curves.png", test,
+                     _plot_title(cfg, comm.size)) if history.epochs else None
         summary["plot"] = str(plot) if plot else None
         fileio.atomic_write_text(out / "summary.json",
                                  json.dumps(summary, indent=2, default=str) + "\n", "summary")
