@@ -4,9 +4,10 @@ Every module logs to a child of the ``distprop`` logger (``logging.getLogger(__n
 ``distprop`` logger carries one handler of its own, :class:`ConsoleHandler`: INFO and below go
 to stdout, WARNING and above to stderr, each record filtered by :class:`RankFilter` (INFO from
 rank 0 only, WARNING and above from every rank) and prefixed ``[rank r]`` when the job has more
-than one rank. The handler stands aside as soon as the application configures logging itself
-(the root logger has a handler): records then propagate to the application's handlers, to
-which :class:`RankFilter` can be added.
+than one rank; records do not propagate further, so the output is the same in every program.
+An application that wants distprop's records in its own handlers calls
+``configure(console=False)``: the console handler goes and the records propagate (add
+:class:`RankFilter` to the application's handlers to keep the rank rules).
 
 The level comes from :func:`configure` (``--log-level`` on the command line), else from the
 ``DISTPROP_LOG_LEVEL`` environment variable (inherited by the ranks of ``distprop train -n N``),
@@ -76,21 +77,15 @@ class RankFilter(logging.Filter):
 
 class ConsoleHandler(logging.Handler):
     """INFO and below to ``sys.stdout``, WARNING and above to ``sys.stderr`` (looked up at each
-    record, so redirections made later are followed), flushed after each record.
+    record, so redirections made later are followed), flushed after each record, filtered and
+    prefixed by a :class:`RankFilter`."""
 
-    Silent while the root logger has handlers of its own and ``always`` is False: then the
-    application prints distprop's records, which propagate to it.
-    """
-
-    def __init__(self, always: bool = False):
+    def __init__(self, all_ranks: bool = False):
         super().__init__()
-        self.always = always
         self.setFormatter(logging.Formatter("%(rank_prefix)s%(message)s"))
-        self.addFilter(RankFilter())
+        self.addFilter(RankFilter(all_ranks=all_ranks))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not self.always and logging.getLogger().handlers:
-            return
         try:
             stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
             stream.write(self.format(record) + "\n")
@@ -104,14 +99,15 @@ def _handler(logger: logging.Logger) -> ConsoleHandler | None:
 
 
 def configure(level: str | int | None = None, *, all_ranks: bool = False,
-              always: bool = False) -> logging.Logger:
-    """Set up (or update) the ``distprop`` logger's console handler; returns the logger.
+              console: bool = True) -> logging.Logger:
+    """Set up (or update) the ``distprop`` logger; returns it.
 
     Args:
         level: a name from :data:`LEVELS` or a :mod:`logging` level; None: ``DISTPROP_LOG_LEVEL``
             from the environment, else INFO.
         all_ranks: show INFO and below from every rank, not only rank 0.
-        always: print even when the application has configured logging (the CLI's choice).
+        console: print through distprop's :class:`ConsoleHandler` (records do not propagate);
+            False: no handler of distprop's own, records propagate to the application's.
 
     Raises:
         ValueError: an unknown level name (from the argument or the environment).
@@ -121,15 +117,12 @@ def configure(level: str | int | None = None, *, all_ranks: bool = False,
     if resolved is None:
         resolved = parse_level(os.environ.get(ENV_VAR)) or logging.INFO
     logger.setLevel(resolved)
-    handler = _handler(logger)
-    if handler is None:
-        handler = ConsoleHandler()
-        logger.addHandler(handler)
-    handler.always = always
-    for flt in handler.filters:
-        if isinstance(flt, RankFilter):
-            rank, size = launched_rank_and_size()
-            flt.rank, flt.world_size, flt.all_ranks = rank, size, all_ranks
+    old = _handler(logger)
+    if old is not None:
+        logger.removeHandler(old)
+    if console:
+        logger.addHandler(ConsoleHandler(all_ranks=all_ranks))
+    logger.propagate = not console
     return logger
 
 
@@ -153,7 +146,7 @@ def log_level_option(func):
         level = value.lower() if value else None
         if level:
             os.environ[ENV_VAR] = level
-        configure(level, always=True)
+        configure(level)
 
     return click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False),
                         default=None, envvar=ENV_VAR, expose_value=False, callback=apply,

@@ -51,15 +51,32 @@ def test_a_single_process_has_no_rank_prefix():
     assert "warning from 0" in done.stderr.splitlines()
 
 
-def test_the_application_s_own_logging_configuration_takes_over():
-    script = ("import logging, sys\nlogging.basicConfig(stream=sys.stdout, level=logging.INFO,"
-              " format='app: %(name)s %(message)s')\n" + LIBRARY_SCRIPT)
+@pytest.mark.parametrize("handover,stdout_lines,stderr_lines", [
+    ("", ["info from 0"], ["warning from 0"]),  # the same output whatever the application does
+    ("distprop.logconfig.configure(console=False)\n",
+     ["app: distprop.user info from 0", "app: distprop.user warning from 0"], []),
+], ids=["distprop's console", "handed to the application"])
+def test_an_application_with_its_own_logging(handover, stdout_lines, stderr_lines):
+    script = ("import logging, sys\nimport distprop.logconfig\nlogging.basicConfig("
+              "stream=sys.stdout, level=logging.INFO, format='app: %(name)s %(message)s')\n"
+              + handover + LIBRARY_SCRIPT)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env={**os.environ, "DISTPROP_LOG_LEVEL": ""})
     assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stdout.splitlines() if " from " in line]
-    assert lines == ["app: distprop.user info from 0", "app: distprop.user warning from 0"]
-    assert " from " not in done.stderr  # printed once, by the application's handler
+    assert [line for line in done.stdout.splitlines() if " from " in line] == stdout_lines
+    assert [line for line in done.stderr.splitlines() if " from " in line] == stderr_lines
+
+
+def test_records_reach_pytest_s_capture_like_prints(capsys):
+    import logging  # noqa: PLC0415
+
+    from distprop import logconfig  # noqa: PLC0415
+
+    logconfig.configure("info")  # the default, whatever an earlier test set
+    logging.getLogger("distprop.user").info("info from the test")
+    logging.getLogger("distprop.user").warning("warning from the test")
+    captured = capsys.readouterr()
+    assert captured.out == "info from the test\n" and captured.err == "warning from the test\n"
 
 
 @pytest.mark.mpi
