@@ -1,6 +1,6 @@
 """distprop: synchronous data-parallel backpropagation over MPI, on NumPy or CuPy."""
 
-from distprop import functional, nn, ops, optim
+from distprop import functional, logconfig, nn, ops, optim
 from distprop.backend import Device, device, manual_seed
 from distprop.creation import (
     arange,

@@ -14,6 +14,7 @@ import click
 
 from distprop import fileio
 from distprop import info as info_mod
+from distprop.logconfig import log_level_option
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -232,4 +233,4 @@ def export(run_dir, output_path, fmt, checkpoint):
 def register(group: click.Group) -> None:
     """Add ``evaluate``, ``predict`` and ``export`` to the ``distprop`` command group."""
     for command in (evaluate, predict, export):
-        group.add_command(command)
+        group.add_command(log_level_option(command))

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import click
 
+from distprop import __version__, launcher, trace
 from distprop import info as info_mod
-from distprop import launcher, trace
 from distprop.after_cli import register as register_after_commands
 from distprop.bench.cli import bench
+from distprop.logconfig import log_level_option
 from distprop.train.config import (
     COMMS,
     COMPRESSIONS,
@@ -38,7 +39,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(context_settings={**CONTEXT, "auto_envvar_prefix": "DISTPROP"})
-@click.version_option(package_name="distprop", prog_name="distprop")
+@click.version_option(__version__, prog_name="distprop")
 def cli() -> None:
     """Synchronous data-parallel training over MPI, on NumPy (CPU) or CuPy (GPU)."""
 
@@ -126,6 +127,7 @@ Examples:
 """)
 @click.option("-n", "--nprocs", type=int, required=True, help="Number of ranks.")
 @_launch_options
+@log_level_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def launch(nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args, oversubscribe,
            dry_run, forward_stdin, command):
@@ -279,6 +281,7 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False), default=None,
               help="Chrome trace per rank (FILE -> FILE.rank<N>.json): forward, backward, each "
                    "bucket's allreduce, waits, optimizer step. Open in ui.perfetto.dev.")
+@log_level_option
 @click.option("--worker-config", default=None, hidden=True)
 @click.option("--worker-config-sha256", default=None, hidden=True)
 def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -248,8 +248,8 @@ def _save_at_exit() -> None:
         try:
             save()
         except OSError as exc:  # never fail the program over its trace, but say it is missing
-            print(f"distprop trace: could not write {_state.path}: {exc}", file=sys.stderr,
-                  flush=True)
+            logging.getLogger(__name__).warning(f"distprop trace: could not write "
+                                                f"{_state.path}: {exc}")
 
 
 atexit.register(_save_at_exit)

@@ -207,7 +207,7 @@ def test_resume_at_an_epoch_boundary_does_not_repeat_that_epoch(tmp_path, fmt):
     assert "epoch 1/3" not in done.stdout and "epoch 2/3" in done.stdout
     rows = metrics(out)
     epoch_rows = [r for r in rows if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epoch_rows] == [0, 1, 2]
+    assert [r["epoch"] for r in epoch_rows] == [1, 2, 3]  # counted from 1, as on the console
     assert epoch_rows[0] == [r for r in before if r["kind"] == "epoch"][0]  # not rewritten
     assert all(r["samples_per_s"] is None or r["samples_per_s"] < 1e5 for r in rows)
     for key, value in final_state(reference)["model"].items():

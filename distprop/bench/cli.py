@@ -78,15 +78,29 @@ def _command_line() -> str:
     return "distprop " + " ".join(sys.argv[1:])
 
 
-def _write_rows(out: str | None, name: str, rows: list[dict]) -> None:
+def _write_rows(out: str | None, name: str, rows: list[dict], tables=(), plot=None) -> None:
+    """Write ``rows`` to ``OUT/NAME.jsonl``, each ``(suffix, rows, keys)`` of ``tables`` to
+    ``OUT/NAME<suffix>.csv`` and, with matplotlib, ``plot(rows, OUT/NAME.png)``; say so."""
     if not out:
         return
+    import importlib.util
+
     from distprop.bench import report
 
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     report.write_jsonl(rows, path / f"{name}.jsonl")
-    click.echo(f"# wrote {path / name}.jsonl", err=True)
+    written = [f"{path / name}.jsonl"]
+    for suffix, part, keys in tables:
+        report.write_csv(part, path / f"{name}{suffix}.csv", keys)
+        written.append(f"{suffix}.csv")
+    note = ""
+    if plot is not None:
+        if plot(rows, path / f"{name}.png"):
+            written.append(".png")
+        elif importlib.util.find_spec("matplotlib") is None:
+            note = " (no PNG: install the 'plot' extra, matplotlib)"
+    click.echo("# wrote " + ", ".join(written) + note, err=True)
 
 
 def _stderr_print(*args, file=None, **kw):
@@ -136,7 +150,8 @@ def bench() -> None:
               show_default=True, help="DDP bucket size")
 @click.option("--compression", type=click.Choice(["fp16", "bf16"]), default=None,
               help="compress gradients on the wire")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where each rank trains (cuda: one GPU per rank)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               callback=_check_out,
               help="directory for JSON lines, CSV and PNG")
@@ -181,15 +196,17 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
 @click.option("--methods", default="mpi,distprop,ddp", show_default=True,
               help="mpi (raw mpi4py Allreduce), distprop (communicator), ddp (bucketed sync)")
 @click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=25.0,
-              show_default=True)
+              show_default=True, help="DDP bucket size (the ddp method)")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="timed calls per method and size [default: about 1 s of calls, 5..50]")
 @click.option("--model", "workload", default=None, callback=_check_model,
               help="also time DDP's sync of this zoo model's real gradient")
-@click.option("--oversubscribe", is_flag=True)
-@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True)
+@click.option("--oversubscribe", is_flag=True,
+              help="allow more ranks than cores (timings then measure sharing)")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="seconds before one launched run is abandoned")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              callback=_check_out)
+              callback=_check_out, help="directory for JSON lines, CSV and PNG")
 def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, oversubscribe,
                   timeout, out):
     """Allreduce bus bandwidth: distprop's communicator and DDP vs raw mpi4py."""
@@ -225,24 +242,32 @@ def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, o
         rows.extend(got)
     for r in rows:
         click.echo(json.dumps(r))
-    _write_rows(out, "allreduce", rows)
+    from distprop.bench import report
+
+    _write_rows(out, "allreduce", rows, tables=[("", rows, report.ALLREDUCE_KEYS)],
+                plot=report.plot_allreduce)
     if failed:
         sys.exit(1)
 
 
 @bench.command("peers")
-@click.option("--model", "workload", required=True, callback=_check_model)
-@click.option("--ranks", default="1,2", show_default=True, callback=_parse_ranks)
+@click.option("--model", "workload", required=True, callback=_check_model,
+              help="zoo workload: mlp, cnn, lstm, transformer, wide")
+@click.option("--ranks", default="1,2", show_default=True, callback=_parse_ranks,
+              help="rank counts, e.g. 1,2,4 or 1..8")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="batch per rank (default: the workload's)")
 @common_options
-@click.option("--overlap/--no-overlap", default=True, show_default=True)
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="start bucket allreduces during backward (distprop)")
 @click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=25.0,
-              show_default=True)
+              show_default=True, help="DDP bucket size (distprop)")
 @click.option("--peers", "peer_list", default=",".join(
-    ("torch", "torch-ddp", "mpi-allreduce", "gemm-floor")), show_default=True)
+    ("torch", "torch-ddp", "mpi-allreduce", "gemm-floor")), show_default=True,
+    help="what to compare with: torch (one process), torch-ddp (gloo), mpi-allreduce (one "
+         "Allreduce of the gradient's bytes), gemm-floor (the matrix products alone)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              callback=_check_out)
+              callback=_check_out, help="directory for JSON lines, CSV and PNG")
 def peers_cmd(workload, ranks, batch_size, steps, warmup, threads_per_rank, oversubscribe,
               timeout, overlap, bucket_mb, peer_list, out):
     """The same workload in distprop, PyTorch and PyTorch DDP (gloo), with ratios."""
@@ -261,7 +286,11 @@ def peers_cmd(workload, ranks, batch_size, steps, warmup, threads_per_rank, over
     rows, ratios = run_peers(cfg, echo=_stderr_print)
     for r in rows + ratios:
         r["command"] = _command_line()
-    _write_rows(out, f"peers-{workload}", rows + ratios)
+    from distprop.bench import report
+
+    _write_rows(out, f"peers-{workload}", rows + ratios,
+                tables=[("", rows, report.PEERS_KEYS), (".ratios", ratios, report.RATIO_KEYS)],
+                plot=lambda _, path: report.plot_peers(rows, path))
     if any(r.get("error") for r in rows):
         sys.exit(1)
 
@@ -277,11 +306,14 @@ def peers_cmd(workload, ranks, batch_size, steps, warmup, threads_per_rank, over
               help="link bandwidth, e.g. 100Gbps or 12.5GB/s [default: 100Gbps]")
 @click.option("--latency-us", type=click.FloatRange(min=0), default=None,
               help="per-message latency [default: 2]")
-@click.option("--ranks", default="8..4096", show_default=True, callback=_parse_ranks)
+@click.option("--ranks", default="8..4096", show_default=True, callback=_parse_ranks,
+              help="rank counts projected, e.g. 8..4096 or 8,64,512")
 @click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=25.0,
-              show_default=True)
-@click.option("--first-bucket-mb", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--overlap/--no-overlap", default=True, show_default=True)
+              show_default=True, help="DDP bucket size")
+@click.option("--first-bucket-mb", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="size of the first (smaller) bucket, sent earliest in backward")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="bucket allreduces overlap the rest of backward")
 @click.option("--backward-fraction", type=click.FloatRange(0, 1), default=2 / 3,
               show_default=True, help="share of compute spent in backward")
 @click.option("--calibrate", is_flag=True,
@@ -289,7 +321,7 @@ def peers_cmd(workload, ranks, batch_size, steps, warmup, threads_per_rank, over
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
               help="timed steps of the calibration runs")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              callback=_check_out)
+              callback=_check_out, help="directory for JSON lines")
 def project_cmd(workload, grad_mb, compute_ms, bandwidth, latency_us, ranks, bucket_mb,
                 first_bucket_mb, overlap, backward_fraction, calibrate, steps, out):
     """Alpha-beta projection of scaling efficiency (ring and tree allreduce, bucket overlap)."""

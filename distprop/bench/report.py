@@ -174,3 +174,91 @@ def plot_scaling(rows: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+# Keys of one ``bench allreduce`` row and of one ``bench peers`` row (and ratio), in CSV order.
+ALLREDUCE_KEYS = ("ranks", "method", "bytes", "model", "repeats", "time_median_s", "time_min_s",
+                  "time_max_s", "algbw_gbs", "busbw_gbs", "vs_mpi", "error")
+PEERS_KEYS = ("peer", "workload", "ranks", "threads_per_rank", "batch_per_rank", "global_batch",
+              "steps", "step_s", "step_min_s", "step_max_s", "samples_per_s", "speedup",
+              "efficiency", "compute_s", "comm_s", "bytes", "peak_rss_mb_max", "error")
+RATIO_KEYS = ("peer", "workload", "ranks", "what", "ratio", "peak_rss_ratio", "efficiency",
+              "peer_efficiency")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_allreduce(rows: list[dict], path: Path) -> bool:
+    """Bus bandwidth against message size, one line per method and rank count (a model's
+    gradient as a single marker); False without matplotlib or without a measured row."""
+    ok = [r for r in rows if not r.get("error") and r.get("busbw_gbs") is not None]
+    plt = _pyplot() if ok else None
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["method"], r["ranks"]) for r in ok}):
+        mine = sorted((r for r in ok if (r["method"], r["ranks"]) == key),
+                      key=lambda r: r["bytes"])
+        sized = [r for r in mine if not r.get("model")]
+        label = f"{key[0]}, {key[1]} ranks"
+        if sized:
+            line, = ax.plot([r["bytes"] for r in sized], [r["busbw_gbs"] for r in sized], "o-",
+                            label=label)
+            color = line.get_color()
+        else:
+            color = None
+        for r in mine:
+            if r.get("model"):
+                ax.plot([r["bytes"]], [r["busbw_gbs"]], "*", markersize=12, color=color,
+                        label=f"{label}: {r['model']} gradient")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per allreduce")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title("allreduce bus bandwidth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_peers(rows: list[dict], path: Path) -> bool:
+    """Step time and throughput against ranks for distprop and each peer (the floors as dashed
+    lines); False without matplotlib or without a measured row."""
+    ok = [r for r in rows if not r.get("error") and r.get("step_s") is not None]
+    plt = _pyplot() if ok else None
+    if plt is None:
+        return False
+    fig, (ax_step, ax_rate) = plt.subplots(1, 2, figsize=(10, 4))
+    for peer in dict.fromkeys(r["peer"] for r in ok):
+        mine = sorted((r for r in ok if r["peer"] == peer), key=lambda r: r["ranks"])
+        style = "o--" if peer in ("mpi-allreduce", "gemm-floor") else "o-"
+        ax_step.plot([r["ranks"] for r in mine], [r["step_s"] * 1e3 for r in mine], style,
+                     label=peer)
+        rated = [r for r in mine if r.get("samples_per_s") is not None]
+        if rated:
+            ax_rate.plot([r["ranks"] for r in rated], [r["samples_per_s"] for r in rated], style,
+                         label=peer)
+    ranks = sorted({r["ranks"] for r in ok})
+    ax_step.set_ylabel("step (ms; floors: their operation alone)")
+    ax_rate.set_ylabel("samples/s")
+    for ax, title in ((ax_step, "step time"), (ax_rate, "throughput")):
+        ax.set_xlabel("ranks")
+        ax.set_xticks(ranks)
+        ax.set_title(f"{ok[0]['workload']}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

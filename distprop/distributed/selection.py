@@ -19,7 +19,7 @@ only if every rank's library says so) and builds the communicator:
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 
 from distprop import backend
@@ -175,7 +175,7 @@ def make_comm(choice: str = "auto", host: Communicator | None = None, device=Non
                           cupy=backend.cupy_available(), cupy_error=backend._cupy_error)
     kind, note = choose_comm(choice, facts)
     if note and verbose and host.rank == 0:
-        print(f"distprop: comm {choice}: {note}", file=sys.stderr, flush=True)
+        logging.getLogger(__name__).warning(f"distprop: comm {choice}: {note}")
     if kind == "host":
         return host
     if kind == "nccl":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import sys
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 from distprop import fileio
 from distprop.train.checkpoint import CheckpointManager
 
+_log = logging.getLogger(__name__)
 CSV_FIELDS = ("kind", "epoch", "step", "loss", "accuracy", "lr", "samples_per_s", "grad_norm",
               "val_loss", "val_accuracy", "time")
 
@@ -116,7 +118,7 @@ class ProgressBar(Callback):
             parts.append(f"lr {logs['lr']:.4g}")
             if logs.get("samples_per_s") is not None:
                 parts.append(f"{logs['samples_per_s']:.0f} samples/s")
-            print("  ".join(parts), flush=True)
+            _log.info("  ".join(parts))
 
     def on_train_end(self, trainer, logs) -> None:
         if self._bar is not None:
@@ -124,12 +126,33 @@ class ProgressBar(Callback):
             self._bar = None
 
 
+def numbered_from_one(logs: dict) -> dict:
+    """``logs`` with its ``epoch`` counted from 1, as on the console, in the metrics files and
+    in ``summary.json``; the trainer and the callbacks' ``logs`` count epochs from 0."""
+    if logs.get("epoch") is None:
+        return dict(logs)
+    return {**logs, "epoch": logs["epoch"] + 1}
+
+
+def _file_epoch_base(rows: list[dict], history: list[dict]) -> int:
+    """How ``rows`` read back from a metrics file number their epochs: 1 (this version) or 0
+    (files written before epochs were counted from 1), told from the first row's epoch and the
+    epochs finished before its step (the checkpoint's history, counted from 0)."""
+    for row in rows:
+        if row.get("epoch") is not None and row.get("step") is not None:
+            done = sum(1 for h in history if h.get("step", 0) < row["step"])
+            return 0 if row["epoch"] == done else 1
+    return 1
+
+
 class MetricsLogger(Callback):
-    """Appends step and epoch metrics to ``metrics.jsonl`` and ``metrics.csv`` (rank 0).
+    """Appends step and epoch metrics to ``metrics.jsonl`` and ``metrics.csv`` (rank 0), with
+    epochs counted from 1 as on the console.
 
     On resume, rows after the resumed step are dropped first, so the files read like one
     uninterrupted run; the row of an epoch whose data was all consumed before the resume is
-    kept and not written again.
+    kept and not written again. A file written with epochs counted from 0 (older versions) is
+    renumbered.
     """
 
     name = "metrics"
@@ -151,18 +174,23 @@ class MetricsLogger(Callback):
         rows = []
         self._kept_epochs = set()
         if trainer.resumed_from is not None and self.jsonl.exists():
+            read = []
             for line in self.jsonl.read_text().splitlines():
                 try:
-                    row = json.loads(line)
+                    read.append(json.loads(line))
                 except ValueError:
                     continue  # a line cut by the crash
+            base = _file_epoch_base(read, getattr(trainer, "_history_records", []))
+            for row in read:
+                if row.get("epoch") is not None:
+                    row["epoch"] -= base  # from 0 while comparing with the trainer
                 is_epoch = row.get("kind") == "epoch"
                 unfinished = is_epoch and row.get("epoch", 0) >= trainer.epoch
                 if unfinished and row.get("epoch") == trainer.epoch and trainer.samples_in_epoch \
                         == trainer.epoch_samples and row.get("step") == trainer.step:
                     unfinished = False  # only its epoch end is left to do: keep the row
                 if row.get("step", 0) <= trainer.step and not unfinished:
-                    rows.append(row)
+                    rows.append(numbered_from_one(row))
                     if is_epoch:
                         self._kept_epochs.add(row.get("epoch"))
         fileio.atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows),
@@ -188,11 +216,11 @@ class MetricsLogger(Callback):
 
     def on_step_end(self, trainer, logs) -> None:
         if logs and trainer.is_main:
-            self._write({"kind": "train", **logs})
+            self._write({"kind": "train", **numbered_from_one(logs)})
 
     def on_epoch_end(self, trainer, logs) -> None:
         if trainer.is_main and logs["epoch"] not in self._kept_epochs:
-            self._write({"kind": "epoch", **logs})
+            self._write({"kind": "epoch", **numbered_from_one(logs)})
 
 
 class Checkpointer(Callback):
@@ -329,9 +357,9 @@ class EarlyStoppingCallback(Callback):
             self.stopped_epoch = logs["epoch"]
             trainer.stop_training = True
             if trainer.is_main:
-                print(f"early stopping after epoch {logs['epoch'] + 1}: {self.monitor} has not "
-                      f"improved for {self.stopper.num_bad_steps} epoch(s) (best "
-                      f"{self.stopper.best:.4g})", flush=True)
+                _log.info(f"early stopping after epoch {logs['epoch'] + 1}: {self.monitor} has "
+                          f"not improved for {self.stopper.num_bad_steps} epoch(s) (best "
+                          f"{self.stopper.best:.4g})")
 
     def state_dict(self) -> dict:
         return self.stopper.state_dict()
@@ -359,7 +387,7 @@ class GradNormMonitor(Callback):
         if trainer.is_main and self.warned < self.max_warnings:
             self.warned += 1
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            _log.warning(f"warning: {message}")
 
     def on_step_end(self, trainer, logs) -> None:
         if not logs or logs.get("grad_norm") is None:

@@ -10,6 +10,7 @@ standard callbacks, and writes ``summary.json`` and ``curves.png`` into ``--out`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -29,6 +30,7 @@ OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": 
                      "rmsprop": "RMSprop", "adadelta": "Adadelta", "nadam": "NAdam"}
 DEFAULT_LR = {"sgd": 0.1, "adadelta": 1.0, "adagrad": 0.01}
 _SPLITS_CACHE: dict = {}
+_log = logging.getLogger(__name__)
 
 
 # --- pieces -------------------------------------------------------------------------------------
@@ -296,8 +298,7 @@ def _latest_usable(cfg: TrainConfig, model, optimizer, n_train: int) -> Path | N
             check_resume(cfg, path, model, optimizer, n_train)
             return path
         except ckpt.CheckpointError as exc:
-            print(f"skipping unusable checkpoint: {exc}; falling back to the previous one",
-                  flush=True)
+            _log.info(f"skipping unusable checkpoint: {exc}; falling back to the previous one")
     return None
 
 
@@ -310,41 +311,96 @@ def _resume_source(cfg: TrainConfig, comm, model, optimizer, n_train: int) -> st
     if comm.rank == 0:
         found = _latest_usable(cfg, model, optimizer, n_train)
         if found is None:
-            print(f"--resume auto: no usable checkpoint in {checkpoint_dir(cfg)}; starting "
-                  "from scratch", flush=True)
+            _log.info(f"--resume auto: no usable checkpoint in {checkpoint_dir(cfg)}; starting "
+                      "from scratch")
         else:
-            print(f"--resume auto: continuing from {found}", flush=True)
+            _log.info(f"--resume auto: continuing from {found}")
     found = comm.broadcast_obj(str(found) if found else None, 0)
     return found
 
 
-def _plot(history: list[dict], path: Path) -> Path | None:
+def _step_rows(metrics_jsonl: Path) -> list[dict]:
+    """The per-step rows of ``metrics.jsonl`` (none when it cannot be read)."""
+    try:
+        lines = metrics_jsonl.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("kind") == "train" and row.get("lr") is not None:
+            rows.append(row)
+    return rows
+
+
+def curves_figure(history: list[dict], steps: list[dict] = (), test: dict | None = None,
+                  title: str = ""):
+    """The training curves (None without matplotlib): loss and accuracy per epoch (counted
+    from 1) for train and val with the test result as a star after the last epoch, and the
+    learning rate per optimizer step (``steps``: rows of ``metrics.jsonl``; the epochs' ends
+    when there are none) with the epoch ends marked."""
     try:
         import matplotlib  # noqa: PLC0415
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
+        from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
     except ImportError:
         return None
     epochs = [r["epoch"] + 1 for r in history]
     metric = "accuracy" if "accuracy" in history[0] else "r2"  # classification / regression
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_loss.plot(epochs, [r["loss"] for r in history], marker="o", label="train")
     ax_acc.plot(epochs, [r.get(metric) for r in history], marker="o", label="train")
     if any(r.get("val_loss") is not None for r in history):
         ax_loss.plot(epochs, [r.get("val_loss") for r in history], marker="o", label="val")
         ax_acc.plot(epochs, [r.get(f"val_{metric}") for r in history], marker="o", label="val")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, metric)):
+    if test is not None and epochs:
+        ax_loss.plot([epochs[-1]], [test["loss"]], "*", markersize=14, label="test")
+        if test.get(metric) is not None:
+            ax_acc.plot([epochs[-1]], [test[metric]], "*", markersize=14, label="test")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, metric)):
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_title(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_step = {r["step"]: r["lr"] for r in [*steps, *history] if r.get("lr") is not None}
+    ax_lr.plot(sorted(by_step), [by_step[s] for s in sorted(by_step)],
+               marker="" if steps else "o", label="lr")
+    for i, r in enumerate(history):
+        ax_lr.axvline(r["step"], color="gray", linestyle=":", linewidth=0.8,
+                      label="epoch end" if i == 0 else None)
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_title("learning rate")
+    for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def _plot(history: list[dict], path: Path, test: dict | None = None,
+          title: str = "") -> Path | None:
+    """Write :func:`curves_figure` to ``path`` (atomically); None without matplotlib."""
+    fig = curves_figure(history, _step_rows(path.parent / "metrics.jsonl"), test, title)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     try:
         fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), "plot")
     finally:
         plt.close(fig)
     return path
+
+
+def _plot_title(cfg: TrainConfig, world: int) -> str:
+    return (f"{cfg.model} on {cfg.dataset}: {world} rank(s), {cfg.optimizer} lr "
+            f"{base_lr(cfg):.4g} ({cfg.lr_schedule}), {cfg.global_batch_size} samples per step")
 
 
 def train(cfg: TrainConfig, comm=None) -> dict:
@@ -371,7 +427,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         dev = device_mod.assign_device(comm, cfg.device)
         mapping = device_mod.gather_mapping(comm, dev)
         if comm.rank == 0:
-            print("distprop train: devices\n" + device_mod.describe_mapping(mapping), flush=True)
+            _log.info("distprop train: devices\n" + device_mod.describe_mapping(mapping))
         model.to(dev)
     from distprop.distributed.selection import make_comm  # noqa: PLC0415
 
@@ -392,13 +448,13 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for directory in (out, checkpoint_dir(cfg)):  # temporary files of a killed writer
-            fileio.remove_orphaned_temps(directory, started, log=lambda m: print(m, flush=True))
+            fileio.remove_orphaned_temps(directory, started, log=_log.info)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"distprop train: {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
-              f"{splits.sizes()}, {comm.size} rank(s) x {threads} BLAS thread(s), batch "
-              f"{cfg.batch_size}/rank x "
-              f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
-              f"{cfg.optimizer} lr {base_lr(cfg):.4g}", flush=True)
+        _log.info(f"distprop train: {cfg.model} ({n_params:,} parameters) on {cfg.dataset} "
+                  f"{splits.sizes()}, {comm.size} rank(s) x {threads} BLAS thread(s), batch "
+                  f"{cfg.batch_size}/rank x "
+                  f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
+                  f"{cfg.optimizer} lr {base_lr(cfg):.4g}")
     from distprop.train import tasks  # noqa: PLC0415
 
     trainer = Trainer(model, tasks.loss_fn(cfg.task, cfg.loss), optimizer, comm=data_comm,
@@ -418,19 +474,21 @@ def train(cfg: TrainConfig, comm=None) -> dict:
         "input_shape": list(splits.input_shape),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "epochs_run": len(history.epochs), "steps": trainer.step,
-        "final": history.final, "test": test, "resumed_from": history.resumed_from,
+        "final": cbs.numbered_from_one(history.final), "test": test,
+        "resumed_from": history.resumed_from,
         "checkpoints": [str(p) for p in ckpt.list_checkpoints(checkpoint_dir(cfg))],
         "wall_time_s": time.time() - started,
         "threads": {"per_rank": threads, "blas": _blas_threads()},
     }
     if comm.rank == 0:
-        plot = _plot(history.epochs, out / "curves.png") if history.epochs else None
+        plot = _plot(history.epochs, out / "curves.png", test,
+                     _plot_title(cfg, comm.size)) if history.epochs else None
         summary["plot"] = str(plot) if plot else None
         fileio.atomic_write_text(out / "summary.json",
                                  json.dumps(summary, indent=2, default=str) + "\n", "summary")
         if test is not None:
-            print(f"test: {tasks.describe(test)} ({test['samples']} samples); wrote "
-                  f"{out / 'summary.json'}", flush=True)
+            _log.info(f"test: {tasks.describe(test)} ({test['samples']} samples); wrote "
+                      f"{out / 'summary.json'}")
     return summary
 
 

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shlex
 import socket
@@ -144,7 +145,7 @@ class RunDirLock:
 
     @classmethod
     def acquire(cls, directory, command: list[str] | None = None,
-                note=lambda message: print(message, file=sys.stderr, flush=True)) -> RunDirLock:
+                note=logging.getLogger(__name__).warning) -> RunDirLock:
         """Create ``directory`` if needed and lock it for this process.
 
         Args:

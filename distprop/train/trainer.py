@@ -20,6 +20,7 @@ to float rounding (see :mod:`distprop.train.resume`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from distprop.tensor import Tensor, no_grad
 from distprop.train import checkpoint as ckpt
 from distprop.train import resume as resume_mod
 from distprop.train.metrics import MetricSums, default_metrics
+
+_log = logging.getLogger(__name__)
 
 
 def _default_comm():
@@ -525,7 +528,7 @@ class Trainer:
             start=self._start_sample, epoch_samples=self.epoch_samples,
             notes=[n for cb in self.callbacks for n in cb.resume_notes()])
         if line and self.is_main:
-            print(line, flush=True)
+            _log.info(line)
         backend.set_rng_state(mine["rng"])
         np.random.set_state(tuple(mine["numpy_global_rng"]))
         self._history_records = list(state.get("history", []))
