@@ -48,7 +48,7 @@ def test_project_metadata_lives_in_pyproject_only(pyproject):
     assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
     assert project["readme"] == "README.md" and project["requires-python"] == ">=3.10"
     assert project["scripts"] == {"distprop": "distprop.cli:main"}
-    assert {"Homepage", "Source", "Issues"} <= set(project["urls"])
+    assert "urls" not in project  # no public home yet: no invented addresses
     assert "Typing :: Typed" in project["classifiers"]
     deps = {d.split(">")[0].split(";")[0].strip() for d in project["dependencies"]}
     assert deps == {"numpy", "mpi4py", "click", "threadpoolctl", "tomli"}  # no others
