@@ -29,6 +29,8 @@ import numpy as np
 from distprop import amp as _amp
 from distprop import backend, trace
 from distprop.data import DataLoader, TensorDataset
+from distprop.distributed import guards as _guards
+from distprop.distributed import lifeline, preemption
 from distprop.distributed.metrics import MetricsReducer
 from distprop.tensor import Tensor, no_grad
 from distprop.train import checkpoint as ckpt
@@ -94,6 +96,7 @@ class History:
     final: dict = field(default_factory=dict)
     resumed_from: str | None = None
     checkpoints: list[str] = field(default_factory=list)
+    preempted: bool = False  #: stopped early by a preemption (a checkpoint of that step exists)
 
 
 class Trainer:
@@ -142,6 +145,7 @@ class Trainer:
         self._epoch_batches = 0
         self._counts = [0.0, 0.0]  # samples this rank processed in this run: epoch, interval
         self.stop_training = False
+        self.preempted = False  # stopped at a step all ranks agreed on, after a preemption
         self.resumed_from: str | None = None
         self._sums = None  # this rank's running sums: epoch [loss, correct, n], interval [...]
         self._last_norm: float | None = None
@@ -323,8 +327,45 @@ class Trainer:
         self.optimizer.zero_grad()
         for cb in self.callbacks:
             cb.on_train_begin(self)
+        lifeline.report("preemptible")  # the launcher may pass SIGTERM on as a request to stop
+        with preemption.handling():
+            self._loop(loader, train_data, val_data, batch_size)
+        history.epochs = list(self._history_records)
+        if self.preempted:
+            history.preempted = True
+            history.checkpoints = [str(p) for cb in self.callbacks for p in getattr(cb, "saved",
+                                                                                    ())]
+            return history
+        final = dict(self._history_records[-1]) if self._history_records else {}
+        for cb in self.callbacks:
+            cb.on_train_end(self, final)
+        history.final = final
+        for cb in self.callbacks:
+            if hasattr(cb, "saved"):
+                history.checkpoints = [str(p) for p in cb.saved]
+        return history
+
+    def _preemption_agreed(self) -> bool:
+        """Whether any rank was asked to stop (collective: one tiny allreduce, every step)."""
+        return preemption.agreed(getattr(self.comm, "host", self.comm))
+
+    def _preempt(self) -> None:
+        """Every rank agreed to stop here: checkpoint this step and tell the launcher."""
+        for cb in self.callbacks:
+            if hasattr(cb, "on_preempt"):
+                cb.on_preempt(self)
+        self.preempted = True
+        lifeline.report("preempted", step=self.step, epoch=self.epoch,
+                        cause=preemption.cause())
+        if self.is_main:
+            print(f"distprop train: preempted ({preemption.cause() or 'another rank'}): all "
+                  f"ranks stopped after step {self.step} (epoch {self.epoch + 1}) and wrote its "
+                  "checkpoint; --resume auto continues from it", flush=True)
+
+    def _loop(self, loader, train_data, val_data, batch_size: int) -> None:
         interval_start = time.perf_counter()
         epoch_start = interval_start
+        step_end = interval_start
         while self.epoch < self.epochs and not self.stop_training:
             loader.set_epoch(self.epoch)
             start = self._start_sample  # > 0 only in an epoch resumed mid-way
@@ -367,6 +408,13 @@ class Trainer:
                     interval_start = now
                 for cb in self.callbacks:
                     cb.on_step_end(self, logs)
+                now = time.perf_counter()
+                _guards.note_step(now - step_end)  # the stall limit follows the step time
+                step_end = now
+                # The last step of an epoch is not a place to stop: the epoch end decides.
+                if not self.epoch_data_done and self._preemption_agreed():
+                    self._preempt()
+                    return
             logs = self._log_row(True, self._last_norm, time.perf_counter() - epoch_start)
             if val_data is not None:
                 val = self.evaluate(val_data, batch_size=max(batch_size, 256))
@@ -377,19 +425,14 @@ class Trainer:
             self._history_records.append(logs)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, logs)
-            if self.comm.size > 1:  # a callback on one rank may stop: all ranks stop together
-                votes = self.comm.allreduce(np.array([float(self.stop_training)]), op="sum")
-                self.stop_training = bool(votes[0] > 0)
-        final = dict(self._history_records[-1]) if self._history_records else {}
-        for cb in self.callbacks:
-            cb.on_train_end(self, final)
-        history.epochs = list(self._history_records)
-        history.final = final
-        for cb in self.callbacks:
-            if hasattr(cb, "saved"):
-                history.checkpoints = [str(p) for p in cb.saved]
-        return history
-
+            # A callback on one rank may stop, a rank may be preempted: all ranks act together.
+            votes = np.array([float(self.stop_training), float(preemption.requested())])
+            if self.comm.size > 1:
+                votes = getattr(self.comm, "host", self.comm).allreduce(votes, op="sum")
+            self.stop_training = bool(votes[0] > 0)
+            if votes[1] > 0 and self.epoch < self.epochs and not self.stop_training:
+                self._preempt()
+                return
     # --- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict:
