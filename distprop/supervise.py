@@ -523,11 +523,10 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
     stopped = supervisor.preempted()
     if stopped is not None and forwarded is None:
         info = stopped.preempted or {}
-        cause = info.get("cause") or (signal_name(preempt_signal) if preempt_signal else "?")
         if preempt_signal is not None:
             cause = f"the launcher received {signal_name(preempt_signal)}"
         else:
-            cause = f"rank {stopped.rank} received {cause}"
+            cause = str(info.get("cause") or "requested")
         return 143, (f"preempted ({cause}): every rank stopped after step {info.get('step')} "
                      "and wrote its checkpoint; --resume auto continues from it (exit code 143)")
     if preempt_signal is not None and forwarded is None:

@@ -351,16 +351,25 @@ class Trainer:
 
     def _preempt(self) -> None:
         """Every rank agreed to stop here: checkpoint this step and tell the launcher."""
+        host = getattr(self.comm, "host", self.comm)
+        causes = host.allgather_obj(preemption.cause()) if host.size > 1 else [
+            preemption.cause()]
+        cause = next(((r, c) for r, c in enumerate(causes) if c), None)
+        if cause is None:
+            text = "requested"
+        elif cause[1].startswith("the launcher"):
+            text = cause[1]
+        else:
+            text = f"rank {cause[0]} received {cause[1]}"
         for cb in self.callbacks:
             if hasattr(cb, "on_preempt"):
                 cb.on_preempt(self)
         self.preempted = True
-        lifeline.report("preempted", step=self.step, epoch=self.epoch,
-                        cause=preemption.cause())
+        lifeline.report("preempted", step=self.step, epoch=self.epoch, cause=text)
         if self.is_main:
-            print(f"distprop train: preempted ({preemption.cause() or 'another rank'}): all "
-                  f"ranks stopped after step {self.step} (epoch {self.epoch + 1}) and wrote its "
-                  "checkpoint; --resume auto continues from it", flush=True)
+            print(f"distprop train: preempted ({text}): all ranks stopped after step "
+                  f"{self.step} (epoch {self.epoch + 1}) and wrote its checkpoint; --resume auto "
+                  "continues from it", flush=True)
 
     def _loop(self, loader, train_data, val_data, batch_size: int) -> None:
         interval_start = time.perf_counter()
