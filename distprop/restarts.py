@@ -41,9 +41,8 @@ def run_with_restarts(start, implementation: str, local: bool = True,
             return outcome.code
         attempt += 1
         reason = outcome.message or f"the job exited with status {outcome.code}"
-        _say(f"{reason}")
-        _say(f"restart {attempt} of {max_restarts} in {restart_delay:g} s (--max-restarts; "
-             f"the previous attempt failed: {reason.split('; ')[0]})")
+        _say(f"restart {attempt} of {max_restarts} in {restart_delay:g} s (--max-restarts) "
+             f"after: {reason}")
         stopped = _interruptible_sleep(restart_delay)
         if stopped is not None:
             _say(f"received {signal_name(stopped)} while waiting to restart; not restarting "
