@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import pytest
 from failure_runs import (
@@ -84,3 +85,24 @@ def test_sigkill_of_one_rank_restarts_and_ends_as_the_uninterrupted_run(tmp_path
     assert "--resume auto: continuing from" in stdout
     assert (out / "summary.json").exists()
     assert_same_params(final_params(out), expected)
+
+
+def test_sigterm_while_waiting_to_restart_stops_without_restarting(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    proc = start("launch", "-n", 2, "--max-restarts", 3, "--restart-delay", 60, "--",
+                 sys.executable, script, tmp_path, 3, 9)
+    try:
+        deadline = time.monotonic() + 60
+        err = ""
+        while "distprop: restart 1 of 3 in 60 s" not in err:
+            assert time.monotonic() < deadline and proc.poll() is None, err
+            err += proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err + rest
+    assert "received SIGTERM while waiting to restart; not restarting" in rest
+    assert sorted(p.name for p in tmp_path.glob("attempt*")) == ["attempt0.rank0",
+                                                                 "attempt0.rank1"]
