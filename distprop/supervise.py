@@ -25,6 +25,17 @@ up three things:
   would (SIGKILL 137, SIGTERM 143). A rank that exited with a status, ranks that never reached
   ``dist.init()``, and a launcher stopped by SIGINT/SIGTERM (forwarded; 130/143) get their line
   too.
+* **Preemption.** SIGTERM/SIGUSR1 to the launcher, when every rank said it handles preemption
+  (the trainer does, from ``fit``), goes to the ranks as a ``preempt`` message instead of a
+  kill: they stop after one agreed step, checkpoint it, report ``preempted`` and exit 143
+  (:mod:`distprop.distributed.preemption`). A second signal stops the job at once.
+* **Stall survey.** A rank whose stall watchdog fires sends ``stall``; the launcher asks every
+  rank where it is (``query``, non-blocking sends), waits at most :data:`SURVEY_TIMEOUT`
+  seconds, and answers with who answered from where; ranks that did not answer (a stopped
+  process, a dead host or link) are named by the asking rank and in the launcher's last line.
+
+:func:`run_once` is one launch; :mod:`distprop.restarts` relaunches failed jobs
+(``--max-restarts``).
 """
 
 from __future__ import annotations

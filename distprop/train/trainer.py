@@ -569,6 +569,12 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
             :class:`distprop.amp.autocast` and scales the loss with a
             :class:`distprop.amp.GradScaler` (its state goes into checkpoints); None: float32.
 
+    Preemption: during training SIGTERM/SIGUSR1 (to any rank, or to ``distprop train -n``'s
+    launcher) stops every rank after the same optimizer step (one 8-byte allreduce per step
+    decides it); a :class:`~distprop.train.callbacks.Checkpointer` writes that step's
+    checkpoint, ``on_train_end`` does not run, and the history has ``preempted=True``
+    (``distprop train`` then exits 143). See :mod:`distprop.distributed.preemption`.
+
     Returns:
         A :class:`History` with one record per epoch.
     """
