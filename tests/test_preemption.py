@@ -81,3 +81,9 @@ def test_preemption_flag_is_agreed_by_every_rank_at_the_same_step():
     result = run_mpi(AGREE, nprocs=2, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "rank 0 stopped at 17" in result.stdout and "rank 1 stopped at 17" in result.stdout
+    overlapped = run_mpi(AGREE.replace("preemption.agreed(comm)", "vote.step()").replace(
+        "comm = dist.init()", "comm = dist.init()\nvote = preemption.StopVote(comm)"),
+        nprocs=2, timeout=120)
+    assert overlapped.returncode == 0, overlapped.stderr
+    assert "rank 0 stopped at 18" in overlapped.stdout  # one step later: the vote overlaps it
+    assert "rank 1 stopped at 18" in overlapped.stdout

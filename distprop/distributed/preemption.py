@@ -11,13 +11,14 @@ flag:
   (:mod:`distprop.distributed.lifeline`) instead of killing the job;
 * :func:`request` called by the program.
 
-The flag of one rank is not enough: the ranks must stop after the *same* step or the last
-gradient allreduce would wait forever. :func:`agreed` reduces the flags with one tiny allreduce
-(an 8-byte max) that every rank calls once per optimizer step; it is true on every rank at the
-same step. The trainer then writes the checkpoint of that step, reports ``preempted`` to the
-launcher and every rank exits with :data:`EXIT_CODE` (143, as a shell reports SIGTERM); the
-launcher does not restart a preempted job (``--max-restarts``), and ``--resume auto`` continues
-bit-identically to an uninterrupted run.
+The flag of one rank is not enough: the ranks must stop after the *same* step or the last gradient
+allreduce would wait forever. :func:`agreed` reduces the flags with one tiny allreduce (an 8-byte
+max) that every rank calls once per step; it is true on every rank at the same step. The trainer
+uses :class:`StopVote`, the same vote started at one step and completed at the next (non-blocking),
+so that it costs no round trip of its own. The trainer then writes the checkpoint of that step,
+reports ``preempted`` to the launcher and every rank exits with :data:`EXIT_CODE` (143, as a shell
+reports SIGTERM); the launcher does not restart a preempted job (``--max-restarts``), and
+``--resume auto`` continues bit-identically to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -68,6 +69,41 @@ def agreed(comm) -> bool:
         return _flag.is_set()
     vote = np.array([1.0 if _flag.is_set() else 0.0])
     return bool(comm.allreduce(vote, op="max")[0] > 0)
+
+
+class StopVote:
+    """The per-step agreement of :func:`agreed`, overlapped with the next step.
+
+    :meth:`step` (once per optimizer step, on every rank) completes the vote started at the
+    previous step and starts the next one (a non-blocking 8-byte ``max`` allreduce that the
+    step's own gradient allreduce carries along), so the agreement costs no round trip of its
+    own; the ranks stop one step after the flag was first seen, all at the same step. Call
+    :meth:`drain` before anything that is not a step (epoch ends) so the vote in flight does not
+    outlive the loop.
+    """
+
+    def __init__(self, comm):
+        self.comm = comm
+        self._vote = np.zeros(1)
+        self._pending = None
+
+    def step(self) -> bool:
+        """True on every rank at the same step once any rank's flag was up (collective)."""
+        if self.comm.size == 1:
+            return _flag.is_set()
+        stop = self.drain()
+        if not stop:
+            self._vote[0] = 1.0 if _flag.is_set() else 0.0
+            self._pending = self.comm.iallreduce(self._vote, op="max")
+        return stop
+
+    def drain(self) -> bool:
+        """Complete the vote in flight; its outcome (False when none was in flight)."""
+        if self._pending is None:
+            return False
+        self._pending.wait()
+        self._pending = None
+        return bool(self._vote[0] > 0)
 
 
 @contextlib.contextmanager

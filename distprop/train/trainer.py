@@ -345,10 +345,6 @@ class Trainer:
                 history.checkpoints = [str(p) for p in cb.saved]
         return history
 
-    def _preemption_agreed(self) -> bool:
-        """Whether any rank was asked to stop (collective: one tiny allreduce, every step)."""
-        return preemption.agreed(getattr(self.comm, "host", self.comm))
-
     def _preempt(self) -> None:
         """Every rank agreed to stop here: checkpoint this step and tell the launcher."""
         host = getattr(self.comm, "host", self.comm)
@@ -375,6 +371,7 @@ class Trainer:
         interval_start = time.perf_counter()
         epoch_start = interval_start
         step_end = interval_start
+        vote = preemption.StopVote(getattr(self.comm, "host", self.comm))  # any rank preempted?
         while self.epoch < self.epochs and not self.stop_training:
             loader.set_epoch(self.epoch)
             start = self._start_sample  # > 0 only in an epoch resumed mid-way
@@ -421,9 +418,10 @@ class Trainer:
                 _guards.note_step(now - step_end)  # the stall limit follows the step time
                 step_end = now
                 # The last step of an epoch is not a place to stop: the epoch end decides.
-                if not self.epoch_data_done and self._preemption_agreed():
+                if not self.epoch_data_done and vote.step():
                     self._preempt()
                     return
+            vote.drain()  # the epoch end votes itself, below
             logs = self._log_row(True, self._last_norm, time.perf_counter() - epoch_start)
             if val_data is not None:
                 val = self.evaluate(val_data, batch_size=max(batch_size, 256))
@@ -570,10 +568,12 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
             :class:`distprop.amp.GradScaler` (its state goes into checkpoints); None: float32.
 
     Preemption: during training SIGTERM/SIGUSR1 (to any rank, or to ``distprop train -n``'s
-    launcher) stops every rank after the same optimizer step (one 8-byte allreduce per step
-    decides it); a :class:`~distprop.train.callbacks.Checkpointer` writes that step's
-    checkpoint, ``on_train_end`` does not run, and the history has ``preempted=True``
-    (``distprop train`` then exits 143). See :mod:`distprop.distributed.preemption`.
+    launcher) stops every rank after the same optimizer step (an 8-byte non-blocking allreduce per
+    step decides it, one step after the signal); a :class:`~distprop.train.callbacks.Checkpointer`
+    writes that step's checkpoint, ``on_train_end`` does not run, and the history has
+    ``preempted=True`` (``distprop train`` then exits 143). See
+    :mod:`distprop.distributed.preemption`.
+
 
     Returns:
         A :class:`History` with one record per epoch.
