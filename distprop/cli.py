@@ -267,9 +267,10 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 @click.option("--worker-config", default=None, hidden=True)
 @click.option("--worker-config-sha256", default=None, hidden=True)
 def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args,
-          oversubscribe, dry_run, forward_stdin, max_restarts, restart_delay, trace_file,
-          worker_config, worker_config_sha256, **options):
+          oversubscribe, dry_run, forward_stdin, trace_file, worker_config, worker_config_sha256,
+          **options):
     """Train a zoo model on a dataset, data-parallel over MPI ranks."""
+    max_restarts, restart_delay = options.pop("max_restarts"), options.pop("restart_delay")
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
 
     if trace_file and not worker_config:

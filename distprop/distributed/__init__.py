@@ -55,8 +55,7 @@ def init(backend: str | None = None, stall_timeout: float | None = None,
         backend: ``'mpi'``, ``'single'`` or None (env ``DISTPROP_BACKEND``, else MPI exactly when
             an MPI launcher started the process).
         stall_timeout: seconds a collective may wait before the stall watchdog aborts the job
-            (default: env ``DISTPROP_STALL_TIMEOUT``, else 600 s until the first optimizer step,
-            then max(60 s, 20 x the slowest step); 0 disables).
+            (default: env ``DISTPROP_STALL_TIMEOUT``, else 600; 0 disables).
         guards: with more than one rank, install the abort-on-uncaught-exception hook, the
             exit guard (``sys.exit(n)`` with ``n != 0`` on one rank aborts the job with ``n``)
             and the stall watchdog.
@@ -97,7 +96,6 @@ def init(backend: str | None = None, stall_timeout: float | None = None,
         if timer is not None:
             timer.done()
         lifeline.report("ready", size=world.size)
-        lifeline.watch_communicator(world)  # the launcher's stall survey asks where it is
     else:
         world = SingleProcessCommunicator()
     _world = world

@@ -297,7 +297,12 @@ _active: list = []
 
 def start_watchdog(comm: Communicator, timeout: float | None = None) -> StallWatchdog | None:
     """Start a :class:`StallWatchdog`: a fixed limit from the argument or
-    ``DISTPROP_STALL_TIMEOUT`` (0 disables), else the adaptive one. None for a world of one."""
+    ``DISTPROP_STALL_TIMEOUT`` (0 disables), else the adaptive one (600 s until the first
+    optimizer step, then max(60 s, 20 x the slowest step)). None for a world of one. The rank
+    also answers its launcher's stall survey from ``comm`` (watchdog on or off)."""
+    from distprop.distributed import lifeline  # noqa: PLC0415
+
+    lifeline.watch_communicator(comm)  # the launcher's stall survey asks where this rank is
     adaptive = False
     if timeout is None:
         timeout = stall_timeout_from_env(default=None)

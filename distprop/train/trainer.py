@@ -29,8 +29,6 @@ import numpy as np
 from distprop import amp as _amp
 from distprop import backend, trace
 from distprop.data import DataLoader, TensorDataset
-from distprop.distributed import guards as _guards
-from distprop.distributed import lifeline, preemption
 from distprop.distributed.metrics import MetricsReducer
 from distprop.tensor import Tensor, no_grad
 from distprop.train import checkpoint as ckpt
@@ -327,6 +325,8 @@ class Trainer:
         self.optimizer.zero_grad()
         for cb in self.callbacks:
             cb.on_train_begin(self)
+        from distprop.distributed import lifeline, preemption  # noqa: PLC0415
+
         lifeline.report("preemptible")  # the launcher may pass SIGTERM on as a request to stop
         with preemption.handling():
             self._loop(loader, train_data, val_data, batch_size)
@@ -347,6 +347,8 @@ class Trainer:
 
     def _preempt(self) -> None:
         """Every rank agreed to stop here: checkpoint this step and tell the launcher."""
+        from distprop.distributed import lifeline, preemption  # noqa: PLC0415
+
         host = getattr(self.comm, "host", self.comm)
         causes = host.allgather_obj(preemption.cause()) if host.size > 1 else [
             preemption.cause()]
@@ -368,6 +370,8 @@ class Trainer:
                   "continues from it", flush=True)
 
     def _loop(self, loader, train_data, val_data, batch_size: int) -> None:
+        from distprop.distributed import guards, preemption  # noqa: PLC0415
+
         interval_start = time.perf_counter()
         epoch_start = interval_start
         step_end = interval_start
@@ -415,7 +419,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self, logs)
                 now = time.perf_counter()
-                _guards.note_step(now - step_end)  # the stall limit follows the step time
+                guards.note_step(now - step_end)  # the stall limit follows the step time
                 step_end = now
                 # The last step of an epoch is not a place to stop: the epoch end decides.
                 if not self.epoch_data_done and vote.step():
