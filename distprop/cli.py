@@ -270,8 +270,9 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
           oversubscribe, dry_run, forward_stdin, trace_file, worker_config, worker_config_sha256,
           **options):
     """Train a zoo model on a dataset, data-parallel over MPI ranks."""
-    max_restarts, restart_delay = options.pop("max_restarts"), options.pop("restart_delay")
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
+
+    max_restarts, restart_delay = options.pop("max_restarts"), options.pop("restart_delay")
 
     if trace_file and not worker_config:
         try:
