@@ -71,6 +71,17 @@ def agreed(comm) -> bool:
     return bool(comm.allreduce(vote, op="max")[0] > 0)
 
 
+def who_asked(comm) -> str:
+    """Which rank was asked to stop, and by what (``'rank 1 received SIGUSR1'``, ``'the
+    launcher (SIGTERM)'``); collective: call it on every rank once the ranks agreed to stop."""
+    causes = comm.allgather_obj(cause()) if comm.size > 1 else [cause()]
+    first = next(((rank, c) for rank, c in enumerate(causes) if c), None)
+    if first is None:
+        return "requested"
+    rank, text = first
+    return text if text.startswith("the launcher") else f"rank {rank} received {text}"
+
+
 class StopVote:
     """The per-step agreement of :func:`agreed`, overlapped with the next step.
 

@@ -349,16 +349,7 @@ class Trainer:
         """Every rank agreed to stop here: checkpoint this step and tell the launcher."""
         from distprop.distributed import lifeline, preemption  # noqa: PLC0415
 
-        host = getattr(self.comm, "host", self.comm)
-        causes = host.allgather_obj(preemption.cause()) if host.size > 1 else [
-            preemption.cause()]
-        cause = next(((r, c) for r, c in enumerate(causes) if c), None)
-        if cause is None:
-            text = "requested"
-        elif cause[1].startswith("the launcher"):
-            text = cause[1]
-        else:
-            text = f"rank {cause[0]} received {cause[1]}"
+        text = preemption.who_asked(getattr(self.comm, "host", self.comm))
         for cb in self.callbacks:
             if hasattr(cb, "on_preempt"):
                 cb.on_preempt(self)
