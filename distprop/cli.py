@@ -68,6 +68,11 @@ def _launch_options(func):
         click.option("--stdin", "forward_stdin", is_flag=True, default=False,
                      help="Forward this process's standard input to rank 0 (default: the "
                           "ranks read /dev/null)."),
+        click.option("--max-restarts", type=click.IntRange(min=0), default=0,
+                     help="Relaunch a job whose rank or host failed up to N times (train: "
+                          "with --resume auto; launch: DISTPROP_RESTART_COUNT=k) [0]."),
+        click.option("--restart-delay", type=click.FloatRange(min=0), default=5.0,
+                     help="Seconds to wait before a restart [5]."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -105,14 +110,16 @@ def _gpu_note(ranks_on_node: int) -> None:
         click.echo(f"distprop: {note}", err=True)
 
 
-def _run_plan(plan: launcher.LaunchPlan, dry_run: bool, resume_hint: str | None = None) -> int:
+def _run_plan(plan: launcher.LaunchPlan, dry_run: bool, resume_hint: str | None = None,
+              max_restarts: int = 0, restart_delay: float = 0.0, replan=None) -> int:
     if dry_run:
         click.echo(plan.shell())
         return 0
     click.echo(f"distprop: {plan.implementation} launch, {plan.threads_per_rank} thread(s) per "
                f"rank: {plan.shell()}", err=True)
     try:
-        return launcher.run(plan, resume_hint=resume_hint)
+        return launcher.run(plan, resume_hint=resume_hint, max_restarts=max_restarts,
+                            restart_delay=restart_delay, replan=replan)
     except launcher.LaunchError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -130,10 +137,12 @@ Examples:
 @log_level_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def launch(nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args, oversubscribe,
-           dry_run, forward_stdin, command):
+           dry_run, forward_stdin, max_restarts, restart_delay, command):
     """Run COMMAND on N MPI ranks with the right launcher and per-rank BLAS threads.
 
-    The ranks read /dev/null as standard input unless --stdin is given.
+    The ranks read /dev/null as standard input unless --stdin is given. With --max-restarts a
+    failed job is relaunched; each launch gets DISTPROP_RESTART_COUNT (0, 1, ...) so the
+    script can resume itself.
     """
     if command and command[0] == "--":
         command = command[1:]
@@ -147,7 +156,7 @@ def launch(nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, mpi_args, ov
             raise Refused(str(exc)) from None
     if not dry_run and not hosts and not hostfile:
         _gpu_note(nprocs)
-    sys.exit(_run_plan(plan, dry_run))
+    sys.exit(_run_plan(plan, dry_run, max_restarts=max_restarts, restart_delay=restart_delay))
 
 
 # --- info ---------------------------------------------------------------------------------------
@@ -291,6 +300,8 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     over MPI ranks."""
     from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
 
+    max_restarts, restart_delay = options.pop("max_restarts"), options.pop("restart_delay")
+
     if trace_file and not worker_config:
         try:
             run_mod.check_writable_dir(os.path.dirname(os.path.abspath(trace_file)), "trace")
@@ -317,6 +328,10 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     if threads_per_rank is not None and threads_per_rank < 1:
         raise click.BadParameter(f"must be at least 1, got {threads_per_rank}",
                                  param_hint="--threads-per-rank")
+    if max_restarts and not launching:
+        raise click.BadParameter("restarts are made by the launcher: use it with -n 2 or more "
+                                 "(or your scheduler's requeue with --resume auto)",
+                                 param_hint="--max-restarts")
     error = None
     try:
         cfg = cfg.validate(world)
@@ -340,31 +355,43 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
     cfg.launch = {"mpi": mpi or "auto", "hosts": hosts, "hostfile": hostfile,
                   "threads_per_rank": threads_per_rank}
     out = Path(cfg.out).absolute()
-    # The ranks read a file unique to this launch (checked against its digest), never
-    # config.json, which is only the record for the user.
-    text = cfg.to_json()
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    launch_file = out / f"{LAUNCH_CONFIG_PREFIX}{os.getpid()}-{digest[:12]}.json"
-    command = [sys.executable, "-m", "distprop", "train", "--worker-config", str(launch_file),
-               "--worker-config-sha256", digest]
-    lcfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
-                          mpi_args, oversubscribe, forward_stdin)
-    plan = _plan_or_usage_error(lcfg)
+    written: list[Path] = []
+
+    def plan_for(config: TrainConfig) -> launcher.LaunchPlan:
+        # The ranks read a file unique to this launch (checked against its digest), never
+        # config.json, which is only the record for the user.
+        text = config.to_json()
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        launch_file = out / f"{LAUNCH_CONFIG_PREFIX}{os.getpid()}-{digest[:12]}.json"
+        command = [sys.executable, "-m", "distprop", "train", "--worker-config",
+                   str(launch_file), "--worker-config-sha256", digest]
+        lcfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
+                              mpi_args, oversubscribe, forward_stdin)
+        if not dry_run:
+            for old in written:
+                old.unlink(missing_ok=True)
+            _write_text(launch_file, text, "launch configuration")
+            written[:] = [launch_file]
+        return _plan_or_usage_error(lcfg)
+
     if dry_run:
-        sys.exit(_run_plan(plan, dry_run))
-    with _locked_run_dir(out, agree=False):  # before anything is written into --out
-        for old in out.glob(f"{LAUNCH_CONFIG_PREFIX}*.json"):  # left by killed launchers
-            old.unlink(missing_ok=True)
-        _write_text(launch_file, text, "launch configuration")
-        _write_text(out / "config.json", text, "configuration")
+        sys.exit(_run_plan(plan_for(cfg), dry_run))
+    with _locked_run_dir(out, agree=False):  # before anything is written into --out; held
+        for old in out.glob(f"{LAUNCH_CONFIG_PREFIX}*.json"):  # across restarts. Left by
+            old.unlink(missing_ok=True)  # killed launchers.
+        plan = plan_for(cfg)
+        _write_text(out / "config.json", cfg.to_json(), "configuration")
         try:
             if cfg.device.startswith("cuda") and not hosts and not hostfile:
                 _gpu_note(nprocs)
             hint = ("Run the same command with --resume auto to continue from the last "
                     f"checkpoint in {out}")
-            code = _run_plan(plan, dry_run, resume_hint=hint)
+            code = _run_plan(plan, dry_run, resume_hint=hint, max_restarts=max_restarts,
+                             restart_delay=restart_delay,
+                             replan=lambda _k: plan_for(cfg.updated(resume="auto")))
         finally:
-            launch_file.unlink(missing_ok=True)
+            for old in written:
+                old.unlink(missing_ok=True)
     sys.exit(code)
 
 

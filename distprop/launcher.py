@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distprop import supervise
+from distprop import restarts
 
 IMPLEMENTATIONS = ("auto", "mpich", "openmpi", "srun")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -393,21 +393,29 @@ def check_command(cfg: LaunchConfig, launch: LaunchPlan) -> None:
 # --- running ------------------------------------------------------------------------------------
 
 
-def run(launch: LaunchPlan, resume_hint: str | None = None) -> int:
+def run(launch: LaunchPlan, resume_hint: str | None = None, max_restarts: int = 0,
+        restart_delay: float = 0.0, replan=None) -> int:
     """Run the plan under supervision; returns the job's exit code.
 
-    The ranks are owned by this process: if it dies (any signal), they die with it. SIGINT and
-    SIGTERM are forwarded to the launcher (exit 130/143); a rank killed by a signal is named
-    (rank, host, PID, signal) and the job returns 128 + the signal, as a shell would.
-    ``resume_hint`` is added to that line (``train``: how to continue). See
-    :mod:`distprop.supervise`.
+    The ranks are owned by this process: if it dies (any signal), they die with it. SIGINT is
+    forwarded to the launcher (exit 130); SIGTERM/SIGUSR1 preempt a training job (every rank
+    checkpoints one agreed step, exit 143) and are forwarded otherwise; a rank killed by a
+    signal is named (rank, host, PID, signal) and the job returns 128 + the signal, as a shell
+    would. ``resume_hint`` is added to that line (``train``: how to continue). A failed job is
+    relaunched up to ``max_restarts`` times, ``restart_delay`` seconds apart; ``replan(k)``
+    gives the plan of restart ``k`` (default: the same plan). See :mod:`distprop.supervise`.
     """
-    env = dict(os.environ)
-    env.update(launch.env)
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    def start(attempt: int):
+        plan = launch if attempt == 0 or replan is None else replan(attempt)
+        env = dict(os.environ)
+        env.update(plan.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return plan.argv, env
+
     try:
-        return supervise.run_job(launch.argv, env, launch.implementation, local=launch.local,
-                                 resume_hint=resume_hint,
-                                 stdin=None if launch.stdin else subprocess.DEVNULL)
+        return restarts.run_with_restarts(
+            start, launch.implementation, local=launch.local, resume_hint=resume_hint,
+            stdin=None if launch.stdin else subprocess.DEVNULL, max_restarts=max_restarts,
+            restart_delay=restart_delay)
     except OSError as exc:
         raise LaunchError(f"cannot start {launch.argv[0]}: {exc}") from exc

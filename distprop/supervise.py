@@ -25,13 +25,23 @@ up three things:
   would (SIGKILL 137, SIGTERM 143). A rank that exited with a status, ranks that never reached
   ``dist.init()``, and a launcher stopped by SIGINT/SIGTERM (forwarded; 130/143) get their line
   too.
+* **Preemption.** SIGTERM/SIGUSR1 to the launcher, when every rank said it handles preemption
+  (the trainer does, from ``fit``), goes to the ranks as a ``preempt`` message instead of a
+  kill: they stop after one agreed step, checkpoint it, report ``preempted`` and exit 143
+  (:mod:`distprop.distributed.preemption`). A second signal stops the job at once.
+* **Stall survey.** A rank whose stall watchdog fires sends ``stall``; the launcher asks every
+  rank where it is (``query``, non-blocking sends), waits at most :data:`SURVEY_TIMEOUT`
+  seconds, and answers with who answered from where; ranks that did not answer (a stopped
+  process, a dead host or link) are named by the asking rank and in the launcher's last line.
+
+:func:`run_once` is one launch; :mod:`distprop.restarts` relaunches failed jobs
+(``--max-restarts``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import selectors
 import signal
@@ -42,8 +52,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from distprop.hydra_output import Banner, OutputCopier
+
 ENV_VAR = "DISTPROP_SUPERVISOR"
 _MAX_LINE = 4096  # longest control message or banner line looked at
+SURVEY_TIMEOUT = 3.0  # seconds a stall survey waits for the ranks' answers
 
 
 def signal_name(signum: int) -> str:
@@ -100,6 +113,10 @@ class RankRecord:
     timed_out: float | None = None  #: seconds it waited in MPI initialisation before giving up
     dropped: float | None = None  #: when its connection closed
     events: list = field(default_factory=list)
+    preemptible: bool = False  #: its training loop stops at an agreed step on ``preempt``
+    preempted: dict | None = None  #: what it said when it stopped for a preemption
+    status: dict | None = None  #: its answer to the current stall survey
+    conn: socket.socket | None = field(default=None, repr=False)
 
 
 class Supervisor:
@@ -120,6 +137,8 @@ class Supervisor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server = self._thread = None
+        self._survey: dict | None = None  # the stall survey in progress
+        self.stall: dict | None = None  #: the first stall report (who asked, who answered)
         if not listen:
             return
         server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -197,6 +216,7 @@ class Supervisor:
                     conn.close()
                     del buffers[conn]
             now = time.monotonic()
+            self._finish_survey(now)
             for conn, state in list(buffers.items()):  # a stranger that never says hello
                 if state[1] is None and now - state[2] > 10:
                     sel.unregister(conn)
@@ -223,6 +243,8 @@ class Supervisor:
                 if rank is None:
                     return False
                 state[1] = rank
+                with self._lock:
+                    self.ranks[rank].conn = state[3]
                 try:
                     state[3].send(b"ok\n")  # the rank knows it reached its own launcher
                 except OSError:
@@ -254,9 +276,89 @@ class Supervisor:
                 record.exit_code = msg["code"]
             elif event == "init-timeout" and isinstance(msg.get("waited"), (int, float)):
                 record.timed_out = float(msg["waited"])
+            elif event == "preemptible":
+                record.preemptible = True
+            elif event == "preempted":
+                record.preempted = {k: msg.get(k) for k in ("step", "epoch", "cause")}
+            elif event == "status" and self._survey is not None \
+                    and msg.get("id") == self._survey["id"]:
+                record.status = _status_fields(msg)
+                return
+            elif event == "stall":
+                record.status = _status_fields(msg)
+                self._start_survey(rank)
             else:
                 return
         self._note(rank, event)
+
+    # -- messages to the ranks -------------------------------------------------------------------
+
+    def _send(self, record: RankRecord, msg: dict) -> bool:
+        """Send one line to a rank without blocking (a dead host must not stall the launcher)."""
+        if record.conn is None or record.dropped is not None:
+            return False
+        try:
+            record.conn.send((json.dumps(msg) + "\n").encode())
+            return True
+        except OSError:  # its buffer is full (it stopped reading) or the connection is gone
+            return False
+
+    def preempt(self, signum: int) -> bool:
+        """Ask every rank to stop at an agreed step, checkpoint and exit 143.
+
+        Only when every rank of the job registered and said it handles preemption (the
+        trainer does; a user script may not): returns False otherwise, and the caller stops
+        the job the hard way.
+        """
+        with self._lock:
+            records = list(self.ranks.values())
+            size = max((r.size or 0 for r in records), default=0)
+            if not records or len(records) < size or not all(r.preemptible for r in records):
+                return False
+            for record in records:
+                self._send(record, {"event": "preempt", "signal": signal_name(signum)})
+        return True
+
+    def preempted(self) -> RankRecord | None:
+        """The first rank that reported stopping for a preemption (None if none did)."""
+        with self._lock:
+            found = [r for r in self.ranks.values() if r.preempted is not None]
+        return min(found, key=lambda r: r.rank) if found else None
+
+    def _start_survey(self, asker: int) -> None:
+        """A rank's stall watchdog fired: ask every rank where it is (lock held)."""
+        if self._survey is not None:
+            self._survey["askers"].add(asker)
+            return
+        self._survey = {"id": secrets.token_hex(4), "askers": {asker},
+                        "deadline": time.monotonic() + SURVEY_TIMEOUT}
+        for record in self.ranks.values():
+            if record.rank != asker:
+                record.status = None
+                self._send(record, {"event": "query", "id": self._survey["id"]})
+
+    def _finish_survey(self, now: float) -> None:
+        """Answer the askers once every rank answered or the survey timed out."""
+        with self._lock:
+            survey = self._survey
+            if survey is None:
+                return
+            records = sorted(self.ranks.values(), key=lambda r: r.rank)
+            waiting = [r for r in records if r.status is None and r.dropped is None]
+            if waiting and now < survey["deadline"]:
+                return
+            size = max((r.size or 0 for r in records), default=len(records))
+            rows = [{"rank": r.rank, "host": r.host, "pid": r.pid, "answered": r.status is not None,
+                     "gone": r.dropped is not None, **(r.status or {})} for r in records]
+            rows += [{"rank": k, "host": None, "pid": None, "answered": False, "gone": True}
+                     for k in range(size) if k not in self.ranks]
+            report = {"event": "stall-report", "askers": sorted(survey["askers"]), "ranks": rows}
+            for record in records:
+                if record.rank in survey["askers"]:
+                    self._send(record, report)
+            if self.stall is None:
+                self.stall = report
+            self._survey = None
 
     def _note(self, rank: int, event: str) -> None:
         with self._lock:
@@ -285,91 +387,25 @@ class Supervisor:
         return None
 
 
+def _status_fields(msg: dict) -> dict:
+    return {"count": msg.get("count"), "current": msg.get("current"),
+            "waited": msg.get("waited")}
+
+
 def _same_host(a: str, b: str) -> bool:
     return a.split(".")[0].lower() == b.split(".")[0].lower()
 
 
-# --- Hydra's stdout ----------------------------------------------------------------------------
-
-_BANNER_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT (\S+)")
-_BANNER_CODE = re.compile(r"^=\s+EXIT CODE: (\d+)")
-_BANNER_SIGNAL = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")
+# --- running and explaining ---------------------------------------------------------------------
 
 
 @dataclass
-class Banner:
-    """What Hydra's "BAD TERMINATION" banner said about the first process that failed."""
+class Outcome:
+    """How one launch of the job ended."""
 
-    pid: int | None = None
-    host: str | None = None
-    exit_code: int | None = None
-    signal: int | None = None
-
-
-class OutputCopier:
-    """Copies the launcher's stdout to ours byte for byte and reads Hydra's banner on the way."""
-
-    def __init__(self, stream, sink_fd: int = 1):
-        self.banner = Banner()
-        self._stream, self._sink = stream, sink_fd
-        self._partial = b""
-        self._thread = threading.Thread(target=self._copy, name="distprop-output", daemon=True)
-
-    def start(self) -> OutputCopier:
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def _copy(self) -> None:
-        fd = self._stream.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            if not _write_all(self._sink, chunk):
-                # Our stdout is gone (``distprop launch ... | head``): close the pipe so the
-                # launcher gets SIGPIPE on its next write, as it would have without us.
-                self._stream.close()
-                return
-            self._scan(chunk)
-        self._scan(b"\n")
-
-    def _scan(self, chunk: bytes) -> None:
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()[-_MAX_LINE:]
-        for raw in lines:
-            line = raw[-_MAX_LINE:].decode("utf-8", "replace").rstrip("\r")
-            found = _BANNER_PID.search(line)
-            if found and self.banner.pid is None:
-                self.banner.pid, self.banner.host = int(found.group(1)), found.group(2)
-            found = _BANNER_CODE.search(line)
-            if found and self.banner.exit_code is None:
-                self.banner.exit_code = int(found.group(1))
-            found = _BANNER_SIGNAL.search(line)
-            if found and self.banner.signal is None:
-                self.banner.signal = int(found.group(1))
-
-
-def _write_all(fd: int, data: bytes) -> bool:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-        except InterruptedError:
-            continue
-        except OSError:
-            return False
-    return True
-
-
-# --- running and explaining ---------------------------------------------------------------------
+    code: int  #: the exit code to report
+    message: str | None  #: one line saying why (None: it simply succeeded)
+    restartable: bool  #: a failure that ``--max-restarts`` may retry
 
 
 def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bool = True,
@@ -385,12 +421,42 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
         resume_hint: when a rank was killed, say this too (``train``: resume from checkpoint).
         stdin: the launcher child's stdin, as for ``subprocess.Popen`` (None: inherited).
 
-    SIGINT/SIGTERM received by the launcher are forwarded to the launcher child and the job
-    returns 130/143. A job whose rank was killed by a signal returns 128 + that signal.
+    SIGINT received by the launcher is forwarded to the launcher child and the job returns 130.
+    SIGTERM and SIGUSR1 are a preemption when every rank handles it (the trainer does): the
+    ranks are asked over the control channel to stop at an agreed step and checkpoint it, and
+    the job returns 143; otherwise they are forwarded too (143, 138). A job whose rank was
+    killed by a signal returns 128 + that signal.
 
     Raises:
         OSError: the launcher cannot be started.
     """
+    outcome = run_once(argv, env, implementation, local, stdin)
+    _say(_with_hint(outcome, resume_hint))
+    return outcome.code
+
+
+def _with_hint(outcome: Outcome, hint: str | None) -> str | None:
+    if outcome.message and hint and outcome.code not in (0, 2, 130) \
+            and "--resume auto" not in outcome.message:
+        return f"{outcome.message}. {hint}"
+    return outcome.message
+
+
+def _say(message: str | None) -> None:
+    if message:
+        try:
+            sys.stdout.flush()
+            print(f"distprop: {message}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def run_once(argv: list[str], env: dict[str, str], implementation: str, local: bool = True,
+             stdin=None) -> Outcome:
+    """One supervised launch (see :func:`run_job`); returns its :class:`Outcome` unprinted."""
     try:
         supervisor = Supervisor(local=local)
     except OSError as exc:  # no usable network stack: run unsupervised rather than not at all
@@ -412,16 +478,25 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
     supervisor.start()
     copier = OutputCopier(proc.stdout).start() if read_banner else None
     forwarded: list[int] = []
+    preempting: list[int] = []
 
     def forward(signum, _frame):
+        if signum in PREEMPT_SIGNALS and not forwarded and not preempting \
+                and supervisor.preempt(signum):
+            preempting.append(signum)
+            print(f"distprop: received {signal_name(signum)}: asked every rank to stop after "
+                  "its current step and checkpoint it (send it again to stop at once)",
+                  file=sys.stderr, flush=True)
+            return
         forwarded.append(signum)
         try:
-            proc.send_signal(signum)
+            proc.send_signal(signal.SIGTERM if preempting and signum != signal.SIGINT
+                             else signum)
         except ProcessLookupError:
             pass
 
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, *PREEMPT_SIGNALS):
         try:
             previous[sig] = signal.signal(sig, forward)
         except ValueError:  # not the main thread: signals stay with the caller
@@ -435,15 +510,13 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
         copier.join(5.0)
         proc.stdout.close()
     supervisor.close()
+    forwarded_signal = forwarded[0] if forwarded else None
     code, message = explain(code, supervisor, copier.banner if copier else None,
-                            forwarded[0] if forwarded else None, resume_hint)
-    if message:
-        try:
-            sys.stdout.flush()
-            print(f"distprop: {message}", file=sys.stderr, flush=True)
-        except OSError:
-            pass
-    return code
+                            forwarded_signal, preempt_signal=preempting[0] if preempting else None)
+    stopped_on_purpose = (forwarded_signal is not None or bool(preempting)
+                          or supervisor.preempted() is not None)
+    restartable = code not in (0, 2, 130) and not stopped_on_purpose
+    return Outcome(code, message, restartable)
 
 
 def _who(record) -> str:
@@ -451,11 +524,29 @@ def _who(record) -> str:
 
 
 def explain(code: int, supervisor: Supervisor, banner: Banner | None,
-            forwarded: int | None, resume_hint: str | None = None) -> tuple[int, str | None]:
+            forwarded: int | None, resume_hint: str | None = None,
+            preempt_signal: int | None = None) -> tuple[int, str | None]:
     """The job's exit code and one line saying why it ended (None when it simply succeeded).
 
     ``code`` is the launcher child's return code (negative: killed by that signal).
+    ``preempt_signal``: the signal the launcher passed on to the ranks as a preemption.
     """
+    stopped = supervisor.preempted()
+    if stopped is not None and forwarded is None:
+        info = stopped.preempted or {}
+        if preempt_signal is not None:
+            cause = f"the launcher received {signal_name(preempt_signal)}"
+        else:
+            cause = str(info.get("cause") or "requested")
+        return 143, (f"preempted ({cause}): every rank stopped after step {info.get('step')} "
+                     "and wrote its checkpoint; --resume auto continues from it (exit code 143)")
+    if preempt_signal is not None and forwarded is None:
+        if code == 0:
+            return 0, (f"received {signal_name(preempt_signal)} as the job was finishing; it "
+                       "completed")
+        return 143, (f"received {signal_name(preempt_signal)} and asked the ranks to stop at a "
+                     f"step, but the job ended without a preemption checkpoint (launcher "
+                     f"status {code}); exit code 143")
     if forwarded is not None:
         return 128 + forwarded, (f"received {signal_name(forwarded)}; forwarded it to the ranks "
                                  f"and stopped the job (exit code {128 + forwarded})")
@@ -477,6 +568,15 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
             absent = "some rank never finished MPI initialisation"
         return code, (f"{absent}; rank(s) {gave_up} gave up waiting after {waited:.0f} s "
                       f"(DISTPROP_INIT_TIMEOUT); exit code {code}")
+    if supervisor.stall is not None:
+        from distprop.distributed.lifeline import missing_ranks  # noqa: PLC0415
+
+        asker = supervisor.stall["askers"][0]
+        phrases = missing_ranks(supervisor.stall, asker)
+        who = "; ".join(phrases) if phrases else "no rank stood out (all answered)"
+        message = (f"the job stalled: rank {asker}'s stall watchdog fired and ended it; not heard "
+                   f"from: {who} (exit code {code})")
+        return code, message
     if banner is not None and banner.signal is not None:
         record = supervisor.by_pid(banner.pid, banner.host) if banner.pid else None
         if record is not None:

@@ -125,6 +125,9 @@ class Communicator:
     def __init__(self) -> None:
         #: (collective name, bytes, start time) while blocked in a collective, else None.
         self.current: tuple[str, int, float] | None = None
+        #: blocking collectives entered so far (the same count on every rank of one code path;
+        #: the launcher's stall survey compares it across ranks).
+        self.collectives = 0
 
     # -- bookkeeping for the stall watchdog ----------------------------------------------------
 
@@ -429,6 +432,7 @@ class MPICommunicator(Communicator):
             array[...] = xp.asarray(host)
 
     def _blocking(self, name: str, nbytes: int, fn: Callable, *args):
+        self.collectives += 1
         self._enter(name, nbytes)
         try:
             with self._lock:

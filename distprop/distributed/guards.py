@@ -5,8 +5,10 @@
   other ranks do not wait forever in their next collective. :func:`abort_on_exception` is the
   same as a context manager.
 * :class:`StallWatchdog` -- a daemon thread that watches the collective the communicator is
-  blocked in; past ``timeout`` seconds (argument or ``DISTPROP_STALL_TIMEOUT``) it prints which
-  collective, on which rank, where the main thread is, and aborts the job.
+  blocked in; past the limit (argument or ``DISTPROP_STALL_TIMEOUT``, else max(60 s, 20 x the
+  slowest step), 600 s before the first step) it prints which collective, on which rank, which
+  ranks it did not hear from (asking the launcher), where the main thread is, and aborts the
+  job (exit code 1).
 * :func:`install_exit_guard` -- ``sys.exit(n)`` with ``n != 0`` on one rank, after ``init()``,
   aborts the whole job with status ``n`` within seconds, instead of leaving that rank in
   ``MPI_Finalize`` and the others in their next collective until the stall watchdog fires.
@@ -175,6 +177,11 @@ def install_exit_guard(comm: Communicator, grace: float = EXIT_GRACE) -> None:
     atexit.register(leave)
 
 
+FIRST_STEP_STALL_TIMEOUT = 600.0  # before the first optimizer step: data loading, JIT, warm-up
+MIN_STALL_TIMEOUT = 60.0
+STEP_FACTOR = 20.0
+
+
 def stall_timeout_from_env(default: float | None = DEFAULT_STALL_TIMEOUT) -> float | None:
     """``DISTPROP_STALL_TIMEOUT`` in seconds (0 or empty disables), else ``default``."""
     raw = os.environ.get("DISTPROP_STALL_TIMEOUT")
@@ -189,17 +196,46 @@ def stall_timeout_from_env(default: float | None = DEFAULT_STALL_TIMEOUT) -> flo
 
 
 class StallWatchdog:
-    """Aborts the job when the communicator stays inside one collective past ``timeout`` s."""
+    """Aborts the job when the communicator stays inside one collective past the limit.
 
-    def __init__(self, comm: Communicator, timeout: float, poll: float | None = None):
+    With a fixed ``timeout`` (argument or ``DISTPROP_STALL_TIMEOUT``) that is the limit.
+    Without one (``adaptive=True``) the limit follows the job: 600 s until the first optimizer
+    step completes (loading data, building the model, the first step), then
+    ``max(60 s, 20 x the slowest step so far)``, where the trainer reports each step's wall
+    time (the interval between step ends, checkpoint writes included) through
+    :func:`note_step`.
+
+    Before aborting, a rank under ``distprop launch``/``train -n`` asks its launcher which ranks
+    still answer and where they are (:func:`distprop.distributed.lifeline.survey`, a few
+    seconds at most; a dead host does not answer and does not block it) and names the ranks it
+    did not hear from, with their hosts.
+    """
+
+    def __init__(self, comm: Communicator, timeout: float, poll: float | None = None,
+                 adaptive: bool = False):
         if timeout <= 0:
             raise ValueError(f"stall timeout must be positive, got {timeout}")
-        self.comm, self.timeout = comm, float(timeout)
+        self.comm, self.timeout, self.adaptive = comm, float(timeout), bool(adaptive)
+        self.slowest_step: float | None = None
         self.poll = poll if poll is not None else min(1.0, self.timeout / 4)
         self._stop = threading.Event()
         self._main = threading.main_thread()
         self._thread = threading.Thread(target=self._run, name="distprop-stall-watchdog",
                                         daemon=True)
+
+    @property
+    def limit(self) -> float:
+        """The current limit in seconds (see the class docstring)."""
+        if not self.adaptive:
+            return self.timeout
+        if self.slowest_step is None:
+            return FIRST_STEP_STALL_TIMEOUT
+        return max(MIN_STALL_TIMEOUT, STEP_FACTOR * self.slowest_step)
+
+    def note_step(self, seconds: float) -> None:
+        """One optimizer step (from the previous step's end to this one's) took ``seconds``."""
+        if self.slowest_step is None or seconds > self.slowest_step:
+            self.slowest_step = float(seconds)
 
     def start(self) -> StallWatchdog:
         self._thread.start()
@@ -215,33 +251,74 @@ class StallWatchdog:
                 continue
             name, nbytes, since = current
             waited = time.monotonic() - since
-            if waited > self.timeout and self.comm.current is current:
-                self._fire(name, nbytes, waited)
+            limit = self.limit
+            if waited > limit and self.comm.current is current:
+                self._fire(name, nbytes, waited, limit)
 
-    def _fire(self, name: str, nbytes: int, waited: float) -> None:
+    def _limit_source(self, limit: float) -> str:
+        if not self.adaptive:
+            return "DISTPROP_STALL_TIMEOUT"
+        if self.slowest_step is None:
+            return "the first-step limit; set DISTPROP_STALL_TIMEOUT to change it"
+        return (f"20 x the slowest step so far, {self.slowest_step:.3g} s, at least 60 s; set "
+                "DISTPROP_STALL_TIMEOUT to change it")
+
+    def _fire(self, name: str, nbytes: int, waited: float, limit: float | None = None) -> None:
+        from distprop.distributed import lifeline  # noqa: PLC0415
+
+        limit = self.timeout if limit is None else limit
         frame = sys._current_frames().get(self._main.ident)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        report = lifeline.survey()
+        if report is None:
+            missing = ("which rank is missing is unknown (no launcher's control channel to ask: "
+                       "start the job with distprop launch or distprop train -n)")
+        else:
+            phrases = lifeline.missing_ranks(report, self.comm.rank)
+            missing = ("not heard from: " + "; ".join(phrases) if phrases else
+                       "every rank answered its launcher from this same collective")
         msg = (
             f"stall watchdog: rank {self.comm.rank} has waited {waited:.1f} s in collective "
-            f"'{name}' ({nbytes} bytes), more than the {self.timeout:g} s limit "
-            "(DISTPROP_STALL_TIMEOUT): another rank is stuck, crashed or took a different code "
-            "path. Aborting the job. Main thread stack:\n" + stack
+            f"'{name}' ({nbytes} bytes), more than the {limit:g} s limit "
+            f"({self._limit_source(limit)}); {missing}. Aborting the job (exit code "
+            f"{STALL_EXIT_CODE}). Main thread stack:\n" + stack
         )
         try:
             sys.stderr.write(_prefixed(self.comm.rank, msg))
             sys.stderr.flush()
         except Exception:
             pass
-        self.comm.abort(1)
+        self.comm.abort(STALL_EXIT_CODE)
+
+
+STALL_EXIT_CODE = 1
+_active: list = []
 
 
 def start_watchdog(comm: Communicator, timeout: float | None = None) -> StallWatchdog | None:
-    """Start a :class:`StallWatchdog` (timeout: argument, else env, else 600 s; None if off)."""
+    """Start a :class:`StallWatchdog`: a fixed limit from the argument or
+    ``DISTPROP_STALL_TIMEOUT`` (0 disables), else the adaptive one (600 s until the first
+    optimizer step, then max(60 s, 20 x the slowest step)). None for a world of one. The rank
+    also answers its launcher's stall survey from ``comm`` (watchdog on or off)."""
+    from distprop.distributed import lifeline  # noqa: PLC0415
+
+    lifeline.watch_communicator(comm)  # the launcher's stall survey asks where this rank is
+    adaptive = False
     if timeout is None:
-        timeout = stall_timeout_from_env()
+        timeout = stall_timeout_from_env(default=None)
+        if timeout is None and os.environ.get("DISTPROP_STALL_TIMEOUT") is None:
+            timeout, adaptive = FIRST_STEP_STALL_TIMEOUT, True
     if timeout is None or timeout <= 0 or comm.size == 1:
         return None
-    return StallWatchdog(comm, timeout).start()
+    dog = StallWatchdog(comm, timeout, adaptive=adaptive).start()
+    _active[:] = [dog]
+    return dog
+
+
+def note_step(seconds: float) -> None:
+    """Tell the running stall watchdog (if any) how long an optimizer step took."""
+    if _active:
+        _active[0].note_step(seconds)
 
 
 def state_checksum(array) -> int:

@@ -9,6 +9,10 @@ is only known from the launcher's environment (``PMI_RANK``, ``OMPI_COMM_WORLD_R
   host, and reports "MPI is up", an initialisation timeout, or a non-zero exit that aborts the
   job. A daemon thread waits on the connection: when it closes, the launcher is gone (killed,
   even by SIGKILL, on any host) and the rank exits at once instead of training on unowned.
+  The same thread takes the launcher's messages: ``preempt`` (raise this rank's preemption flag,
+  :mod:`distprop.distributed.preemption`), ``query`` (answer where this rank is: collectives
+  entered, the one it is blocked in) and ``stall-report`` (the answer to :func:`survey`, which a
+  rank's stall watchdog asks before aborting, to name the ranks it did not hear from).
 * :class:`InitTimer` -- ``DISTPROP_INIT_TIMEOUT`` seconds (default 45; 0 disables) for MPI
   initialisation to complete. A rank that died before ``dist.init()`` leaves the others spinning
   inside ``MPI_Init`` forever, where no collective (and so no stall watchdog) runs; past the
@@ -64,6 +68,7 @@ class Lifeline:
         host, port, token = address.rsplit(":", 2)
         self.rank, self.address = rank, f"{host}:{port}"
         self._lock = threading.Lock()
+        self._survey_done, self._survey_answer = threading.Event(), None
         hello = (json.dumps({"event": "hello", "token": token, "rank": rank, "size": size,
                              "pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode()
         errors = []
@@ -89,6 +94,7 @@ class Lifeline:
                 pass
 
     def _watch(self) -> None:
+        buffer = b""
         while True:
             try:
                 data = self._sock.recv(4096)
@@ -98,10 +104,44 @@ class Lifeline:
                 data = b""
             if not data:
                 break
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                self._handle(line)
+            buffer = buffer[-65536:]
         _say(self.rank, f"the launcher (distprop at {self.address}) is gone; ending this rank "
              "so that it does not run on unowned")
         _flush_and_exit(LOST_LAUNCHER_STATUS)
 
+    def _handle(self, line: bytes) -> None:
+        """A message from the launcher: ``preempt``, ``query`` (answered with this rank's
+        collective state) or ``stall-report`` (the answer to :meth:`survey`)."""
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(msg, dict):
+            return
+        event = msg.get("event")
+        if event == "preempt":
+            from distprop.distributed import preemption  # noqa: PLC0415
+
+            preemption.request(f"the launcher ({msg.get('signal', 'SIGTERM')})")
+        elif event == "query":
+            self.report("status", id=msg.get("id"), **_probe())
+        elif event == "stall-report":
+            self._survey_answer = msg
+            self._survey_done.set()
+
+    def survey(self, timeout: float) -> dict | None:
+        """Ask the launcher which ranks still answer and where each one is (see
+        :meth:`distprop.supervise.Supervisor.survey`); None if no answer within ``timeout``."""
+        self._survey_done = threading.Event()
+        self._survey_answer = None
+        self.report("stall", **_probe())
+        if not self._survey_done.wait(timeout):
+            return None
+        return self._survey_answer
 
 def _handshake(host: str, port: int, hello: bytes) -> socket.socket:
     """Connect, register, and wait for the launcher's ``ok`` (a stranger on that port that
@@ -145,6 +185,36 @@ def connect() -> Lifeline | None:
         _say(rank, f"cannot reach the launcher at {address.rsplit(':', 1)[0]} ({exc}); this "
              "rank will not stop by itself if the launcher dies")
     return _lifeline
+
+
+_probe_comm = None
+
+
+def watch_communicator(comm) -> None:
+    """Answer the launcher's stall survey with ``comm``'s state (see :func:`_probe`)."""
+    global _probe_comm
+    _probe_comm = comm
+
+
+def _probe() -> dict:
+    """Where this rank is: blocking collectives entered, and the one it is blocked in (if any)
+    with the seconds it has waited there. Read from another thread: no locks, no MPI."""
+    import time  # noqa: PLC0415
+
+    comm = _probe_comm
+    if comm is None:
+        return {"count": None, "current": None, "waited": None}
+    current = comm.current
+    return {"count": getattr(comm, "collectives", None),
+            "current": current[0] if current else None,
+            "waited": round(time.monotonic() - current[2], 1) if current else None}
+
+
+def survey(timeout: float = 8.0) -> dict | None:
+    """The launcher's answer to "who is missing?" (None without a launcher or an answer)."""
+    if _lifeline is None:
+        return None
+    return _lifeline.survey(timeout)
 
 
 def report(event: str, **fields) -> None:
@@ -285,3 +355,33 @@ def start_init_timer() -> InitTimer | None:
     if timeout is None or size <= 1:
         return None
     return InitTimer(timeout, launched_rank(), size).start()
+
+
+def missing_ranks(report: dict, me: int) -> list[str]:
+    """From a launcher's stall report, one phrase per rank that rank ``me`` is waiting for.
+
+    A rank is missing when it did not answer the launcher (stopped, dead, its host or link
+    down), or answered from somewhere other than the collective ``me`` is blocked in (not in a
+    collective, or at another count of collectives). Ranks blocked at the same point are not.
+    """
+    rows = {row["rank"]: row for row in report.get("ranks", []) if isinstance(row, dict)}
+    mine = rows.get(me, {})
+    phrases = []
+    for rank in sorted(rows):
+        row = rows[rank]
+        if rank == me:
+            continue
+        where = f"PID {row['pid']} on {row['host']}" if row.get("pid") else "never registered"
+        if not row.get("answered"):
+            why = ("gone: its connection to the launcher closed" if row.get("gone")
+                   else "no answer: stopped, hung, or its host or link is down")
+        elif row.get("current") is None:
+            why = (f"alive but in no collective after {row.get('count')} collective(s) "
+                   "(busy, or on another code path)")
+        elif row.get("count") != mine.get("count") or row.get("current") != mine.get("current"):
+            why = (f"alive, in '{row.get('current')}' after {row.get('count')} collective(s), "
+                   f"this rank in '{mine.get('current')}' after {mine.get('count')}")
+        else:
+            continue  # waiting in the same collective: not the one missing
+        phrases.append(f"rank {rank} ({where}; {why})")
+    return phrases

@@ -276,6 +276,10 @@ class Checkpointer(Callback):
     def on_train_end(self, trainer, logs) -> None:
         self._save(trainer)
 
+    def on_preempt(self, trainer) -> None:
+        """The ranks agreed to stop at this step (preemption): write its checkpoint."""
+        self._save(trainer)
+
 
 class LRSchedule(Callback):
     """Steps a learning-rate scheduler after every optimizer step (``interval='step'``), after

@@ -466,6 +466,9 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     resume = _resume_source(cfg, comm, model, optimizer, len(splits.train))
     history = trainer.fit(splits.train, splits.val, epochs=cfg.epochs,
                           batch_size=cfg.batch_size, resume=resume)
+    if history.preempted:  # a checkpoint of the step exists; the run is not over
+        return {"preempted": True, "steps": trainer.step, "epochs_run": len(history.epochs),
+                "resumed_from": history.resumed_from, "world_size": comm.size}
     test = trainer.evaluate(splits.test) if splits.test is not None else None
     summary = {
         "config": cfg.to_dict(), "world_size": comm.size, "dataset": splits.sizes(),
@@ -512,7 +515,7 @@ def _train_reporting_divergence(cfg: TrainConfig, comm) -> int:
     ranks leave together and no abort is needed; rank 0 prints the message once.
     """
     try:
-        train(cfg, comm)
+        summary = train(cfg, comm)
     except FloatingPointError as exc:
         if comm.rank == 0:
             print(f"distprop train: error: {exc}", file=sys.stderr, flush=True)
@@ -524,4 +527,8 @@ def _train_reporting_divergence(cfg: TrainConfig, comm) -> int:
             time.sleep(0.5)
             comm.abort(1)
         return 1
+    if summary.get("preempted"):
+        from distprop.distributed.preemption import EXIT_CODE  # noqa: PLC0415
+
+        return EXIT_CODE
     return 0

@@ -113,6 +113,7 @@ class History:
     final: dict = field(default_factory=dict)
     resumed_from: str | None = None
     checkpoints: list[str] = field(default_factory=list)
+    preempted: bool = False  #: stopped early by a preemption (a checkpoint of that step exists)
 
 
 class Trainer:
@@ -165,6 +166,7 @@ class Trainer:
         self._epoch_batches = 0
         self._counts = [0.0, 0.0]  # samples this rank processed in this run: epoch, interval
         self.stop_training = False
+        self.preempted = False  # stopped at a step all ranks agreed on, after a preemption
         self.resumed_from: str | None = None
         self._sums = None  # this rank's running sums: epoch [loss, metric sums.., n], interval
         self._last_norm: float | None = None
@@ -359,8 +361,48 @@ class Trainer:
         self.optimizer.zero_grad()
         for cb in self.callbacks:
             cb.on_train_begin(self)
+        from distprop.distributed import lifeline, preemption  # noqa: PLC0415
+
+        lifeline.report("preemptible")  # the launcher may pass SIGTERM on as a request to stop
+        with preemption.handling():
+            self._loop(loader, train_data, val_data, batch_size)
+        history.epochs = list(self._history_records)
+        if self.preempted:
+            history.preempted = True
+            history.checkpoints = [str(p) for cb in self.callbacks for p in getattr(cb, "saved",
+                                                                                    ())]
+            return history
+        final = dict(self._history_records[-1]) if self._history_records else {}
+        for cb in self.callbacks:
+            cb.on_train_end(self, final)
+        history.final = final
+        for cb in self.callbacks:
+            if hasattr(cb, "saved"):
+                history.checkpoints = [str(p) for p in cb.saved]
+        return history
+
+    def _preempt(self) -> None:
+        """Every rank agreed to stop here: checkpoint this step and tell the launcher."""
+        from distprop.distributed import lifeline, preemption  # noqa: PLC0415
+
+        text = preemption.who_asked(getattr(self.comm, "host", self.comm))
+        for cb in self.callbacks:
+            if hasattr(cb, "on_preempt"):
+                cb.on_preempt(self)
+        self.preempted = True
+        lifeline.report("preempted", step=self.step, epoch=self.epoch, cause=text)
+        if self.is_main:
+            print(f"distprop train: preempted ({text}): all ranks stopped after step "
+                  f"{self.step} (epoch {self.epoch + 1}) and wrote its checkpoint; --resume auto "
+                  "continues from it", flush=True)
+
+    def _loop(self, loader, train_data, val_data, batch_size: int) -> None:
+        from distprop.distributed import guards, preemption  # noqa: PLC0415
+
         interval_start = time.perf_counter()
         epoch_start = interval_start
+        step_end = interval_start
+        vote = preemption.StopVote(getattr(self.comm, "host", self.comm))  # any rank preempted?
         while self.epoch < self.epochs and not self.stop_training:
             loader.set_epoch(self.epoch)
             start = self._start_sample  # > 0 only in an epoch resumed mid-way
@@ -403,6 +445,14 @@ class Trainer:
                     interval_start = now
                 for cb in self.callbacks:
                     cb.on_step_end(self, logs)
+                now = time.perf_counter()
+                guards.note_step(now - step_end)  # the stall limit follows the step time
+                step_end = now
+                # The last step of an epoch is not a place to stop: the epoch end decides.
+                if not self.epoch_data_done and vote.step():
+                    self._preempt()
+                    return
+            vote.drain()  # the epoch end votes itself, below
             logs = self._log_row(True, self._last_norm, time.perf_counter() - epoch_start)
             if val_data is not None:
                 val = self.evaluate(val_data, batch_size=max(batch_size, 256))
@@ -414,19 +464,14 @@ class Trainer:
             self._history_records.append(logs)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, logs)
-            if self.comm.size > 1:  # a callback on one rank may stop: all ranks stop together
-                votes = self.comm.allreduce(np.array([float(self.stop_training)]), op="sum")
-                self.stop_training = bool(votes[0] > 0)
-        final = dict(self._history_records[-1]) if self._history_records else {}
-        for cb in self.callbacks:
-            cb.on_train_end(self, final)
-        history.epochs = list(self._history_records)
-        history.final = final
-        for cb in self.callbacks:
-            if hasattr(cb, "saved"):
-                history.checkpoints = [str(p) for p in cb.saved]
-        return history
-
+            # A callback on one rank may stop, a rank may be preempted: all ranks act together.
+            votes = np.array([float(self.stop_training), float(preemption.requested())])
+            if self.comm.size > 1:
+                votes = getattr(self.comm, "host", self.comm).allreduce(votes, op="sum")
+            self.stop_training = bool(votes[0] > 0)
+            if votes[1] > 0 and self.epoch < self.epochs and not self.stop_training:
+                self._preempt()
+                return
     # --- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict:
@@ -576,6 +621,14 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
             a tqdm bar when tqdm is installed and stderr is a terminal, one line per epoch on
             stdout). None: only when stderr is a terminal; True: always; False: never. Not
             added when ``callbacks`` holds a ProgressBar already.
+
+    Preemption: during training SIGTERM/SIGUSR1 (to any rank, or to ``distprop train -n``'s
+    launcher) stops every rank after the same optimizer step (an 8-byte non-blocking allreduce per
+    step decides it, one step after the signal); a :class:`~distprop.train.callbacks.Checkpointer`
+    writes that step's checkpoint, ``on_train_end`` does not run, and the history has
+    ``preempted=True`` (``distprop train`` then exits 143). See
+    :mod:`distprop.distributed.preemption`.
+
 
     Returns:
         A :class:`History` with one record per epoch.

@@ -1,0 +1,94 @@
+"""Hydra's stdout, copied through byte for byte while its "BAD TERMINATION" banner is read.
+
+Hydra (MPICH) prints the PID, host and signal of the first process that failed in a banner
+and exits with the bare signal number; :class:`OutputCopier` passes the output on and keeps
+what the banner said in a :class:`Banner` for :func:`distprop.supervise.explain`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+_MAX_LINE = 4096  # longest banner line looked at
+
+# --- Hydra's stdout ----------------------------------------------------------------------------
+
+_BANNER_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT (\S+)")
+_BANNER_CODE = re.compile(r"^=\s+EXIT CODE: (\d+)")
+_BANNER_SIGNAL = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")
+
+
+@dataclass
+class Banner:
+    """What Hydra's "BAD TERMINATION" banner said about the first process that failed."""
+
+    pid: int | None = None
+    host: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+class OutputCopier:
+    """Copies the launcher's stdout to ours byte for byte and reads Hydra's banner on the way."""
+
+    def __init__(self, stream, sink_fd: int = 1):
+        self.banner = Banner()
+        self._stream, self._sink = stream, sink_fd
+        self._partial = b""
+        self._thread = threading.Thread(target=self._copy, name="distprop-output", daemon=True)
+
+    def start(self) -> OutputCopier:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _copy(self) -> None:
+        fd = self._stream.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            if not _write_all(self._sink, chunk):
+                # Our stdout is gone (``distprop launch ... | head``): close the pipe so the
+                # launcher gets SIGPIPE on its next write, as it would have without us.
+                self._stream.close()
+                return
+            self._scan(chunk)
+        self._scan(b"\n")
+
+    def _scan(self, chunk: bytes) -> None:
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()[-_MAX_LINE:]
+        for raw in lines:
+            line = raw[-_MAX_LINE:].decode("utf-8", "replace").rstrip("\r")
+            found = _BANNER_PID.search(line)
+            if found and self.banner.pid is None:
+                self.banner.pid, self.banner.host = int(found.group(1)), found.group(2)
+            found = _BANNER_CODE.search(line)
+            if found and self.banner.exit_code is None:
+                self.banner.exit_code = int(found.group(1))
+            found = _BANNER_SIGNAL.search(line)
+            if found and self.banner.signal is None:
+                self.banner.signal = int(found.group(1))
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except InterruptedError:
+            continue
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,106 @@
+"""Stall naming (issue 12, section 4): a rank whose stall watchdog fires names the ranks (and
+hosts) it did not hear from, asking the launcher, which knows which ranks still answer; and
+the default limit follows the measured step time. Real ``mpiexec``, real signals, 2 ranks;
+SIGSTOP stands in for a dead host or a cut link (the rank stops answering).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+import pytest
+from test_supervise import children, kill_all, start, wait_for_pids
+
+from distprop.distributed import guards
+from distprop.distributed.comm import SingleProcessCommunicator
+
+# argv: pid directory, mode: "loop" (allreduce forever) or "sleep" (rank 1 leaves the loop
+# and sleeps outside any collective)
+WORKER = """
+import os, sys, time
+import numpy as np
+import distprop.distributed as dist
+comm = dist.init()
+with open(os.path.join(sys.argv[1], f"rank{comm.rank}.pid"), "w") as f:
+    f.write(str(os.getpid()))
+x = np.ones(4, dtype=np.float32)
+for i in range(100000):
+    if sys.argv[2] == "sleep" and comm.rank == 1 and i == 20:
+        time.sleep(600)
+    comm.allreduce(x)
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.parametrize("mode, why", [
+    ("stop", "no answer: stopped, hung, or its host or link is down"),
+    ("sleep", "alive but in no collective after"),
+])
+def test_stalled_job_names_the_rank_it_did_not_hear_from(tmp_path, mode, why):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = start("launch", "-n", 2, "--", sys.executable, script, tmp_path,
+                 "sleep" if mode == "sleep" else "loop", env={"DISTPROP_STALL_TIMEOUT": "3"})
+    pids = wait_for_pids(proc, tmp_path)
+    spawned = children(proc.pid)
+    try:
+        if mode == "stop":
+            time.sleep(0.5)
+            os.kill(pids[1], signal.SIGSTOP)
+        began = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - began
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+        kill_all(spawned + pids)
+    assert proc.returncode == 1, err
+    name = f"rank 1 (PID {pids[1]} on {socket.gethostname()}; {why}"
+    rank0 = [x for x in err.splitlines() if x.startswith("[rank 0] stall watchdog:")]
+    assert len(rank0) == 1 and f"not heard from: {name}" in rank0[0], err
+    launcher = [x for x in err.splitlines() if x.startswith("distprop: the job stalled")]
+    assert len(launcher) == 1 and name in launcher[0] and "(exit code 1)" in launcher[0], err
+    assert took < 60, err  # 3 s limit + a 3 s survey, generous for a loaded machine
+
+
+@pytest.mark.parametrize("slowest, limit", [
+    (None, guards.FIRST_STEP_STALL_TIMEOUT),  # before the first step: 600 s
+    (0.01, 60.0),  # fast steps: the 60 s floor
+    (5.0, 100.0),  # 20 x the slowest step
+])
+def test_default_stall_limit_follows_the_slowest_step(slowest, limit):
+    dog = guards.StallWatchdog(SingleProcessCommunicator(), guards.FIRST_STEP_STALL_TIMEOUT,
+                               adaptive=True)
+    for seconds in ([] if slowest is None else [slowest / 2, slowest, slowest / 3]):
+        dog.note_step(seconds)
+    assert dog.limit == pytest.approx(limit)
+
+
+@pytest.mark.parametrize("value, adaptive, limit", [
+    (None, True, 200.0),  # 20 x the 10 s step
+    ("7", False, 7.0),
+])
+def test_stall_timeout_variable_overrides_the_adaptive_limit(monkeypatch, value, adaptive,
+                                                             limit):
+    if value is None:
+        monkeypatch.delenv("DISTPROP_STALL_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("DISTPROP_STALL_TIMEOUT", value)
+
+    class Two(SingleProcessCommunicator):
+        size = 2  # start_watchdog only watches worlds of more than one rank
+
+    dog = guards.start_watchdog(Two())
+    try:
+        dog.note_step(10.0)
+        assert dog.adaptive is adaptive
+        assert dog.limit == limit
+    finally:
+        dog.stop()
