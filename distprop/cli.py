@@ -21,6 +21,19 @@ from distprop import info as info_mod
 from distprop import launcher, trace
 from distprop.after_cli import register as register_after_commands
 from distprop.bench.cli import bench
+from distprop.cli_choices import (
+    EnvGroup,
+    EpilogCommand,
+    LiveHelpOption,
+    RegistryChoice,
+    SizeOption,
+    lr_help,
+    momentum_help,
+    optimizer_help,
+    schedule_help,
+    size_options_line,
+)
+from distprop.train import tasks as tasks_mod
 from distprop.train.config import (
     COMMS,
     COMPRESSIONS,
@@ -37,7 +50,7 @@ from distprop.train.config import (
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings={**CONTEXT, "auto_envvar_prefix": "DISTPROP"})
+@click.group(cls=EnvGroup, context_settings={**CONTEXT, "auto_envvar_prefix": "DISTPROP"})
 @click.version_option(package_name="distprop", prog_name="distprop")
 def cli() -> None:
     """Synchronous data-parallel training over MPI, on NumPy (CPU) or CuPy (GPU)."""
@@ -166,13 +179,15 @@ def info(as_json, no_mpi_init):
 
 # --- train --------------------------------------------------------------------------------------
 
-_TRAIN_EPILOG = f"""\b
+def _train_epilog() -> str:
+    """The ``train --help`` epilog, from the registries (see :mod:`distprop.registry`)."""
+    return f"""\b
 Models:       {', '.join(MODELS)}, or package.module:factory
-Size options: mlp --hidden --layers; cnn --channels; lstm --hidden --layers;
-              transformer --hidden (d_model) --layers; wide none
+Size options: {size_options_line()}
 Datasets:     digits, mnist1d, synthetic, or a path (.npz, .npy, directory with x.npy/y.npy)
 Optimizers:   {', '.join(OPTIMIZERS)}
 LR schedules: {', '.join(LR_SCHEDULES)}
+Tasks:        {', '.join(f"{t} ({', '.join(tasks_mod.losses_of(t))})" for t in TASKS)}
 
 \b
 Every option can also come from --config FILE.toml (same names, top level or a [train]
@@ -207,25 +222,20 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
     return ConfigError(message, param)
 
 
-@cli.command(context_settings=CONTEXT, epilog=_TRAIN_EPILOG)
+@cli.command(cls=EpilogCommand, context_settings=CONTEXT, epilog_fn=_train_epilog)
 @click.option("--model", default=None,
               help="Zoo model, or a factory package.module:callable called as "
                    "factory(input_shape=(...), num_classes=K) -> dp.nn.Module (importable "
                    "from the current directory) [default: mlp].")
-@click.option("--hidden", type=int, default=None,
-              help="Hidden width: mlp (every hidden layer) [1024], lstm [256], transformer "
-                   "(d_model, a multiple of 4) [128].")
-@click.option("--layers", type=int, default=None,
-              help="Depth: mlp hidden layers [2], lstm layers [1], transformer encoder layers "
-                   "[2].")
-@click.option("--channels", type=int, default=None,
-              help="cnn: channels of the first convolution (the second has twice as many) [32].")
+@click.option("--hidden", cls=SizeOption, type=int, default=None, help="Hidden width")
+@click.option("--layers", cls=SizeOption, type=int, default=None, help="Depth")
+@click.option("--channels", cls=SizeOption, type=int, default=None, help="Convolution width")
 @click.option("--dataset", default=None, help="digits, mnist1d, synthetic or PATH [default: "
               "digits].")
-@click.option("--task", type=click.Choice(TASKS), default=None,
+@click.option("--task", type=RegistryChoice(TASKS), default=None,
               help="classification (integer labels, accuracy) or regression (.npz with float "
                    "targets y of shape (N,) or (N, k); r2 and mae) [classification].")
-@click.option("--loss", type=click.Choice(LOSSES), default=None,
+@click.option("--loss", type=RegistryChoice(LOSSES), default=None,
               help="Loss: cross_entropy (classification); mse or huber (regression) [default: "
                    "cross_entropy / mse].")
 @click.option("--epochs", type=int, default=None, help="Training epochs [default: 5].")
@@ -233,16 +243,15 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
               help="Samples per rank per micro-batch [default: 32].")
 @click.option("--global-batch-size", type=int, default=None,
               help="Samples per optimizer step over all ranks (instead of --batch-size).")
-@click.option("--optimizer", default=None, help="Optimizer [default: sgd].")
-@click.option("--lr", type=float, default=None,
-              help="Learning rate [default: 0.1 for sgd, 1e-3 for adaptive ones].")
-@click.option("--momentum", type=float, default=None, help="SGD/RMSprop momentum [0.9].")
+@click.option("--optimizer", cls=LiveHelpOption, help_fn=optimizer_help, default=None)
+@click.option("--lr", cls=LiveHelpOption, help_fn=lr_help, type=float, default=None)
+@click.option("--momentum", cls=LiveHelpOption, help_fn=momentum_help, type=float, default=None)
 @click.option("--weight-decay", type=float, default=None, help="Weight decay [0].")
-@click.option("--lr-schedule", default=None, help="LR schedule [default: cosine].")
+@click.option("--lr-schedule", cls=LiveHelpOption, help_fn=schedule_help, default=None)
 @click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up epochs [0].")
 @click.option("--clip-grad-norm", type=float, default=None, help="Clip the global grad norm.")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1].")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), default=None,
+@click.option("--compression", type=RegistryChoice(COMPRESSIONS), default=None,
               help="Gradient compression on the wire [none].")
 @click.option("--amp", is_flag=False, flag_value="float16", default=None,
               help="Mixed precision: float16 autocast + dynamic loss scaling; --amp alone "
@@ -250,7 +259,7 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 @click.option("--zero/--no-zero", default=None, help="Shard optimizer state (ZeRO-1).")
 @click.option("--device", default=None,
               help="cpu, cuda (one GPU per rank, by node-local rank) or cuda:N [cpu].")
-@click.option("--comm", type=click.Choice(COMMS), default=None,
+@click.option("--comm", type=RegistryChoice(COMMS), default=None,
               help="How GPU gradients are reduced: auto (NCCL, else CUDA-aware MPI, else host "
                    "staging), nccl, mpi-cuda, mpi-host [auto].")
 @click.option("--seed", type=int, default=None, help="Seed of init, shuffling, splits [0].")

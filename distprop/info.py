@@ -148,11 +148,28 @@ def report(with_mpi_library: bool = True) -> dict:
         "blas": _blas(),
         "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",
                                                      "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+        "distprop_env": _distprop_env(),
         "optional": {name: _dist_version(name) for name in ("scikit-learn", "mnist1d",
                                                             "matplotlib", "tqdm", "torch")},
     }
     if under_mpi() and with_mpi_library:
         out["ranks"] = _ranks()
+    return out
+
+
+COMMANDS = ("train", "launch", "info", "bench", "evaluate", "predict", "export")
+
+
+def _distprop_env() -> dict:
+    """The ``DISTPROP_*`` variables set here: value and meaning (None: distprop does not read
+    it, a typo?), from :data:`distprop.registry.ENV_VARS`."""
+    from distprop.registry import env_entry  # noqa: PLC0415
+
+    out = {}
+    for name in sorted(k for k in os.environ if k.startswith("DISTPROP_")):
+        entry = env_entry(name, COMMANDS)
+        out[name] = {"value": os.environ[name],
+                     "meaning": entry.description if entry is not None else None}
     return out
 
 
@@ -233,6 +250,9 @@ def format_report(info: dict) -> str:
         lines.append("BLAS          no thread pool found")
     env = ", ".join(f"{k}={v}" for k, v in info["thread_env"].items() if v is not None)
     lines.append(f"thread env    {env or 'unset'}")
+    for name, var in info.get("distprop_env", {}).items():
+        meaning = var["meaning"] or "not read by distprop (a typo?)"
+        lines.append(f"env           {name}={var['value']}: {meaning}")
     opt = ", ".join(f"{k} {v}" if v else f"{k} -" for k, v in info["optional"].items())
     lines.append(f"optional      {opt}")
     for r in info.get("ranks", []):

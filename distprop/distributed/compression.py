@@ -22,8 +22,9 @@ import threading
 import numpy as np
 
 from distprop import backend
+from distprop.registry import COMPRESSIONS
 
-KINDS = ("fp16", "bf16")
+KINDS = tuple(name for name in COMPRESSIONS if name != "none")  # the codecs below
 _CHUNK = 1 << 16  # elements per chunk of the NumPy kernels (256 KiB per uint32 scratch array)
 
 _local = threading.local()

@@ -13,16 +13,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODELS = ("mlp", "cnn", "lstm", "transformer", "wide")
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "nadam")
-LR_SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "linear", "plateau")
-COMPRESSIONS = ("none", "fp16", "bf16")
-DEVICES = ("cpu", "cuda")
-COMMS = ("auto", "nccl", "mpi-cuda", "mpi-host")  # distprop.distributed.selection.COMM_CHOICES
-TASKS = ("classification", "regression")  # see distprop.train.tasks
-TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}  # 1st: default
-LOSSES = tuple(name for names in TASK_LOSSES.values() for name in names)
+from distprop.registry import (  # the names each option accepts, declared once
+    COMMS,
+    COMPRESSIONS,
+    LOSSES,
+    LR_SCHEDULES,
+    MODELS,
+    OPTIMIZERS,
+    TASKS,
+)
 
+DEVICES = ("cpu", "cuda")
+__all__ = ["COMMS", "COMPRESSIONS", "DEVICES", "LOSSES", "LR_SCHEDULES", "MODELS", "OPTIMIZERS",
+           "TASKS", "ConfigError", "TrainConfig", "read_toml"]
 
 class ConfigError(ValueError):
     """A configuration that cannot be trained; ``param`` names the option at fault."""
@@ -142,9 +145,8 @@ class TrainConfig:
             modelspec.check_sizes(self.model, self.hidden, self.layers, self.channels)
         except modelspec.ModelSpecError as exc:
             raise ConfigError(str(exc), exc.param) from None
-        if self.task not in tasks.TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of "
-                              f"{', '.join(tasks.TASKS)}", "task")
+        if self.task not in TASKS:
+            raise ConfigError(TASKS.unknown(self.task), "task")
         try:
             tasks.check_loss(self.task, self.loss)
         except ValueError as exc:
@@ -162,13 +164,12 @@ class TrainConfig:
             ConfigError: naming the option and the valid choices or the arithmetic that fails.
         """
         self._validate_model_and_task()
-        for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("lr-schedule", self.lr_schedule, LR_SCHEDULES),
-                                     ("compression", self.compression, COMPRESSIONS),
-                                     ("comm", self.comm, COMMS)):
-            if value not in choices:
-                raise ConfigError(f"unknown {name} {value!r}; choose one of "
-                                  f"{', '.join(choices)}", name)
+        for name, value, registry in (("optimizer", self.optimizer, OPTIMIZERS),
+                                      ("lr-schedule", self.lr_schedule, LR_SCHEDULES),
+                                      ("compression", self.compression, COMPRESSIONS),
+                                      ("comm", self.comm, COMMS)):
+            if value not in registry:
+                raise ConfigError(registry.unknown(value), name)
         if self.amp == "bfloat16":
             raise ConfigError("--amp bfloat16 is not available: NumPy and CuPy have no bfloat16 "
                               "dtype; use --amp float16", "amp")

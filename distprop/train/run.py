@@ -21,13 +21,11 @@ import numpy as np
 
 from distprop import backend, fileio
 from distprop.data import sources
+from distprop.registry import OPTIMIZERS
 from distprop.train import callbacks as cbs
 from distprop.train import checkpoint as ckpt
 from distprop.train.config import ConfigError, TrainConfig
 
-OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad",
-                     "rmsprop": "RMSprop", "adadelta": "Adadelta", "nadam": "NAdam"}
-DEFAULT_LR = {"sgd": 0.1, "adadelta": 1.0, "adagrad": 0.01}
 _SPLITS_CACHE: dict = {}
 
 
@@ -71,7 +69,7 @@ def build_model(cfg: TrainConfig, splits: sources.DataSplits):
 
 
 def base_lr(cfg: TrainConfig) -> float:
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 1e-3)
+    lr = cfg.lr if cfg.lr is not None else OPTIMIZERS.lookup(cfg.optimizer).default_lr
     if cfg.scale_lr:
         lr *= cfg.world_size  # linear scaling rule: k x the batch, k x the learning rate
     return lr
@@ -84,12 +82,12 @@ def warmup_epochs(cfg: TrainConfig) -> float:
 
 
 def build_optimizer(cfg: TrainConfig, params):
-    """The optimizer ``cfg.optimizer`` (sharded over ranks with ``cfg.zero``)."""
-    from distprop import optim  # noqa: PLC0415
-
-    cls = getattr(optim, OPTIMIZER_CLASSES[cfg.optimizer])
+    """The optimizer ``cfg.optimizer`` (sharded over ranks with ``cfg.zero``), built by its
+    entry in :data:`distprop.registry.OPTIMIZERS`."""
+    entry = OPTIMIZERS.lookup(cfg.optimizer)
+    cls = entry.load()
     kwargs = {"lr": base_lr(cfg), "weight_decay": cfg.weight_decay}
-    if cfg.optimizer in ("sgd", "rmsprop"):
+    if entry.momentum:
         kwargs["momentum"] = cfg.momentum
     if cfg.zero:
         from distprop.distributed import ZeroRedundancyOptimizer  # noqa: PLC0415
@@ -101,9 +99,7 @@ def build_optimizer(cfg: TrainConfig, params):
 def build_schedule(cfg: TrainConfig, optimizer):
     """The LR schedule, on the fraction of training done (``plateau``: per epoch on val loss).
 
-    ``step``: x0.1 every third of the run; ``multistep``: x0.1 at 50 % and 75 %;
-    ``exponential``: x0.01 over the run; ``cosine``: to 0; ``linear``: to 1 % of the rate;
-    ``plateau``: x0.1 after 2 epochs without val-loss improvement. ``--warmup-epochs`` ramps
+    What each name does is in :data:`distprop.registry.LR_SCHEDULES`. ``--warmup-epochs`` ramps
     linearly from 1 % of the rate first. Being defined on the fraction of the run's samples
     consumed (:class:`~distprop.train.schedule.ProgressSchedule`), a schedule ends where it
     should when a run is resumed on another number of ranks or batch size.
@@ -217,14 +213,6 @@ def check(cfg: TrainConfig) -> TrainConfig:
                                             cupy_error=backend._cupy_error))
         except CommSelectionError as exc:
             raise ConfigError(str(exc), "comm") from None
-    try:
-        from distprop import optim  # noqa: PLC0415
-    except ImportError as exc:
-        raise ConfigError(f"optimizers are not available: {exc}", "optimizer") from None
-    if not hasattr(optim, OPTIMIZER_CLASSES[cfg.optimizer]):
-        have = [k for k, v in OPTIMIZER_CLASSES.items() if hasattr(optim, v)]
-        raise ConfigError(f"optimizer {cfg.optimizer!r} is not available in this build; "
-                          f"choose one of {', '.join(have)}", "optimizer")
     if cfg.zero:
         from distprop import distributed  # noqa: PLC0415
 
