@@ -110,7 +110,7 @@ def _plan_or_usage_error(cfg: launcher.LaunchConfig) -> launcher.LaunchPlan:
 
 def _gpu_note(ranks_on_node: int) -> None:
     """Print the planned rank -> GPU mapping when this node has GPUs (silent on the CPU)."""
-    from distprop.distributed.device import launch_note  # noqa: PLC0415
+    from distprop.distributed.device import launch_note
 
     note = launch_note(ranks_on_node)
     if note:
@@ -209,7 +209,7 @@ Examples:
 def _agreed_error(error: ConfigError | None) -> ConfigError | None:
     """The first rank's usage error on every rank (a file missing on one node only would
     otherwise stop that rank alone, unheard, while the others wait for it)."""
-    from distprop import distributed  # noqa: PLC0415
+    from distprop import distributed
 
     found = distributed.init().allgather_obj(None if error is None else (str(error), error.param))
     bad = [(rank, e) for rank, e in enumerate(found) if e is not None]
@@ -295,7 +295,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
           **options):
     """Train a zoo model (or your own, --model pkg.mod:factory) on a dataset, data-parallel
     over MPI ranks."""
-    from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
+    from distprop.train import run as run_mod  # heavy imports only when training
 
     if trace_file and not worker_config:
         try:
@@ -379,7 +379,7 @@ LAUNCH_CONFIG_PREFIX = ".launch-config-"
 
 def _write_text(path: Path, text: str, what: str) -> None:
     """Write ``text`` atomically; a full disk is one line naming the file, nothing partial."""
-    from distprop.fileio import atomic_write_text  # noqa: PLC0415
+    from distprop.fileio import atomic_write_text
 
     try:
         atomic_write_text(path, text, what)
@@ -408,8 +408,8 @@ def _locked_run_dir(out, agree: bool):
     With ``agree`` (ranks started by mpiexec/srun) rank 0 takes the lock and every rank learns
     the outcome, so a refusal ends all ranks with exit 2 and rank 0 alone prints it.
     """
-    from distprop import distributed  # noqa: PLC0415
-    from distprop.train import rundir  # noqa: PLC0415
+    from distprop import distributed
+    from distprop.train import rundir
 
     lock, refusal, failure = None, None, None
     comm = distributed.init() if agree else None
@@ -419,7 +419,7 @@ def _locked_run_dir(out, agree: bool):
         except rundir.RunDirBusy as exc:
             refusal = str(exc)
         except OSError as exc:  # a full disk, no permission: not a usage error (exit 1)
-            from distprop.fileio import describe  # noqa: PLC0415
+            from distprop.fileio import describe
 
             failure = (f"cannot create the run directory {out} or its lock file: "
                        f"{describe(exc)}")

@@ -69,7 +69,7 @@ def parent_death_signal(signum: int = signal.SIGTERM):
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes  # noqa: PLC0415
+        import ctypes
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):

@@ -235,7 +235,7 @@ def mpi_sum_op(kind: str):
     """The MPI user-defined (commutative) sum for 16-bit ``kind`` words, created once."""
     op = _MPI_OPS.get(kind)
     if op is None:
-        from mpi4py import MPI  # noqa: PLC0415
+        from mpi4py import MPI
 
         fn = {"fp16": _fp16_sum, "bf16": _bf16_sum}[kind]
         op = _MPI_OPS[kind] = MPI.Op.Create(fn, commute=True)

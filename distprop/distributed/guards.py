@@ -158,7 +158,7 @@ def install_exit_guard(comm: Communicator, grace: float = EXIT_GRACE) -> None:
             if request.Test():
                 return  # every rank is leaving: finalise normally, keep the status
             time.sleep(0.01)
-        from distprop.distributed import lifeline  # noqa: PLC0415
+        from distprop.distributed import lifeline
 
         lifeline.report("exit", code=status)
         try:

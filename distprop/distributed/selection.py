@@ -111,7 +111,7 @@ def _shared_note(groups: list) -> str:
 
 def local_facts(dev: backend.Device) -> dict:
     """This rank's facts (cheap; no collective)."""
-    from distprop.distributed.nccl import nccl_status  # noqa: PLC0415
+    from distprop.distributed.nccl import nccl_status
 
     out = {"cupy": backend.cupy_available(), "cupy_error": backend._cupy_error}
     if dev.is_cuda:
@@ -124,11 +124,11 @@ def local_facts(dev: backend.Device) -> dict:
 def gather_facts(host: Communicator, dev: backend.Device, need_mapping: bool,
                  need_mpi: bool) -> CommFacts:
     """The facts, agreed across ranks (collective when the world has more than one rank)."""
-    from distprop.distributed import device as device_mod  # noqa: PLC0415
+    from distprop.distributed import device as device_mod
 
     mine = local_facts(dev)
     if need_mpi and host.size > 1:
-        from distprop.distributed.gpucomm import mpi_cuda_support  # noqa: PLC0415
+        from distprop.distributed.gpucomm import mpi_cuda_support
 
         mine["mpi_cuda_aware"], mine["mpi_cuda_info"] = mpi_cuda_support()
     else:

@@ -124,7 +124,7 @@ class TrainConfig:
         Raises:
             distprop.fileio.WriteError: naming the file and the reason.
         """
-        from distprop.fileio import atomic_write_text  # noqa: PLC0415
+        from distprop.fileio import atomic_write_text
 
         return atomic_write_text(path, self.to_json(), "configuration")
 
@@ -136,7 +136,7 @@ class TrainConfig:
 
     def _validate_model_and_task(self) -> None:
         """``--model`` (zoo name or factory), size options, ``--task`` and ``--loss``."""
-        from distprop.train import modelspec, tasks  # noqa: PLC0415
+        from distprop.train import modelspec, tasks
 
         if self.model not in MODELS and not modelspec.is_factory(self.model):
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)} "
@@ -247,9 +247,9 @@ def _checked_type(name: str, value, source: str):
 def read_toml(path) -> dict:
     """The options in a TOML file: top-level keys, or a ``[train]`` table."""
     try:
-        import tomllib  # noqa: PLC0415
+        import tomllib
     except ImportError:  # Python 3.10
-        import tomli as tomllib  # noqa: PLC0415
+        import tomli as tomllib
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist", "config")

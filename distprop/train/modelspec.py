@@ -102,7 +102,7 @@ def load_factory(spec: str):
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any error of the user's module is reported
+    except Exception as exc:  # any error of the user's module is reported
         raise ModelSpecError(f"--model {spec}: cannot import {module_name!r}: "
                              f"{type(exc).__name__}: {exc}") from None
     value = module
@@ -122,7 +122,7 @@ def _from_factory(spec: str, input_shape, outputs: int) -> nn.Module:
     factory = load_factory(spec)
     try:
         model = factory(input_shape=tuple(int(s) for s in input_shape), num_classes=int(outputs))
-    except Exception as exc:  # noqa: BLE001 - the user's code: report, never a traceback
+    except Exception as exc:  # the user's code: report, never a traceback
         raise ModelSpecError(f"--model {spec}: the factory raised {type(exc).__name__}: {exc} "
                              f"(called as factory(input_shape={tuple(input_shape)}, "
                              f"num_classes={outputs}))") from None
@@ -136,7 +136,7 @@ def _from_factory(spec: str, input_shape, outputs: int) -> nn.Module:
 
 
 def _mlp(input_shape, outputs: int, hidden, layers) -> nn.Module:
-    import math  # noqa: PLC0415
+    import math
 
     hidden = hidden or 1024
     layers = layers or 2
@@ -150,7 +150,7 @@ def _mlp(input_shape, outputs: int, hidden, layers) -> nn.Module:
 
 def _cnn(input_shape, outputs: int, channels) -> nn.Module:
     """adapt's cnn with ``channels`` and ``2 * channels`` in its two convolutions."""
-    from distprop.train import adapt  # noqa: PLC0415
+    from distprop.train import adapt
 
     model = adapt.model_for("cnn", input_shape, outputs)
     layers = list(model)
@@ -168,8 +168,8 @@ def _cnn(input_shape, outputs: int, channels) -> nn.Module:
 
 
 def _sequence(name: str, input_shape, outputs: int, hidden, layers) -> nn.Module:
-    from distprop import models  # noqa: PLC0415
-    from distprop.train import adapt  # noqa: PLC0415
+    from distprop import models
+    from distprop.train import adapt
 
     steps, features = adapt._sequence_shape(input_shape)
     if name == "lstm":
@@ -212,7 +212,7 @@ def build(model: str, input_shape, outputs: int, hidden=None, layers=None,
             return _cnn(shape, outputs, channels)
         if model in ("lstm", "transformer") and (hidden or layers):
             return _sequence(model, shape, outputs, hidden, layers)
-        from distprop.train.adapt import model_for  # noqa: PLC0415
+        from distprop.train.adapt import model_for
 
         return model_for(model, shape, outputs)
     except ModelSpecError:

@@ -39,7 +39,7 @@ def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
     if key in _SPLITS_CACHE:
         return _SPLITS_CACHE[key]
     if cfg.task == "regression":
-        from distprop.train.tasks import load_regression  # noqa: PLC0415
+        from distprop.train.tasks import load_regression
 
         fractions = {k: v for k, v in (("val_fraction", cfg.val_fraction),
                                        ("test_fraction", cfg.test_fraction)) if v is not None}
@@ -62,7 +62,7 @@ def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
 def build_model(cfg: TrainConfig, splits: sources.DataSplits):
     """The model ``cfg.model`` (zoo name, with its size options, or factory) sized for the
     dataset (see :mod:`distprop.train.modelspec` and :mod:`distprop.train.adapt`)."""
-    from distprop.train.modelspec import build  # noqa: PLC0415
+    from distprop.train.modelspec import build
 
     return build(cfg.model, splits.input_shape, splits.num_classes, hidden=cfg.hidden,
                  layers=cfg.layers, channels=cfg.channels)
@@ -90,7 +90,7 @@ def build_optimizer(cfg: TrainConfig, params):
     if entry.momentum:
         kwargs["momentum"] = cfg.momentum
     if cfg.zero:
-        from distprop.distributed import ZeroRedundancyOptimizer  # noqa: PLC0415
+        from distprop.distributed import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
     return cls(params, **kwargs)
@@ -104,8 +104,8 @@ def build_schedule(cfg: TrainConfig, optimizer):
     consumed (:class:`~distprop.train.schedule.ProgressSchedule`), a schedule ends where it
     should when a run is resumed on another number of ranks or batch size.
     """
-    from distprop.optim import lr_scheduler as lrs  # noqa: PLC0415
-    from distprop.train import schedule  # noqa: PLC0415
+    from distprop.optim import lr_scheduler as lrs
+    from distprop.train import schedule
 
     warm = warmup_epochs(cfg) / cfg.epochs
     name = cfg.lr_schedule
@@ -137,9 +137,9 @@ def apply_thread_policy(cfg: TrainConfig, comm) -> int:
     (``OMP_NUM_THREADS``, set by ``distprop train -n N``), or the node's cores divided by its
     ranks; for a single process, every core (``cores // 1``), the same rule as for N ranks.
     """
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits
 
-    from distprop.launcher import THREAD_VARS, available_cores  # noqa: PLC0415
+    from distprop.launcher import THREAD_VARS, available_cores
 
     threads = (cfg.launch or {}).get("threads_per_rank")
     if not threads and comm.size > 1:
@@ -155,7 +155,7 @@ def apply_thread_policy(cfg: TrainConfig, comm) -> int:
 
 def _blas_threads() -> list[dict]:
     try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
+        from threadpoolctl import threadpool_info
     except ImportError:  # pragma: no cover - a runtime dependency
         return []
     return [{"api": p.get("internal_api"), "threads": p.get("num_threads")}
@@ -201,7 +201,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(str(exc), "device") from None
     if not dev.is_cuda:  # on the CPU, --comm nccl/mpi-cuda cannot work: say so before launching
-        from distprop.distributed.selection import (  # noqa: PLC0415
+        from distprop.distributed.selection import (
             CommFacts,
             CommSelectionError,
             choose_comm,
@@ -214,7 +214,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
         except CommSelectionError as exc:
             raise ConfigError(str(exc), "comm") from None
     if cfg.zero:
-        from distprop import distributed  # noqa: PLC0415
+        from distprop import distributed
 
         if not hasattr(distributed, "ZeroRedundancyOptimizer"):
             raise ConfigError("--zero needs ZeroRedundancyOptimizer, which this build of "
@@ -226,15 +226,15 @@ def check(cfg: TrainConfig) -> TrainConfig:
     except MemoryError:
         raise ConfigError(f"model {cfg.model!r} for {splits.num_classes} classes and samples of "
                           f"shape {splits.input_shape} does not fit in memory", "model") from None
-    from distprop.data import gather  # noqa: PLC0415
-    from distprop.tensor import Tensor, no_grad  # noqa: PLC0415
+    from distprop.data import gather
+    from distprop.tensor import Tensor, no_grad
 
     x, _ = gather(splits.train, np.arange(min(2, len(splits.train))))
     try:
         with no_grad():
             model.eval()
             out = model(Tensor(x))
-    except Exception as exc:  # noqa: BLE001 - a factory's model may raise anything
+    except Exception as exc:  # a factory's model may raise anything
         raise ConfigError(f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (samples "
                           f"of shape {splits.input_shape}): {type(exc).__name__}: {exc}",
                           "model") from None
@@ -266,7 +266,7 @@ def check_resume(cfg: TrainConfig, path, model, optimizer, n_train: int) -> dict
         CheckpointError: the file is unreadable or corrupted, or a field is missing or wrong
             (naming the file and the field).
     """
-    from distprop.train import resume  # noqa: PLC0415
+    from distprop.train import resume
 
     return resume.check_state(ckpt.load(path), path, model=model, optimizer=optimizer,
                               epoch_samples=n_train, world_size=cfg.world_size,
@@ -308,10 +308,10 @@ def _resume_source(cfg: TrainConfig, comm, model, optimizer, n_train: int) -> st
 
 def _plot(history: list[dict], path: Path) -> Path | None:
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
     epochs = [r["epoch"] + 1 for r in history]
@@ -337,9 +337,9 @@ def _plot(history: list[dict], path: Path) -> Path | None:
 
 def train(cfg: TrainConfig, comm=None) -> dict:
     """Train from ``cfg`` on the ranks of ``comm``; returns the summary (on every rank)."""
-    from distprop import distributed  # noqa: PLC0415
-    from distprop.backend import manual_seed  # noqa: PLC0415
-    from distprop.train.trainer import Trainer  # noqa: PLC0415
+    from distprop import distributed
+    from distprop.backend import manual_seed
+    from distprop.train.trainer import Trainer
 
     comm = comm or distributed.init()
     threads = apply_thread_policy(cfg, comm)
@@ -354,14 +354,14 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     model = build_model(cfg, splits)
     dev = backend.device(cfg.device)
     if dev.is_cuda:  # one GPU per rank, from the node-local rank; print the mapping
-        from distprop.distributed import device as device_mod  # noqa: PLC0415
+        from distprop.distributed import device as device_mod
 
         dev = device_mod.assign_device(comm, cfg.device)
         mapping = device_mod.gather_mapping(comm, dev)
         if comm.rank == 0:
             print("distprop train: devices\n" + device_mod.describe_mapping(mapping), flush=True)
         model.to(dev)
-    from distprop.distributed.selection import make_comm  # noqa: PLC0415
+    from distprop.distributed.selection import make_comm
 
     data_comm = make_comm(cfg.comm, host=comm, device=dev)  # the world comm itself on the CPU
     optimizer = build_optimizer(cfg, model.parameters())
@@ -387,7 +387,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
               f"{cfg.batch_size}/rank x "
               f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
               f"{cfg.optimizer} lr {base_lr(cfg):.4g}", flush=True)
-    from distprop.train import tasks  # noqa: PLC0415
+    from distprop.train import tasks
 
     trainer = Trainer(model, tasks.loss_fn(cfg.task, cfg.loss), optimizer, comm=data_comm,
                       device=dev, metrics=tasks.metrics(cfg.task),
@@ -424,11 +424,11 @@ def train(cfg: TrainConfig, comm=None) -> dict:
 
 def main_worker(cfg: TrainConfig) -> int:
     """Entry point of one rank; exceptions end the whole job (MPI abort), printed once."""
-    from distprop import distributed  # noqa: PLC0415
+    from distprop import distributed
 
     comm = distributed.init()
     if comm.size > 1:
-        from distprop.distributed import guards  # noqa: PLC0415
+        from distprop.distributed import guards
 
         with guards.abort_on_exception(comm):
             return _train_reporting_divergence(cfg, comm)

@@ -50,7 +50,7 @@ def loss_fn(task: str, loss: str | None = None):
 
 def metrics(task: str) -> dict:
     """The Trainer metrics of ``task`` (see :mod:`distprop.train.metrics`)."""
-    from distprop.train.metrics import default_metrics  # noqa: PLC0415
+    from distprop.train.metrics import default_metrics
 
     return default_metrics(task)
 
