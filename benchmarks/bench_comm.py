@@ -42,7 +42,7 @@ from distprop.bench.runner import peak_rss_mb
 
 def build_wide() -> nn.Module:
     try:
-        from distprop.models import build_model  # noqa: PLC0415
+        from distprop.models import build_model
 
         return build_model("wide")
     except ImportError:
@@ -103,7 +103,7 @@ class RawAllreduce:
         self.sync_s: list[float] = []
 
     def step(self, comm, x, y, record: bool) -> None:
-        from mpi4py import MPI  # noqa: PLC0415
+        from mpi4py import MPI
 
         comm.barrier()
         t0 = time.perf_counter()

@@ -39,7 +39,7 @@ MODELS = ("mlp", "cnn", "lstm", "transformer", "wide")
 
 def require_gpu() -> str | None:
     """None when CuPy and a GPU are usable, else the reason (which of the two is missing)."""
-    from distprop import backend  # noqa: PLC0415
+    from distprop import backend
 
     if backend.cupy_module() is None:
         return f"CuPy is missing ({backend._cupy_error}); install it: pip install 'distprop[gpu]'"
@@ -49,16 +49,16 @@ def require_gpu() -> str | None:
 
 
 def _sync():
-    from distprop import backend  # noqa: PLC0415
+    from distprop import backend
 
     backend.cupy_module().cuda.get_current_stream().synchronize()
 
 
 def distprop_step_fn(name: str, batch: int):
-    from bench_models import training_step  # noqa: PLC0415
+    from bench_models import training_step
 
-    import distprop as dp  # noqa: PLC0415
-    from distprop import models  # noqa: PLC0415
+    import distprop as dp
+    from distprop import models
 
     dp.manual_seed(0)
     model = models.build_model(name)
@@ -74,10 +74,10 @@ def distprop_step_fn(name: str, batch: int):
 
 
 def torch_step_fn(name: str, state: dict, batch_arrays):
-    import torch  # noqa: PLC0415
-    from bench_models import training_step  # noqa: PLC0415
+    import torch
+    from bench_models import training_step
 
-    from distprop.bench.torch_zoo import torch_model  # noqa: PLC0415
+    from distprop.bench.torch_zoo import torch_model
 
     model = torch_model(name)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
@@ -105,7 +105,7 @@ def summarize(times: list[float], batch: int) -> dict:
 
 
 def bench_model(name: str, scale: int, steps: int, warmup: int, with_torch: bool) -> list[dict]:
-    from distprop import models  # noqa: PLC0415
+    from distprop import models
 
     batch = models.batch_size(name) * scale
     dp_step, state, arrays = distprop_step_fn(name, batch)
@@ -113,7 +113,7 @@ def bench_model(name: str, scale: int, steps: int, warmup: int, with_torch: bool
     torch_note = None
     if with_torch:
         try:
-            import torch  # noqa: PLC0415
+            import torch
 
             if torch.cuda.is_available():
                 t_step = torch_step_fn(name, state, arrays)
@@ -123,7 +123,7 @@ def bench_model(name: str, scale: int, steps: int, warmup: int, with_torch: bool
             torch_note = f"torch is not importable ({exc})"
 
     def t_sync():
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.cuda.synchronize()
 
@@ -157,8 +157,8 @@ def bench_model(name: str, scale: int, steps: int, warmup: int, with_torch: bool
 
 
 def _device_name() -> str:
-    from distprop import backend  # noqa: PLC0415
-    from distprop.distributed.device import device_name  # noqa: PLC0415
+    from distprop import backend
+    from distprop.distributed.device import device_name
 
     cp = backend.cupy_module()
     return device_name(backend.Device("cuda", int(cp.cuda.runtime.getDevice())))
@@ -166,9 +166,9 @@ def _device_name() -> str:
 
 def bench_allreduce(sizes_mb: list[float], iters: int, warmup: int) -> list[dict]:
     """distprop's NCCL communicator vs cupy.cuda.nccl directly, same bytes, same GPU."""
-    from distprop import backend, distributed  # noqa: PLC0415
-    from distprop.distributed import device as device_mod  # noqa: PLC0415
-    from distprop.distributed.nccl import NCCLCommunicator, nccl_module  # noqa: PLC0415
+    from distprop import backend, distributed
+    from distprop.distributed import device as device_mod
+    from distprop.distributed.nccl import NCCLCommunicator, nccl_module
 
     nccl = nccl_module()
     if nccl is None:
@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     if missing:
         print(f"bench_gpu.py needs a CUDA GPU: {missing}. Nothing was measured.", file=sys.stderr)
         return 2
-    import distprop  # noqa: PLC0415
-    from distprop import backend  # noqa: PLC0415
+    import distprop
+    from distprop import backend
 
     cp = backend.cupy_module()
     lines = [{"environment": {"python": platform.python_version(), "numpy": np.__version__,

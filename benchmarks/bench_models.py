@@ -47,8 +47,8 @@ def training_step(model, loss_fn, optimizer, x, y):
 
 def distprop_step_fn(name: str, batch: int | None):
     """(step, model) for distprop: one call runs forward, loss, backward and the update."""
-    import distprop as dp  # noqa: PLC0415
-    from distprop import models  # noqa: PLC0415
+    import distprop as dp
+    from distprop import models
 
     dp.manual_seed(0)
     model = models.build_model(name)
@@ -62,9 +62,9 @@ def distprop_step_fn(name: str, batch: int | None):
 
 
 def torch_step_fn(name: str, batch: int | None, state=None):
-    import torch  # noqa: PLC0415
+    import torch
 
-    from distprop import models  # noqa: PLC0415
+    from distprop import models
 
     torch.manual_seed(0)
     model = torch_model(name)
@@ -82,7 +82,7 @@ def torch_step_fn(name: str, batch: int | None, state=None):
 
 def blas_info() -> dict:
     """What threadpoolctl says about the BLAS NumPy uses (kernel, version, threads)."""
-    from threadpoolctl import threadpool_info  # noqa: PLC0415
+    from threadpoolctl import threadpool_info
 
     for pool in threadpool_info():
         if pool.get("user_api") == "blas" and "numpy" in pool.get("filepath", ""):
@@ -108,11 +108,11 @@ def peak_rss_child(framework: str, name: str, batch: int | None, threads: int,
 
 
 def rss_worker(framework: str, name: str, batch: int | None, threads: int, steps: int) -> None:
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits
 
     threadpool_limits(threads)
     if framework == "torch":
-        import torch  # noqa: PLC0415
+        import torch
 
         torch.set_num_threads(threads)
         step, _ = torch_step_fn(name, batch)
@@ -132,9 +132,9 @@ def summarize(times: list[float], batch: int) -> dict:
 
 def bench(name: str, threads: int, steps: int, warmup: int, batch: int | None,
           rss: bool) -> list[dict]:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from distprop import models  # noqa: PLC0415
+    from distprop import models
 
     torch.set_num_threads(threads)
     dp_step, dp_model = distprop_step_fn(name, batch)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     if args.rss_worker:
         rss_worker(args.rss_worker, names[0], args.batch, args.threads, args.steps)
         return 0
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads)
     if args.profile:
@@ -211,9 +211,9 @@ def main(argv=None) -> int:
             print(f"== distprop {name}: {args.profile} steps ==", file=sys.stderr)
             print(profile(name, args.profile, args.batch), file=sys.stderr)
         return 0
-    import torch  # noqa: PLC0415
+    import torch
 
-    import distprop  # noqa: PLC0415
+    import distprop
 
     env = {"python": platform.python_version(), "numpy": np.__version__,
            "torch": torch.__version__, "distprop": distprop.__version__, "blas": blas_info(),

@@ -31,7 +31,7 @@ OPTIMIZERS = {
 
 def wide_shapes() -> list[tuple[int, ...]]:
     try:  # the model zoo, when present, is the source of truth
-        from distprop import models  # noqa: PLC0415
+        from distprop import models
 
         return [tuple(p.shape) for p in models.build_model("wide").parameters()]
     except Exception:
@@ -42,7 +42,7 @@ def wide_shapes() -> list[tuple[int, ...]]:
 
 
 def make_distprop(shapes, grads, name, kwargs, fused: bool):
-    import distprop as dp  # noqa: PLC0415
+    import distprop as dp
 
     params = [dp.nn.Parameter(dp.tensor(g * 0.0 + 0.5)) for g in grads]
     opt = getattr(dp.optim, name)(params, **kwargs)
@@ -54,7 +54,7 @@ def make_distprop(shapes, grads, name, kwargs, fused: bool):
 
 
 def make_torch(shapes, grads, name, kwargs, foreach: bool):
-    import torch  # noqa: PLC0415
+    import torch
 
     params = [torch.full(s, 0.5, requires_grad=True) for s in shapes]
     for p, g in zip(params, grads):
@@ -76,11 +76,11 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="write benchmarks/results/optim_cpu.*")
     args = ap.parse_args(argv)
 
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.set_num_threads(1)
     try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+        from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
     except ImportError:
@@ -130,7 +130,7 @@ def write_record(rows, argv) -> None:
     with open(out / "optim_cpu.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    import torch  # noqa: PLC0415
+    import torch
 
     cmd = "OMP_NUM_THREADS=1 python benchmarks/bench_optim.py " + " ".join(
         argv if argv is not None else sys.argv[1:])

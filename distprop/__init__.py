@@ -72,6 +72,6 @@ from distprop.tensor import (
 __version__ = "0.1.0"
 
 # Data, checkpoints (dp.save / dp.load) and the training loop; imported last (they use the above).
-from distprop import amp, data, distributed, train  # noqa: E402, F401
-from distprop.train.checkpoint import load, save  # noqa: E402, F401
-from distprop.weights import load_safetensors, load_torch, save_safetensors  # noqa: E402, F401
+from distprop import amp, data, distributed, train
+from distprop.train.checkpoint import load, save
+from distprop.weights import load_safetensors, load_torch, save_safetensors

@@ -31,7 +31,7 @@ def _say(message: str) -> None:
 
 
 def _open(run_dir):
-    from distprop.train import after  # noqa: PLC0415
+    from distprop.train import after
 
     try:
         return after.open_run(run_dir)
@@ -44,7 +44,7 @@ def _open(run_dir):
 
 def _relaunch(nprocs: int, argv: list[str]) -> int:
     """Run this same command on ``nprocs`` ranks under MPI (the launcher's thread policy)."""
-    from distprop import launcher  # noqa: PLC0415
+    from distprop import launcher
 
     command = [sys.executable, "-m", "distprop", "evaluate", *argv]
     try:
@@ -85,7 +85,7 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
     the data are split with the run's seed and fractions, so on the last checkpoint the numbers
     are summary.json's test numbers.
     """
-    from distprop.train import after  # noqa: PLC0415
+    from distprop.train import after
 
     run = _open(run_dir)
     if nprocs is not None and nprocs > 1:
@@ -103,7 +103,7 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
     world = info_mod.launched_size()
     try:
         if world > 1:  # the ranks agree on the checkpoint: rank 0 picks, the others follow
-            from distprop import distributed  # noqa: PLC0415
+            from distprop import distributed
 
             comm = distributed.init()
             picked = None
@@ -120,8 +120,8 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
     except after.RunError as exc:
         error = exc
     if world > 1:
-        from distprop.cli import _agreed_error  # noqa: PLC0415
-        from distprop.train.config import ConfigError  # noqa: PLC0415
+        from distprop.cli import _agreed_error
+        from distprop.train.config import ConfigError
 
         agreed = _agreed_error(None if error is None else ConfigError(str(error)))
         error = None if agreed is None else after.RunError(str(agreed))
@@ -129,7 +129,7 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
         raise _usage(error)
     try:
         if world > 1:  # past the agreed checks: anything else ends every rank, not one
-            from distprop.distributed import guards  # noqa: PLC0415
+            from distprop.distributed import guards
 
             with guards.abort_on_exception(comm):
                 result = after.evaluate(run, checkpoint, dataset, split, batch_size, comm=comm)
@@ -142,7 +142,7 @@ def evaluate(run_dir, checkpoint, dataset, split, batch_size, as_json, nprocs):
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    from distprop.train.tasks import describe  # noqa: PLC0415
+    from distprop.train.tasks import describe
 
     click.echo(f"{result['split']}: {describe(result)} ({result['samples']} samples of "
                f"{result['dataset']}); checkpoint {result['checkpoint']}")
@@ -171,7 +171,7 @@ def predict(run_dir, input_path, output_path, probs, checkpoint, batch_size):
 
     Inputs are cast to float32 as in training; the model reshapes them as it did in training.
     """
-    from distprop.train import after  # noqa: PLC0415
+    from distprop.train import after
 
     run = _open(run_dir)
     if probs and run.config.task != "classification":
@@ -216,7 +216,7 @@ In PyTorch (the equivalent torch.nn model; `architecture` in the file's metadata
               help="Checkpoint to export [default: newest valid].")
 def export(run_dir, output_path, fmt, checkpoint):
     """Write RUN_DIR's model weights (PyTorch keys and dtypes) as safetensors or .npz."""
-    from distprop.train import after  # noqa: PLC0415
+    from distprop.train import after
 
     run = _open(run_dir)
     try:

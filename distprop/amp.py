@@ -64,7 +64,7 @@ def _resolve_dtype(dtype) -> np.dtype:
     return resolved
 
 
-class autocast(contextlib.ContextDecorator):  # noqa: N801 - PyTorch's name
+class autocast(contextlib.ContextDecorator):  # PyTorch's name
     """Context manager (and decorator) running the ops inside it in mixed precision.
 
     Args:

@@ -26,7 +26,7 @@ def _load_cupy():
             _cupy_error = "CuPy disabled by DISTPROP_NO_CUPY"
         else:
             try:
-                import cupy  # noqa: PLC0415
+                import cupy
 
                 _cupy = cupy
             except Exception as exc:  # ImportError, or a broken CUDA install
@@ -186,12 +186,12 @@ def erf(x):
     global _np_erf
     xp = get_array_module(x)
     if xp is not np:
-        import cupyx.scipy.special  # noqa: PLC0415
+        import cupyx.scipy.special
 
         return cupyx.scipy.special.erf(x)
     if _np_erf is None:
         try:
-            from scipy.special import erf as scipy_erf  # noqa: PLC0415
+            from scipy.special import erf as scipy_erf
 
             _np_erf = scipy_erf
         except ImportError:

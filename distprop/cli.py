@@ -21,7 +21,20 @@ from distprop import __version__, launcher, trace
 from distprop import info as info_mod
 from distprop.after_cli import register as register_after_commands
 from distprop.bench.cli import bench
+from distprop.cli_choices import (
+    EnvGroup,
+    EpilogCommand,
+    LiveHelpOption,
+    RegistryChoice,
+    SizeOption,
+    lr_help,
+    momentum_help,
+    optimizer_help,
+    schedule_help,
+    size_options_line,
+)
 from distprop.logconfig import log_level_option
+from distprop.train import tasks as tasks_mod
 from distprop.train.config import (
     COMMS,
     COMPRESSIONS,
@@ -38,7 +51,7 @@ from distprop.train.config import (
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings={**CONTEXT, "auto_envvar_prefix": "DISTPROP"})
+@click.group(cls=EnvGroup, context_settings={**CONTEXT, "auto_envvar_prefix": "DISTPROP"})
 @click.version_option(__version__, prog_name="distprop")
 def cli() -> None:
     """Synchronous data-parallel training over MPI, on NumPy (CPU) or CuPy (GPU)."""
@@ -103,7 +116,7 @@ def _plan_or_usage_error(cfg: launcher.LaunchConfig) -> launcher.LaunchPlan:
 
 def _gpu_note(ranks_on_node: int) -> None:
     """Print the planned rank -> GPU mapping when this node has GPUs (silent on the CPU)."""
-    from distprop.distributed.device import launch_note  # noqa: PLC0415
+    from distprop.distributed.device import launch_note
 
     note = launch_note(ranks_on_node)
     if note:
@@ -177,13 +190,15 @@ def info(as_json, no_mpi_init):
 
 # --- train --------------------------------------------------------------------------------------
 
-_TRAIN_EPILOG = f"""\b
+def _train_epilog() -> str:
+    """The ``train --help`` epilog, from the registries (see :mod:`distprop.registry`)."""
+    return f"""\b
 Models:       {', '.join(MODELS)}, or package.module:factory
-Size options: mlp --hidden --layers; cnn --channels; lstm --hidden --layers;
-              transformer --hidden (d_model) --layers; wide none
+Size options: {size_options_line()}
 Datasets:     digits, mnist1d, synthetic, or a path (.npz, .npy, directory with x.npy/y.npy)
 Optimizers:   {', '.join(OPTIMIZERS)}
 LR schedules: {', '.join(LR_SCHEDULES)}
+Tasks:        {', '.join(f"{t} ({', '.join(tasks_mod.losses_of(t))})" for t in TASKS)}
 
 \b
 Every option can also come from --config FILE.toml (same names, top level or a [train]
@@ -205,7 +220,7 @@ Examples:
 def _agreed_error(error: ConfigError | None) -> ConfigError | None:
     """The first rank's usage error on every rank (a file missing on one node only would
     otherwise stop that rank alone, unheard, while the others wait for it)."""
-    from distprop import distributed  # noqa: PLC0415
+    from distprop import distributed
 
     found = distributed.init().allgather_obj(None if error is None else (str(error), error.param))
     bad = [(rank, e) for rank, e in enumerate(found) if e is not None]
@@ -218,25 +233,20 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
     return ConfigError(message, param)
 
 
-@cli.command(context_settings=CONTEXT, epilog=_TRAIN_EPILOG)
+@cli.command(cls=EpilogCommand, context_settings=CONTEXT, epilog_fn=_train_epilog)
 @click.option("--model", default=None,
               help="Zoo model, or a factory package.module:callable called as "
                    "factory(input_shape=(...), num_classes=K) -> dp.nn.Module (importable "
                    "from the current directory) [default: mlp].")
-@click.option("--hidden", type=int, default=None,
-              help="Hidden width: mlp (every hidden layer) [1024], lstm [256], transformer "
-                   "(d_model, a multiple of 4) [128].")
-@click.option("--layers", type=int, default=None,
-              help="Depth: mlp hidden layers [2], lstm layers [1], transformer encoder layers "
-                   "[2].")
-@click.option("--channels", type=int, default=None,
-              help="cnn: channels of the first convolution (the second has twice as many) [32].")
+@click.option("--hidden", cls=SizeOption, type=int, default=None, help="Hidden width")
+@click.option("--layers", cls=SizeOption, type=int, default=None, help="Depth")
+@click.option("--channels", cls=SizeOption, type=int, default=None, help="Convolution width")
 @click.option("--dataset", default=None, help="digits, mnist1d, synthetic or PATH [default: "
               "digits].")
-@click.option("--task", type=click.Choice(TASKS), default=None,
+@click.option("--task", type=RegistryChoice(TASKS), default=None,
               help="classification (integer labels, accuracy) or regression (.npz with float "
                    "targets y of shape (N,) or (N, k); r2 and mae) [classification].")
-@click.option("--loss", type=click.Choice(LOSSES), default=None,
+@click.option("--loss", type=RegistryChoice(LOSSES), default=None,
               help="Loss: cross_entropy (classification); mse or huber (regression) [default: "
                    "cross_entropy / mse].")
 @click.option("--epochs", type=int, default=None, help="Training epochs [default: 5].")
@@ -244,16 +254,15 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
               help="Samples per rank per micro-batch [default: 32].")
 @click.option("--global-batch-size", type=int, default=None,
               help="Samples per optimizer step over all ranks (instead of --batch-size).")
-@click.option("--optimizer", default=None, help="Optimizer [default: sgd].")
-@click.option("--lr", type=float, default=None,
-              help="Learning rate [default: 0.1 for sgd, 1e-3 for adaptive ones].")
-@click.option("--momentum", type=float, default=None, help="SGD/RMSprop momentum [0.9].")
+@click.option("--optimizer", cls=LiveHelpOption, help_fn=optimizer_help, default=None)
+@click.option("--lr", cls=LiveHelpOption, help_fn=lr_help, type=float, default=None)
+@click.option("--momentum", cls=LiveHelpOption, help_fn=momentum_help, type=float, default=None)
 @click.option("--weight-decay", type=float, default=None, help="Weight decay [0].")
-@click.option("--lr-schedule", default=None, help="LR schedule [default: cosine].")
+@click.option("--lr-schedule", cls=LiveHelpOption, help_fn=schedule_help, default=None)
 @click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up epochs [0].")
 @click.option("--clip-grad-norm", type=float, default=None, help="Clip the global grad norm.")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1].")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), default=None,
+@click.option("--compression", type=RegistryChoice(COMPRESSIONS), default=None,
               help="Gradient compression on the wire [none].")
 @click.option("--amp", is_flag=False, flag_value="float16", default=None,
               help="Mixed precision: float16 autocast + dynamic loss scaling; --amp alone "
@@ -261,7 +270,7 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 @click.option("--zero/--no-zero", default=None, help="Shard optimizer state (ZeRO-1).")
 @click.option("--device", default=None,
               help="cpu, cuda (one GPU per rank, by node-local rank) or cuda:N [cpu].")
-@click.option("--comm", type=click.Choice(COMMS), default=None,
+@click.option("--comm", type=RegistryChoice(COMMS), default=None,
               help="How GPU gradients are reduced: auto (NCCL, else CUDA-aware MPI, else host "
                    "staging), nccl, mpi-cuda, mpi-host [auto].")
 @click.option("--seed", type=int, default=None, help="Seed of init, shuffling, splits [0].")
@@ -298,7 +307,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
           **options):
     """Train a zoo model (or your own, --model pkg.mod:factory) on a dataset, data-parallel
     over MPI ranks."""
-    from distprop.train import run as run_mod  # noqa: PLC0415 - heavy imports only when training
+    from distprop.train import run as run_mod  # heavy imports only when training
 
     max_restarts, restart_delay = options.pop("max_restarts"), options.pop("restart_delay")
 
@@ -400,7 +409,7 @@ LAUNCH_CONFIG_PREFIX = ".launch-config-"
 
 def _write_text(path: Path, text: str, what: str) -> None:
     """Write ``text`` atomically; a full disk is one line naming the file, nothing partial."""
-    from distprop.fileio import atomic_write_text  # noqa: PLC0415
+    from distprop.fileio import atomic_write_text
 
     try:
         atomic_write_text(path, text, what)
@@ -429,8 +438,8 @@ def _locked_run_dir(out, agree: bool):
     With ``agree`` (ranks started by mpiexec/srun) rank 0 takes the lock and every rank learns
     the outcome, so a refusal ends all ranks with exit 2 and rank 0 alone prints it.
     """
-    from distprop import distributed  # noqa: PLC0415
-    from distprop.train import rundir  # noqa: PLC0415
+    from distprop import distributed
+    from distprop.train import rundir
 
     lock, refusal, failure = None, None, None
     comm = distributed.init() if agree else None
@@ -440,7 +449,7 @@ def _locked_run_dir(out, agree: bool):
         except rundir.RunDirBusy as exc:
             refusal = str(exc)
         except OSError as exc:  # a full disk, no permission: not a usage error (exit 1)
-            from distprop.fileio import describe  # noqa: PLC0415
+            from distprop.fileio import describe
 
             failure = (f"cannot create the run directory {out} or its lock file: "
                        f"{describe(exc)}")

@@ -313,7 +313,7 @@ class FusedCrossEntropy(Function):
     """
 
     def forward(self, x, target, ignore_index=-100, reduction="mean"):
-        from distprop.ops import loss as _loss  # noqa: PLC0415 - loss imports this module
+        from distprop.ops import loss as _loss  # loss imports this module
 
         cp = backend.cupy_module()
         _loss._check_float("cross_entropy", x)
@@ -339,7 +339,7 @@ class FusedCrossEntropy(Function):
         return _loss._divide(loss.sum(), self.count)
 
     def backward(self, grad_out):
-        from distprop.ops import loss as _loss  # noqa: PLC0415
+        from distprop.ops import loss as _loss
 
         x, t, row_max, row_lse, ignore_index = self.saved
         if self.reduction == "mean":

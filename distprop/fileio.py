@@ -174,7 +174,7 @@ def read_npy_layout(f, size: int, where: str):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    except Exception as exc:  # noqa: BLE001 - a garbled header fails in many ways
+    except Exception as exc:  # a garbled header fails in many ways
         raise ValueError(f"{where}: not a readable .npy array ({exc})") from None
     if dtype.hasobject:
         raise ValueError(f"{where}: holds Python objects; refusing to load it (that would need "

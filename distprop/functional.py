@@ -48,8 +48,8 @@ def linear(input, weight, bias=None):
 
 def embedding(input, weight, padding_idx=None):
     """Rows of ``weight`` picked by the integer ``input``; ``padding_idx`` gets no gradient."""
-    from distprop.ops.embedding import Embedding as _Embedding  # noqa: PLC0415
-    from distprop.tensor import Tensor  # noqa: PLC0415
+    from distprop.ops.embedding import Embedding as _Embedding
+    from distprop.tensor import Tensor
 
     if isinstance(input, Tensor):
         indices = input.data
@@ -66,7 +66,7 @@ def embedding(input, weight, padding_idx=None):
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None):
     """softmax(q k^T * scale + mask) v; fully masked rows give zeros (see ops/attention.py)."""
-    from distprop.ops.attention import scaled_dot_product_attention as _sdpa  # noqa: PLC0415
+    from distprop.ops.attention import scaled_dot_product_attention as _sdpa
 
     return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                  is_causal=is_causal, scale=scale)

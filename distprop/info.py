@@ -34,7 +34,7 @@ def under_mpi() -> bool:
 
 def _dist_version(distribution: str) -> str | None:
     """An installed distribution's version, without importing it (fast)."""
-    from importlib import metadata  # noqa: PLC0415
+    from importlib import metadata
 
     try:
         return metadata.version(distribution)
@@ -44,8 +44,8 @@ def _dist_version(distribution: str) -> str | None:
 
 def _blas() -> list[dict]:
     try:
-        import numpy  # noqa: F401, PLC0415
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
+        import numpy  # noqa: F401
+        from threadpoolctl import threadpool_info
     except ImportError:
         return [{"error": "threadpoolctl is not installed"}]
     return [{k: pool.get(k) for k in ("user_api", "internal_api", "version", "num_threads",
@@ -62,7 +62,7 @@ def _cuda_version(code) -> str:
 def _gpu() -> dict:
     """CuPy, the GPUs, CUDA runtime/driver and NCCL; every entry degrades to None plus a reason
     (``*_error``) instead of raising."""
-    from distprop import backend  # noqa: PLC0415
+    from distprop import backend
 
     cp = backend.cupy_module()
     if cp is None:
@@ -86,7 +86,7 @@ def _gpu() -> dict:
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
         out["gpus"].append(entry)
-    from distprop.distributed.nccl import format_version, nccl_module  # noqa: PLC0415
+    from distprop.distributed.nccl import format_version, nccl_module
 
     nccl = nccl_module()
     out["nccl"] = None
@@ -101,7 +101,7 @@ def _gpu() -> dict:
 
 
 def _mpi(with_library: bool) -> dict:
-    from distprop import launcher  # noqa: PLC0415
+    from distprop import launcher
 
     out: dict = {"mpi4py": _dist_version("mpi4py")}
     exe = launcher.find_mpiexec()
@@ -112,7 +112,7 @@ def _mpi(with_library: bool) -> dict:
     out["slurm_allocation"] = launcher.in_slurm_allocation()
     if with_library and out["mpi4py"] is not None:
         try:
-            from mpi4py import MPI  # noqa: PLC0415
+            from mpi4py import MPI
 
             out["library"] = MPI.Get_library_version().strip().splitlines()[0]
             out["library_full"] = MPI.Get_library_version().strip()
@@ -120,7 +120,7 @@ def _mpi(with_library: bool) -> dict:
         except Exception as exc:
             out["library"] = f"<cannot initialise MPI: {exc}>"
         else:
-            from distprop.distributed.gpucomm import mpi_cuda_support  # noqa: PLC0415
+            from distprop.distributed.gpucomm import mpi_cuda_support
 
             try:
                 out["cuda_aware"], out["cuda_aware_source"] = mpi_cuda_support()
@@ -131,9 +131,9 @@ def _mpi(with_library: bool) -> dict:
 
 def report(with_mpi_library: bool = True) -> dict:
     """Collect the environment report as a JSON-able dict (``ranks`` only under MPI)."""
-    import numpy  # noqa: PLC0415
+    import numpy
 
-    from distprop import __version__  # noqa: PLC0415
+    from distprop import __version__
 
     out = {
         "distprop": __version__,
@@ -148,6 +148,7 @@ def report(with_mpi_library: bool = True) -> dict:
         "blas": _blas(),
         "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",
                                                      "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+        "distprop_env": _distprop_env(),
         "optional": {name: _dist_version(name) for name in ("scikit-learn", "mnist1d",
                                                             "matplotlib", "tqdm", "torch")},
     }
@@ -156,9 +157,25 @@ def report(with_mpi_library: bool = True) -> dict:
     return out
 
 
+COMMANDS = ("train", "launch", "info", "bench", "evaluate", "predict", "export")
+
+
+def _distprop_env() -> dict:
+    """The ``DISTPROP_*`` variables set here: value and meaning (None: distprop does not read
+    it, a typo?), from :data:`distprop.registry.ENV_VARS`."""
+    from distprop.registry import env_entry
+
+    out = {}
+    for name in sorted(k for k in os.environ if k.startswith("DISTPROP_")):
+        entry = env_entry(name, COMMANDS)
+        out[name] = {"value": os.environ[name],
+                     "meaning": entry.description if entry is not None else None}
+    return out
+
+
 def _ranks() -> list[dict]:
     """Every rank's host, local rank and BLAS threads, gathered on rank 0."""
-    from mpi4py import MPI  # noqa: PLC0415
+    from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
@@ -233,6 +250,9 @@ def format_report(info: dict) -> str:
         lines.append("BLAS          no thread pool found")
     env = ", ".join(f"{k}={v}" for k, v in info["thread_env"].items() if v is not None)
     lines.append(f"thread env    {env or 'unset'}")
+    for name, var in info.get("distprop_env", {}).items():
+        meaning = var["meaning"] or "not read by distprop (a typo?)"
+        lines.append(f"env           {name}={var['value']}: {meaning}")
     opt = ", ".join(f"{k} {v}" if v else f"{k} -" for k, v in info["optional"].items())
     lines.append(f"optional      {opt}")
     for r in info.get("ranks", []):

@@ -27,7 +27,7 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 
 def launched_rank_and_size() -> tuple[int, int]:
     """This process's ``(rank, world size)`` from the launcher's environment ((0, 1) alone)."""
-    from distprop.info import launched_rank, launched_size  # noqa: PLC0415
+    from distprop.info import launched_rank, launched_size
 
     return launched_rank() or 0, launched_size()
 
@@ -140,7 +140,7 @@ def log_level_option(func):
     Applied when parsed: it configures the ``distprop`` logger and exports the level to the
     environment, so that ranks launched by the command log at the same level.
     """
-    import click  # noqa: PLC0415
+    import click
 
     def apply(ctx, param, value):
         level = value.lower() if value else None

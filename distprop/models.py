@@ -13,8 +13,8 @@ To add a model, write a builder ``_name(num_classes=10) -> Module`` and add one 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,9 @@ class ModelSpec:
         description: one line for ``--help`` texts and reports.
         vocab_size: when set, inputs are int64 token ids in ``[0, vocab_size)``, else floats.
         num_classes: number of output classes.
+        size_options: the size options ``distprop train`` takes for this model, option name
+            (``hidden``, ``layers``, ``channels``) -> what it sets and its default (see
+            :mod:`distprop.train.modelspec`).
     """
 
     builder: Callable[..., nn.Module]
@@ -41,6 +44,7 @@ class ModelSpec:
     description: str
     vocab_size: int | None = None
     num_classes: int = 10
+    size_options: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __call__(self, **kwargs) -> nn.Module:
         return self.builder(**kwargs)
@@ -111,15 +115,24 @@ def _transformer(num_classes: int = 10) -> nn.Module:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "mlp": ModelSpec(_mlp, (784,), 256, "Linear 784-1024-1024-10 with ReLU (1.86 M params)"),
+    "mlp": ModelSpec(_mlp, (784,), 256, "Linear 784-1024-1024-10 with ReLU (1.86 M params)",
+                     size_options={"hidden": "width of every hidden layer [1024]",
+                                   "layers": "hidden layers [2]"}),
     "cnn": ModelSpec(_cnn, (1, 28, 28), 64,
-                     "2 x (Conv2d 3x3, ReLU, MaxPool2d 2), Linear 1600-128-10 (0.23 M params)"),
+                     "2 x (Conv2d 3x3, ReLU, MaxPool2d 2), Linear 1600-128-10 (0.23 M params)",
+                     size_options={"channels": "channels of the first convolution (the second "
+                                               "has twice as many) [32]"}),
     "lstm": ModelSpec(_lstm, (32, 64), 64,
-                      "LSTM 64-256 (batch_first), last step, Linear 256-10 (0.33 M params)"),
+                      "LSTM 64-256 (batch_first), last step, Linear 256-10 (0.33 M params)",
+                      size_options={"hidden": "hidden size [256]",
+                                    "layers": "stacked LSTM layers [1]"}),
     "transformer": ModelSpec(_transformer, (64,), 32,
                              "Embedding 1000x128, 2 x TransformerEncoderLayer(128, 4 heads, "
                              "ff 512, dropout 0), mean-pool, Linear 128-10 (0.53 M params)",
-                             vocab_size=1000),
+                             vocab_size=1000,
+                             size_options={"hidden": "d_model, a multiple of its 4 heads; the "
+                                                     "feed-forward width is 4 x d_model [128]",
+                                           "layers": "encoder layers [2]"}),
     "wide": ModelSpec(_wide, (1024,), 32,
                       "Linear 1024-4096-4096-1024-10 with ReLU (25.2 M params, comm-heavy)"),
 }

@@ -93,7 +93,7 @@ class BatchStager:
         if ring is None:
             ring = self._pinned[key] = deque()
         if len(ring) < self.depth:
-            import cupyx  # noqa: PLC0415 - ships with CuPy
+            import cupyx  # ships with CuPy
 
             ring.appendleft((cupyx.empty_pinned(shape, dtype=dtype), None))  # use it next
         host, event = ring.popleft()

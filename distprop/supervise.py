@@ -82,7 +82,7 @@ def parent_death_signal(signum: int = signal.SIGTERM):
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes  # noqa: PLC0415
+        import ctypes
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
@@ -569,7 +569,7 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
         return code, (f"{absent}; rank(s) {gave_up} gave up waiting after {waited:.0f} s "
                       f"(DISTPROP_INIT_TIMEOUT); exit code {code}")
     if supervisor.stall is not None:
-        from distprop.distributed.lifeline import missing_ranks  # noqa: PLC0415
+        from distprop.distributed.lifeline import missing_ranks
 
         asker = supervisor.stall["askers"][0]
         phrases = missing_ranks(supervisor.stall, asker)

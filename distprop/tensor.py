@@ -98,7 +98,7 @@ class Function:
     @classmethod
     def apply(cls, *args, **kwargs):
         if _autocast_mode.dtype is not None and cls.amp_policy is not None:
-            from distprop.amp import cast_inputs  # noqa: PLC0415
+            from distprop.amp import cast_inputs
 
             args = cast_inputs(cls.amp_policy, args)
         fn = cls()
@@ -291,7 +291,7 @@ class Tensor(TensorMethods):
         return self
 
     def clone(self) -> Tensor:
-        from distprop.ops import shape as _shape  # noqa: PLC0415
+        from distprop.ops import shape as _shape
 
         return _shape.Clone.apply(self)
 
@@ -315,7 +315,7 @@ class Tensor(TensorMethods):
 
     def to(self, device=None, dtype=None) -> Tensor:
         """This tensor on another device and/or dtype (differentiable)."""
-        from distprop.ops import shape as _shape  # noqa: PLC0415
+        from distprop.ops import shape as _shape
 
         if isinstance(device, (type, np.dtype)) and dtype is None:
             device, dtype = None, device

@@ -40,8 +40,8 @@ class WeightsError(ValueError):
 
 def _safetensors():
     try:
-        import safetensors  # noqa: PLC0415
-        import safetensors.numpy  # noqa: F401, PLC0415
+        import safetensors
+        import safetensors.numpy
     except ImportError as exc:
         raise ImportError("safetensors files need the 'safetensors' package, distprop's optional "
                           f"extra 'safetensors': {EXTRA}") from exc
@@ -157,7 +157,7 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
     widened = []
     try:
         with st.safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for key in f.keys():  # safe_open is not a mapping
                 dtype = header.get(key, {}).get("dtype") if isinstance(header.get(key), dict) \
                     else None
                 if dtype == "BF16":
@@ -171,7 +171,7 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
                                        "BF16 as float32)")
     except WeightsError:
         raise
-    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
+    except Exception as exc:  # SafetensorError and friends
         raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
     if widened:
         shown = ", ".join(widened[:5]) + (f" (+{len(widened) - 5} more)" if len(widened) > 5
@@ -220,7 +220,7 @@ def load_torch(path) -> dict:
         WeightsError: the file is missing, unreadable, or holds more than weights.
     """
     try:
-        import torch  # noqa: PLC0415
+        import torch
     except ImportError as exc:
         raise ImportError("reading a .pt file needs PyTorch (torch.load with weights_only=True); "
                           "distprop never unpickles by itself. Install torch, or convert the file "
@@ -230,7 +230,7 @@ def load_torch(path) -> dict:
         raise WeightsError(f"PyTorch file {path} does not exist")
     try:
         obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError (refused object), RuntimeError, ...
+    except Exception as exc:  # UnpicklingError (refused object), RuntimeError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{path}: torch.load(weights_only=True) refused or failed to read it "
                            f"({first})") from None

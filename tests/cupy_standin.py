@@ -38,7 +38,7 @@ class LaunchError(AssertionError):
     """A launch that CuPy would reject, or that would misread an argument."""
 
 
-class ndarray(np.ndarray):  # noqa: N801 - CuPy's name
+class ndarray(np.ndarray):  # CuPy's name
     """A "device" array backed by host memory."""
 
     @property
@@ -147,11 +147,11 @@ def _device(index=None):
 
 class _Runtime:
     @staticmethod
-    def getDeviceCount():  # noqa: N802 - CuPy's name
+    def getDeviceCount():  # CuPy's name
         return 1
 
     @staticmethod
-    def getDevice():  # noqa: N802
+    def getDevice():
         return 0
 
 
@@ -174,20 +174,20 @@ class NcclCommunicator:
     def _copy(self, name, src, dst, count, dtype, stream):
         CALLS.append(("nccl", name, _devices[-1], stream))
         if src != dst:
-            import ctypes  # noqa: PLC0415
+            import ctypes
 
             ctypes.memmove(dst, src, count * _NCCL_ITEMSIZE[dtype])
 
-    def allReduce(self, src, dst, count, dtype, op, stream):  # noqa: N802 - NCCL's names
+    def allReduce(self, src, dst, count, dtype, op, stream):  # NCCL's names
         self._copy("allReduce", src, dst, count, dtype, stream)
 
     def bcast(self, ptr, count, dtype, root, stream):
         self._copy("bcast", ptr, ptr, count, dtype, stream)
 
-    def allGather(self, src, dst, count, dtype, stream):  # noqa: N802
+    def allGather(self, src, dst, count, dtype, stream):
         self._copy("allGather", src, dst, count, dtype, stream)
 
-    def reduceScatter(self, src, dst, count, dtype, op, stream):  # noqa: N802
+    def reduceScatter(self, src, dst, count, dtype, op, stream):
         self._copy("reduceScatter", src, dst, count, dtype, stream)
 
 
@@ -199,7 +199,7 @@ nccl = types.SimpleNamespace(available=True, get_version=lambda: 21903,
 
 
 def _real_cupy():
-    import cupy  # noqa: PLC0415 - the real one, for its parser and type rules
+    import cupy  # the real one, for its parser and type rules
 
     return cupy
 
@@ -250,7 +250,7 @@ class ElementwiseKernel:
                       in_types=in_types, type_map=type_map, shape=shape)
         LAUNCHES.append(launch)
         if MODE.run:
-            import host_kernels  # noqa: PLC0415
+            import host_kernels
 
             code, host, dims = elementwise_code(launch, index_32_bits=True)
             host_kernels.run_elementwise(code, self.name, host, dims)
@@ -262,7 +262,7 @@ def elementwise_code(launch: dict, index_32_bits: bool):
     C-contiguous loop arrays to one dimension), with the arguments and their shape + byte
     strides as the kernel sees them."""
     cupy = _real_cupy()
-    from cupy._core import _carray, _kernel, _scalar  # noqa: PLC0415
+    from cupy._core import _carray, _kernel, _scalar
 
     info = _kernel._ArgInfo
     k, args, shape = launch["kernel"], launch["args"], launch["shape"]
@@ -342,7 +342,7 @@ class RawKernel:
         if len(args) != len(self.signature):
             raise LaunchError(f"{self.name}: {len(args)} arguments for "
                               f"{len(self.signature)} parameters")
-        from cupy._core._scalar import get_typename  # noqa: PLC0415 - CuPy's type names
+        from cupy._core._scalar import get_typename  # CuPy's type names
 
         for (ctype, pointer, pname), a in zip(self.signature, args):
             if isinstance(a, np.ndarray):
@@ -375,7 +375,7 @@ class RawKernel:
         LAUNCHES.append(dict(kind="raw", name=self.name, code=self.code, options=self.options,
                              args=args, grid=grid, block=block))
         if MODE.run:
-            import host_kernels  # noqa: PLC0415
+            import host_kernels
 
             host_kernels.run_raw(self.code, self.name, grid, block, args)
 
@@ -409,9 +409,9 @@ def module() -> types.ModuleType:
 def installed(monkeypatch, run: bool = False):
     """Make distprop's backend hand out the stand-in as CuPy (and ``cupyx.empty_pinned``);
     with ``run`` the kernels also compute (host C++), else they are only checked."""
-    import sys  # noqa: PLC0415
+    import sys
 
-    from distprop import backend, cuda_kernels  # noqa: PLC0415
+    from distprop import backend, cuda_kernels
 
     mod = module()
     monkeypatch.setattr(cuda_kernels, "_cache", {})  # kernel objects of the stand-in only

@@ -15,7 +15,7 @@ import numpy as np
 import distprop as dp
 from distprop import distributed as dist
 from distprop import nn
-from distprop.distributed import DistributedDataParallel as DDP  # noqa: F401
+from distprop.distributed import DistributedDataParallel as DDP
 
 __all__ = ["DDP", "comm", "dist", "dp", "make_data", "make_opt", "mlp", "nn", "np", "rank",
            "reference", "say", "train", "world"]

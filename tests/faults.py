@@ -83,7 +83,7 @@ def processes_mentioning(needle: str) -> list[int]:
 
 
 def final_weights(out: Path) -> dict:
-    import distprop as dp  # noqa: PLC0415
+    import distprop as dp
 
     state = dp.load(dp.train.latest_valid(out / "checkpoints"))
     return {k: np.asarray(v) for k, v in state["model"].items()}
@@ -164,7 +164,7 @@ def batchnorm_round_trip(tmp: Path):
 
 def nonsense_checkpoints(tmp: Path):
     """4: checkpoints that pass the checksum but hold nonsense; files that are not checkpoints."""
-    import distprop as dp  # noqa: PLC0415
+    import distprop as dp
 
     if not (tmp / "whole").exists():  # run alone (--only 4)
         run(distprop("train", *RUN, "--epochs", 1, "--out", tmp / "whole"))
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                         print(f"{'ok  ' if outcome.ok else 'FAIL'} item {outcome.item:>2}  "
                               f"{outcome.scenario:<50} exit {code!s:>4}  "
                               f"{outcome.seconds:5.1f} s  {outcome.seen}", flush=True)
-            except Exception as exc:  # noqa: BLE001 - a broken scenario is a failed row
+            except Exception as exc:  # a broken scenario is a failed row
                 results.append(Outcome("?", scenario.__name__, None, 0.0, repr(exc), False))
                 print(f"FAIL {scenario.__name__}: {exc!r}", flush=True)
     failed = [r for r in results if not r.ok]

@@ -59,7 +59,7 @@ def available() -> str | None:
 
 
 def _include_options() -> list[str]:
-    from cupy._core import core  # noqa: PLC0415
+    from cupy._core import core
 
     base = core._get_header_dir_path()
     cccl = os.path.join(base, "cupy", "_cccl")
@@ -70,7 +70,7 @@ _FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
 
 
 def _library(source: str) -> ctypes.CDLL:
-    import cupy  # noqa: PLC0415 - its headers are part of what is compiled
+    import cupy  # its headers are part of what is compiled
 
     ident = "\n".join([cupy.__version__, *_FLAGS, *_include_options(), source])
     key = hashlib.sha256(ident.encode()).hexdigest()[:24]

@@ -184,7 +184,7 @@ def test_num_classes_declares_classes_that_do_not_all_occur(tmp_path):
 
 
 def test_library_loader_raises_data_error_for_the_same_cases(tmp_path):
-    from distprop.data import sources  # noqa: PLC0415
+    from distprop.data import sources
 
     np.savez(tmp_path / "e.npz", x=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int64))
     with pytest.raises(sources.DataError, match="has no samples"):
@@ -195,9 +195,9 @@ def test_library_loader_raises_data_error_for_the_same_cases(tmp_path):
 
 @pytest.mark.parametrize("kind", ["npz", "npz-compressed", "npy"])
 def test_damaged_dataset_files_raise_only_data_errors(kind, tmp_path):
-    import random  # noqa: PLC0415
+    import random
 
-    from distprop.data import sources  # noqa: PLC0415
+    from distprop.data import sources
 
     buf = io.BytesIO()
     {"npz": np.savez, "npz-compressed": np.savez_compressed}.get(
@@ -217,5 +217,5 @@ def test_damaged_dataset_files_raise_only_data_errors(kind, tmp_path):
             sources.load(str(tmp_path / name))
         except sources.DataError:
             pass
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             pytest.fail(f"mutation {i}: {type(exc).__name__}: {exc}")

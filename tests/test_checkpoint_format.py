@@ -250,7 +250,7 @@ def _write(path, kind):
     elif kind == "npz":
         np.savez(path, x=np.ones((4, 2)), y=np.arange(4))
     elif kind == "pickle":
-        import pickle  # noqa: PLC0415
+        import pickle
 
         path.write_bytes(pickle.dumps({"model": [1, 2, 3]}))
     elif kind == "truncated":
@@ -297,7 +297,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_exits_2(kind, name, message
 
 
 def _mutations(data: bytes, count: int, seed: int):
-    import random  # noqa: PLC0415
+    import random
 
     rng = random.Random(seed)
     for _ in range(count):
@@ -327,5 +327,5 @@ def test_damaged_files_raise_only_checkpoint_errors(compression, tmp_path):
                 ckpt.load(damaged, verify=verify)
             except CheckpointError as exc:
                 assert str(damaged) in str(exc)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 pytest.fail(f"mutation {i} (verify={verify}): {type(exc).__name__}: {exc}")

@@ -91,7 +91,7 @@ CONV_GEOMETRIES = [  # (x shape, kernel, stride, dilation, padding, groups, fuse
 
 
 def _convolution(cp, dtype):
-    from distprop.ops.conv import ConvNd  # noqa: PLC0415
+    from distprop.ops.conv import ConvNd
 
     for shape, kernel, stride, dilation, padding, g, fuse in CONV_GEOMETRIES:
         (x,) = _arrays(cp, dtype, shape)
@@ -244,7 +244,7 @@ def test_a_compiler_error_fails_the_check():
 def _layer_run(make, x_shape, dtype, loss=None):
     """Forward + backward of a fresh seeded layer on the stand-in device: output, input grad and
     parameter grads, as NumPy arrays."""
-    import distprop as dp  # noqa: PLC0415
+    import distprop as dp
 
     dp.manual_seed(0)
     layer = make(dp).to("cuda").to(dtype)
@@ -258,7 +258,7 @@ def _layer_run(make, x_shape, dtype, loss=None):
 
 
 def _cross_entropy_run(dtype, reduction):
-    import distprop as dp  # noqa: PLC0415
+    import distprop as dp
 
     rng = np.random.default_rng(2)
     x = dp.tensor((3 * rng.standard_normal((7, 300))).astype(dtype), device="cuda",
@@ -271,7 +271,7 @@ def _cross_entropy_run(dtype, reduction):
 
 
 def _optimizer_run(dtype, name):
-    import distprop as dp  # noqa: PLC0415
+    import distprop as dp
 
     dp.manual_seed(0)
     model = dp.nn.Linear(5, 3).to("cuda").to(dtype)
@@ -309,7 +309,7 @@ RUNS = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", RUNS, ids=[r[0] for r in RUNS])
 def test_gpu_branches_on_the_cpu_match_the_xp_path(case, dtype, monkeypatch):
-    import host_kernels  # noqa: PLC0415
+    import host_kernels
 
     if host_kernels.available():
         pytest.skip(host_kernels.available())

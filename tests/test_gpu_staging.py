@@ -120,7 +120,7 @@ def test_cuda_aware_temporaries_and_copies_are_on_the_communicator_device():
                                         "reduce_scatter"])
 def test_nccl_temporaries_and_copies_back_are_on_the_communicator_device(collective,
                                                                          monkeypatch):
-    from distprop.distributed import nccl  # noqa: PLC0415
+    from distprop.distributed import nccl
 
     monkeypatch.setattr(nccl, "nccl_module", lambda: cupy_standin.nccl)
     with cupy_standin.installed(monkeypatch) as cp:
@@ -144,9 +144,9 @@ def test_nccl_temporaries_and_copies_back_are_on_the_communicator_device(collect
 def test_mixed_device_message_of_the_gpu_test_matches_what_conv_layers_raise(monkeypatch):
     """tests/test_gpu.py expects this message on a real GPU; build it on the CPU by making the
     weight look like a CUDA array to the device check."""
-    import test_gpu  # noqa: PLC0415 - its module constant, not its (gpu-marked) tests
+    import test_gpu  # its module constant, not its (gpu-marked) tests
 
-    from distprop.ops import arith  # noqa: PLC0415
+    from distprop.ops import arith
 
     conv = dp.nn.Conv2d(1, 2, 3)
     weight = conv.weight.data

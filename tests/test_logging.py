@@ -68,9 +68,9 @@ def test_an_application_with_its_own_logging(handover, stdout_lines, stderr_line
 
 
 def test_records_reach_pytest_s_capture_like_prints(capsys):
-    import logging  # noqa: PLC0415
+    import logging
 
-    from distprop import logconfig  # noqa: PLC0415
+    from distprop import logconfig
 
     logconfig.configure("info")  # the default, whatever an earlier test set
     logging.getLogger("distprop.user").info("info from the test")

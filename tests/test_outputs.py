@@ -84,7 +84,7 @@ def test_bench_peers_writes_csv_and_png(tmp_path):
 
 
 def _has_matplotlib() -> bool:
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
 
@@ -154,6 +154,6 @@ def test_curves_figure_has_the_lr_curve_the_test_point_and_a_title():
         lr_line = axes["learning rate"].get_lines()[0]
         assert list(lr_line.get_xdata()) == sorted({*range(2, 31, 2), 10, 20, 30})
     finally:
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
 
         plt.close(fig)

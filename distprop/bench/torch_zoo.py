@@ -19,7 +19,7 @@ def torch_model(name: str):
     Raises:
         ValueError: for a name with no PyTorch twin.
     """
-    import torch.nn as tnn  # noqa: PLC0415 - torch is optional
+    import torch.nn as tnn  # torch is optional
 
     if name == "mlp":
         return tnn.Sequential(tnn.Linear(784, 1024), tnn.ReLU(), tnn.Linear(1024, 1024),
@@ -41,7 +41,7 @@ def torch_model(name: str):
 
 def _sequence_twins():
     """PyTorch twins of ``distprop.models.LSTMClassifier`` / ``TransformerClassifier``."""
-    import torch.nn as tnn  # noqa: PLC0415
+    import torch.nn as tnn
 
     class LSTMClassifier(tnn.Module):
         def __init__(self):

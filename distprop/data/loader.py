@@ -34,7 +34,7 @@ def to_tensors(batch, device=None, sync_host: bool = True):
     wait for the copy (for a prefetch thread), else the current stream waits for it.
     """
     if device is not None and backend.device(device).is_cuda:
-        from distprop import placement  # noqa: PLC0415
+        from distprop import placement
 
         staged = placement.batch_to_device(batch, backend.device(device), sync_host)
         return _wrap_device(staged)

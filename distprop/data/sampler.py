@@ -45,7 +45,7 @@ class DistributedSampler:
     def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, pad: bool = True):
         if num_replicas is None or rank is None:
-            from distprop import distributed  # noqa: PLC0415
+            from distprop import distributed
 
             if num_replicas is None:
                 num_replicas = distributed.get_world_size()

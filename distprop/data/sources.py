@@ -335,7 +335,7 @@ def _check_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo):
             return fileio.read_npy_layout(member, info.file_size, where)
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - zlib.error, BadZipFile, unsupported zip features
+    except Exception as exc:  # zlib.error, BadZipFile, unsupported zip features
         raise DataError(f"{where}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
@@ -365,7 +365,7 @@ def _mmap_npz_member(path: Path, zf: zipfile.ZipFile, member: str):
 def _read_npz(path: Path, mmap: bool) -> dict:
     try:
         zf = zipfile.ZipFile(path)
-    except Exception as exc:  # noqa: BLE001 - BadZipFile, OSError, ValueError, ...
+    except Exception as exc:  # BadZipFile, OSError, ValueError, ...
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     out = {}
     with zf:
@@ -378,7 +378,7 @@ def _read_npz(path: Path, mmap: bool) -> dict:
                 try:
                     with zf.open(name + ".npy") as member:
                         array = np.lib.format.read_array(member, allow_pickle=False)
-                except Exception as exc:  # noqa: BLE001 - zlib.error, truncated data, ...
+                except Exception as exc:  # zlib.error, truncated data, ...
                     raise DataError(f"{path}: member '{name}' cannot be read "
                                     f"({type(exc).__name__}: {exc})") from exc
             out[name] = array

@@ -378,7 +378,7 @@ class MPICommunicator(Communicator):
     def __init__(self, mpi_comm=None, progress_thread: bool | None = None,
                  progress_interval: float | None = None):
         super().__init__()
-        from mpi4py import MPI  # noqa: PLC0415
+        from mpi4py import MPI
 
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
@@ -404,7 +404,7 @@ class MPICommunicator(Communicator):
     def _buffer(self, array, op: str = "sum", bfloat16: bool = False):
         """The mpi4py buffer spec and MPI op for ``array`` (half floats use custom ops)."""
         if bfloat16 or array.dtype == np.float16:
-            from distprop.distributed import compression  # noqa: PLC0415
+            from distprop.distributed import compression
 
             if op not in ("sum", "mean"):
                 raise TypeError(f"op={op!r} is not supported on half-precision arrays")

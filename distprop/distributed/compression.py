@@ -22,8 +22,9 @@ import threading
 import numpy as np
 
 from distprop import backend
+from distprop.registry import COMPRESSIONS
 
-KINDS = ("fp16", "bf16")
+KINDS = tuple(name for name in COMPRESSIONS if name != "none")  # the codecs below
 _CHUNK = 1 << 16  # elements per chunk of the NumPy kernels (256 KiB per uint32 scratch array)
 
 _local = threading.local()
@@ -234,7 +235,7 @@ def mpi_sum_op(kind: str):
     """The MPI user-defined (commutative) sum for 16-bit ``kind`` words, created once."""
     op = _MPI_OPS.get(kind)
     if op is None:
-        from mpi4py import MPI  # noqa: PLC0415
+        from mpi4py import MPI
 
         fn = {"fp16": _fp16_sum, "bf16": _bf16_sum}[kind]
         op = _MPI_OPS[kind] = MPI.Op.Create(fn, commute=True)

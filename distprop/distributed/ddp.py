@@ -123,7 +123,7 @@ class DistributedDataParallel(Module):
                 f"first_bucket_mb={first_bucket_mb}"
             )
         if isinstance(comm, str):  # 'auto', 'nccl', 'mpi-cuda', 'mpi-host': for the model's device
-            from distprop.distributed.selection import make_comm  # noqa: PLC0415
+            from distprop.distributed.selection import make_comm
 
             first = next(iter(module.parameters()), None)
             comm = make_comm(comm, device=None if first is None else first.device)

@@ -62,7 +62,7 @@ def mpi_cuda_support() -> tuple[bool | None, str]:
     if override in ("0", "1"):
         return override == "1", "DISTPROP_MPI_CUDA_AWARE"
     try:
-        from mpi4py import MPI  # noqa: PLC0415
+        from mpi4py import MPI
     except ImportError as exc:
         return None, f"mpi4py is not importable ({exc})"
     query = getattr(MPI, "Query_cuda_support", None)  # mpi4py builds that expose it
@@ -275,7 +275,7 @@ class HostStagedCommunicator(DeviceCommunicator):
         key = (array.data.ptr, array.size, array.dtype.str, tag)
         entry = self._buffers.get(key)
         if entry is None:
-            import cupyx  # noqa: PLC0415 - ships with CuPy
+            import cupyx  # ships with CuPy
 
             entry = self._buffers[key] = [cupyx.empty_pinned(array.size, dtype=array.dtype), None]
             while len(self._buffers) > self.max_buffers:

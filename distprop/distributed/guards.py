@@ -160,7 +160,7 @@ def install_exit_guard(comm: Communicator, grace: float = EXIT_GRACE) -> None:
             if request.Test():
                 return  # every rank is leaving: finalise normally, keep the status
             time.sleep(0.01)
-        from distprop.distributed import lifeline  # noqa: PLC0415
+        from distprop.distributed import lifeline
 
         lifeline.report("exit", code=status)
         try:
@@ -264,7 +264,7 @@ class StallWatchdog:
                 "DISTPROP_STALL_TIMEOUT to change it")
 
     def _fire(self, name: str, nbytes: int, waited: float, limit: float | None = None) -> None:
-        from distprop.distributed import lifeline  # noqa: PLC0415
+        from distprop.distributed import lifeline
 
         limit = self.timeout if limit is None else limit
         frame = sys._current_frames().get(self._main.ident)
@@ -300,7 +300,7 @@ def start_watchdog(comm: Communicator, timeout: float | None = None) -> StallWat
     ``DISTPROP_STALL_TIMEOUT`` (0 disables), else the adaptive one (600 s until the first
     optimizer step, then max(60 s, 20 x the slowest step)). None for a world of one. The rank
     also answers its launcher's stall survey from ``comm`` (watchdog on or off)."""
-    from distprop.distributed import lifeline  # noqa: PLC0415
+    from distprop.distributed import lifeline
 
     lifeline.watch_communicator(comm)  # the launcher's stall survey asks where this rank is
     adaptive = False

@@ -124,7 +124,7 @@ class Lifeline:
             return
         event = msg.get("event")
         if event == "preempt":
-            from distprop.distributed import preemption  # noqa: PLC0415
+            from distprop.distributed import preemption
 
             preemption.request(f"the launcher ({msg.get('signal', 'SIGTERM')})")
         elif event == "query":
@@ -199,7 +199,7 @@ def watch_communicator(comm) -> None:
 def _probe() -> dict:
     """Where this rank is: blocking collectives entered, and the one it is blocked in (if any)
     with the seconds it has waited there. Read from another thread: no locks, no MPI."""
-    import time  # noqa: PLC0415
+    import time
 
     comm = _probe_comm
     if comm is None:
@@ -276,7 +276,7 @@ def _libmpi_init_thread():
     A ctypes call releases the GIL, so the init timer's thread runs while this thread waits
     inside MPI initialisation; mpi4py's own initialisation holds the GIL throughout.
     """
-    import ctypes  # noqa: PLC0415
+    import ctypes
 
     candidates = []
     try:
@@ -307,17 +307,17 @@ def initialize_mpi() -> None:
     mpi4py's ``Init_thread`` and arms :mod:`faulthandler` to dump the stacks and exit with
     status 1 past ``DISTPROP_INIT_TIMEOUT`` (the init timer's thread cannot run then).
     """
-    import atexit  # noqa: PLC0415
-    import ctypes  # noqa: PLC0415
+    import atexit
+    import ctypes
 
     if "mpi4py.MPI" in sys.modules:
         return
-    import mpi4py  # noqa: PLC0415
+    import mpi4py
 
     if mpi4py.rc.initialize is False:  # the program initialises MPI itself
         return
     mpi4py.rc.initialize = False
-    from mpi4py import MPI  # noqa: PLC0415
+    from mpi4py import MPI
 
     levels = {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED,
               "serialized": MPI.THREAD_SERIALIZED, "multiple": MPI.THREAD_MULTIPLE}
@@ -333,7 +333,7 @@ def initialize_mpi() -> None:
     else:
         timeout = init_timeout_from_env() if launched_size() > 1 else None
         if timeout is not None:
-            import faulthandler  # noqa: PLC0415
+            import faulthandler
 
             faulthandler.dump_traceback_later(timeout, exit=True)
         MPI.Init_thread(level)

@@ -42,7 +42,7 @@ def nccl_module():
     if backend.cupy_module() is None:
         return None
     try:
-        from cupy.cuda import nccl  # noqa: PLC0415
+        from cupy.cuda import nccl
     except Exception:
         return None
     return nccl if getattr(nccl, "available", False) else None
@@ -101,7 +101,7 @@ class _NCCLRequest(Request):
             return
         self._finished = True
         cp = backend.cupy_module()
-        import time  # noqa: PLC0415
+        import time
 
         self.done_ns = time.perf_counter_ns()
         with cp.cuda.Device(self._comm.device.index):

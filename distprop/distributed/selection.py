@@ -3,7 +3,8 @@
 :func:`choose_comm` is the rule, a pure function of the facts (device, CuPy, NCCL, CUDA-aware
 MPI, world size, ranks sharing a GPU), so it is tested without GPUs. :func:`make_comm` gathers
 the facts on every rank (agreeing across ranks: NCCL only if every rank has it, CUDA-aware MPI
-only if every rank's library says so) and builds the communicator:
+only if every rank's library says so) and builds the communicator its entry in
+:data:`distprop.registry.COMMS` names:
 
 ============  =====================================================================
 ``auto``      NCCL when available and every rank has its own GPU; else CUDA-aware MPI
@@ -25,8 +26,9 @@ from dataclasses import dataclass, field
 from distprop import backend
 from distprop.distributed import world
 from distprop.distributed.comm import Communicator
+from distprop.registry import COMMS
 
-COMM_CHOICES = ("auto", "nccl", "mpi-cuda", "mpi-host")
+COMM_CHOICES = COMMS  # the --comm names (a live view of the registry)
 
 
 @dataclass
@@ -109,7 +111,7 @@ def _shared_note(groups: list) -> str:
 
 def local_facts(dev: backend.Device) -> dict:
     """This rank's facts (cheap; no collective)."""
-    from distprop.distributed.nccl import nccl_status  # noqa: PLC0415
+    from distprop.distributed.nccl import nccl_status
 
     out = {"cupy": backend.cupy_available(), "cupy_error": backend._cupy_error}
     if dev.is_cuda:
@@ -122,11 +124,11 @@ def local_facts(dev: backend.Device) -> dict:
 def gather_facts(host: Communicator, dev: backend.Device, need_mapping: bool,
                  need_mpi: bool) -> CommFacts:
     """The facts, agreed across ranks (collective when the world has more than one rank)."""
-    from distprop.distributed import device as device_mod  # noqa: PLC0415
+    from distprop.distributed import device as device_mod
 
     mine = local_facts(dev)
     if need_mpi and host.size > 1:
-        from distprop.distributed.gpucomm import mpi_cuda_support  # noqa: PLC0415
+        from distprop.distributed.gpucomm import mpi_cuda_support
 
         mine["mpi_cuda_aware"], mine["mpi_cuda_info"] = mpi_cuda_support()
     else:
@@ -178,18 +180,7 @@ def make_comm(choice: str = "auto", host: Communicator | None = None, device=Non
         logging.getLogger(__name__).warning(f"distprop: comm {choice}: {note}")
     if kind == "host":
         return host
-    if kind == "nccl":
-        from distprop.distributed.nccl import NCCLCommunicator  # noqa: PLC0415
-
-        return NCCLCommunicator(host, dev)
-    from distprop.distributed.gpucomm import (  # noqa: PLC0415
-        CudaAwareMPICommunicator,
-        HostStagedCommunicator,
-    )
-
-    if kind == "mpi-cuda":
-        return CudaAwareMPICommunicator(host, dev)
-    return HostStagedCommunicator(host, dev)
+    return COMMS[kind].load()(host, dev)
 
 
 def comm_kind(comm: Communicator) -> str:

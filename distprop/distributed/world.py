@@ -76,7 +76,7 @@ def init(backend: str | None = None, stall_timeout: float | None = None,
         choice = "mpi" if launched_by_mpi() else "single"
     if choice == "mpi":
         try:
-            import mpi4py  # noqa: F401, PLC0415
+            import mpi4py  # noqa: F401
         except ImportError as exc:
             size = _launcher_size()
             if backend == "mpi" or (size or 1) > 1:
@@ -97,7 +97,7 @@ def init(backend: str | None = None, stall_timeout: float | None = None,
         world = SingleProcessCommunicator()
     _world = world
     if guards and world.size > 1:
-        from distprop.distributed import guards as _guards  # noqa: PLC0415
+        from distprop.distributed import guards as _guards
 
         _guards.install_excepthook(world)
         _guards.install_exit_guard(world)

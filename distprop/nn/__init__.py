@@ -51,7 +51,7 @@ _sys.modules[__name__ + ".functional"] = functional
 def __getattr__(name: str):
     # SyncBatchNorm lives in distprop.distributed (it needs the communicators); lazy, no cycle.
     if name == "SyncBatchNorm":
-        from distprop.distributed.sync_batchnorm import SyncBatchNorm  # noqa: PLC0415
+        from distprop.distributed.sync_batchnorm import SyncBatchNorm
 
         return SyncBatchNorm
     raise AttributeError(f"module 'distprop.nn' has no attribute {name!r}")

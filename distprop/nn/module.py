@@ -268,7 +268,7 @@ class Module:
                 a = backend.to_device(a, dev)
             return a
 
-        from distprop import placement  # noqa: PLC0415
+        from distprop import placement
 
         flat = placement.flat_members(self)
         self._move_tensors(convert)

@@ -88,7 +88,7 @@ def neg(a):
     return arith.Neg.apply(a)
 
 
-def pow(a, b):  # noqa: A001
+def pow(a, b):
     a, b = _operands(a, b)
     if isinstance(a, Tensor) and not isinstance(b, Tensor):
         return arith.PowScalar.apply(a, b)
@@ -109,7 +109,7 @@ def sqrt(a):
     return arith.Sqrt.apply(_float_input(a))
 
 
-def abs(a):  # noqa: A001
+def abs(a):
     return arith.Abs.apply(a)
 
 
@@ -117,7 +117,7 @@ def sign(a):
     return arith.Sign.apply(a)
 
 
-def clamp(a, min=None, max=None):  # noqa: A002
+def clamp(a, min=None, max=None):
     return arith.Clamp.apply(a, min=min, max=max)
 
 
@@ -138,7 +138,7 @@ def matmul(a, b):
     return linalg.MatMul.apply(_operand(a), _operand(b))
 
 
-def sum(a, dim=None, keepdim=False):  # noqa: A001
+def sum(a, dim=None, keepdim=False):
     return reduce.Sum.apply(a, dim=dim, keepdim=keepdim)
 
 
@@ -153,7 +153,7 @@ class ValuesIndices(NamedTuple):
     indices: Tensor
 
 
-def max(a, dim=None, keepdim=False):  # noqa: A001
+def max(a, dim=None, keepdim=False):
     """Max over all elements, or ``(values, indices)`` along ``dim`` (as torch.max)."""
     if isinstance(dim, Tensor):
         return maximum(a, dim)
@@ -161,7 +161,7 @@ def max(a, dim=None, keepdim=False):  # noqa: A001
     return out if dim is None else ValuesIndices(*out)
 
 
-def min(a, dim=None, keepdim=False):  # noqa: A001
+def min(a, dim=None, keepdim=False):
     """Min over all elements, or ``(values, indices)`` along ``dim`` (as torch.min)."""
     if isinstance(dim, Tensor):
         return minimum(a, dim)
@@ -343,7 +343,7 @@ def _argext(data, dim, keepdim, name):
     if dim is None:
         return np.asarray(out) if np.isscalar(out) else out
     if keepdim:
-        from distprop.backend import get_array_module  # noqa: PLC0415
+        from distprop.backend import get_array_module
 
         out = get_array_module(data).expand_dims(out, dim)
     return out

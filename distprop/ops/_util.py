@@ -57,7 +57,7 @@ def gemm(a, b, out=None):
     the CPU) run as one float32 BLAS GEMM rounded once to the result dtype -- float32
     accumulation, as GPU tensor cores do -- since NumPy's float16 matmul has no BLAS (~100x
     slower) and accumulates in float16. Everything else is ``xp.matmul`` unchanged."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     if type(a) is np.ndarray and np.float16 in (a.dtype, getattr(b, "dtype", None)):
         result = np.matmul(a.astype(np.float32), b.astype(np.float32))
@@ -67,6 +67,6 @@ def gemm(a, b, out=None):
         return out
     if out is None:
         return a @ b
-    from distprop.backend import get_array_module  # noqa: PLC0415
+    from distprop.backend import get_array_module
 
     return get_array_module(a).matmul(a, b, out=out)

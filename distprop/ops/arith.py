@@ -20,7 +20,7 @@ def _check_devices(op: str, a, b) -> None:
     xa, xb = get_array_module(a), get_array_module(b)
     if xa is not xb and hasattr(a, "shape") and hasattr(b, "shape"):
         if getattr(a, "ndim", 0) and getattr(b, "ndim", 0):
-            from distprop.backend import device_of  # noqa: PLC0415
+            from distprop.backend import device_of
 
             raise RuntimeError(
                 f"{op}: expected all tensors on the same device, got {device_of(a)} and "
@@ -158,7 +158,7 @@ class RPowScalar(Function):
     """out = c ** a for a Python number c; grad: g * out * log(c)."""
 
     def forward(self, a, base):
-        import math  # noqa: PLC0415
+        import math
 
         self.log_base = math.log(base) if base > 0 else float("nan")
         self.out = base**a
@@ -229,7 +229,7 @@ class Sign(Function):
 class Clamp(Function):
     """out = min(max(a, lo), hi); grad: g where lo <= a <= hi (PyTorch's convention)."""
 
-    def forward(self, a, min=None, max=None):  # noqa: A002
+    def forward(self, a, min=None, max=None):
         xp = get_array_module(a)
         if min is None and max is None:
             raise ValueError("clamp: at least one of min and max must be given")

@@ -33,7 +33,7 @@ def scatter_add_rows(grad, index, rows) -> None:
         flat = (index[:, None] * width + np.arange(width)).reshape(-1)
         np.add.at(grad.reshape(-1), flat, rows.reshape(-1))
     else:
-        import cupyx  # noqa: PLC0415
+        import cupyx
 
         cupyx.scatter_add(grad, index, rows)
 

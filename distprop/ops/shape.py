@@ -77,7 +77,7 @@ class Expand(Function):
         return xp.broadcast_to(a, target)
 
     def backward(self, grad_out):
-        from distprop.ops._util import unbroadcast  # noqa: PLC0415
+        from distprop.ops._util import unbroadcast
 
         return unbroadcast(grad_out, self.shape)
 
@@ -170,7 +170,7 @@ class GetItem(Function):
         elif xp is np:
             np.add.at(grad, self.index, grad_out)
         else:
-            import cupyx  # noqa: PLC0415
+            import cupyx
 
             cupyx.scatter_add(grad, self.index, grad_out)
         return grad

@@ -206,7 +206,7 @@ class CosineAnnealingLR(LRScheduler):
     """Cosine annealing from the initial learning rate to ``eta_min`` over ``T_max`` epochs
     (PyTorch's recursive form, which continues as a cosine wave past ``T_max``)."""
 
-    def __init__(self, optimizer, T_max: int, eta_min: float = 0.0,  # noqa: N803
+    def __init__(self, optimizer, T_max: int, eta_min: float = 0.0,
                  last_epoch: int = -1):
         if not T_max > 0:
             raise ValueError(f"CosineAnnealingLR T_max must be positive, got {T_max!r}")

@@ -46,7 +46,7 @@ def _square_side(n: int) -> int | None:
 
 
 def _zoo(name: str, num_classes: int):
-    from distprop import models  # noqa: PLC0415
+    from distprop import models
 
     return models.build_model(name, num_classes=num_classes)
 
@@ -113,7 +113,7 @@ def _sequence_shape(input_shape) -> tuple[int, int]:
 
 def _with_sequence_input(name: str, input_shape, num_classes: int) -> nn.Module:
     """lstm/transformer over (steps, features) float sequences."""
-    from distprop import models  # noqa: PLC0415
+    from distprop import models
 
     steps, features = _sequence_shape(input_shape)
     if name == "lstm":
@@ -135,7 +135,7 @@ def model_for(name: str, input_shape, num_classes: int) -> nn.Module:
     Raises:
         ValueError: unknown model (listing the valid ones), or samples the model cannot take.
     """
-    from distprop import models  # noqa: PLC0415
+    from distprop import models
 
     models.spec(name)  # unknown name -> ValueError listing the valid ones
     if name in ("mlp", "wide"):

@@ -115,7 +115,7 @@ def load_data(run: Run, dataset: str | None = None) -> sources.DataSplits:
     Raises:
         RunError: the dataset cannot be read, or its samples or classes do not fit the model.
     """
-    from distprop.train import run as run_mod  # noqa: PLC0415
+    from distprop.train import run as run_mod
 
     cfg = run.config
     if dataset is not None:
@@ -164,7 +164,7 @@ def find_checkpoint(run: Run, path=None, log=None) -> Path:
 def load_weights(path) -> dict:
     """The model weights in ``path``: a training checkpoint (``.npz`` written by distprop train)
     or a ``.safetensors`` file. Raises :class:`RunError` naming the file otherwise."""
-    from distprop import weights  # noqa: PLC0415
+    from distprop import weights
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -186,7 +186,7 @@ def load_weights(path) -> dict:
 def build_model(run: Run):
     """The run's model, freshly initialised (as ``distprop train`` built it: zoo model with the
     run's size options, or the run's factory, which must still be importable)."""
-    from distprop.train.modelspec import build, is_factory  # noqa: PLC0415
+    from distprop.train.modelspec import build, is_factory
 
     if run.input_shape is None:
         load_data(run)  # an unfinished run: the data tell the sample shape and class count
@@ -235,9 +235,9 @@ def evaluate(run: Run, checkpoint=None, dataset: str | None = None, split: str =
     Raises:
         RunError: see :func:`load_model` and :func:`load_data`; an empty split.
     """
-    from distprop import optim  # noqa: PLC0415
-    from distprop.train import tasks  # noqa: PLC0415
-    from distprop.train.trainer import Trainer  # noqa: PLC0415
+    from distprop import optim
+    from distprop.train import tasks
+    from distprop.train.trainer import Trainer
 
     if split not in SPLITS:
         raise RunError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -288,9 +288,9 @@ def prepare_inputs(run: Run, x, source: str = "input") -> np.ndarray:
 
 def predict(model, x: np.ndarray, probs: bool = False, batch_size: int = 256) -> np.ndarray:
     """The model's logits (or softmax probabilities) for prepared inputs, float32, (N, classes)."""
-    from distprop import backend  # noqa: PLC0415
-    from distprop.ops import softmax  # noqa: PLC0415
-    from distprop.tensor import Tensor, no_grad  # noqa: PLC0415
+    from distprop import backend
+    from distprop.ops import softmax
+    from distprop.tensor import Tensor, no_grad
 
     model.eval()
     outputs = []
@@ -337,7 +337,7 @@ def export(run: Run, out, fmt: str | None = None, checkpoint=None, log=None) -> 
         ImportError: safetensors requested but the package is missing.
         distprop.fileio.WriteError: the file cannot be written.
     """
-    from distprop import weights  # noqa: PLC0415
+    from distprop import weights
 
     out = Path(out)
     if fmt is None:

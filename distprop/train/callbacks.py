@@ -91,7 +91,7 @@ class ProgressBar(Callback):
         if not trainer.is_main or not self._use_bar():
             return
         try:
-            from tqdm.auto import tqdm  # noqa: PLC0415
+            from tqdm.auto import tqdm
         except ImportError:
             return
         self._bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step_in_epoch,
@@ -345,7 +345,7 @@ class EarlyStoppingCallback(Callback):
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0, monitor: str = "val_loss",
                  mode: str = "min"):
-        from distprop.train.early_stopping import EarlyStopping  # noqa: PLC0415
+        from distprop.train.early_stopping import EarlyStopping
 
         self.stopper = EarlyStopping(patience=patience, min_delta=min_delta, mode=mode)
         self.monitor = monitor
@@ -396,7 +396,7 @@ class GradNormMonitor(Callback):
     def on_step_end(self, trainer, logs) -> None:
         if not logs or logs.get("grad_norm") is None:
             return
-        from distprop.nn.utils import classify_grad_norms  # noqa: PLC0415
+        from distprop.nn.utils import classify_grad_norms
 
         norm, step = logs["grad_norm"], logs["step"]
         report = classify_grad_norms(trainer.last_grad_norms, self.low, self.high) \

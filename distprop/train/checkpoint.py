@@ -283,7 +283,7 @@ def load(path, verify: bool = True):
         arrays, meta_bytes, stored = _read_members(path)
     except CheckpointError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any parse failure (zlib.error, BadZipFile, ...)
+    except Exception as exc:  # any parse failure (zlib.error, BadZipFile, ...)
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted "
                               f"({type(exc).__name__}: {exc})") from exc
     if verify:

@@ -13,16 +13,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODELS = ("mlp", "cnn", "lstm", "transformer", "wide")
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "adadelta", "nadam")
-LR_SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "linear", "plateau")
-COMPRESSIONS = ("none", "fp16", "bf16")
-DEVICES = ("cpu", "cuda")
-COMMS = ("auto", "nccl", "mpi-cuda", "mpi-host")  # distprop.distributed.selection.COMM_CHOICES
-TASKS = ("classification", "regression")  # see distprop.train.tasks
-TASK_LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}  # 1st: default
-LOSSES = tuple(name for names in TASK_LOSSES.values() for name in names)
+from distprop.registry import (  # the names each option accepts, declared once
+    COMMS,
+    COMPRESSIONS,
+    LOSSES,
+    LR_SCHEDULES,
+    MODELS,
+    OPTIMIZERS,
+    TASKS,
+)
 
+DEVICES = ("cpu", "cuda")
+__all__ = ["COMMS", "COMPRESSIONS", "DEVICES", "LOSSES", "LR_SCHEDULES", "MODELS", "OPTIMIZERS",
+           "TASKS", "ConfigError", "TrainConfig", "read_toml"]
 
 class ConfigError(ValueError):
     """A configuration that cannot be trained; ``param`` names the option at fault."""
@@ -121,7 +124,7 @@ class TrainConfig:
         Raises:
             distprop.fileio.WriteError: naming the file and the reason.
         """
-        from distprop.fileio import atomic_write_text  # noqa: PLC0415
+        from distprop.fileio import atomic_write_text
 
         return atomic_write_text(path, self.to_json(), "configuration")
 
@@ -133,7 +136,7 @@ class TrainConfig:
 
     def _validate_model_and_task(self) -> None:
         """``--model`` (zoo name or factory), size options, ``--task`` and ``--loss``."""
-        from distprop.train import modelspec, tasks  # noqa: PLC0415
+        from distprop.train import modelspec, tasks
 
         if self.model not in MODELS and not modelspec.is_factory(self.model):
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)} "
@@ -142,9 +145,8 @@ class TrainConfig:
             modelspec.check_sizes(self.model, self.hidden, self.layers, self.channels)
         except modelspec.ModelSpecError as exc:
             raise ConfigError(str(exc), exc.param) from None
-        if self.task not in tasks.TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of "
-                              f"{', '.join(tasks.TASKS)}", "task")
+        if self.task not in TASKS:
+            raise ConfigError(TASKS.unknown(self.task), "task")
         try:
             tasks.check_loss(self.task, self.loss)
         except ValueError as exc:
@@ -162,13 +164,12 @@ class TrainConfig:
             ConfigError: naming the option and the valid choices or the arithmetic that fails.
         """
         self._validate_model_and_task()
-        for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("lr-schedule", self.lr_schedule, LR_SCHEDULES),
-                                     ("compression", self.compression, COMPRESSIONS),
-                                     ("comm", self.comm, COMMS)):
-            if value not in choices:
-                raise ConfigError(f"unknown {name} {value!r}; choose one of "
-                                  f"{', '.join(choices)}", name)
+        for name, value, registry in (("optimizer", self.optimizer, OPTIMIZERS),
+                                      ("lr-schedule", self.lr_schedule, LR_SCHEDULES),
+                                      ("compression", self.compression, COMPRESSIONS),
+                                      ("comm", self.comm, COMMS)):
+            if value not in registry:
+                raise ConfigError(registry.unknown(value), name)
         if self.amp == "bfloat16":
             raise ConfigError("--amp bfloat16 is not available: NumPy and CuPy have no bfloat16 "
                               "dtype; use --amp float16", "amp")
@@ -246,9 +247,9 @@ def _checked_type(name: str, value, source: str):
 def read_toml(path) -> dict:
     """The options in a TOML file: top-level keys, or a ``[train]`` table."""
     try:
-        import tomllib  # noqa: PLC0415
+        import tomllib
     except ImportError:  # Python 3.10
-        import tomli as tomllib  # noqa: PLC0415
+        import tomli as tomllib
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist", "config")

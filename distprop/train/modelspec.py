@@ -11,13 +11,10 @@ dimension) and ``num_classes`` the model's output width (the class count for cla
 the target width for regression). The model must map a float32 batch ``(N, *input_shape)`` to
 outputs of shape ``(N, num_classes)``.
 
-Size options of the zoo (:data:`SIZE_OPTIONS`): ``mlp`` takes ``--hidden`` (width of every
-hidden layer, default 1024) and ``--layers`` (hidden layers, default 2); ``cnn`` takes
-``--channels`` (channels of the first convolution, the second has twice as many, default 32);
-``lstm`` takes ``--hidden`` (hidden size, default 256) and ``--layers`` (stacked LSTM layers,
-default 1); ``transformer`` takes ``--hidden`` (``d_model``, a multiple of its 4 heads, default
-128; the feed-forward width is 4 x d_model) and ``--layers`` (encoder layers, default 2);
-``wide`` takes none. A factory takes none either (it sizes itself).
+Size options of the zoo: each entry of :data:`distprop.models.MODELS` (the model registry, see
+:mod:`distprop.registry`) lists in ``size_options`` which of ``--hidden``, ``--layers`` and
+``--channels`` it takes, with their defaults (``wide`` takes none). A factory takes none either
+(it sizes itself).
 
 Every problem raises :class:`ModelSpecError` (a ``ValueError``) with one line naming it.
 """
@@ -30,14 +27,8 @@ import re
 import sys
 
 from distprop import nn
+from distprop.models import MODELS
 
-SIZE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "mlp": ("hidden", "layers"),
-    "cnn": ("channels",),
-    "lstm": ("hidden", "layers"),
-    "transformer": ("hidden", "layers"),
-    "wide": (),
-}
 SIZE_LIMITS = {"hidden": 65536, "layers": 64, "channels": 4096}
 TRANSFORMER_HEADS = 4
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -50,6 +41,12 @@ class ModelSpecError(ValueError):
     def __init__(self, message: str, param: str = "model"):
         super().__init__(message)
         self.param = param
+
+
+def size_options(model: str) -> tuple[str, ...] | None:
+    """The size options zoo model ``model`` takes (None for a name not in the zoo)."""
+    spec = MODELS.get(model)
+    return None if spec is None else tuple(spec.size_options)
 
 
 def is_factory(model: str) -> bool:
@@ -75,7 +72,7 @@ def check_sizes(model: str, hidden=None, layers=None, channels=None) -> None:
         if is_factory(model):
             raise ModelSpecError(f"--{name} does not apply to a model factory ({model}); the "
                                  "factory sizes its model itself", name)
-        takes = SIZE_OPTIONS.get(model)
+        takes = size_options(model)
         if takes is None:
             continue  # an unknown name is reported by the model check
         if name not in takes:
@@ -105,7 +102,7 @@ def load_factory(spec: str):
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any error of the user's module is reported
+    except Exception as exc:  # any error of the user's module is reported
         raise ModelSpecError(f"--model {spec}: cannot import {module_name!r}: "
                              f"{type(exc).__name__}: {exc}") from None
     value = module
@@ -125,7 +122,7 @@ def _from_factory(spec: str, input_shape, outputs: int) -> nn.Module:
     factory = load_factory(spec)
     try:
         model = factory(input_shape=tuple(int(s) for s in input_shape), num_classes=int(outputs))
-    except Exception as exc:  # noqa: BLE001 - the user's code: report, never a traceback
+    except Exception as exc:  # the user's code: report, never a traceback
         raise ModelSpecError(f"--model {spec}: the factory raised {type(exc).__name__}: {exc} "
                              f"(called as factory(input_shape={tuple(input_shape)}, "
                              f"num_classes={outputs}))") from None
@@ -139,7 +136,7 @@ def _from_factory(spec: str, input_shape, outputs: int) -> nn.Module:
 
 
 def _mlp(input_shape, outputs: int, hidden, layers) -> nn.Module:
-    import math  # noqa: PLC0415
+    import math
 
     hidden = hidden or 1024
     layers = layers or 2
@@ -153,7 +150,7 @@ def _mlp(input_shape, outputs: int, hidden, layers) -> nn.Module:
 
 def _cnn(input_shape, outputs: int, channels) -> nn.Module:
     """adapt's cnn with ``channels`` and ``2 * channels`` in its two convolutions."""
-    from distprop.train import adapt  # noqa: PLC0415
+    from distprop.train import adapt
 
     model = adapt.model_for("cnn", input_shape, outputs)
     layers = list(model)
@@ -171,8 +168,8 @@ def _cnn(input_shape, outputs: int, channels) -> nn.Module:
 
 
 def _sequence(name: str, input_shape, outputs: int, hidden, layers) -> nn.Module:
-    from distprop import models  # noqa: PLC0415
-    from distprop.train import adapt  # noqa: PLC0415
+    from distprop import models
+    from distprop.train import adapt
 
     steps, features = adapt._sequence_shape(input_shape)
     if name == "lstm":
@@ -204,9 +201,9 @@ def build(model: str, input_shape, outputs: int, hidden=None, layers=None,
     check_sizes(model, hidden, layers, channels)
     if is_factory(model):
         return _from_factory(model, input_shape, outputs)
-    if model not in SIZE_OPTIONS:
+    if model not in MODELS:
         raise ModelSpecError(f"unknown model {model!r}; choose one of "
-                             f"{', '.join(SIZE_OPTIONS)} or a factory 'package.module:callable'")
+                             f"{', '.join(MODELS)} or a factory 'package.module:callable'")
     shape = tuple(int(s) for s in input_shape)
     try:
         if model == "mlp" and (hidden or layers):
@@ -215,7 +212,7 @@ def build(model: str, input_shape, outputs: int, hidden=None, layers=None,
             return _cnn(shape, outputs, channels)
         if model in ("lstm", "transformer") and (hidden or layers):
             return _sequence(model, shape, outputs, hidden, layers)
-        from distprop.train.adapt import model_for  # noqa: PLC0415
+        from distprop.train.adapt import model_for
 
         return model_for(model, shape, outputs)
     except ModelSpecError:

@@ -22,13 +22,11 @@ import numpy as np
 
 from distprop import backend, fileio
 from distprop.data import sources
+from distprop.registry import OPTIMIZERS
 from distprop.train import callbacks as cbs
 from distprop.train import checkpoint as ckpt
 from distprop.train.config import ConfigError, TrainConfig
 
-OPTIMIZER_CLASSES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad",
-                     "rmsprop": "RMSprop", "adadelta": "Adadelta", "nadam": "NAdam"}
-DEFAULT_LR = {"sgd": 0.1, "adadelta": 1.0, "adagrad": 0.01}
 _SPLITS_CACHE: dict = {}
 _log = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
     if key in _SPLITS_CACHE:
         return _SPLITS_CACHE[key]
     if cfg.task == "regression":
-        from distprop.train.tasks import load_regression  # noqa: PLC0415
+        from distprop.train.tasks import load_regression
 
         fractions = {k: v for k, v in (("val_fraction", cfg.val_fraction),
                                        ("test_fraction", cfg.test_fraction)) if v is not None}
@@ -66,14 +64,14 @@ def load_data(cfg: TrainConfig, validate: bool = True) -> sources.DataSplits:
 def build_model(cfg: TrainConfig, splits: sources.DataSplits):
     """The model ``cfg.model`` (zoo name, with its size options, or factory) sized for the
     dataset (see :mod:`distprop.train.modelspec` and :mod:`distprop.train.adapt`)."""
-    from distprop.train.modelspec import build  # noqa: PLC0415
+    from distprop.train.modelspec import build
 
     return build(cfg.model, splits.input_shape, splits.num_classes, hidden=cfg.hidden,
                  layers=cfg.layers, channels=cfg.channels)
 
 
 def base_lr(cfg: TrainConfig) -> float:
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.optimizer, 1e-3)
+    lr = cfg.lr if cfg.lr is not None else OPTIMIZERS.lookup(cfg.optimizer).default_lr
     if cfg.scale_lr:
         lr *= cfg.world_size  # linear scaling rule: k x the batch, k x the learning rate
     return lr
@@ -86,15 +84,15 @@ def warmup_epochs(cfg: TrainConfig) -> float:
 
 
 def build_optimizer(cfg: TrainConfig, params):
-    """The optimizer ``cfg.optimizer`` (sharded over ranks with ``cfg.zero``)."""
-    from distprop import optim  # noqa: PLC0415
-
-    cls = getattr(optim, OPTIMIZER_CLASSES[cfg.optimizer])
+    """The optimizer ``cfg.optimizer`` (sharded over ranks with ``cfg.zero``), built by its
+    entry in :data:`distprop.registry.OPTIMIZERS`."""
+    entry = OPTIMIZERS.lookup(cfg.optimizer)
+    cls = entry.load()
     kwargs = {"lr": base_lr(cfg), "weight_decay": cfg.weight_decay}
-    if cfg.optimizer in ("sgd", "rmsprop"):
+    if entry.momentum:
         kwargs["momentum"] = cfg.momentum
     if cfg.zero:
-        from distprop.distributed import ZeroRedundancyOptimizer  # noqa: PLC0415
+        from distprop.distributed import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
     return cls(params, **kwargs)
@@ -103,15 +101,13 @@ def build_optimizer(cfg: TrainConfig, params):
 def build_schedule(cfg: TrainConfig, optimizer):
     """The LR schedule, on the fraction of training done (``plateau``: per epoch on val loss).
 
-    ``step``: x0.1 every third of the run; ``multistep``: x0.1 at 50 % and 75 %;
-    ``exponential``: x0.01 over the run; ``cosine``: to 0; ``linear``: to 1 % of the rate;
-    ``plateau``: x0.1 after 2 epochs without val-loss improvement. ``--warmup-epochs`` ramps
+    What each name does is in :data:`distprop.registry.LR_SCHEDULES`. ``--warmup-epochs`` ramps
     linearly from 1 % of the rate first. Being defined on the fraction of the run's samples
     consumed (:class:`~distprop.train.schedule.ProgressSchedule`), a schedule ends where it
     should when a run is resumed on another number of ranks or batch size.
     """
-    from distprop.optim import lr_scheduler as lrs  # noqa: PLC0415
-    from distprop.train import schedule  # noqa: PLC0415
+    from distprop.optim import lr_scheduler as lrs
+    from distprop.train import schedule
 
     warm = warmup_epochs(cfg) / cfg.epochs
     name = cfg.lr_schedule
@@ -143,9 +139,9 @@ def apply_thread_policy(cfg: TrainConfig, comm) -> int:
     (``OMP_NUM_THREADS``, set by ``distprop train -n N``), or the node's cores divided by its
     ranks; for a single process, every core (``cores // 1``), the same rule as for N ranks.
     """
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits
 
-    from distprop.launcher import THREAD_VARS, available_cores  # noqa: PLC0415
+    from distprop.launcher import THREAD_VARS, available_cores
 
     threads = (cfg.launch or {}).get("threads_per_rank")
     if not threads and comm.size > 1:
@@ -161,7 +157,7 @@ def apply_thread_policy(cfg: TrainConfig, comm) -> int:
 
 def _blas_threads() -> list[dict]:
     try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
+        from threadpoolctl import threadpool_info
     except ImportError:  # pragma: no cover - a runtime dependency
         return []
     return [{"api": p.get("internal_api"), "threads": p.get("num_threads")}
@@ -207,7 +203,7 @@ def check(cfg: TrainConfig) -> TrainConfig:
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(str(exc), "device") from None
     if not dev.is_cuda:  # on the CPU, --comm nccl/mpi-cuda cannot work: say so before launching
-        from distprop.distributed.selection import (  # noqa: PLC0415
+        from distprop.distributed.selection import (
             CommFacts,
             CommSelectionError,
             choose_comm,
@@ -219,16 +215,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
                                             cupy_error=backend._cupy_error))
         except CommSelectionError as exc:
             raise ConfigError(str(exc), "comm") from None
-    try:
-        from distprop import optim  # noqa: PLC0415
-    except ImportError as exc:
-        raise ConfigError(f"optimizers are not available: {exc}", "optimizer") from None
-    if not hasattr(optim, OPTIMIZER_CLASSES[cfg.optimizer]):
-        have = [k for k, v in OPTIMIZER_CLASSES.items() if hasattr(optim, v)]
-        raise ConfigError(f"optimizer {cfg.optimizer!r} is not available in this build; "
-                          f"choose one of {', '.join(have)}", "optimizer")
     if cfg.zero:
-        from distprop import distributed  # noqa: PLC0415
+        from distprop import distributed
 
         if not hasattr(distributed, "ZeroRedundancyOptimizer"):
             raise ConfigError("--zero needs ZeroRedundancyOptimizer, which this build of "
@@ -240,15 +228,15 @@ def check(cfg: TrainConfig) -> TrainConfig:
     except MemoryError:
         raise ConfigError(f"model {cfg.model!r} for {splits.num_classes} classes and samples of "
                           f"shape {splits.input_shape} does not fit in memory", "model") from None
-    from distprop.data import gather  # noqa: PLC0415
-    from distprop.tensor import Tensor, no_grad  # noqa: PLC0415
+    from distprop.data import gather
+    from distprop.tensor import Tensor, no_grad
 
     x, _ = gather(splits.train, np.arange(min(2, len(splits.train))))
     try:
         with no_grad():
             model.eval()
             out = model(Tensor(x))
-    except Exception as exc:  # noqa: BLE001 - a factory's model may raise anything
+    except Exception as exc:  # a factory's model may raise anything
         raise ConfigError(f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (samples "
                           f"of shape {splits.input_shape}): {type(exc).__name__}: {exc}",
                           "model") from None
@@ -280,7 +268,7 @@ def check_resume(cfg: TrainConfig, path, model, optimizer, n_train: int) -> dict
         CheckpointError: the file is unreadable or corrupted, or a field is missing or wrong
             (naming the file and the field).
     """
-    from distprop.train import resume  # noqa: PLC0415
+    from distprop.train import resume
 
     return resume.check_state(ckpt.load(path), path, model=model, optimizer=optimizer,
                               epoch_samples=n_train, world_size=cfg.world_size,
@@ -343,11 +331,11 @@ def curves_figure(history: list[dict], steps: list[dict] = (), test: dict | None
     learning rate per optimizer step (``steps``: rows of ``metrics.jsonl``; the epochs' ends
     when there are none) with the epoch ends marked."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-        from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     epochs = [r["epoch"] + 1 for r in history]
@@ -389,7 +377,7 @@ def _plot(history: list[dict], path: Path, test: dict | None = None,
     fig = curves_figure(history, _step_rows(path.parent / "metrics.jsonl"), test, title)
     if fig is None:
         return None
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     try:
         fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), "plot")
@@ -405,9 +393,9 @@ def _plot_title(cfg: TrainConfig, world: int) -> str:
 
 def train(cfg: TrainConfig, comm=None) -> dict:
     """Train from ``cfg`` on the ranks of ``comm``; returns the summary (on every rank)."""
-    from distprop import distributed  # noqa: PLC0415
-    from distprop.backend import manual_seed  # noqa: PLC0415
-    from distprop.train.trainer import Trainer  # noqa: PLC0415
+    from distprop import distributed
+    from distprop.backend import manual_seed
+    from distprop.train.trainer import Trainer
 
     comm = comm or distributed.init()
     threads = apply_thread_policy(cfg, comm)
@@ -422,14 +410,14 @@ def train(cfg: TrainConfig, comm=None) -> dict:
     model = build_model(cfg, splits)
     dev = backend.device(cfg.device)
     if dev.is_cuda:  # one GPU per rank, from the node-local rank; print the mapping
-        from distprop.distributed import device as device_mod  # noqa: PLC0415
+        from distprop.distributed import device as device_mod
 
         dev = device_mod.assign_device(comm, cfg.device)
         mapping = device_mod.gather_mapping(comm, dev)
         if comm.rank == 0:
             _log.info("distprop train: devices\n" + device_mod.describe_mapping(mapping))
         model.to(dev)
-    from distprop.distributed.selection import make_comm  # noqa: PLC0415
+    from distprop.distributed.selection import make_comm
 
     data_comm = make_comm(cfg.comm, host=comm, device=dev)  # the world comm itself on the CPU
     optimizer = build_optimizer(cfg, model.parameters())
@@ -455,7 +443,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
                   f"{cfg.batch_size}/rank x "
                   f"{cfg.grad_accum} accumulation = {cfg.global_batch_size} per step, "
                   f"{cfg.optimizer} lr {base_lr(cfg):.4g}")
-    from distprop.train import tasks  # noqa: PLC0415
+    from distprop.train import tasks
 
     trainer = Trainer(model, tasks.loss_fn(cfg.task, cfg.loss), optimizer, comm=data_comm,
                       device=dev, metrics=tasks.metrics(cfg.task),
@@ -497,11 +485,11 @@ def train(cfg: TrainConfig, comm=None) -> dict:
 
 def main_worker(cfg: TrainConfig) -> int:
     """Entry point of one rank; exceptions end the whole job (MPI abort), printed once."""
-    from distprop import distributed  # noqa: PLC0415
+    from distprop import distributed
 
     comm = distributed.init()
     if comm.size > 1:
-        from distprop.distributed import guards  # noqa: PLC0415
+        from distprop.distributed import guards
 
         with guards.abort_on_exception(comm):
             return _train_reporting_divergence(cfg, comm)
@@ -528,7 +516,7 @@ def _train_reporting_divergence(cfg: TrainConfig, comm) -> int:
             comm.abort(1)
         return 1
     if summary.get("preempted"):
-        from distprop.distributed.preemption import EXIT_CODE  # noqa: PLC0415
+        from distprop.distributed.preemption import EXIT_CODE
 
         return EXIT_CODE
     return 0

@@ -14,31 +14,31 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "linear")
+from distprop.registry import LR_SCHEDULES
+
+
+def progress_schedules() -> tuple[str, ...]:
+    """The schedules of :data:`distprop.registry.LR_SCHEDULES` defined on the fraction of the
+    run (all but ``plateau``, which follows the validation loss)."""
+    return tuple(name for name, entry in LR_SCHEDULES.items() if entry.factory is not None)
 
 
 def factor_fn(name: str, warmup: float = 0.0) -> Callable[[float], float]:
     """The multiplier of the base rate as a function of the fraction of training done.
 
     ``warmup`` (a fraction of the run) ramps linearly from 0.01 to 1 first; the schedule
-    ``name`` then runs over the rest: ``step`` x0.1 every third, ``multistep`` x0.1 at 50 % and
-    75 %, ``exponential`` to x0.01, ``cosine`` to 0, ``linear`` to x0.01, ``none`` constant.
+    ``name`` (an entry of :data:`distprop.registry.LR_SCHEDULES`, which says what each does)
+    then runs over the rest.
 
     Raises:
         ValueError: an unknown name or a warm-up outside ``[0, 1]``.
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown LR schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    if name not in progress_schedules():
+        raise ValueError(f"unknown LR schedule {name!r}; choose one of "
+                         f"{', '.join(progress_schedules())}")
     if not 0.0 <= warmup <= 1.0:
         raise ValueError(f"the warm-up must be a fraction of the run in [0, 1], got {warmup}")
-    main = {
-        "none": lambda q: 1.0,
-        "step": lambda q: 0.1 ** math.floor(3 * q),
-        "multistep": lambda q: 1.0 if q < 0.5 else (0.1 if q < 0.75 else 0.01),
-        "exponential": lambda q: 0.01 ** q,
-        "cosine": lambda q: (1.0 + math.cos(math.pi * q)) / 2,
-        "linear": lambda q: 1.0 - 0.99 * q,
-    }[name]
+    main = LR_SCHEDULES[name].load()
 
     def factor(p: float) -> float:
         p = min(1.0, max(0.0, p))

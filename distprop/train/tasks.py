@@ -18,39 +18,39 @@ import numpy as np
 
 from distprop.data import sources
 from distprop.data.dataset import Subset, TensorDataset
-from distprop.train.config import TASK_LOSSES as LOSSES
-from distprop.train.config import TASKS
+from distprop.registry import LOSSES, TASKS
 
 __all__ = ["LOSSES", "TASKS", "check_loss", "default_loss", "describe", "load_regression",
-           "loss_fn", "metrics"]
+           "loss_fn", "losses_of", "metrics"]
+
+
+def losses_of(task: str) -> tuple[str, ...]:
+    """The losses of ``task`` in :data:`distprop.registry.LOSSES` (the first is its default)."""
+    return tuple(name for name, entry in LOSSES.items() if entry.task == task)
 
 
 def default_loss(task: str) -> str:
     """The loss a task uses when ``--loss`` is not given."""
-    return LOSSES[task][0]
+    return losses_of(task)[0]
 
 
 def check_loss(task: str, loss: str | None) -> None:
     """Raise ValueError naming the valid losses when ``loss`` does not belong to ``task``."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if loss is not None and loss not in LOSSES[task]:
+    if loss is not None and loss not in losses_of(task):
         raise ValueError(f"--loss {loss} does not apply to --task {task}; choose one of "
-                         f"{', '.join(LOSSES[task])}")
+                         f"{', '.join(losses_of(task))}")
 
 
 def loss_fn(task: str, loss: str | None = None):
     """The loss module of ``task`` (``loss`` or the task's default)."""
-    from distprop import nn  # noqa: PLC0415
-
-    name = loss or default_loss(task)
-    return {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss,
-            "huber": nn.HuberLoss}[name]()
+    return LOSSES.lookup(loss or default_loss(task)).load()()
 
 
 def metrics(task: str) -> dict:
     """The Trainer metrics of ``task`` (see :mod:`distprop.train.metrics`)."""
-    from distprop.train.metrics import default_metrics  # noqa: PLC0415
+    from distprop.train.metrics import default_metrics
 
     return default_metrics(task)
 

@@ -39,20 +39,20 @@ _log = logging.getLogger(__name__)
 
 
 def _default_comm():
-    from distprop import distributed  # noqa: PLC0415
+    from distprop import distributed
 
     return distributed.init()
 
 
 def _sampler(dataset, comm, seed: int, shuffle: bool):
-    from distprop.data.sampler import DistributedSampler  # noqa: PLC0415
+    from distprop.data.sampler import DistributedSampler
 
     return DistributedSampler(dataset, num_replicas=comm.size, rank=comm.rank, shuffle=shuffle,
                               seed=seed)
 
 
 def _ddp(model, comm, compression, kwargs):
-    from distprop.distributed import DistributedDataParallel  # noqa: PLC0415
+    from distprop.distributed import DistributedDataParallel
 
     extra = dict(kwargs or {})
     if compression not in (None, "none"):
@@ -94,9 +94,9 @@ def _default_progress(callbacks, progress: bool | None) -> list:
     ``progress`` is False; with ``progress=None`` only when stderr is a terminal; with True
     always (a tqdm bar when tqdm is installed and stderr is a terminal, epoch lines on stdout;
     rank 0 only)."""
-    import sys  # noqa: PLC0415
+    import sys
 
-    from distprop.train.callbacks import ProgressBar  # noqa: PLC0415
+    from distprop.train.callbacks import ProgressBar
 
     if progress is False or any(isinstance(cb, ProgressBar) for cb in callbacks):
         return []
@@ -131,7 +131,7 @@ class Trainer:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.device = backend.device(device)
         if isinstance(comm, str):  # a --comm choice: 'auto', 'nccl', 'mpi-cuda' or 'mpi-host'
-            from distprop.distributed.selection import make_comm  # noqa: PLC0415
+            from distprop.distributed.selection import make_comm
 
             comm = make_comm(comm, device=self.device)
         self.comm = comm if comm is not None else _default_comm()
@@ -261,7 +261,7 @@ class Trainer:
     def _grad_norm(self) -> float:
         """Global L2 norm of the (already averaged) gradients, identical on all ranks; the
         per-parameter norms are kept in ``last_grad_norms`` for diagnostics."""
-        from distprop.nn.utils import grad_norms  # noqa: PLC0415
+        from distprop.nn.utils import grad_norms
 
         self.last_grad_norms = grad_norms(self.model)
         return float(math.sqrt(sum(v * v for v in self.last_grad_norms.values())))
@@ -272,7 +272,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)  # norms and clipping see the true gradients
         norm = self._grad_norm() if log_now else None
         if self.clip_grad_norm is not None:
-            from distprop.nn.utils import clip_grad_norm_  # noqa: PLC0415
+            from distprop.nn.utils import clip_grad_norm_
 
             clipped_from = float(clip_grad_norm_(self.model.parameters(), self.clip_grad_norm))
             norm = clipped_from if norm is None else norm
@@ -300,7 +300,7 @@ class Trainer:
         """Mean loss and the metrics over ``dataset``; each rank evaluates every size-th sample
         (no padding, so the reduced numbers are exact): ``{"loss", <metric names>, "samples"}``.
         """
-        from distprop.data.sampler import DistributedSampler  # noqa: PLC0415
+        from distprop.data.sampler import DistributedSampler
 
         sampler = DistributedSampler(dataset, num_replicas=self.comm.size, rank=self.comm.rank,
                                      shuffle=False, pad=False)
@@ -361,7 +361,7 @@ class Trainer:
         self.optimizer.zero_grad()
         for cb in self.callbacks:
             cb.on_train_begin(self)
-        from distprop.distributed import lifeline, preemption  # noqa: PLC0415
+        from distprop.distributed import lifeline, preemption
 
         lifeline.report("preemptible")  # the launcher may pass SIGTERM on as a request to stop
         with preemption.handling():
@@ -383,7 +383,7 @@ class Trainer:
 
     def _preempt(self) -> None:
         """Every rank agreed to stop here: checkpoint this step and tell the launcher."""
-        from distprop.distributed import lifeline, preemption  # noqa: PLC0415
+        from distprop.distributed import lifeline, preemption
 
         text = preemption.who_asked(getattr(self.comm, "host", self.comm))
         for cb in self.callbacks:
@@ -397,7 +397,7 @@ class Trainer:
                          "--resume auto continues from it")
 
     def _loop(self, loader, train_data, val_data, batch_size: int) -> None:
-        from distprop.distributed import guards, preemption  # noqa: PLC0415
+        from distprop.distributed import guards, preemption
 
         interval_start = time.perf_counter()
         epoch_start = interval_start
