@@ -41,17 +41,19 @@ def run_with_restarts(start, implementation: str, local: bool = True,
             return outcome.code
         attempt += 1
         reason = outcome.message or f"the job exited with status {outcome.code}"
-        _say(f"restart {attempt} of {max_restarts} in {restart_delay:g} s (--max-restarts) "
-             f"after: {reason}")
-        stopped = _interruptible_sleep(restart_delay)
+        stopped = _interruptible_sleep(  # the handlers are in place before the line is out
+            restart_delay, f"restart {attempt} of {max_restarts} in {restart_delay:g} s "
+            f"(--max-restarts) after: {reason}")
         if stopped is not None:
             _say(f"received {signal_name(stopped)} while waiting to restart; not restarting "
                  f"(exit code {128 + stopped})")
             return 128 + stopped
 
 
-def _interruptible_sleep(seconds: float) -> int | None:
-    """Sleep; a SIGINT/SIGTERM/SIGUSR1 ends it early and is returned (else None)."""
+def _interruptible_sleep(seconds: float, announce: str) -> int | None:
+    """Say ``announce``, then sleep; a SIGINT/SIGTERM/SIGUSR1 ends it early and is returned
+    (else None). The signal handlers are installed before the line is printed, so a signal
+    sent on seeing it is never lost."""
     got: list[int] = []
     woke = threading.Event()
 
@@ -66,6 +68,7 @@ def _interruptible_sleep(seconds: float) -> int | None:
         except ValueError:
             pass
     try:
+        _say(announce)
         woke.wait(max(0.0, seconds))
     finally:
         for sig, old in previous.items():

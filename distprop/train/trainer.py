@@ -392,9 +392,9 @@ class Trainer:
         self.preempted = True
         lifeline.report("preempted", step=self.step, epoch=self.epoch, cause=text)
         if self.is_main:
-            _log.warning(f"distprop train: preempted ({text}): all ranks stopped after step "
-                         f"{self.step} (epoch {self.epoch + 1}) and wrote its checkpoint; "
-                         "--resume auto continues from it")
+            _log.info(f"distprop train: preempted ({text}): all ranks stopped after step "
+                      f"{self.step} (epoch {self.epoch + 1}) and wrote its checkpoint; "
+                      "--resume auto continues from it")
 
     def _loop(self, loader, train_data, val_data, batch_size: int) -> None:
         from distprop.distributed import guards, preemption
