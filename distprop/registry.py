@@ -227,7 +227,12 @@ ENV_VARS: Registry[Entry] = Registry("environment variable", [
     Entry("DISTPROP_INIT_TIMEOUT", "seconds a rank waits for MPI start-up before exiting 1 "
           "(default 45; 0 disables)"),
     Entry("DISTPROP_STALL_TIMEOUT", "seconds a collective may wait before the job is ended, "
-          "naming the ranks (default 600; 0 disables)"),
+          "naming the ranks (default: 600 until the first step, then max(60, 20 x the "
+          "slowest step); 0 disables)"),
+    Entry("DISTPROP_LOG_LEVEL", "debug, info, warning, error or critical: distprop's log "
+          "level in any program (default info; --log-level sets it for the ranks)"),
+    Entry("DISTPROP_RESTART_COUNT", "which attempt this is under --max-restarts (0 for the "
+          "first launch; set by distprop launch and train -n)"),
     Entry("DISTPROP_PROGRESS_THREAD", "1, 0 or auto: a thread drives pending gradient "
           "transfers (auto: when the node has a core to spare)"),
     Entry("DISTPROP_PROGRESS_INTERVAL", "seconds between the progress thread's polls "
