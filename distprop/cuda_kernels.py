@@ -24,7 +24,8 @@ and run their ``xp`` code when it returns ``None``, e.g. ``if cuda_kernels.lstm_
 for NumPy arrays, when kernels are off (:func:`set_enabled`, ``DISTPROP_CUDA_KERNELS=0``) or an
 argument is outside what the kernel handles; else it launches and returns what it wrote.
 
-Every kernel is declared once in :data:`KERNELS` and made only by :func:`build`; the offline
+Every kernel is declared once in :data:`KERNELS` (its CUDA source is in
+:mod:`distprop.cuda_sources`) and made only by :func:`build`; the offline
 check (tests/test_gpu_offline.py) compiles each with NVRTC (float32/float64, sm_80/sm_90, no
 GPU) and checks its launches the way CuPy makes them.
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distprop import backend
+from distprop import cuda_sources as src
 from distprop.tensor import Function
 
 _enabled = os.environ.get("DISTPROP_CUDA_KERNELS", "1") not in ("0", "")
@@ -131,30 +133,9 @@ def _ctype(dtype) -> str:
 
 # --- optimizer updates over the flat buffer --------------------------------------------------
 
-_EFFECTIVE_GRAD = """
-    T d = maximize ? (T)(-grad) : grad;
-    if (weight_decay != 0.0) {
-        T wd = param * (T)weight_decay;
-        d = maximize ? (T)(wd - grad) : (T)(wd + grad);
-    }
-"""
-
-_SGD_IN = ("T grad, float64 lr, float64 momentum, float64 dampening, float64 weight_decay, "
-           "int32 nesterov, int32 maximize, int32 first_step")
-_SGD = _declare("elementwise", "distprop_sgd", _EFFECTIVE_GRAD + "param = param + d * (T)(-lr);",
-                _SGD_IN, "T param")
-_SGD_MOMENTUM = _declare("elementwise", "distprop_sgd_momentum", _EFFECTIVE_GRAD + """
-    T b;
-    if (first_step) {
-        b = d;
-    } else {
-        b = buf * (T)momentum;
-        if (dampening == 0.0) b = b + d; else b = b + d * (T)(1.0 - dampening);
-    }
-    buf = b;
-    if (nesterov) d = b * (T)momentum + d; else d = b;
-    param = param + d * (T)(-lr);
-""", _SGD_IN, "T param, T buf")
+_SGD = _declare("elementwise", "distprop_sgd", src.SGD, src.SGD_IN, "T param")
+_SGD_MOMENTUM = _declare("elementwise", "distprop_sgd_momentum", src.SGD_MOMENTUM, src.SGD_IN,
+                         "T param, T buf")
 
 
 def sgd(param, grad, momentum_buffer, *, lr: float, momentum: float, dampening: float,
@@ -173,41 +154,9 @@ def sgd(param, grad, momentum_buffer, *, lr: float, momentum: float, dampening: 
     return param
 
 
-_ADAM_BODY = """
-    T p = param;
-    T d;
-    if (weight_decay != 0.0 && decoupled) {
-        p = p * (T)(1.0 - lr * weight_decay);
-        d = maximize ? (T)(-grad) : grad;
-    } else if (weight_decay != 0.0) {
-        T wd = p * (T)weight_decay;
-        d = maximize ? (T)(wd - grad) : (T)(wd + grad);
-    } else {
-        d = maximize ? (T)(-grad) : grad;
-    }
-    double w = 1.0 - beta1;
-    T diff = d - m;
-    T mm = (w < 0.5 && w > -0.5) ? (T)(m + diff * (T)w) : (T)(d - diff * (T)(1.0 - w));
-    T vv = v * (T)beta2;
-    T t = d * (T)(1.0 - beta2);
-    t = t * d;
-    vv = vv + t;
-    m = mm;
-    v = vv;
-    %s
-    T den = sqrt(src) / (T)bias_correction2_sqrt + (T)eps;
-    param = p + (mm * (T)(-step_size)) / den;
-"""
-
-_ADAM_IN = ("T grad, float64 lr, float64 beta1, float64 beta2, float64 eps, "
-            "float64 weight_decay, float64 step_size, float64 bias_correction2_sqrt, "
-            "int32 maximize, int32 decoupled")
-_ADAM = _declare("elementwise", "distprop_adam", _ADAM_BODY % "T src = vv;", _ADAM_IN,
-                 "T param, T m, T v")
-_ADAM_AMSGRAD = _declare(
-    "elementwise", "distprop_adam_amsgrad",
-    _ADAM_BODY % "vmax = (vmax > vv || vmax != vmax) ? vmax : vv;\n    T src = vmax;",
-    _ADAM_IN, "T param, T m, T v, T vmax")
+_ADAM = _declare("elementwise", "distprop_adam", src.ADAM, src.ADAM_IN, "T param, T m, T v")
+_ADAM_AMSGRAD = _declare("elementwise", "distprop_adam_amsgrad", src.ADAM_AMSGRAD, src.ADAM_IN,
+                         "T param, T m, T v, T vmax")
 
 
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step: float, lr: float,
@@ -232,59 +181,10 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step: float, lr: f
 # --- softmax cross-entropy with class indices -------------------------------------------------
 
 _CE_THREADS = 256
-_CE_FORWARD = r"""
-extern "C" __global__ void distprop_ce_forward_%(T)s(
-        const %(T)s* x, const long long* target, %(T)s* loss, %(T)s* row_max, %(T)s* row_lse,
-        const long long rows, const long long classes, const long long ignore_index) {
-    __shared__ %(T)s red[%(N)d];
-    const long long row = blockIdx.x;
-    if (row >= rows) return;
-    const %(T)s* xr = x + row * classes;
-    %(T)s mx = xr[0];
-    for (long long j = threadIdx.x; j < classes; j += blockDim.x) mx = fmax(mx, xr[j]);
-    red[threadIdx.x] = mx;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) red[threadIdx.x] = fmax(red[threadIdx.x], red[threadIdx.x + s]);
-        __syncthreads();
-    }
-    mx = red[0];
-    __syncthreads();
-    %(T)s acc = 0;
-    for (long long j = threadIdx.x; j < classes; j += blockDim.x) acc += exp(xr[j] - mx);
-    red[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        const %(T)s lse = log(red[0]);
-        const long long t = target[row];
-        row_max[row] = mx;
-        row_lse[row] = lse;
-        loss[row] = (t == ignore_index) ? (%(T)s)0 : lse - (xr[t] - mx);
-    }
-}
-"""
-
-_CE_BACKWARD = """
-    const ptrdiff_t row = i / classes;
-    const long long t = target[row];
-    if (t == ignore_index) {
-        grad = 0;
-    } else {
-        const T c = coef[per_row ? row : 0];
-        const T p = exp(x[i] - row_max[row] - row_lse[row]);
-        grad = c * (p - ((i - row * classes) == t ? (T)1 : (T)0));
-    }
-"""
-
-
 _CE_FORWARD_KERNEL = _declare("raw", "distprop_ce_forward",
-                              _CE_FORWARD % {"T": "%(T)s", "N": _CE_THREADS})
+                              src.CE_FORWARD % {"T": "%(T)s", "N": _CE_THREADS})
 _CE_BACKWARD_KERNEL = _declare(
-    "elementwise", "distprop_ce_backward", _CE_BACKWARD,
+    "elementwise", "distprop_ce_backward", src.CE_BACKWARD,
     "raw T x, raw int64 target, raw T row_max, raw T row_lse, raw T coef, "
     "int64 classes, int64 ignore_index, int32 per_row", "T grad")
 
@@ -355,23 +255,8 @@ class FusedCrossEntropy(Function):
 
 # --- LSTM / GRU gate math, one kernel per time step ------------------------------------------
 
-_LSTM_FORWARD = """
-    const ptrdiff_t b = i / hidden, j = i - b * hidden, base = b * 4 * hidden + j;
-    const T ai = (T)0.5 * tanh(gates[base]) + (T)0.5;
-    const T af = (T)0.5 * tanh(gates[base + hidden]) + (T)0.5;
-    const T ag = tanh(gates[base + 2 * hidden]);
-    const T ao = (T)0.5 * tanh(gates[base + 3 * hidden]) + (T)0.5;
-    gates[base] = ai;
-    gates[base + hidden] = af;
-    gates[base + 2 * hidden] = ag;
-    gates[base + 3 * hidden] = ao;
-    const T cv = af * c_prev + ai * ag;
-    c = cv;
-    tanh_c = tanh(cv);
-    h = ao * tanh_c;
-"""
 _LSTM_FORWARD_KERNEL = _declare(
-    "elementwise", "distprop_lstm_forward", _LSTM_FORWARD,
+    "elementwise", "distprop_lstm_forward", src.LSTM_FORWARD,
     "T c_prev, int64 hidden", "T c, T tanh_c, T h, raw T gates")
 
 
@@ -385,20 +270,8 @@ def lstm_forward_step(gates, c_prev, c, tanh_c, h):
     return h
 
 
-_LSTM_BACKWARD = """
-    const ptrdiff_t b = i / hidden, j = i - b * hidden, base = b * 4 * hidden + j;
-    const T ai = act[base], af = act[base + hidden];
-    const T ag = act[base + 2 * hidden], ao = act[base + 3 * hidden];
-    const T d_o = dh * tanh_c;
-    T dcv = dc + (((T)1 - tanh_c * tanh_c) * ao) * dh;
-    dgates[base] = (dcv * ag) * (((T)1 - ai) * ai);
-    dgates[base + hidden] = (dcv * c_prev) * (((T)1 - af) * af);
-    dgates[base + 2 * hidden] = (dcv * ai) * (((T)1 - ag) * (ag + (T)1));
-    dgates[base + 3 * hidden] = d_o * (((T)1 - ao) * ao);
-    dc = dcv * af;
-"""
 _LSTM_BACKWARD_KERNEL = _declare(
-    "elementwise", "distprop_lstm_backward", _LSTM_BACKWARD,
+    "elementwise", "distprop_lstm_backward", src.LSTM_BACKWARD,
     "T tanh_c, T c_prev, T dh, int64 hidden, raw T act", "T dc, raw T dgates")
 
 
@@ -413,21 +286,8 @@ def lstm_backward_step(act, tanh_c, c_prev, dh, dc, dgates):
     return dgates
 
 
-_GRU_FORWARD = """
-    const ptrdiff_t b = i / hidden, j = i - b * hidden;
-    const ptrdiff_t base = b * 3 * hidden + j;
-    const T r = (T)0.5 * tanh(gates[base] + rec[base]) + (T)0.5;
-    const T z = (T)0.5 * tanh(gates[base + hidden] + rec[base + hidden]) + (T)0.5;
-    const T hn = rec[base + 2 * hidden];
-    const T n = tanh(gates[base + 2 * hidden] + r * hn);
-    gates[base] = r;
-    gates[base + hidden] = z;
-    gates[base + 2 * hidden] = n;
-    hidden_n = hn;
-    h = (h_prev - n) * z + n;
-"""
 _GRU_FORWARD_KERNEL = _declare(
-    "elementwise", "distprop_gru_forward", _GRU_FORWARD,
+    "elementwise", "distprop_gru_forward", src.GRU_FORWARD,
     "T h_prev, int64 hidden, raw T rec", "T hidden_n, T h, raw T gates")
 
 
@@ -443,26 +303,8 @@ def gru_forward_step(gates, rec, h_prev, hidden_n, h):
     return h
 
 
-_GRU_BACKWARD = """
-    const ptrdiff_t b = i / hidden, j = i - b * hidden;
-    const ptrdiff_t base = b * 3 * hidden + j;
-    const T r = act[base], z = act[base + hidden], n = act[base + 2 * hidden];
-    const T g = dh;
-    T dz = g * (h_prev - n);
-    T dn = g * ((T)1 - z);
-    dn = dn * ((T)1 - n * n);
-    const T dr = (dn * hidden_n) * (((T)1 - r) * r);
-    dz = dz * (((T)1 - z) * z);
-    dx[base] = dr;
-    dx[base + hidden] = dz;
-    dx[base + 2 * hidden] = dn;
-    dhh[base] = dr;
-    dhh[base + hidden] = dz;
-    dhh[base + 2 * hidden] = dn * r;
-    dh = g * z;
-"""
 _GRU_BACKWARD_KERNEL = _declare(
-    "elementwise", "distprop_gru_backward", _GRU_BACKWARD,
+    "elementwise", "distprop_gru_backward", src.GRU_BACKWARD,
     "T h_prev, T hidden_n, int64 hidden, raw T act", "T dh, raw T dx, raw T dhh")
 
 
@@ -479,48 +321,10 @@ def gru_backward_step(act, h_prev, hidden_n, dh, dx, dhh):
 
 # --- convolution: im2col / col2im --------------------------------------------------------------
 
-_IM2COL = """
-    // buf is (M, G, KA) when rows, else (G, KA, M); M = N * prod(out), KA = prod(kernel) * CG
-    // (+ 1 for the fused bias column, which gets ones).
-    ptrdiff_t m, g, k;
-    if (rows) {
-        k = i %% ka; g = (i / ka) %% groups; m = i / (ka * groups);
-    } else {
-        m = i %% msize; k = (i / msize) %% ka; g = i / (msize * ka);
-    }
-    if (k >= kk) {
-        buf = (T)1;
-    } else {
-        const ptrdiff_t c = k %% cg;
-        const ptrdiff_t rest = k / cg;
-        %(decode)s
-        buf = inside ? (T)x[idx] : (T)0;
-    }
-"""
-
-_IM2COL_2D = """
-    const ptrdiff_t kx = rest % kw, ky = rest / kw;
-    const ptrdiff_t ox = m % ow, oy = (m / ow) % oh, n = m / (ow * oh);
-    const ptrdiff_t iy = oy * sh - ph + ky * dh, ix = ox * sw - pw + kx * dw;
-    const bool inside = iy >= 0 && iy < height && ix >= 0 && ix < width;
-    const ptrdiff_t idx[4] = {n, g * cg + c, inside ? iy : 0, inside ? ix : 0};
-"""
-
-_IM2COL_1D = """
-    const ptrdiff_t kx = rest;
-    const ptrdiff_t ox = m % ow, n = m / ow;
-    const ptrdiff_t ix = ox * sw - pw + kx * dw;
-    const bool inside = ix >= 0 && ix < width;
-    const ptrdiff_t idx[3] = {n, g * cg + c, inside ? ix : 0};
-"""
-
-_CONV_PARAMS = ("int64 groups, int64 cg, int64 kk, int64 ka, int64 msize, int32 rows, "
-                "int64 height, int64 width, int64 oh, int64 ow, int64 kh, int64 kw, "
-                "int64 sh, int64 sw, int64 ph, int64 pw, int64 dh, int64 dw")
 _IM2COL_KERNELS = {
-    nd: _declare("elementwise", f"distprop_im2col_{nd}d", _IM2COL % {"decode": decode},
-                 "raw T x, " + _CONV_PARAMS, "T buf")
-    for nd, decode in ((1, _IM2COL_1D), (2, _IM2COL_2D))}
+    nd: _declare("elementwise", f"distprop_im2col_{nd}d", src.IM2COL % {"decode": decode},
+                 "raw T x, " + src.CONV_PARAMS, "T buf")
+    for nd, decode in ((1, src.IM2COL_1D), (2, src.IM2COL_2D))}
 
 
 def _geometry(x_shape, out_sp, kernel, stride, dilation, padding):
@@ -549,44 +353,10 @@ def im2col(x, buf, rows: bool, out_sp, kernel, stride, dilation, padding, groups
     return buf
 
 
-_COL2IM = """
-    // gx is a C-contiguous (N, C, *spatial) array; gbuf the column-gradient buffer, laid out
-    // (M, G, KK) when rows, else (G, KK, M).
-    %(decode)s
-    const ptrdiff_t g = ch / cg, c = ch - g * cg;
-    T acc = 0;
-    for (ptrdiff_t ky = 0; ky < kh; ++ky) {
-        const ptrdiff_t ty = iy + ph - ky * dh;
-        if (ty < 0 || ty %% sh != 0 || ty / sh >= oh) continue;
-        const ptrdiff_t oy = ty / sh;
-        for (ptrdiff_t kx = 0; kx < kw; ++kx) {
-            const ptrdiff_t tx = ix + pw - kx * dw;
-            if (tx < 0 || tx %% sw != 0 || tx / sw >= ow) continue;
-            const ptrdiff_t ox = tx / sw;
-            const ptrdiff_t m = (n * oh + oy) * ow + ox;
-            const ptrdiff_t k = (ky * kw + kx) * cg + c;
-            acc += rows ? gbuf[(m * groups + g) * kk + k] : gbuf[(g * kk + k) * msize + m];
-        }
-    }
-    gx = acc;
-"""
-
-_COL2IM_2D = """
-    const ptrdiff_t ix = i % width, iy = (i / width) % height;
-    const ptrdiff_t ch = (i / (width * height)) % (cg * groups);
-    const ptrdiff_t n = i / (width * height * cg * groups);
-"""
-
-_COL2IM_1D = """
-    const ptrdiff_t ix = i % width, iy = 0;
-    const ptrdiff_t ch = (i / width) % (cg * groups);
-    const ptrdiff_t n = i / (width * cg * groups);
-"""
-
 _COL2IM_KERNELS = {
-    nd: _declare("elementwise", f"distprop_col2im_{nd}d", _COL2IM % {"decode": decode},
-                 "raw T gbuf, " + _CONV_PARAMS, "T gx")
-    for nd, decode in ((1, _COL2IM_1D), (2, _COL2IM_2D))}
+    nd: _declare("elementwise", f"distprop_col2im_{nd}d", src.COL2IM % {"decode": decode},
+                 "raw T gbuf, " + src.CONV_PARAMS, "T gx")
+    for nd, decode in ((1, src.COL2IM_1D), (2, src.COL2IM_2D))}
 
 
 def col2im(gbuf, x_shape, rows: bool, out_sp, kernel, stride, dilation, padding,

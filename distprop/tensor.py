@@ -4,18 +4,20 @@ A :class:`Tensor` wraps an xp array (NumPy or CuPy). Operations are :class:`Func
 (in ``distprop/ops``) whose ``forward`` works on raw arrays and whose ``backward`` maps output
 gradients to input gradients. Calling ``Function.apply`` records one graph node when any input
 requires a gradient; :meth:`Tensor.backward` walks those nodes in reverse topological order,
-iteratively, and accumulates gradients into the leaves.
+iteratively, and accumulates gradients into the leaves (the walk itself is
+:mod:`distprop.autograd`; ``backward`` and ``queue_callback`` are re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
 from distprop import backend
+from distprop.autograd import backward, queue_callback  # noqa: F401 (re-exported)
 from distprop.tensor_methods import TensorMethods
 
 float16 = np.float16
@@ -392,157 +394,6 @@ class _HookHandle:
     def remove(self) -> None:
         if self._hook in self._hooks:
             self._hooks.remove(self._hook)
-
-
-_backward_callbacks: list[Callable[[], None]] | None = None
-
-
-def queue_callback(callback: Callable[[], None]) -> None:
-    """Run ``callback()`` once the backward pass now in progress has finished."""
-    if _backward_callbacks is None:
-        raise RuntimeError("queue_callback() may only be called during backward")
-    _backward_callbacks.append(callback)
-
-
-def backward(
-    tensors: Sequence[Tensor], grad_tensors: Sequence | None = None, retain_graph: bool = False
-) -> None:
-    """Backpropagate from ``tensors`` (the engine behind :meth:`Tensor.backward`)."""
-    global _backward_callbacks
-    if grad_tensors is None:
-        grad_tensors = [None] * len(tensors)
-    roots = []
-    for t, g in zip(tensors, grad_tensors):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"backward() expects Tensors, got {type(t).__name__}")
-        if not t.requires_grad:
-            raise RuntimeError(
-                "element 0 of tensors does not require grad and does not have a grad_fn: "
-                "nothing to differentiate"
-            )
-        if g is None:
-            if t.data.size != 1:
-                raise RuntimeError(
-                    f"grad can be implicitly created only for scalar outputs; this tensor has "
-                    f"shape {t.shape}: pass backward(gradient) with that shape"
-                )
-            g = backend.get_array_module(t.data).ones_like(t.data)
-        else:
-            g = g.data if isinstance(g, Tensor) else g
-            xp = backend.get_array_module(t.data)
-            g = xp.asarray(g, dtype=t.dtype)
-            if g.shape != t.data.shape:
-                raise RuntimeError(
-                    f"gradient has shape {tuple(g.shape)} but the tensor has shape {t.shape}"
-                )
-        roots.append((t, g))
-
-    # Topological order of graph nodes (Functions), found iteratively.
-    order: list[Function] = []
-    visited: set[int] = set()
-    leaf_edges: dict[int, int] = {}
-    leaves: dict[int, Tensor] = {}
-    stack: list[tuple[Function, bool]] = []
-    for t, _ in roots:
-        if t._ctx is None:
-            leaves[id(t)] = t
-            leaf_edges[id(t)] = leaf_edges.get(id(t), 0) + 1
-        else:
-            stack.append((t._ctx, False))
-    while stack:
-        fn, expanded = stack.pop()
-        if expanded:
-            order.append(fn)
-            continue
-        if id(fn) in visited:
-            continue
-        if fn._freed:
-            raise RuntimeError(
-                "Trying to backward through the graph a second time (or directly access saved "
-                "tensors after they have already been freed). Saved intermediate values of the "
-                "graph are freed when you call .backward(). Specify retain_graph=True if you "
-                "need to backward through the graph a second time."
-            )
-        visited.add(id(fn))
-        stack.append((fn, True))
-        for inp, needs in zip(fn.inputs, fn.needs_input_grad):
-            if inp is None or not needs:
-                continue
-            if inp._ctx is None:
-                leaves[id(inp)] = inp
-                leaf_edges[id(inp)] = leaf_edges.get(id(inp), 0) + 1
-            elif id(inp._ctx) not in visited:
-                stack.append((inp._ctx, False))
-
-    pending: dict[int, list] = {}
-    retained: list[tuple[Tensor, object]] = []
-
-    def deliver(tensor: Tensor, grad) -> None:
-        if tensor._ctx is None:
-            tensor._accumulate(grad)
-            leaf_edges[id(tensor)] -= 1
-            if leaf_edges[id(tensor)] == 0 and tensor._post_accumulate_hooks:
-                for hook in list(tensor._post_accumulate_hooks):
-                    hook(tensor)
-            return
-        slots = pending.setdefault(id(tensor._ctx), [None] * len(tensor._ctx.outputs_meta))
-        i = tensor._output_index
-        if grad.dtype != tensor._ctx.outputs_meta[i][1]:  # mixed dtypes (autocast): as PyTorch,
-            grad = grad.astype(tensor._ctx.outputs_meta[i][1])  # a grad has its tensor's dtype
-        slots[i] = grad if slots[i] is None else slots[i] + grad
-        if tensor._retains_grad:
-            retained.append((tensor, None))
-
-    outer_callbacks = _backward_callbacks
-    _backward_callbacks = []
-    try:
-        for t, g in roots:
-            deliver(t, g)
-        for fn in reversed(order):
-            slots = pending.pop(id(fn), None)
-            if slots is None:
-                continue
-            xp = None
-            grads_out = []
-            for slot, (shape, dtype) in zip(slots, fn.outputs_meta):
-                if slot is None:
-                    if xp is None:
-                        xp = _array_module_of_fn(fn, slots)
-                    slot = xp.zeros(shape, dtype=dtype)
-                grads_out.append(slot)
-            # Hand retained non-leaf grads their final value before the node consumes them.
-            if retained:
-                for tensor, _ in retained:
-                    if tensor._ctx is fn:
-                        tensor.grad = Tensor._wrap(grads_out[tensor._output_index])
-            grads_in = fn.backward(*grads_out)
-            if not isinstance(grads_in, tuple):
-                grads_in = (grads_in,)
-            if len(grads_in) < len(fn.inputs):
-                grads_in = grads_in + (None,) * (len(fn.inputs) - len(grads_in))
-            for inp, needs, g in zip(fn.inputs, fn.needs_input_grad, grads_in):
-                if inp is None or not needs:
-                    continue
-                if g is None:
-                    g = backend.get_array_module(inp.data).zeros_like(inp.data)
-                deliver(inp, g)
-            if not retain_graph:
-                fn.release()
-        callbacks = _backward_callbacks
-    finally:
-        _backward_callbacks = outer_callbacks
-    for callback in callbacks:
-        callback()
-
-
-def _array_module_of_fn(fn: Function, slots) -> object:
-    for s in slots:
-        if s is not None:
-            return backend.get_array_module(s)
-    for inp in fn.inputs:
-        if inp is not None:
-            return backend.get_array_module(inp.data)
-    return np
 
 
 def _as_array(data, dtype, dev: backend.Device | None):

@@ -57,7 +57,8 @@ def test_distributed_init_only_reexports():
 
 
 @pytest.mark.parametrize("module", ["distprop.distributed", "distprop.distributed.world",
-                                    "distprop.distributed.zero", "distprop.flat"])
+                                    "distprop.distributed.zero", "distprop.flat",
+                                    "distprop.tensor", "distprop.autograd"])
 def test_each_module_imports_first(module):
     """No hidden import-order dependency: each one can be the first thing a program imports."""
     result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
