@@ -294,6 +294,10 @@ def _same_host(a: str, b: str) -> bool:
 _BANNER_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT (\S+)")
 _BANNER_CODE = re.compile(r"^=\s+EXIT CODE: (\d+)")
 _BANNER_SIGNAL = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")
+# Open MPI (prterun, on stderr): "... process rank 1 with PID 42 on node n1 exited on" and,
+# wrapped onto the next line or not, "signal 9 (Killed)."
+_OMPI_PID = re.compile(r"process rank \d+ with PID (\d+) on node (\S+) exited on(?: signal (\d+))?")
+_OMPI_SIGNAL = re.compile(r"^\s*signal (\d+)\b")
 
 
 @dataclass
@@ -307,10 +311,12 @@ class Banner:
 
 
 class OutputCopier:
-    """Copies the launcher's stdout to ours byte for byte and reads Hydra's banner on the way."""
+    """Copies the launcher's stdout (or stderr) to ours byte for byte and reads Hydra's banner
+    (Open MPI's note of a killed process) on the way."""
 
     def __init__(self, stream, sink_fd: int = 1):
         self.banner = Banner()
+        self._ompi_pending = False
         self._stream, self._sink = stream, sink_fd
         self._partial = b""
         self._thread = threading.Thread(target=self._copy, name="distprop-output", daemon=True)
@@ -355,6 +361,19 @@ class OutputCopier:
             found = _BANNER_SIGNAL.search(line)
             if found and self.banner.signal is None:
                 self.banner.signal = int(found.group(1))
+            self._scan_open_mpi(line)
+
+    def _scan_open_mpi(self, line: str) -> None:
+        found = _OMPI_SIGNAL.search(line) if self._ompi_pending else None
+        if found:
+            self.banner.signal, self._ompi_pending = int(found.group(1)), False
+            return
+        found = _OMPI_PID.search(line)
+        if found and self.banner.pid is None:
+            self.banner.pid, self.banner.host = int(found.group(1)), found.group(2)
+            if found.group(3):
+                self.banner.signal = int(found.group(3))
+            self._ompi_pending = found.group(3) is None
 
 
 def _write_all(fd: int, data: bytes) -> bool:
@@ -401,16 +420,19 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
     env.update(supervisor.env())
     if implementation == "openmpi" and supervisor.env():
         argv = [argv[0], "-x", ENV_VAR, *argv[1:]]
-    read_banner = implementation == "mpich"
+    read_banner = implementation in ("mpich", "openmpi")
+    read_stderr = implementation == "openmpi"  # where prterun names a killed process
     try:
         proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=stdin,
                                 preexec_fn=parent_death_signal(signal.SIGTERM),
-                                stdout=subprocess.PIPE if read_banner else None)
+                                stdout=subprocess.PIPE if read_banner else None,
+                                stderr=subprocess.PIPE if read_stderr else None)
     except OSError:
         supervisor.close()
         raise
     supervisor.start()
     copier = OutputCopier(proc.stdout).start() if read_banner else None
+    err_copier = OutputCopier(proc.stderr, 2).start() if read_stderr else None
     forwarded: list[int] = []
 
     def forward(signum, _frame):
@@ -431,11 +453,15 @@ def run_job(argv: list[str], env: dict[str, str], implementation: str, local: bo
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if copier is not None:
-        copier.join(5.0)
-        proc.stdout.close()
+    banner = None
+    for reader, stream in ((copier, proc.stdout), (err_copier, proc.stderr)):
+        if reader is not None:
+            reader.join(5.0)
+            stream.close()
+            if banner is None or (banner.signal is None and reader.banner.signal is not None):
+                banner = reader.banner
     supervisor.close()
-    code, message = explain(code, supervisor, copier.banner if copier else None,
+    code, message = explain(code, supervisor, banner,
                             forwarded[0] if forwarded else None, resume_hint)
     if message:
         try:
