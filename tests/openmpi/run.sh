@@ -21,9 +21,12 @@ if [ "$(id -u)" = 0 ]; then  # CI runs as root; Open MPI refuses root without th
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 "$venv/bin/mpiexec" --version | head -1
-# The DDP and communicator tests and the ones of failures (abort, watchdog, signals, stdin).
-if [ $# -eq 0 ]; then
-    set -- tests/test_ddp.py tests/test_distributed.py \
-        tests/test_supervise.py tests/test_launch_input.py
+# Default files (when no argument names one under tests/): DDP and communicator tests, and the
+# failure tests (abort on exception, init timeout/watchdog, signals, stdin).
+named=0
+for arg in "$@"; do case "$arg" in tests/*) named=1 ;; esac; done
+if [ "$named" = 0 ]; then
+    set -- "$@" tests/test_ddp.py tests/test_distributed.py tests/test_supervise.py \
+        tests/test_launch_input.py
 fi
 exec "$venv/bin/python" -m pytest -p no:cacheprovider --timeout 300 "$@"
