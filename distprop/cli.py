@@ -8,6 +8,7 @@ starts, printed once: under ``mpirun``/``srun`` only rank 0 prints it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -374,6 +375,8 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
         launch_file = out / f"{LAUNCH_CONFIG_PREFIX}{os.getpid()}-{digest[:12]}.json"
         command = [sys.executable, "-m", "distprop", "train", "--worker-config",
                    str(launch_file), "--worker-config-sha256", digest]
+        if hosts or hostfile:  # other hosts may not see --out: the configuration rides on argv
+            command[5] = INLINE_PREFIX + base64.urlsafe_b64encode(text.encode()).decode()
         lcfg = _launch_config(nprocs, command, hosts, hostfile, mpi, mpiexec, threads_per_rank,
                               mpi_args, oversubscribe, forward_stdin)
         if not dry_run:
@@ -405,6 +408,7 @@ def train(config_file, nprocs, hosts, hostfile, mpi, mpiexec, threads_per_rank, 
 
 
 LAUNCH_CONFIG_PREFIX = ".launch-config-"
+INLINE_PREFIX = "base64:"  # --worker-config base64:<json>, for ranks on other hosts
 
 
 def _write_text(path: Path, text: str, what: str) -> None:
@@ -420,8 +424,12 @@ def _write_text(path: Path, text: str, what: str) -> None:
 def _launched_config(path: str, sha256: str | None) -> TrainConfig:
     """The configuration a rank was launched with; refuses a file changed since the launch."""
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
+        if path.startswith(INLINE_PREFIX):
+            text = base64.urlsafe_b64decode(path[len(INLINE_PREFIX):].encode()).decode()
+            path = "the launch configuration on the command line"
+        else:
+            text = Path(path).read_text()
+    except (OSError, ValueError) as exc:
         raise Refused(f"cannot read the launch configuration {path}: {exc}") from None
     if sha256 is not None and hashlib.sha256(text.encode()).hexdigest() != sha256:
         raise Refused(f"the launch configuration {path} was changed after the launch")

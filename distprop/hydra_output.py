@@ -1,8 +1,10 @@
-"""Hydra's stdout, copied through byte for byte while its "BAD TERMINATION" banner is read.
+"""The launcher's output, copied through byte for byte while its report of a failed rank is read.
 
 Hydra (MPICH) prints the PID, host and signal of the first process that failed in a banner
 and exits with the bare signal number; :class:`OutputCopier` passes the output on and keeps
-what the banner said in a :class:`Banner` for :func:`distprop.supervise.explain`.
+what the banner said in a :class:`Banner` for :func:`distprop.supervise.explain`. Open MPI's
+``prterun`` names a killed process on stderr ("process rank 1 with PID 42 on node n1 exited on
+signal 9"); the same reader understands it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ _MAX_LINE = 4096  # longest banner line looked at
 _BANNER_PID = re.compile(r"^=\s+PID (\d+) RUNNING AT (\S+)")
 _BANNER_CODE = re.compile(r"^=\s+EXIT CODE: (\d+)")
 _BANNER_SIGNAL = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")
+# Open MPI (prterun, on stderr): "... process rank 1 with PID 42 on node n1 exited on" and,
+# wrapped onto the next line or not, "signal 9 (Killed)."
+_OMPI_PID = re.compile(r"process rank \d+ with PID (\d+) on node (\S+) exited on"
+                       r"(?: signal (\d+))?")
+_OMPI_SIGNAL = re.compile(r"^\s*signal (\d+)\b")
 
 
 @dataclass
@@ -32,10 +39,12 @@ class Banner:
 
 
 class OutputCopier:
-    """Copies the launcher's stdout to ours byte for byte and reads Hydra's banner on the way."""
+    """Copies the launcher's stdout (or stderr) to ours byte for byte and reads Hydra's banner
+    (Open MPI's note of a killed process) on the way."""
 
     def __init__(self, stream, sink_fd: int = 1):
         self.banner = Banner()
+        self._ompi_pending = False
         self._stream, self._sink = stream, sink_fd
         self._partial = b""
         self._thread = threading.Thread(target=self._copy, name="distprop-output", daemon=True)
@@ -80,6 +89,19 @@ class OutputCopier:
             found = _BANNER_SIGNAL.search(line)
             if found and self.banner.signal is None:
                 self.banner.signal = int(found.group(1))
+            self._scan_open_mpi(line)
+
+    def _scan_open_mpi(self, line: str) -> None:
+        found = _OMPI_SIGNAL.search(line) if self._ompi_pending else None
+        if found:
+            self.banner.signal, self._ompi_pending = int(found.group(1)), False
+            return
+        found = _OMPI_PID.search(line)
+        if found and self.banner.pid is None:
+            self.banner.pid, self.banner.host = int(found.group(1)), found.group(2)
+            if found.group(3):
+                self.banner.signal = int(found.group(3))
+            self._ompi_pending = found.group(3) is None
 
 
 def _write_all(fd: int, data: bytes) -> bool:

@@ -282,10 +282,8 @@ def plan(cfg: LaunchConfig) -> LaunchPlan:
     argv = [exe]
     if impl == "mpich":
         argv += ["-n", str(cfg.nprocs)]
-        if cfg.hosts:
+        if hosts is not None:  # a hostfile too: Hydra cannot read Open MPI's 'host slots=N'
             argv += ["-hosts", ",".join(f"{h}:{s}" for h, s in hosts)]
-        elif cfg.hostfile:
-            argv += ["-f", cfg.hostfile]
         for key, value in env.items():
             argv += ["-genv", key, value]
     elif impl == "openmpi":
@@ -294,10 +292,8 @@ def plan(cfg: LaunchConfig) -> LaunchPlan:
             argv.append("--allow-run-as-root")
         if cfg.oversubscribe:
             argv.append("--oversubscribe")
-        if cfg.hosts:
+        if hosts is not None:  # a hostfile too: Open MPI cannot read MPICH's 'host:N'
             argv += ["--host", ",".join(f"{h}:{s}" for h, s in hosts)]
-        elif cfg.hostfile:
-            argv += ["--hostfile", cfg.hostfile]
         if threads > 1:
             argv += ["--bind-to", "none"]
         for key, value in env.items():

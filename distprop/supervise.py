@@ -467,16 +467,19 @@ def run_once(argv: list[str], env: dict[str, str], implementation: str, local: b
     env.update(supervisor.env())
     if implementation == "openmpi" and supervisor.env():
         argv = [argv[0], "-x", ENV_VAR, *argv[1:]]
-    read_banner = implementation == "mpich"
+    read_banner = implementation in ("mpich", "openmpi")
+    read_stderr = implementation == "openmpi"  # where prterun names a killed process
     try:
         proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=stdin,
                                 preexec_fn=parent_death_signal(signal.SIGTERM),
-                                stdout=subprocess.PIPE if read_banner else None)
+                                stdout=subprocess.PIPE if read_banner else None,
+                                stderr=subprocess.PIPE if read_stderr else None)
     except OSError:
         supervisor.close()
         raise
     supervisor.start()
     copier = OutputCopier(proc.stdout).start() if read_banner else None
+    err_copier = OutputCopier(proc.stderr, 2).start() if read_stderr else None
     forwarded: list[int] = []
     preempting: list[int] = []
 
@@ -506,13 +509,17 @@ def run_once(argv: list[str], env: dict[str, str], implementation: str, local: b
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if copier is not None:
-        copier.join(5.0)
-        proc.stdout.close()
+    banner = None
+    for reader, stream in ((copier, proc.stdout), (err_copier, proc.stderr)):
+        if reader is not None:
+            reader.join(5.0)
+            stream.close()
+            if banner is None or (banner.signal is None and reader.banner.signal is not None):
+                banner = reader.banner
     supervisor.close()
     forwarded_signal = forwarded[0] if forwarded else None
-    code, message = explain(code, supervisor, copier.banner if copier else None,
-                            forwarded_signal, preempt_signal=preempting[0] if preempting else None)
+    code, message = explain(code, supervisor, banner, forwarded_signal,
+                            preempt_signal=preempting[0] if preempting else None)
     stopped_on_purpose = (forwarded_signal is not None or bool(preempting)
                           or supervisor.preempted() is not None)
     restartable = code not in (0, 2, 130) and not stopped_on_purpose

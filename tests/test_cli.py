@@ -78,7 +78,7 @@ def test_launch_dry_run_openmpi_root_flag(root, tmp_path):
     argv = dry_run("-n", "4", "--hostfile", str(hostfile), "--threads-per-rank", "2",
                    "--mpi-args", "--map-by node", version=OPEN_MPI, root=root)
     assert ("--allow-run-as-root" in argv) == (root == "1")
-    assert argv[argv.index("--hostfile") + 1] == str(hostfile)
+    assert argv[argv.index("--host") + 1] == "node1:2,node2:2"  # Open MPI can't read 'node2:2'
     assert "-x" in argv and "OMP_NUM_THREADS=2" in argv and "MKL_NUM_THREADS=2" in argv
     assert argv[argv.index("--bind-to") + 1] == "none"
     assert argv[-6:] == ["--map-by", "node", "python", "train.py", "--x", "1"]
@@ -423,7 +423,7 @@ def test_usage_error_with_ranks_is_printed_once_before_launching(tmp_path):
 def test_launch_recipe_hostfile_is_valid():
     hostfile = REPO / "launch" / "hostfile.example"
     argv = dry_run("-n", "8", "--hostfile", str(hostfile))
-    assert argv[1:5] == ["-n", "8", "-f", str(hostfile)]
+    assert argv[1:4] == ["-n", "8", "-hosts"]  # the hosts as read, in Hydra's syntax
     result = invoke("launch", "-n", "9", "--hostfile", hostfile, "--dry-run", "--", "x",
                     env={"DISTPROP_FAKE_MPI_VERSION": HYDRA})
     assert result.exit_code == 2 and "more than the 8 slots in the host list" in result.output

@@ -56,7 +56,8 @@ def test_a_launch_in_a_while_read_loop_leaves_the_loop_its_input(command, tmp_pa
 
 def test_launch_stdin_flag_forwards_input_to_rank_0():
     # only rank 0 reads: Hydra gives the other ranks a pipe that never closes
-    code = "import os, sys; os.environ['PMI_RANK'] == '0' and print('got', repr(sys.stdin.read()))"
+    code = ("import os, sys; (os.environ.get('PMI_RANK') or os.environ['OMPI_COMM_WORLD_RANK'])"
+            " == '0' and print('got', repr(sys.stdin.read()))")
     done = subprocess.run([*LAUNCH, "--stdin", "--", sys.executable, "-c", code],
                           input="hello\n", capture_output=True, text=True, timeout=120, env=ENV,
                           cwd=str(REPO))

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 WORKER = """
 import os, sys, time
 import numpy as np
-rank = int(os.environ["PMI_RANK"])
+rank = int(os.environ.get("PMI_RANK") or os.environ["OMPI_COMM_WORLD_RANK"])  # MPICH, Open MPI
 if sys.argv[2] == "init":
     import distprop.distributed as dist
     comm = dist.init()
@@ -127,7 +127,8 @@ def train_pids(out: Path, proc: subprocess.Popen, timeout: float = 60) -> list[i
             except OSError:
                 continue
             if any(arg.startswith(needle) for arg in cmd) and b"--worker-config" in cmd \
-                    and b"PMI_RANK=" in environ and b"hydra" not in cmd[0]:
+                    and (b"PMI_RANK=" in environ or b"OMPI_COMM_WORLD_RANK=" in environ) \
+                    and b"hydra" not in cmd[0] and b"prte" not in cmd[0]:
                 found.append(int(entry.name))
         if len(found) == 2 and (out / "checkpoints").exists():
             return found
@@ -170,7 +171,7 @@ def test_kill_9_of_the_launcher_ends_its_ranks(tmp_path, job):
 
 DIES_BEFORE_INIT = """
 import os
-if os.environ["PMI_RANK"] == "1":
+if (os.environ.get("PMI_RANK") or os.environ["OMPI_COMM_WORLD_RANK"]) == "1":
     os._exit(1)
 import distprop.distributed as dist
 dist.init().barrier()

@@ -307,6 +307,23 @@ def _resume_source(cfg: TrainConfig, comm, model, optimizer, n_train: int) -> st
     return found
 
 
+def _read_on_rank0(comm, path: str | None) -> dict | None:
+    """The checkpoint ``path`` as rank 0 reads it, sent to every rank over MPI: ranks on other
+    hosts need not see ``--out`` (each host may have its own disk)."""
+    if path is None:
+        return None
+    state, error = None, None
+    if comm.rank == 0:
+        try:
+            state = ckpt.load(path)
+        except ckpt.CheckpointError as exc:
+            error = str(exc)
+    error = comm.broadcast_obj(error, 0)
+    if error is not None:
+        raise ckpt.CheckpointError(error)
+    return comm.broadcast_obj(state, 0) if comm.size > 1 else state
+
+
 def _step_rows(metrics_jsonl: Path) -> list[dict]:
     """The per-step rows of ``metrics.jsonl`` (none when it cannot be read)."""
     try:
@@ -453,7 +470,9 @@ def train(cfg: TrainConfig, comm=None) -> dict:
                       prefetch=cfg.prefetch, amp=None if cfg.amp == "none" else cfg.amp)
     resume = _resume_source(cfg, comm, model, optimizer, len(splits.train))
     history = trainer.fit(splits.train, splits.val, epochs=cfg.epochs,
-                          batch_size=cfg.batch_size, resume=resume)
+                          batch_size=cfg.batch_size, resume=_read_on_rank0(comm, resume))
+    if resume is not None:
+        history.resumed_from = resume
     if history.preempted:  # a checkpoint of the step exists; the run is not over
         return {"preempted": True, "steps": trainer.step, "epochs_run": len(history.epochs),
                 "resumed_from": history.resumed_from, "world_size": comm.size}
