@@ -35,19 +35,9 @@ from distprop.cli_choices import (
     size_options_line,
 )
 from distprop.logconfig import log_level_option
+from distprop.registry import COMMS, COMPRESSIONS, LOSSES, LR_SCHEDULES, MODELS, OPTIMIZERS, TASKS
 from distprop.train import tasks as tasks_mod
-from distprop.train.config import (
-    COMMS,
-    COMPRESSIONS,
-    LOSSES,
-    LR_SCHEDULES,
-    MODELS,
-    OPTIMIZERS,
-    TASKS,
-    ConfigError,
-    TrainConfig,
-    read_toml,
-)
+from distprop.train.config import ConfigError, TrainConfig, read_toml
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
