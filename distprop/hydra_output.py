@@ -4,7 +4,8 @@ Hydra (MPICH) prints the PID, host and signal of the first process that failed i
 and exits with the bare signal number; :class:`OutputCopier` passes the output on and keeps
 what the banner said in a :class:`Banner` for :func:`distprop.supervise.explain`. Open MPI's
 ``prterun`` names a killed process on stderr ("process rank 1 with PID 42 on node n1 exited on
-signal 9"); the same reader understands it.
+signal 9"), and the rank and status of a process that exited non-zero ("Process name:
+[prterun-n1-42@1,1]", "Exit code: 1"); the same reader understands both.
 """
 
 from __future__ import annotations
