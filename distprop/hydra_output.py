@@ -4,7 +4,8 @@ Hydra (MPICH) prints the PID, host and signal of the first process that failed i
 and exits with the bare signal number; :class:`OutputCopier` passes the output on and keeps
 what the banner said in a :class:`Banner` for :func:`distprop.supervise.explain`. Open MPI's
 ``prterun`` names a killed process on stderr ("process rank 1 with PID 42 on node n1 exited on
-signal 9"); the same reader understands it.
+signal 9"), and the rank and status of a process that exited non-zero ("Process name:
+[prterun-n1-42@1,1]", "Exit code: 1"); the same reader understands both.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ _BANNER_SIGNAL = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")
 _OMPI_PID = re.compile(r"process rank \d+ with PID (\d+) on node (\S+) exited on"
                        r"(?: signal (\d+))?")
 _OMPI_SIGNAL = re.compile(r"^\s*signal (\d+)\b")
+# Open MPI, a process that exited non-zero: "Process name: [prterun-n1-42@1,1]" (job, rank),
+# then "Exit code:    1".
+_OMPI_NAME = re.compile(r"^\s*Process name:\s+\[\S*,(\d+)\]")
+_OMPI_EXIT = re.compile(r"^\s*Exit code:\s+(\d+)")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Banner:
     host: str | None = None
     exit_code: int | None = None
     signal: int | None = None
+    rank: int | None = None  # Open MPI names the rank of a process that exited non-zero
 
 
 class OutputCopier:
@@ -92,6 +98,14 @@ class OutputCopier:
             self._scan_open_mpi(line)
 
     def _scan_open_mpi(self, line: str) -> None:
+        found = _OMPI_NAME.search(line)
+        if found and self.banner.rank is None:
+            self.banner.rank = int(found.group(1))
+            return
+        found = _OMPI_EXIT.search(line) if self.banner.rank is not None else None
+        if found and self.banner.exit_code is None:
+            self.banner.exit_code = int(found.group(1))
+            return
         found = _OMPI_SIGNAL.search(line) if self._ompi_pending else None
         if found:
             self.banner.signal, self._ompi_pending = int(found.group(1)), False

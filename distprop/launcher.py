@@ -117,6 +117,12 @@ def parse_version_output(text: str) -> str | None:
     return None
 
 
+def open_mpi_major(text: str) -> int | None:
+    """The major version in Open MPI's ``--version`` output ("mpiexec (Open MPI) 5.0.11")."""
+    found = re.search(r"open mpi\)?\s+v?(\d+)\.", text, re.IGNORECASE)
+    return int(found.group(1)) if found else None
+
+
 def version_output(executable: str) -> str:
     """What ``executable --version`` prints (``DISTPROP_FAKE_MPI_VERSION`` overrides, for tests)."""
     fake = os.environ.get("DISTPROP_FAKE_MPI_VERSION")
@@ -361,11 +367,20 @@ def check_command(cfg: LaunchConfig, launch: LaunchPlan) -> None:
     be checked from here); ``python`` without a script, ``-c`` or ``-m`` is refused unless
     standard input is forwarded (it would wait for its program there), and under MPICH with
     more than one rank even then (only rank 0 gets the input; the others would wait for ever).
+    ``--stdin`` is refused under Open MPI 5, whose ``prterun`` never passes on the end of the
+    input (a rank reading to the end would hang).
 
     Raises:
         LaunchError: naming the command.
     """
     program = cfg.command[0]
+    if cfg.stdin and launch.implementation == "openmpi":
+        major = open_mpi_major(version_output(launch.launcher))
+        if major is not None and major >= 5:
+            raise LaunchError(f"--stdin does not work with Open MPI {major}'s mpiexec: it passes "
+                              "the input to rank 0 but never its end, so a rank reading to the "
+                              "end would wait for ever; redirect inside the command instead "
+                              "(-- sh -c 'prog < input.txt'), or use MPICH")
     if _all_ranks_local(cfg, launch):
         path = cfg.extra_env.get("PATH", os.environ.get("PATH"))
         if shutil.which(program, path=path) is None:

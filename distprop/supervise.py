@@ -514,7 +514,8 @@ def run_once(argv: list[str], env: dict[str, str], implementation: str, local: b
         if reader is not None:
             reader.join(5.0)
             stream.close()
-            if banner is None or (banner.signal is None and reader.banner.signal is not None):
+            if banner is None or (banner.signal is None and (reader.banner.signal is not None
+                                                             or reader.banner.rank is not None)):
                 banner = reader.banner
     supervisor.close()
     forwarded_signal = forwarded[0] if forwarded else None
@@ -603,4 +604,10 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
     if leaver is not None and leaver.exit_code:
         return code, (f"{_who(leaver)} exited with status {leaver.exit_code} while other ranks "
                       f"were running; the job was ended (exit code {code})")
+    if banner is not None and banner.rank is not None and banner.exit_code and \
+            banner.rank not in supervisor.ranks:  # Open MPI's report; it stops the job at once
+        when = "before it reached dist.init()" if supervisor.ranks else \
+            "(no rank had reached dist.init())"
+        return code, (f"rank {banner.rank} exited with status {banner.exit_code} {when}; the "
+                      f"other ranks were stopped (exit code {code})")
     return code, None
