@@ -297,6 +297,76 @@ class _MPIRequest(Request):
                 self._finish()
 
 
+class _HalfAllreduce(_MPIRequest):
+    """A sum of 16-bit (fp16/bf16) words without a user-defined MPI operation.
+
+    Phase 1 (``Ialltoallv``): rank r receives everyone's r-th chunk. Then, locally, the chunks
+    are widened to float32, added in rank order and rounded back to 16 bits once. Phase 2
+    (``Iallgatherv``, in place): every rank gets every summed chunk. Each rank moves 2 (P-1)/P of
+    the buffer, as a ring allreduce does, and converts only its own chunk, outside MPI's
+    per-message callback. For 2 ranks the result is bit-identical to the user-defined op
+    (``round16(float(a) + float(b))``); for more it is rounded once instead of once per step,
+    and it is the same on every rank. The reduction runs in whichever thread sees phase 1 end
+    (the progress thread or the waiter), holding the communicator lock.
+    """
+
+    __slots__ = ("_words", "_kind", "_bounds", "_recv", "_phase")
+
+    def __init__(self, comm: MPICommunicator, words, kind: str, array, finish, nbytes):
+        MPI, size, rank = comm.MPI, comm.size, comm.rank
+        n = words.size
+        bounds = [n * i // size for i in range(size + 1)]
+        counts = [bounds[i + 1] - bounds[i] for i in range(size)]
+        mine = counts[rank]
+        self._words, self._kind, self._bounds, self._phase = words, kind, bounds, 1
+        self._recv = np.empty(size * mine, dtype=np.uint16)
+        req = comm.comm.Ialltoallv([words, (counts, bounds[:-1]), MPI.UINT16_T],
+                                   [self._recv, ([mine] * size, [i * mine for i in
+                                                                 range(size)]), MPI.UINT16_T])
+        super().__init__(comm, req, array, finish, "iallreduce", nbytes)
+
+    def _next_phase_locked(self) -> None:
+        """Sum the received chunks (float32, rank order, one rounding) and start phase 2."""
+        from distprop.distributed import compression
+
+        comm, bounds = self._comm, self._bounds
+        size, rank = comm.size, comm.rank
+        lo, hi = bounds[rank], bounds[rank + 1]
+        mine = hi - lo
+        if mine:
+            acc = np.empty(mine, np.float32)
+            part = np.empty(mine, np.float32)
+            compression.decode(self._recv[:mine], acc, self._kind)
+            for i in range(1, size):
+                compression.decode(self._recv[i * mine:(i + 1) * mine], part, self._kind)
+                acc += part
+            compression.encode(acc, self._words[lo:hi], self._kind)
+        counts = [bounds[i + 1] - bounds[i] for i in range(size)]
+        self._recv, self._phase = None, 2
+        self._req = comm.comm.Iallgatherv(comm.MPI.IN_PLACE, [self._words, (counts, bounds[:-1]),
+                                                              comm.MPI.UINT16_T])
+
+    def _poll_locked(self) -> bool:
+        if self._phase == 1:
+            if not self._req.Test():
+                return False
+            self._next_phase_locked()
+        return super()._poll_locked()
+
+    def wait(self):
+        if not self._done and self._phase == 1:
+            comm = self._comm
+            comm._enter(self._name, self._nbytes)
+            try:
+                with comm._lock:
+                    if self._phase == 1:
+                        self._req.Wait()
+                        self._next_phase_locked()
+            finally:
+                comm._exit()
+        return super().wait()
+
+
 class _ProgressThread:
     """Tests pending requests from a daemon thread so MPI advances them during computation."""
 
@@ -463,6 +533,7 @@ class MPICommunicator(Communicator):
         _check_mean_dtype(array, op)
         host, staged = self._stage(array)
         buf, mpi_op = self._buffer(host, op, bfloat16)
+        half = buf[1] is self.MPI.UINT16_T if isinstance(buf, list) else False
         inv = 1.0 / self.size
 
         def finish():
@@ -472,6 +543,12 @@ class MPICommunicator(Communicator):
                 self._unstage(array, host)
 
         needs_finish = staged or op == "mean"
+        if half:  # 16-bit words: alltoall + local float32 sum + allgather (no user MPI op)
+            with self._lock:
+                req = _HalfAllreduce(self, buf[0], "bf16" if bfloat16 else "fp16", array,
+                                     finish if needs_finish else None, host.nbytes)
+            self._progress.add(req)
+            return req
         with self._lock:
             mpi_req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, mpi_op)
         req = _MPIRequest(self, mpi_req, array, finish if needs_finish else None,

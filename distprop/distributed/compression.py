@@ -136,6 +136,21 @@ def _encode_chunk(src, out16, kind: str) -> None:
                         _scratch(4)[:m])
 
 
+_FP16_TABLE: list = []  # [float32 bits of all 65536 halves], built on first use
+
+
+def _fp16_table() -> np.ndarray:
+    """The float32 bit pattern of every IEEE half, indexed by its 16-bit word (256 KiB)."""
+    if not _FP16_TABLE:
+        words = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+        table = np.empty(65536, np.uint32)
+        for s in range(0, 65536, _CHUNK):
+            _bits_from_fp16(words[s:s + _CHUNK], table[s:s + _CHUNK], _scratch(1),
+                            _scratch(2), _scratch(3, np.float32))
+        _FP16_TABLE.append(table)
+    return _FP16_TABLE[0]
+
+
 def _decode_chunk(src16, out, kind: str) -> None:
     m = src16.size
     direct = out.dtype == np.float32
@@ -143,9 +158,8 @@ def _decode_chunk(src16, out, kind: str) -> None:
     if kind == "bf16":
         bits[...] = src16
         bits <<= 16
-    else:
-        _bits_from_fp16(src16, bits, _scratch(1)[:m], _scratch(2)[:m],
-                        _scratch(3, np.float32)[:m])
+    else:  # a table lookup: faster than the bit arithmetic of _bits_from_fp16
+        np.take(_fp16_table(), src16, out=bits)
     if not direct:
         with np.errstate(invalid="ignore"):  # signalling NaNs widen to quiet ones
             out[...] = bits.view(np.float32)

@@ -1,0 +1,57 @@
+"""The 16-bit (fp16/bf16) gradient sum without a user-defined MPI operation (issue 12, slow
+links): alltoall of chunks, a float32 sum in rank order with one rounding, allgather."""
+
+import pytest
+
+from helpers import run_mpi
+
+HALF_SUM = """
+import sys
+import numpy as np
+from distprop import distributed as dist
+from distprop.distributed import compression
+
+comm = dist.init()
+r, n = comm.rank, comm.size
+comm.set_progress_thread(sys.argv[1] == "thread")
+rng = np.random.default_rng(7)
+for kind in ("fp16", "bf16"):
+    for size in (0, 1, n - 1, 1000, 65536 * 2 + 3):  # empty, fewer words than ranks, uneven
+        xs = (rng.standard_normal((n, size)) * 1e-3).astype(np.float32)
+        # every element: 1.0 on one rank and half an fp16/bf16 ulp of 1.0 on the others, so a
+        # sum rounded after each partial sum loses what a single rounding keeps
+        half_ulp = np.float32(2.0 ** -11 if kind == "fp16" else 2.0 ** -8)
+        xs[:, :min(size, 30)] = half_ulp
+        for k in range(min(size, 30)):
+            xs[k % n, k] = 1.0
+        words = np.empty((n, size), np.uint16)
+        for k in range(n):
+            compression.encode(xs[k], words[k], kind)
+        acc = np.zeros(size, np.float32)
+        part = np.empty(size, np.float32)
+        for k in range(n):  # the reference: float32, rank order, one rounding
+            compression.decode(words[k], part, kind)
+            acc += part
+        expect = np.empty(size, np.uint16)
+        compression.encode(acc, expect, kind)
+        mine = words[r].copy()
+        data = mine if kind == "bf16" else mine.view(np.float16)
+        req = comm.iallreduce(data, "sum", bfloat16=kind == "bf16")
+        while not req.test():
+            pass
+        assert req.wait() is data
+        bad = np.flatnonzero(mine != expect)
+        assert bad.size == 0, (kind, size, bad[:5], mine[bad[:5]], expect[bad[:5]])
+        allw = comm.allgather(mine.astype(np.int64))
+        assert (allw == allw[0]).all(), "ranks disagree"
+print(f"DONE {r}")
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs,progress", [(2, "thread"), (3, "thread"), (3, "nothread")])
+def test_half_sum_is_float32_rank_order_rounded_once(nprocs, progress):
+    res = run_mpi(HALF_SUM, nprocs=nprocs, timeout=90, env={"DISTPROP_STALL_TIMEOUT": "30"},
+                  args=(progress,))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert all(res.stdout.count(f"DONE {r}") == 1 for r in range(nprocs)), res.stdout
