@@ -44,6 +44,23 @@ for kind in ("fp16", "bf16"):
         assert bad.size == 0, (kind, size, bad[:5], mine[bad[:5]], expect[bad[:5]])
         allw = comm.allgather(mine.astype(np.int64))
         assert (allw == allw[0]).all(), "ranks disagree"
+
+# several sums in flight, mixed with ordinary allreduces, rank-dependent timing, waited for in
+# reverse order: every rank must still issue the same collectives in the same order
+import time
+for trial in range(3):
+    reqs, expects = [], []
+    for k in range(4):
+        vals = (np.arange(5000) % 7 + k + r).astype(np.float16)
+        reqs.append(comm.iallreduce(vals, "sum"))
+        expects.append(sum((np.arange(5000) % 7 + k + q) for q in range(n)).astype(np.float16))
+        ints = np.full(3, r + k, np.int64)
+        reqs.append(comm.iallreduce(ints, "sum"))
+        expects.append(np.full(3, n * k + n * (n - 1) // 2, np.int64))
+        time.sleep(0.003 * ((r + k + trial) % n))
+    for req, expect in reversed(list(zip(reqs, expects))):
+        out = req.wait()
+        assert (out == expect).all(), (trial, out[:5], expect[:5])
 print(f"DONE {r}")
 """
 

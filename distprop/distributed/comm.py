@@ -26,6 +26,7 @@ never complete the same request at once.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -307,7 +308,9 @@ class _HalfAllreduce(_MPIRequest):
     per-message callback. For 2 ranks the result is bit-identical to the user-defined op
     (``round16(float(a) + float(b))``); for more it is rounded once instead of once per step,
     and it is the same on every rank. The reduction runs in whichever thread sees phase 1 end
-    (the progress thread or the waiter), holding the communicator lock.
+    (the progress thread or the waiter), holding the communicator lock. Phase 1 is issued in
+    program order on the communicator; phase 2 on a duplicate of it, strictly in the order the
+    requests were made (a FIFO), so the collective order is the same on every rank.
     """
 
     __slots__ = ("_words", "_kind", "_bounds", "_recv", "_phase")
@@ -324,6 +327,7 @@ class _HalfAllreduce(_MPIRequest):
                                    [self._recv, ([mine] * size, [i * mine for i in
                                                                  range(size)]), MPI.UINT16_T])
         super().__init__(comm, req, array, finish, "iallreduce", nbytes)
+        comm._half_queue.append(self)
 
     def _next_phase_locked(self) -> None:
         """Sum the received chunks (float32, rank order, one rounding) and start phase 2."""
@@ -343,14 +347,27 @@ class _HalfAllreduce(_MPIRequest):
             compression.encode(acc, self._words[lo:hi], self._kind)
         counts = [bounds[i + 1] - bounds[i] for i in range(size)]
         self._recv, self._phase = None, 2
-        self._req = comm.comm.Iallgatherv(comm.MPI.IN_PLACE, [self._words, (counts, bounds[:-1]),
-                                                              comm.MPI.UINT16_T])
+        self._req = comm._half_comm.Iallgatherv(
+            comm.MPI.IN_PLACE, [self._words, (counts, bounds[:-1]), comm.MPI.UINT16_T])
+
+    def _advance_locked(self, block: bool) -> None:
+        """Start phase 2 of the queued requests, oldest first, up to and including this one
+        (blocking: wait for their phase 1; otherwise stop at the first one still running)."""
+        queue = self._comm._half_queue
+        while self._phase == 1:
+            head = queue[0]
+            if block:
+                head._req.Wait()
+            elif not head._req.Test():
+                return
+            head._next_phase_locked()
+            queue.popleft()
 
     def _poll_locked(self) -> bool:
         if self._phase == 1:
-            if not self._req.Test():
+            self._advance_locked(block=False)
+            if self._phase == 1:
                 return False
-            self._next_phase_locked()
         return super()._poll_locked()
 
     def wait(self):
@@ -359,9 +376,7 @@ class _HalfAllreduce(_MPIRequest):
             comm._enter(self._name, self._nbytes)
             try:
                 with comm._lock:
-                    if self._phase == 1:
-                        self._req.Wait()
-                        self._next_phase_locked()
+                    self._advance_locked(block=True)
             finally:
                 comm._exit()
         return super().wait()
@@ -457,6 +472,10 @@ class MPICommunicator(Communicator):
         self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self.local_comm.Get_rank()
         self.local_size = self.local_comm.Get_size()
+        # the second phase of 16-bit sums (_HalfAllreduce) starts whenever the first one ends:
+        # on its own communicator, in issue order, so no rank's collective order depends on timing
+        self._half_comm = self.comm.Dup()
+        self._half_queue: collections.deque = collections.deque()
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._lock = threading.Lock()
         if progress_thread is None:
