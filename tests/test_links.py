@@ -72,3 +72,34 @@ def test_half_sum_is_float32_rank_order_rounded_once(nprocs, progress):
                   args=(progress,))
     assert res.returncode == 0, res.stdout + res.stderr
     assert all(res.stdout.count(f"DONE {r}") == 1 for r in range(nprocs)), res.stdout
+
+
+def _bench(*args):
+    from click.testing import CliRunner
+
+    from distprop.cli import cli
+
+    return CliRunner().invoke(cli, ["bench", *args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--compression", "int8"], "unknown compression(s) ['int8']"),
+    (["--compression", "fp16", "--methods", "mpi"], "add ddp to --methods"),
+])
+def test_bench_allreduce_compression_bad_input_is_usage_error(args, needle):
+    result = _bench("allreduce", "--sizes", "1KB", *args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+
+
+@pytest.mark.mpi
+def test_bench_allreduce_times_compressed_ddp_sync():
+    import json
+
+    result = _bench("allreduce", "--sizes", "64KB", "--ranks", "2", "--methods", "mpi,ddp",
+                    "--compression", "fp16,bf16", "--repeats", "3", "--timeout", "120")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in result.output.splitlines() if x.startswith("{")]
+    assert {r["method"] for r in rows} == {"mpi", "ddp", "ddp-fp16", "ddp-bf16"}
+    assert all(r["bytes"] == 65536 and r["time_median_s"] > 0 for r in rows)
+    assert "ddp-fp16 busBW GB/s" in result.output
