@@ -338,13 +338,8 @@ class _HalfAllreduce(_MPIRequest):
         lo, hi = bounds[rank], bounds[rank + 1]
         mine = hi - lo
         if mine:
-            acc = np.empty(mine, np.float32)
-            part = np.empty(mine, np.float32)
-            compression.decode(self._recv[:mine], acc, self._kind)
-            for i in range(1, size):
-                compression.decode(self._recv[i * mine:(i + 1) * mine], part, self._kind)
-                acc += part
-            compression.encode(acc, self._words[lo:hi], self._kind)
+            compression.sum_words([self._recv[i * mine:(i + 1) * mine] for i in range(size)],
+                                  self._words[lo:hi], self._kind)
         counts = [bounds[i + 1] - bounds[i] for i in range(size)]
         self._recv, self._phase = None, 2
         self._req = comm._half_comm.Iallgatherv(

@@ -234,6 +234,22 @@ def _sum16(inbuf, inoutbuf, kind: str) -> None:
         _encode_chunk(fb, cb, kind)
 
 
+def sum_words(parts, out16, kind: str) -> None:
+    """out16 = round16(float(parts[0]) + float(parts[1]) + ...): the 16-bit ``kind`` word
+    arrays in ``parts`` (equal sizes) widened to float32, added in list order and rounded once;
+    chunk by chunk in cache-sized scratch arrays. ``out16`` may be one of ``parts``."""
+    _check_kind(kind)
+    acc_all, part_all = _scratch(5, np.float32), _scratch(6, np.float32)
+    for s in range(0, out16.size, _CHUNK):
+        e = min(s + _CHUNK, out16.size)
+        acc, part = acc_all[:e - s], part_all[:e - s]
+        _decode_chunk(parts[0][s:e], acc, kind)
+        for p in parts[1:]:
+            _decode_chunk(p[s:e], part, kind)
+            acc += part
+        _encode_chunk(acc, out16[s:e], kind)
+
+
 def _fp16_sum(inbuf, inoutbuf, datatype) -> None:
     _sum16(inbuf, inoutbuf, "fp16")
 
