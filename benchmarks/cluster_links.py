@@ -8,6 +8,7 @@ the file given as the first argument (default ``cluster_links.json``). Tears the
 ``--repeats N`` runs every (rate, compression) N times, interleaved (round by round, the
 compressions in rotated order); ``--baseline DIR`` also runs, interleaved with this tree, the
 distprop in DIR (e.g. ``git archive OLD | tar -x -C DIR``), labelled ``code: before``.
+``--table FILE.json`` prints the medians of such a file as a Markdown table.
 """
 
 from __future__ import annotations
@@ -45,7 +46,32 @@ def one_run(cluster, env, rate: str, kind: str, code: str = "after", repo: Path 
             **({} if done.returncode == 0 else {"tail": (done.stdout + done.stderr)[-1500:]})}
 
 
+def table(rows: list[dict], batch: int = 64) -> str:
+    """Markdown: median ms/step (= batch / samples/s) per rate, compression and code, with the
+    runs' count, the min..max and hostb's received MB."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["rate"], r["compression"], r.get("code", "after")), []).append(r)
+    out = ["| link (tbf) | compression | code | runs | ms/step median | min..max | hostb rx (MB) |",
+           "|---|---|---|---|---|---|---|"]
+    for (rate, kind, code), runs in groups.items():
+        ms = [1e3 * batch / r["samples_per_s"] for r in runs if r["rc"] == 0]
+        failed = len(runs) - len(ms)
+        cell = f"{statistics.median(ms):.0f}" if ms else "-"
+        span = f"{min(ms):.0f}..{max(ms):.0f}" if ms else "-"
+        rx = statistics.median(r["hostb_rx_MB"] for r in runs)
+        out.append(f"| {rate} | {kind} | {code} | {len(ms)}" + (f" ({failed} failed)" if failed
+                                                                 else "")
+                   + f" | {cell} | {span} | {rx:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--table"]:
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="cluster_links.json")
     parser.add_argument("--repeats", type=int, default=1)
