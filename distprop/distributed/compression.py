@@ -7,12 +7,17 @@ float16 casts take a slow per-element path, worst on the tiny values gradients a
 chunk by chunk so the scratch arrays stay in cache; CuPy uses its native casts. The results are
 bit-identical to a correctly rounded cast (``astype(float16)``, ``torch.bfloat16``).
 
-Reduction (MPI path): a user-defined, commutative MPI operation adds two 16-bit vectors by
-widening both to float32, adding, and rounding the sum back to 16 bits. The allreduce therefore
-moves half the bytes of a float32 allreduce and each partial sum is rounded once to the 16-bit
-format (for 2 ranks: one rounding of each input and one of the sum). DDP divides the bucket by
-the world size *before* encoding, so the fp16 sum cannot overflow unless an input already did.
-Infinities and NaNs stay what they are, so the non-finite check after the allreduce sees them.
+Reduction (MPI path, ``MPICommunicator.iallreduce`` of 16-bit words): no user-defined MPI
+operation (its per-message Python callback, two decodes and one encode per call, was the cost
+that made compression lose on fast links). Each rank receives every rank's copy of its own chunk
+(alltoall), ``sum_words`` widens them to float32, adds them in rank order and rounds once, and
+an allgather returns the summed chunks. The allreduce moves half the bytes of a float32 one; for
+2 ranks the result is bit-identical to the former operation (one rounding of each input and one
+of the sum); for more ranks the sum is rounded once, not once per step, and is the same on every
+rank. ``mpi_sum_op`` (the user-defined operation) remains for callers that want MPI to reduce.
+DDP divides the bucket by the world size *before* encoding, so the fp16 sum cannot overflow
+unless an input already did. Infinities and NaNs stay what they are, so the non-finite check
+after the allreduce sees them. fp16 decoding is a lookup in a 64K-entry table (256 KiB).
 """
 
 from __future__ import annotations
