@@ -9,6 +9,9 @@ float32 buffer of that many bytes three ways in the same processes:
   of parameters holding the same bytes, or of a zoo model's parameters (``--model``), with
   overlap off so the sync is timed alone. (DDP divides each gradient by the world size as it
   becomes final, during backward; that pass is not part of this time.)
+- ``ddp-fp16`` / ``ddp-bf16`` (``--compression fp16,bf16``): the same DDP sync with gradient
+  compression, encode, 16-bit sum and decode included; bus bandwidth still counts the float32
+  bytes, so it compares directly with ``ddp``.
 
 The methods take turns call by call so that drift on a shared machine hits all of them alike.
 
@@ -26,6 +29,8 @@ import numpy as np
 from distprop.nn.module import Module
 
 METHODS = ("mpi", "distprop", "ddp")
+COMPRESSED = ("ddp-fp16", "ddp-bf16")  # DDP's sync with --compression fp16 / bf16
+_ORDER = METHODS + COMPRESSED
 
 
 def bus_bandwidth(nbytes: float, seconds: float, ranks: int) -> float:
@@ -85,7 +90,8 @@ class _GradientOf(Module):
         return total
 
 
-def _ddp_sync(nbytes: int | None, workload: str | None, bucket_mb: float):
+def _ddp_sync(nbytes: int | None, workload: str | None, bucket_mb: float,
+              compression: str | None = None):
     """A function running one DDP gradient sync (overlap off, so the sync is timed alone) and
     returning its duration in seconds, over a zoo model's parameters (``workload``) or over
     4 MB parameters holding ``nbytes``."""
@@ -103,7 +109,7 @@ def _ddp_sync(nbytes: int | None, workload: str | None, bucket_mb: float):
         for i, n in enumerate(sizes):
             setattr(inner, f"p{i}", dp.nn.Parameter(dp.zeros(n)))
     ddp = dp.distributed.DistributedDataParallel(
-        _GradientOf(inner), bucket_cap_mb=bucket_mb, overlap=False)
+        _GradientOf(inner), bucket_cap_mb=bucket_mb, overlap=False, compression=compression)
 
     def one_sync() -> float:
         ddp.zero_grad()
@@ -136,17 +142,19 @@ def worker(config: dict) -> dict:
             nbytes = 4 * sum(p.numel() for p in build_model(workload).parameters())
         if "ddp" in methods:
             fns["ddp"], nbytes = _ddp_sync(nbytes, workload, bucket_mb)
+        for kind in config.get("compression") or ():
+            fns[f"ddp-{kind}"], nbytes = _ddp_sync(nbytes, workload, bucket_mb, kind)
         buf = np.ones(max(1, nbytes // 4), dtype=np.float32)
         if "mpi" in methods:
             fns["mpi"] = lambda b=buf: comm.Allreduce(MPI.IN_PLACE, b, op=MPI.SUM)
         if "distprop" in methods:
             t = dp.from_numpy(buf)
             fns["distprop"] = lambda t=t: dp.distributed.all_reduce(t)
-        fns = {m: fns[m] for m in METHODS if m in fns}
+        fns = {m: fns[m] for m in _ORDER if m in fns}
         repeats = config.get("repeats") or _repeats(
             buf.nbytes * len(fns), config.get("min_repeats", 5), config.get("max_repeats", 50),
             config.get("budget_s", 1.0))
-        timed = _time_interleaved(comm, fns, repeats, self_timed={"ddp"})
+        timed = _time_interleaved(comm, fns, repeats, self_timed={"ddp", *COMPRESSED})
         for method, times in timed.items():
             med = statistics.median(times)
             rows.append({"bytes": int(buf.nbytes), "method": method, "ranks": ranks,
@@ -172,7 +180,7 @@ def format_table(rows: list[dict]) -> str:
     """One line per size (the model's gradient last): bus bandwidth per method, ratios to MPI."""
     from distprop.bench.units import format_size
 
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in _ORDER if any(r["method"] == m for r in rows)]
     head = ["size"] + [f"{m} busBW GB/s" for m in methods] + [
         f"{m}/mpi time" for m in methods if m != "mpi"]
     cases: dict[tuple, dict[str, dict]] = {}

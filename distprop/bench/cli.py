@@ -199,6 +199,9 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
               show_default=True, help="DDP bucket size (the ddp method)")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="timed calls per method and size [default: about 1 s of calls, 5..50]")
+@click.option("--compression", default="", show_default=False,
+              help="also time DDP's sync with these gradient compressions (fp16,bf16): "
+                   "methods ddp-fp16 / ddp-bf16")
 @click.option("--model", "workload", default=None, callback=_check_model,
               help="also time DDP's sync of this zoo model's real gradient")
 @click.option("--oversubscribe", is_flag=True,
@@ -207,8 +210,8 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
               help="seconds before one launched run is abandoned")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               callback=_check_out, help="directory for JSON lines, CSV and PNG")
-def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, oversubscribe,
-                  timeout, out):
+def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, compression, workload,
+                  oversubscribe, timeout, out):
     """Allreduce bus bandwidth: distprop's communicator and DDP vs raw mpi4py."""
     from distprop.bench import allreduce
 
@@ -217,6 +220,14 @@ def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, o
     if unknown or not chosen:
         raise click.BadParameter(f"unknown method(s) {unknown}; choose from "
                                  f"{', '.join(allreduce.METHODS)}", param_hint="--methods")
+    kinds = [k.strip() for k in compression.split(",") if k.strip()]
+    bad = sorted(set(kinds) - {"fp16", "bf16"})
+    if bad:
+        raise click.BadParameter(f"unknown compression(s) {bad}; choose from fp16, bf16",
+                                 param_hint="--compression")
+    if kinds and "ddp" not in chosen:
+        raise click.BadParameter("--compression times DDP's sync: add ddp to --methods",
+                                 param_hint="--compression")
     if sizes is None:
         sizes = [] if workload else units.parse_sizes("1KB..64MB", factor)
     _check_launch(ranks, 1, oversubscribe)
@@ -226,7 +237,7 @@ def allreduce_cmd(factor, sizes, ranks, methods, bucket_mb, repeats, workload, o
     failed = False
     for n in ranks:
         cfg = {"kind": "allreduce", "sizes": sizes, "methods": chosen, "bucket_mb": bucket_mb,
-               "model": workload, "repeats": repeats}
+               "model": workload, "repeats": repeats, "compression": kinds}
         outcome = launching.run_worker(n, ["-m", "distprop.bench.runner", json.dumps(cfg)],
                                        threads=1, timeout=timeout, oversubscribe=oversubscribe)
         if outcome.error:

@@ -26,6 +26,7 @@ never complete the same request at once.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
@@ -387,6 +388,10 @@ class MPICommunicator(Communicator):
         self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self.local_comm.Get_rank()
         self.local_size = self.local_comm.Get_size()
+        # the second phase of 16-bit sums (halfsum.HalfAllreduce) starts when the first ends:
+        # on its own communicator, in issue order, so no rank's collective order depends on timing
+        self._half_comm = self.comm.Dup()
+        self._half_queue: collections.deque = collections.deque()
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._lock = threading.Lock()
         if progress_thread is None:
@@ -448,6 +453,8 @@ class MPICommunicator(Communicator):
     def allreduce(self, array, op: str = "sum"):
         op = check_op(op)
         _check_mean_dtype(array, op)
+        if array.dtype == np.float16:  # the same 16-bit sum as iallreduce (no user-defined op)
+            return self.iallreduce(array, op).wait()
         host, staged = self._stage(array)
         buf, mpi_op = self._buffer(host, op)
         self._blocking("allreduce", host.nbytes, self.comm.Allreduce, self.MPI.IN_PLACE, buf,
@@ -463,6 +470,7 @@ class MPICommunicator(Communicator):
         _check_mean_dtype(array, op)
         host, staged = self._stage(array)
         buf, mpi_op = self._buffer(host, op, bfloat16)
+        half = buf[1] is self.MPI.UINT16_T if isinstance(buf, list) else False
         inv = 1.0 / self.size
 
         def finish():
@@ -472,6 +480,14 @@ class MPICommunicator(Communicator):
                 self._unstage(array, host)
 
         needs_finish = staged or op == "mean"
+        if half:  # 16-bit words: alltoall + local float32 sum + allgather (no user MPI op)
+            from distprop.distributed.halfsum import HalfAllreduce
+
+            with self._lock:
+                req = HalfAllreduce(self, buf[0], "bf16" if bfloat16 else "fp16", array,
+                                     finish if needs_finish else None, host.nbytes)
+            self._progress.add(req)
+            return req
         with self._lock:
             mpi_req = self.comm.Iallreduce(self.MPI.IN_PLACE, buf, mpi_op)
         req = _MPIRequest(self, mpi_req, array, finish if needs_finish else None,

@@ -1,0 +1,80 @@
+"""ms per MB of float32 gradient for the fp16/bf16 codec: encode, decode, and the 2-rank sum.
+
+    python benchmarks/bench_codec.py [--baseline OLD_TREE] [--mb 4] [--repeats 15]
+
+``sum`` is what one rank computes for a 2-rank 16-bit sum: this tree's local reduction (decode
+both halves, add in float32, encode once, as _HalfAllreduce does) or, for the baseline tree, its
+user-defined MPI op ``_sum16`` on the same words. With ``--baseline`` (a checkout of an older
+distprop, e.g. ``git archive OLD | tar -x -C DIR``) both trees are timed call by call, interleaved,
+and the medians are printed side by side. One process, no MPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(tree: Path, name: str):
+    spec = importlib.util.spec_from_file_location(
+        name, tree / "distprop" / "distributed" / "compression.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _local_sum(codec, a16, b16, kind):
+    codec.sum_words([a16, b16], b16, kind)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, default=None)
+    parser.add_argument("--mb", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    trees = {"after": _load(REPO, "codec_after")}
+    if args.baseline:
+        sys.path.insert(0, str(args.baseline))
+        trees["before"] = _load(args.baseline, "codec_before")
+    n = int(args.mb * 1e6 / 4)
+    x = (np.random.default_rng(0).standard_normal(n) * 1e-3).astype(np.float32)
+    mb = x.nbytes / 1e6
+    for kind in ("fp16", "bf16"):
+        times = {(t, op): [] for t in trees for op in ("encode", "decode", "sum")}
+        for _ in range(args.repeats):
+            for tree, codec in trees.items():
+                w, out = np.empty(n, np.uint16), np.empty(n, np.float32)
+                t0 = time.perf_counter()
+                codec.encode(x, w, kind)
+                t1 = time.perf_counter()
+                codec.decode(w, out, kind)
+                t2 = time.perf_counter()
+                w2 = w[::-1].copy()
+                t3 = time.perf_counter()
+                if tree == "after":
+                    _local_sum(codec, w, w2, kind)
+                else:
+                    codec._sum16(memoryview(w), memoryview(w2), kind)
+                t4 = time.perf_counter()
+                times[tree, "encode"].append(t1 - t0)
+                times[tree, "decode"].append(t2 - t1)
+                times[tree, "sum"].append(t4 - t3)
+        for op in ("encode", "decode", "sum"):
+            cells = "  ".join(f"{tree} {1e3 * statistics.median(times[tree, op]) / mb:6.2f}"
+                              for tree in trees)
+            print(f"{kind} {op:6s} ms/MB: {cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
