@@ -407,16 +407,14 @@ class MPICommunicator(Communicator):
     # -- helpers --------------------------------------------------------------------------------
 
     def _buffer(self, array, op: str = "sum", bfloat16: bool = False):
-        """The mpi4py buffer spec and MPI op for ``array`` (half floats use custom ops)."""
+        """The mpi4py buffer spec and MPI op for ``array`` (16-bit words get no MPI op: their
+        sum is :class:`~distprop.distributed.halfsum.HalfAllreduce`)."""
         if bfloat16 or array.dtype == np.float16:
-            from distprop.distributed import compression
-
             if op not in ("sum", "mean"):
                 raise TypeError(f"op={op!r} is not supported on half-precision arrays")
             if bfloat16 and array.dtype != np.uint16:
                 raise TypeError(f"bfloat16=True needs a uint16 array, got dtype {array.dtype}")
-            kind = "bf16" if bfloat16 else "fp16"
-            return [array.view(np.uint16), self.MPI.UINT16_T], compression.mpi_sum_op(kind)
+            return [array.view(np.uint16), self.MPI.UINT16_T], None
         return array, self._ops[op]
 
     @staticmethod

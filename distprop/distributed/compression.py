@@ -1,4 +1,4 @@
-"""Half-precision gradient compression: fp16 and bf16 codecs and their MPI sum operations.
+"""Half-precision gradient compression: fp16 and bf16 codecs and their float32 sum.
 
 A compressed bucket travels as 16-bit words: IEEE half (``fp16``) or bfloat16 (``bf16``, the top
 16 bits of a float32, rounded to nearest even). NumPy has no bfloat16 dtype, so bf16 values live
@@ -14,7 +14,7 @@ that made compression lose on fast links). Each rank receives every rank's copy 
 an allgather returns the summed chunks. The allreduce moves half the bytes of a float32 one; for
 2 ranks the result is bit-identical to the former operation (one rounding of each input and one
 of the sum); for more ranks the sum is rounded once, not once per step, and is the same on every
-rank. ``mpi_sum_op`` (the user-defined operation) remains for callers that want MPI to reduce.
+rank.
 DDP divides the bucket by the world size *before* encoding, so the fp16 sum cannot overflow
 unless an input already did. Infinities and NaNs stay what they are, so the non-finite check
 after the allreduce sees them. fp16 decoding is a lookup in a 64K-entry table (256 KiB).
@@ -222,21 +222,7 @@ def _decode_device(xp, src16, out, kind: str) -> None:
     out.reshape(-1)[...] = (src16.reshape(-1).astype(xp.uint32) << 16).view(xp.float32)
 
 
-# -- MPI reduction operations ------------------------------------------------------------------
-
-
-def _sum16(inbuf, inoutbuf, kind: str) -> None:
-    """inout = round16(float(in) + float(inout)), chunk by chunk."""
-    a = np.frombuffer(inbuf, dtype=np.uint16)
-    b = np.frombuffer(inoutbuf, dtype=np.uint16)
-    fa_all, fb_all = _scratch(5, np.float32), _scratch(6, np.float32)
-    for s in range(0, a.size, _CHUNK):
-        ca, cb = a[s:s + _CHUNK], b[s:s + _CHUNK]
-        fa, fb = fa_all[:ca.size], fb_all[:ca.size]
-        _decode_chunk(ca, fa, kind)
-        _decode_chunk(cb, fb, kind)
-        fb += fa
-        _encode_chunk(fb, cb, kind)
+# -- the 16-bit sum ----------------------------------------------------------------------------
 
 
 def sum_words(parts, out16, kind: str) -> None:
@@ -253,25 +239,3 @@ def sum_words(parts, out16, kind: str) -> None:
             _decode_chunk(p[s:e], part, kind)
             acc += part
         _encode_chunk(acc, out16[s:e], kind)
-
-
-def _fp16_sum(inbuf, inoutbuf, datatype) -> None:
-    _sum16(inbuf, inoutbuf, "fp16")
-
-
-def _bf16_sum(inbuf, inoutbuf, datatype) -> None:
-    _sum16(inbuf, inoutbuf, "bf16")
-
-
-_MPI_OPS: dict[str, object] = {}
-
-
-def mpi_sum_op(kind: str):
-    """The MPI user-defined (commutative) sum for 16-bit ``kind`` words, created once."""
-    op = _MPI_OPS.get(kind)
-    if op is None:
-        from mpi4py import MPI
-
-        fn = {"fp16": _fp16_sum, "bf16": _bf16_sum}[kind]
-        op = _MPI_OPS[kind] = MPI.Op.Create(fn, commute=True)
-    return op

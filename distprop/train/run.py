@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -120,11 +119,6 @@ def build_schedule(cfg: TrainConfig, optimizer):
         return None
     return schedule.ProgressSchedule(optimizer, schedule.factor_fn(name, warm),
                                      note="--scale-lr: lr x ranks" if cfg.scale_lr else "")
-
-
-def steps_per_epoch(cfg: TrainConfig, n_train: int) -> int:
-    per_rank = math.ceil(n_train / cfg.world_size)
-    return math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.grad_accum)
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
