@@ -170,10 +170,7 @@ def plot_scaling(rows: list[dict], path: Path) -> bool:
     ax2.legend()
     for ax in (ax1, ax2):
         ax.set_xticks(ranks)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, path, plt)
 
 
 # Keys of one ``bench allreduce`` row and of one ``bench peers`` row (and ratio), in CSV order.
@@ -226,10 +223,7 @@ def plot_allreduce(rows: list[dict], path: Path) -> bool:
     ax.set_title("allreduce bus bandwidth")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(fig, path, plt)
 
 
 def plot_peers(rows: list[dict], path: Path) -> bool:
@@ -258,6 +252,11 @@ def plot_peers(rows: list[dict], path: Path) -> bool:
         ax.set_title(f"{ok[0]['workload']}: {title}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    return _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> bool:
+    """Lay out, write and close one figure; True (the plot functions' "written")."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
