@@ -220,6 +220,23 @@ def manual_seed(seed: int) -> None:
             pass
 
 
+def seed_rank(seed: int, rank: int, *extra: int) -> None:
+    """Give this rank its own stream: the global generator becomes
+    ``default_rng(SeedSequence(seed).spawn(world)[rank])`` (the same stream for any world size,
+    since child ``rank`` of a SeedSequence does not depend on how many are spawned); ``extra``
+    keys derive a further independent stream (a resume on another number of ranks). CuPy's
+    generator is seeded from the same sequence."""
+    global _generator
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(int(rank), *map(int, extra)))
+    _generator = np.random.default_rng(sequence)
+    cp = _load_cupy() if _cupy_checked else None
+    if cp is not None:
+        try:
+            cp.random.seed(int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+        except Exception:
+            pass
+
+
 def generator() -> np.random.Generator:
     """The global host generator (seeded by :func:`manual_seed`)."""
     return _generator

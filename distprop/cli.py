@@ -28,6 +28,8 @@ from distprop.cli_choices import (
     LiveHelpOption,
     RegistryChoice,
     SizeOption,
+    comm_help,
+    compression_help,
     lr_help,
     momentum_help,
     optimizer_help,
@@ -254,16 +256,19 @@ def _agreed_error(error: ConfigError | None) -> ConfigError | None:
 @click.option("--clip-grad-norm", type=float, default=None, help="Clip the global grad norm.")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per step [1].")
 @click.option("--compression", type=RegistryChoice(COMPRESSIONS), default=None,
-              help="Gradient compression on the wire [none].")
+              cls=LiveHelpOption, help_fn=compression_help)
+@click.option("--powersgd-rank", type=int, default=None,
+              help="Rank of PowerSGD's low-rank approximation [1].")
+@click.option("--powersgd-start", type=int, default=None,
+              help="Optimizer steps of plain averaging before PowerSGD compresses [1000].")
 @click.option("--amp", is_flag=False, flag_value="float16", default=None,
               help="Mixed precision: float16 autocast + dynamic loss scaling; --amp alone "
                    "means float16 [none].")
 @click.option("--zero/--no-zero", default=None, help="Shard optimizer state (ZeRO-1).")
 @click.option("--device", default=None,
               help="cpu, cuda (one GPU per rank, by node-local rank) or cuda:N [cpu].")
-@click.option("--comm", type=RegistryChoice(COMMS), default=None,
-              help="How GPU gradients are reduced: auto (NCCL, else CUDA-aware MPI, else host "
-                   "staging), nccl, mpi-cuda, mpi-host [auto].")
+@click.option("--comm", type=RegistryChoice(COMMS), default=None, cls=LiveHelpOption,
+              help_fn=comm_help)
 @click.option("--seed", type=int, default=None, help="Seed of init, shuffling, splits [0].")
 @click.option("--out", default=None, help="Output directory [runs/distprop].")
 @click.option("--checkpoint-every", type=int, default=None,

@@ -73,6 +73,19 @@ def schedule_help() -> str:
         + " [default: cosine].")
 
 
+def compression_help() -> str:
+    """``--compression``: every registered communication hook with what it does."""
+    return ("Gradient compression (a DDP communication hook): " + "; ".join(
+        f"{name}: {entry.description}" for name, entry in registry.COMPRESSIONS.items())
+        + " [none].")
+
+
+def comm_help() -> str:
+    """``--comm``: every registered communicator with what it does."""
+    return ("How gradients are reduced: " + "; ".join(
+        f"{name}: {entry.description}" for name, entry in registry.COMMS.items()) + " [auto].")
+
+
 class SizeOption(click.Option):
     """``--hidden``/``--layers``/``--channels``: the help lists, from the model registry, what
     the option sets in each zoo model that takes it."""

@@ -18,9 +18,9 @@ so adding an optimizer (say) is one :meth:`Registry.register` call next to its i
                    training done (``plateau``: none, it follows the validation loss)
 :data:`TASKS`, :data:`LOSSES`  ``--task`` and ``--loss`` (each loss names its task; the first
                    loss of a task is its default)
-:data:`COMMS`      ``--comm``: how GPU gradients are reduced (see
+:data:`COMMS`      ``--comm``: the communicators, each with the rule that picks it (see
                    :mod:`distprop.distributed.selection`)
-:data:`COMPRESSIONS`  ``--compression``: the gradient codec on the wire
+:data:`COMPRESSIONS`  ``--compression``: DDP's communication hooks (fp16, bf16, PowerSGD)
 :data:`ENV_VARS`   the ``DISTPROP_*`` environment variables read anywhere in distprop
 =================  ===========================================================================
 """
@@ -37,7 +37,7 @@ from distprop import optim
 from distprop.models import MODELS
 
 __all__ = ["COMMS", "COMPRESSIONS", "ENV_VARS", "LOSSES", "LR_SCHEDULES", "MODELS",
-           "OPTIMIZERS", "TASKS", "Entry", "LossEntry", "OptimizerEntry", "Registry",
+           "OPTIMIZERS", "TASKS", "CommEntry", "Entry", "LossEntry", "OptimizerEntry", "Registry",
            "env_entry", "env_markdown"]
 
 
@@ -202,21 +202,65 @@ LOSSES: Registry[LossEntry] = Registry("loss", [
 
 # --- communicators and compression --------------------------------------------------------------
 
-COMMS: Registry[Entry] = Registry("comm", [
-    Entry("auto", "NCCL when every rank has its own GPU, else CUDA-aware MPI when the library "
-          "reports it, else mpi-host; CPU arrays and one process use MPI as it is"),
-    Entry("nccl", "NCCL (ranks sharing a GPU fall back to mpi-host)",
-          "distprop.distributed.nccl:NCCLCommunicator"),
-    Entry("mpi-cuda", "device pointers to a CUDA-aware MPI",
-          "distprop.distributed.gpucomm:CudaAwareMPICommunicator"),
-    Entry("mpi-host", "staging through pinned host buffers (any MPI, any ranks per GPU)",
-          "distprop.distributed.gpucomm:HostStagedCommunicator"),
+@dataclass(frozen=True)
+class CommEntry(Entry):
+    """A communicator choice (``--comm``).
+
+    Attributes:
+        factory: ``factory(host_comm, device) -> Communicator`` when the rule picks this name
+            (None: the world communicator as it is).
+        rule: ``rule(facts) -> (kind, note)`` (a callable or ``"module:attribute"``): which
+            registered communicator the choice becomes for the facts of
+            :class:`distprop.distributed.selection.CommFacts` (kind ``'host'``: the world
+            communicator), raising ``CommSelectionError`` when it cannot work.
+        facts: the collective fact-finding the rule needs on GPUs: ``"gpu-mapping"`` (which
+            ranks share a GPU), ``"mpi-cuda-aware"`` (what the MPI library says).
+    """
+
+    rule: Callable[..., Any] | str | None = None
+    facts: tuple[str, ...] = ()
+
+    def load_rule(self) -> Callable[..., Any]:
+        """The rule, imported when given as ``"module:attribute"``."""
+        rule = self.rule
+        if isinstance(rule, str):
+            module, _, attr = rule.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        if rule is None:
+            raise LookupError(f"comm {self.name!r} has no rule")
+        return rule
+
+
+_SEL = "distprop.distributed.selection:"
+COMMS: Registry[CommEntry] = Registry("comm", [
+    CommEntry("auto", "NCCL when every rank has its own GPU, else CUDA-aware MPI when the "
+              "library reports it, else mpi-host; CPU arrays and one process use MPI as it is",
+              rule=_SEL + "rule_auto", facts=("gpu-mapping", "mpi-cuda-aware")),
+    CommEntry("nccl", "NCCL (ranks sharing a GPU fall back to mpi-host)",
+              "distprop.distributed.nccl:NCCLCommunicator", rule=_SEL + "rule_nccl",
+              facts=("gpu-mapping",)),
+    CommEntry("mpi-cuda", "device pointers to a CUDA-aware MPI",
+              "distprop.distributed.gpucomm:CudaAwareMPICommunicator",
+              rule=_SEL + "rule_mpi_cuda", facts=("mpi-cuda-aware",)),
+    CommEntry("mpi-host", "staging through pinned host buffers (any MPI, any ranks per GPU)",
+              "distprop.distributed.gpucomm:HostStagedCommunicator",
+              rule=_SEL + "rule_mpi_host"),
+    CommEntry("mpi", "the MPI world communicator (GPU arrays: CUDA-aware when the library "
+              "says so, else staged through host buffers)", rule=_SEL + "rule_mpi",
+              facts=("mpi-cuda-aware",)),
+    # node-shared memory (``shm``) registers here, next to its implementation's module path
 ])
 
+# Each compression is a communication hook: factory(comm, **options) -> (state, hook), what
+# DistributedDataParallel(compression=name) registers (see distprop.distributed.hooks).
 COMPRESSIONS: Registry[Entry] = Registry("compression", [
-    Entry("none", "float32 gradients"),
-    Entry("fp16", "IEEE half on the wire, summed in float32"),
-    Entry("bf16", "bfloat16 on the wire, summed in float32"),
+    Entry("none", "float32 gradients", "distprop.distributed.hooks:no_compression"),
+    Entry("fp16", "IEEE half on the wire, summed in float32",
+          "distprop.distributed.hooks:fp16_compression"),
+    Entry("bf16", "bfloat16 on the wire, summed in float32",
+          "distprop.distributed.hooks:bf16_compression"),
+    Entry("powersgd", "low-rank PowerSGD with error feedback (--powersgd-rank, "
+          "--powersgd-start)", "distprop.distributed.powersgd:powersgd_compression"),
 ])
 
 # --- environment variables ----------------------------------------------------------------------

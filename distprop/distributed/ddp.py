@@ -7,8 +7,10 @@ How one synchronised step runs:
 2. During backward, a post-accumulate-grad hook per parameter counts finished gradients per
    bucket. A bucket is a contiguous slice of the flat gradient buffer (reverse registration
    order, first bucket ~``first_bucket_mb``, then ~``bucket_cap_mb``); as soon as all its
-   gradients are final it is divided by the world size and a non-blocking allreduce starts on
-   the slice itself (no packing copy). Buckets start in one fixed order on every rank: a bucket
+   gradients are final it goes to the communication hook (:meth:`register_comm_hook`; the
+   default divides it by the world size and starts a non-blocking allreduce on the slice itself,
+   no packing copy; fp16/bf16/PowerSGD are hooks in :mod:`distprop.distributed.hooks` and
+   :mod:`distprop.distributed.powersgd`). Buckets start in one fixed order on every rank: a bucket
    that completes early waits for the ones before it. The communicator's progress thread (and
    the hooks) keep MPI moving those allreduces while backward computes.
 3. At the end of backward (a ``queue_callback``), parameters that got no gradient are handled,
@@ -32,12 +34,12 @@ import weakref
 import numpy as np
 
 from distprop import amp, backend, trace
-from distprop.distributed import compression as _codec
-from distprop.distributed import guards, world
+from distprop.distributed import guards, hooks, world
 from distprop.distributed.comm import Communicator
 from distprop.distributed.consistency import broadcast_state, check_same_model
 from distprop.flat import flatten, slot_of
 from distprop.nn.module import Module
+from distprop.registry import COMPRESSIONS
 from distprop.tensor import Tensor, is_grad_enabled, queue_callback
 
 _MB = 1 << 20
@@ -56,25 +58,6 @@ def owner_of(param: Tensor) -> DistributedDataParallel | None:
     return _OWNERS.get(id(param))
 
 
-class _Bucket:
-    """A contiguous slice ``[start, stop)`` of one flat gradient buffer."""
-
-    __slots__ = ("buffer", "start", "stop", "params", "remaining", "request", "stage", "view",
-                 "launched", "launch_ns")
-
-    def __init__(self, buffer, start: int, stop: int, params: list[int]):
-        self.buffer, self.start, self.stop, self.params = buffer, start, stop, params
-        self.view = buffer.grad[start:stop]
-        self.remaining = len(params)
-        self.request = None
-        self.stage = None
-        self.launched = False
-
-    @property
-    def nbytes(self) -> int:
-        return (self.stop - self.start) * self.buffer.dtype.itemsize
-
-
 class DistributedDataParallel(Module):
     """Replicate ``module`` on every rank and average its gradients during backward.
 
@@ -85,8 +68,11 @@ class DistributedDataParallel(Module):
         overlap: start each bucket's allreduce during backward as soon as it is complete;
             False waits until backward has finished and then reduces each flat buffer with one
             allreduce (the bucket sizes are then ignored).
-        compression: None, ``'fp16'`` or ``'bf16'``: send buckets as 16-bit floats (divided by
-            the world size first) and write the averaged values back into the gradient buffer.
+        compression: None or a name in :data:`distprop.registry.COMPRESSIONS` (``'none'``,
+            ``'fp16'``, ``'bf16'``, ``'powersgd'``): registers that communication hook (see
+            :mod:`distprop.distributed.hooks`); :meth:`register_comm_hook` takes any other.
+        compression_options: keyword arguments of the compression's state (e.g.
+            ``{'matrix_approximation_rank': 4}`` for PowerSGD).
         broadcast_buffers: broadcast rank 0's buffers (e.g. BatchNorm running statistics) at the
             start of each training forward (and of the first forward after training).
         find_unused_parameters: treat parameters that got no gradient as zero gradients; if
@@ -97,7 +83,7 @@ class DistributedDataParallel(Module):
         check_replicas_every: every this many training forwards, compare a checksum of the
             parameters across ranks and raise naming diverged ranks (0 disables).
         comm: the communicator (default: ``distprop.distributed.init()``), or how to reduce
-            GPU gradients: ``'auto'``, ``'nccl'``, ``'mpi-cuda'`` or ``'mpi-host'`` (see
+            gradients: a name in :data:`distprop.registry.COMMS` (``'auto'``, ...; see
             :func:`distprop.distributed.selection.make_comm`).
 
     ``state_dict()`` keys are the wrapped module's keys without a ``module.`` prefix, so
@@ -107,14 +93,15 @@ class DistributedDataParallel(Module):
 
     def __init__(self, module: Module, bucket_cap_mb: float = 25.0, first_bucket_mb: float = 1.0,
                  overlap: bool = True, compression: str | None = None,
+                 compression_options: dict | None = None,
                  broadcast_buffers: bool = True, find_unused_parameters: bool = False,
                  nonfinite: str | None = "raise", check_replicas_every: int = 0,
                  comm: Communicator | str | None = None):
         super().__init__()
         if not isinstance(module, Module):
             raise TypeError(f"DistributedDataParallel wraps a Module, got {type(module).__name__}")
-        if compression not in (None, *_codec.KINDS):
-            raise ValueError(f"compression must be None, 'fp16' or 'bf16', got {compression!r}")
+        if compression is not None and compression not in COMPRESSIONS:
+            raise ValueError(f"compression: {COMPRESSIONS.unknown(compression)}")
         if nonfinite not in (None, "raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or None, got {nonfinite!r}")
         if bucket_cap_mb <= 0 or first_bucket_mb <= 0:
@@ -122,7 +109,7 @@ class DistributedDataParallel(Module):
                 f"bucket sizes must be positive, got bucket_cap_mb={bucket_cap_mb}, "
                 f"first_bucket_mb={first_bucket_mb}"
             )
-        if isinstance(comm, str):  # 'auto', 'nccl', 'mpi-cuda', 'mpi-host': for the model's device
+        if isinstance(comm, str):  # a registry.COMMS name: for the model's device
             from distprop.distributed.selection import make_comm
 
             first = next(iter(module.parameters()), None)
@@ -132,7 +119,12 @@ class DistributedDataParallel(Module):
         self.module = module
         self.comm = comm
         self.bucket_cap_mb, self.first_bucket_mb = float(bucket_cap_mb), float(first_bucket_mb)
-        self.overlap, self.compression = bool(overlap), compression
+        self.overlap = bool(overlap)
+        self.compression = None if compression in (None, "none") else compression
+        #: the communication hook and its state (:meth:`register_comm_hook`)
+        self.comm_hook_state, self.comm_hook = hooks.no_compression(comm)
+        self._hook_registered = False
+        self._synced_backwards = 0
         self.broadcast_buffers = bool(broadcast_buffers)
         self.find_unused_parameters = bool(find_unused_parameters)
         self.nonfinite, self.check_replicas_every = nonfinite, int(check_replicas_every)
@@ -165,6 +157,36 @@ class DistributedDataParallel(Module):
         for p in self._params:
             _OWNERS[id(p)] = self
         self._reset_backward_state()
+        if self.compression is not None:
+            state, hook = COMPRESSIONS[self.compression].load()(comm, **(compression_options or {}))
+            self.register_comm_hook(state, hook)
+
+    def register_comm_hook(self, state, hook) -> None:
+        """Let ``hook(state, bucket)`` average each gradient bucket instead of the plain
+        allreduce (PyTorch's ``DistributedDataParallel.register_comm_hook``).
+
+        ``bucket`` is a :class:`distprop.distributed.hooks.GradBucket`; the hook returns a
+        :class:`~distprop.distributed.hooks.Future` (or a request) whose ``wait()`` gives the
+        averaged flat gradient or writes it into ``bucket.buffer()``. ``buffer()`` holds the
+        local gradient not yet divided by the world size, unless the hook sets
+        ``hook.predivide = True``. Built-in hooks: :mod:`distprop.distributed.hooks`
+        (allreduce, fp16, bf16) and :mod:`distprop.distributed.powersgd`.
+
+        Raises:
+            RuntimeError: a hook was registered already (also by ``compression=``), or a
+                synchronised backward has run.
+        """
+        if not callable(hook):
+            raise TypeError(f"register_comm_hook: hook must be callable, got {type(hook).__name__}")
+        if self._hook_registered:
+            name = getattr(self.comm_hook, "__name__", self.comm_hook)
+            raise RuntimeError("register_comm_hook can only be called once (a hook is already "
+                               f"registered: {name})")
+        if self._synced_backwards:
+            raise RuntimeError("register_comm_hook must be called before the first backward "
+                               "that synchronises gradients")
+        self.comm_hook_state, self.comm_hook = state, hook
+        self._hook_registered = True
 
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:
@@ -192,7 +214,7 @@ class DistributedDataParallel(Module):
         cap = self.bucket_cap_mb * _MB
         if not self.overlap:  # nothing to overlap with: one allreduce per flat buffer
             first_cap = cap = math.inf
-        buckets: list[_Bucket] = []
+        buckets: list[hooks.GradBucket] = []
         current: list[int] = []
 
         def close():
@@ -200,7 +222,11 @@ class DistributedDataParallel(Module):
                 ss = [slots[i] for i in current]
                 start = min(s.offset for s in ss)
                 stop = max(s.offset + s.numel for s in ss)
-                buckets.append(_Bucket(ss[0].buffer, start, stop, list(current)))
+                order = sorted(current, key=lambda i: slots[i].offset)
+                buckets.append(hooks.GradBucket(ss[0].buffer, start, stop, list(current),
+                                                [params[i] for i in order],
+                                                position=len(buckets), last=False,
+                                                comm=self.comm))
                 current.clear()
 
         size = 0
@@ -217,19 +243,17 @@ class DistributedDataParallel(Module):
             current.append(i)
             size += nbytes
         close()
+        if buckets:
+            buckets[-1].last = True
         self._buckets = buckets
         self._bucket_of = [0] * len(params)
         for k, b in enumerate(buckets):
             for i in b.params:
                 self._bucket_of[i] = k
-        if self.compression:
-            for b in buckets:
-                xp = backend.get_array_module(b.view)
-                b.stage = xp.empty(b.stop - b.start, dtype=np.uint16)
 
     def _layout_ok(self) -> bool:
         return all(slot_of(p) is not None for p in self._params) and all(
-            b.buffer.valid for b in self._buckets)
+            b.flat.valid for b in self._buckets)
 
     @property
     def buckets(self) -> list[tuple[int, int, list[str]]]:
@@ -284,7 +308,8 @@ class DistributedDataParallel(Module):
 
     def extra_repr(self) -> str:
         return (f"world_size={self.comm.size}, buckets={len(self._buckets)}, "
-                f"overlap={self.overlap}, compression={self.compression}")
+                f"overlap={self.overlap}, comm_hook="
+                f"{getattr(self.comm_hook, '__name__', type(self.comm_hook).__name__)}")
 
     def check_replicas(self) -> None:
         """Raise on every rank, naming diverged ranks, if parameters differ across ranks."""
@@ -340,15 +365,18 @@ class DistributedDataParallel(Module):
                 self.comm.progress()
 
     def _prepare_grad(self, param: Tensor) -> None:
-        """Make the final gradient the flat-buffer view, divide it by the world size (averaging,
-        before the sum as PyTorch does) and, in the same pass, look for non-finite values --
-        while the gradient is still warm in cache. Ranks agree on non-finite ones in finish."""
+        """Make the final gradient the flat-buffer view and, for a hook that wants it
+        (``predivide``), divide it by the world size and in the same pass look for non-finite
+        values (``nonfinite_from_inputs``) -- while the gradient is still warm in cache. Ranks
+        agree on non-finite ones in finish."""
         view = param._grad_buffer
         if param.grad is None or param.grad.data is not view:
             view[...] = 0 if param.grad is None else param.grad.data
             param.grad = Tensor._wrap(view)
-        check = self.nonfinite is not None and not self.compression
-        if not _scale_and_check(view.reshape(-1), 1.0 / self.comm.size, check):
+        hook = self.comm_hook
+        check = self.nonfinite is not None and getattr(hook, "nonfinite_from_inputs", False)
+        scale = 1.0 / self.comm.size if getattr(hook, "predivide", False) else 1.0
+        if not _scale_and_check(view.reshape(-1), scale, check):
             self._local_nonfinite = True
 
     def _launch_ready(self, during_backward: bool = False) -> None:
@@ -359,17 +387,11 @@ class DistributedDataParallel(Module):
             if during_backward:
                 self._overlapped += 1
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: hooks.GradBucket) -> None:
         bucket.launch_ns = trace.now_ns()
-        view = bucket.view  # already divided by the world size (_prepare_grad)
-        if self.compression:
-            _codec.encode(view, bucket.stage, self.compression)
-            data = bucket.stage if self.compression == "bf16" else bucket.stage.view(np.float16)
-            bucket.request = self.comm.iallreduce(data, "sum",
-                                                  bfloat16=self.compression == "bf16")
-        else:
-            bucket.request = self.comm.iallreduce(view, "sum")
-        bucket.launched = True
+        bucket.predivided = bool(getattr(self.comm_hook, "predivide", False))
+        bucket.launched = True  # before the hook: an exception in it still finishes cleanly
+        bucket.request = self.comm_hook(self.comm_hook_state, bucket)
         trace.complete("allreduce.launch", bucket.launch_ns, trace.now_ns(), "comm",
                        bucket=self._next_launch, bytes=bucket.nbytes)
 
@@ -397,21 +419,25 @@ class DistributedDataParallel(Module):
         flag_request = self.comm.iallreduce(flags, "sum") if size > 1 else None
         t_wait = time.perf_counter()
         post_nonfinite = False
+        check_after = self.nonfinite is not None and not getattr(
+            self.comm_hook, "nonfinite_from_inputs", False)
         for k, b in enumerate(self._buckets):
             with trace.span("wait", "comm", bucket=k):
-                b.request.wait()
+                result = b.request.wait()
+            if result is not None and not hooks.aliases(result, b.view):
+                b.view[...] = result.reshape(-1)
             trace.complete("allreduce", b.launch_ns, getattr(b.request, "done_ns", None)
                            or trace.now_ns(), "comm", blocking=False, bucket=k, bytes=b.nbytes)
             b.request = None
-            if self.compression:
-                _codec.decode(b.stage, b.view, self.compression)
-                # the 16-bit cast can overflow: check the averaged values (same on all ranks)
-                if self.nonfinite is not None and not _all_finite(b.view):
-                    post_nonfinite = True
+            # a 16-bit cast or a low-rank approximation can overflow: check the averaged
+            # values (the same on every rank)
+            if check_after and not _all_finite(b.view):
+                post_nonfinite = True
         wait_s = time.perf_counter() - t_wait
         if flag_request is not None:
             flag_request.wait()
         overlapped = self._overlapped
+        self._synced_backwards += 1
         self._reset_backward_state()
         self.last_sync = {"wait_s": wait_s, "finish_s": time.perf_counter() - t0,
                           "overlapped": overlapped, "buckets": len(self._buckets)}

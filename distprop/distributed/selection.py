@@ -1,6 +1,7 @@
-"""Choosing the communicator for a device: ``--comm auto|nccl|mpi-cuda|mpi-host``.
+"""Choosing the communicator for a device: ``--comm``, the names of ``registry.COMMS``.
 
-:func:`choose_comm` is the rule, a pure function of the facts (device, CuPy, NCCL, CUDA-aware
+:func:`choose_comm` applies the choice's rule (``rule_<name>`` below, named by its registry
+entry), a pure function of the facts (device, CuPy, NCCL, CUDA-aware
 MPI, world size, ranks sharing a GPU), so it is tested without GPUs. :func:`make_comm` gathers
 the facts on every rank (agreeing across ranks: NCCL only if every rank has it, CUDA-aware MPI
 only if every rank's library says so) and builds the communicator its entry in
@@ -15,7 +16,12 @@ only if every rank's library says so) and builds the communicator its entry in
 ``mpi-cuda``  device pointers to MPI; an error when the library says it is not
               CUDA-aware (``DISTPROP_MPI_CUDA_AWARE=1`` overrides the query).
 ``mpi-host``  host staging through pinned buffers (any MPI, any number of ranks per GPU).
+``mpi``       the MPI world communicator: CPU arrays as they are; GPU arrays to a CUDA-aware
+              library when it says so, else through pinned host buffers.
 ============  =====================================================================
+
+A new communicator is one ``registry.COMMS.register(CommEntry(name, description, factory,
+rule=..., facts=...))`` call: no list here or in the CLI names it.
 """
 
 from __future__ import annotations
@@ -51,8 +57,9 @@ class CommSelectionError(RuntimeError):
 
 
 def choose_comm(choice: str, facts: CommFacts) -> tuple[str, str]:
-    """``(kind, note)``: kind is ``'host'`` (the world communicator as it is), ``'nccl'``,
-    ``'mpi-cuda'`` or ``'mpi-host'``; note explains a fallback (empty when there is none).
+    """``(kind, note)``: kind is ``'host'`` (the world communicator as it is) or the
+    :data:`~distprop.registry.COMMS` name of the communicator to build; note explains a
+    fallback (empty when there is none). The rule is the choice's registry entry's.
 
     Raises:
         ValueError: for an unknown choice.
@@ -61,47 +68,85 @@ def choose_comm(choice: str, facts: CommFacts) -> tuple[str, str]:
     choice = str(choice).lower()
     if choice not in COMM_CHOICES:
         raise ValueError(f"unknown comm {choice!r}: choose one of {', '.join(COMM_CHOICES)}")
-    if not facts.device_is_cuda:
-        if choice in ("nccl", "mpi-cuda"):
-            if not facts.cupy:
-                raise CommSelectionError(
-                    f"--comm {choice} needs GPU arrays, but CuPy is missing "
-                    f"({facts.cupy_error}); install it (pip install 'distprop[gpu]') and train "
-                    "with --device cuda, or use --comm auto/mpi-host on the CPU")
-            raise CommSelectionError(
-                f"--comm {choice} needs GPU arrays: train with --device cuda (the model and "
-                "the batches are on the CPU)")
+    return COMMS[choice].load_rule()(facts)
+
+
+# -- the rules of the registered choices (registry.COMMS names them) ------------------------------
+
+
+def _gpu_only(choice: str, facts: CommFacts) -> None:
+    """Refuse CPU arrays for a choice that moves device arrays only."""
+    if facts.device_is_cuda:
+        return
+    if not facts.cupy:
+        raise CommSelectionError(
+            f"--comm {choice} needs GPU arrays, but CuPy is missing "
+            f"({facts.cupy_error}); install it (pip install 'distprop[gpu]') and train "
+            "with --device cuda, or use --comm auto/mpi-host on the CPU")
+    raise CommSelectionError(
+        f"--comm {choice} needs GPU arrays: train with --device cuda (the model and "
+        "the batches are on the CPU)")
+
+
+def _mpi_for_device(facts: CommFacts, why: str = "") -> tuple[str, str]:
+    """GPU arrays over MPI: CUDA-aware when the library says so, else staged through host."""
+    if facts.mpi_cuda_aware:
+        return "mpi-cuda", why + "; using CUDA-aware MPI (mpi-cuda)" if why else ""
+    return "mpi-host", (why + "; MPI is not known to be CUDA-aware: staging through pinned "
+                        "host buffers (mpi-host)") if why else ""
+
+
+def rule_auto(facts: CommFacts) -> tuple[str, str]:
+    """``auto``: NCCL when every rank has it and its own GPU, else :func:`rule_mpi`'s choice."""
+    if not facts.device_is_cuda or facts.world_size == 1:
         return "host", ""
-    if choice == "nccl":
-        if not facts.nccl:
-            raise CommSelectionError(f"--comm nccl: {facts.nccl_info or 'NCCL is not available'}"
-                                     "; use --comm mpi-host (or mpi-cuda with a CUDA-aware MPI)")
-        if facts.shared_gpus:
-            return "mpi-host", _shared_note(facts.shared_gpus) + "; falling back to mpi-host"
-        return "nccl", ""
-    if facts.world_size == 1:
-        return "host", ""  # one process: nothing to communicate
-    if choice == "mpi-cuda":
-        if facts.mpi_cuda_aware is False:
-            raise CommSelectionError(
-                "--comm mpi-cuda: the MPI library does not accept CUDA buffers "
-                f"({facts.mpi_cuda_info}); use --comm mpi-host or nccl, or set "
-                "DISTPROP_MPI_CUDA_AWARE=1 if you know better")
-        note = "" if facts.mpi_cuda_aware else (
-            f"cannot tell whether MPI is CUDA-aware ({facts.mpi_cuda_info}); trusting "
-            "--comm mpi-cuda")
-        return "mpi-cuda", note
-    if choice == "mpi-host":
-        return "mpi-host", ""
-    # auto
     if facts.nccl and not facts.shared_gpus:
         return "nccl", ""
     why = (_shared_note(facts.shared_gpus) if facts.nccl
            else f"NCCL is not available ({facts.nccl_info})")
-    if facts.mpi_cuda_aware:
-        return "mpi-cuda", why + "; using CUDA-aware MPI (mpi-cuda)"
-    return "mpi-host", (why + "; MPI is not known to be CUDA-aware: staging through pinned "
-                        "host buffers (mpi-host)")
+    return _mpi_for_device(facts, why)
+
+
+def rule_mpi(facts: CommFacts) -> tuple[str, str]:
+    """``mpi``: the MPI world communicator; GPU arrays go to a CUDA-aware library directly,
+    else through pinned host buffers."""
+    if not facts.device_is_cuda or facts.world_size == 1:
+        return "host", ""
+    return _mpi_for_device(facts)
+
+
+def rule_nccl(facts: CommFacts) -> tuple[str, str]:
+    """``nccl``: NCCL or a clear error; ranks sharing a GPU fall back to mpi-host."""
+    _gpu_only("nccl", facts)
+    if not facts.nccl:
+        raise CommSelectionError(f"--comm nccl: {facts.nccl_info or 'NCCL is not available'}"
+                                 "; use --comm mpi-host (or mpi-cuda with a CUDA-aware MPI)")
+    if facts.shared_gpus:
+        return "mpi-host", _shared_note(facts.shared_gpus) + "; falling back to mpi-host"
+    return "nccl", ""
+
+
+def rule_mpi_cuda(facts: CommFacts) -> tuple[str, str]:
+    """``mpi-cuda``: device pointers to MPI; an error when the library says it cannot."""
+    _gpu_only("mpi-cuda", facts)
+    if facts.world_size == 1:
+        return "host", ""  # one process: nothing to communicate
+    if facts.mpi_cuda_aware is False:
+        raise CommSelectionError(
+            "--comm mpi-cuda: the MPI library does not accept CUDA buffers "
+            f"({facts.mpi_cuda_info}); use --comm mpi-host or nccl, or set "
+            "DISTPROP_MPI_CUDA_AWARE=1 if you know better")
+    note = "" if facts.mpi_cuda_aware else (
+        f"cannot tell whether MPI is CUDA-aware ({facts.mpi_cuda_info}); trusting "
+        "--comm mpi-cuda")
+    return "mpi-cuda", note
+
+
+def rule_mpi_host(facts: CommFacts) -> tuple[str, str]:
+    """``mpi-host``: host staging for GPU arrays (the world communicator for CPU arrays)."""
+    if not facts.device_is_cuda or facts.world_size == 1:
+        return "host", ""
+    return "mpi-host", ""
 
 
 def _shared_note(groups: list) -> str:
@@ -169,16 +214,17 @@ def make_comm(choice: str = "auto", host: Communicator | None = None, device=Non
         host = world.init()
     dev = device if isinstance(device, backend.Device) else (
         backend.CPU if device is None else backend.device(device))
+    entry = COMMS[choice]
     if dev.is_cuda:
-        facts = gather_facts(host, dev, need_mapping=choice in ("auto", "nccl"),
-                             need_mpi=choice in ("auto", "mpi-cuda"))
+        facts = gather_facts(host, dev, need_mapping="gpu-mapping" in entry.facts,
+                             need_mpi="mpi-cuda-aware" in entry.facts)
     else:  # decided from the choice alone (the same on every rank): no collective
         facts = CommFacts(device_is_cuda=False, world_size=host.size,
                           cupy=backend.cupy_available(), cupy_error=backend._cupy_error)
     kind, note = choose_comm(choice, facts)
     if note and verbose and host.rank == 0:
         logging.getLogger(__name__).warning(f"distprop: comm {choice}: {note}")
-    if kind == "host":
+    if kind == "host" or COMMS[kind].factory is None:
         return host
     return COMMS[kind].load()(host, dev)
 

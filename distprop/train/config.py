@@ -68,6 +68,8 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     grad_accum: int = 1
     compression: str = "none"
+    powersgd_rank: int = 1
+    powersgd_start: int = 1000
     amp: str = "none"
     zero: bool = False
     device: str = "cpu"
@@ -186,6 +188,13 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got "
                                   f"{getattr(self, name)}", name.replace("_", "-"))
+        if self.powersgd_rank < 1:
+            raise ConfigError(f"--powersgd-rank must be at least 1, got {self.powersgd_rank}",
+                              "powersgd-rank")
+        if self.powersgd_start < 2:
+            raise ConfigError(f"--powersgd-start must be at least 2 (PowerSGD's error feedback "
+                              f"starts after plain averaging), got {self.powersgd_start}",
+                              "powersgd-start")
         for name in ("momentum", "weight_decay"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "

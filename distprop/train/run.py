@@ -402,6 +402,15 @@ def _plot_title(cfg: TrainConfig, world: int) -> str:
             f"{base_lr(cfg):.4g} ({cfg.lr_schedule}), {cfg.global_batch_size} samples per step")
 
 
+def _compression_options(cfg: TrainConfig) -> dict | None:
+    """DDP's ``compression_options`` for ``--compression powersgd`` (None for the others)."""
+    if cfg.compression != "powersgd":
+        return None
+    return {"compression_options": {"matrix_approximation_rank": cfg.powersgd_rank,
+                                    "start_powerSGD_iter": cfg.powersgd_start,
+                                    "random_seed": cfg.seed}}
+
+
 def train(cfg: TrainConfig, comm=None) -> dict:
     """Train from ``cfg`` on the ranks of ``comm``; returns the summary (on every rank)."""
     from distprop import distributed
@@ -460,6 +469,7 @@ def train(cfg: TrainConfig, comm=None) -> dict:
                       device=dev, metrics=tasks.metrics(cfg.task),
                       clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,
                       compression=None if cfg.compression == "none" else cfg.compression,
+                      ddp_kwargs=_compression_options(cfg),
                       callbacks=callbacks, seed=cfg.seed, log_every=cfg.log_every,
                       prefetch=cfg.prefetch, amp=None if cfg.amp == "none" else cfg.amp)
     resume = _resume_source(cfg, comm, model, optimizer, len(splits.train))

@@ -117,7 +117,7 @@ class Trainer(TrainerState):
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.device = backend.device(device)
-        if isinstance(comm, str):  # a --comm choice: 'auto', 'nccl', 'mpi-cuda' or 'mpi-host'
+        if isinstance(comm, str):  # a --comm choice: a name in registry.COMMS
             from distprop.distributed.selection import make_comm
 
             comm = make_comm(comm, device=self.device)
@@ -135,6 +135,9 @@ class Trainer(TrainerState):
         self.log_every = int(log_every)
         self.prefetch = int(prefetch)
         self.ddp = _ddp(model, self.comm, compression, ddp_kwargs)
+        # the replicas start identical (built from one seed, checked by DDP); from here on each
+        # rank draws its own dropout masks: SeedSequence(seed).spawn(world)[rank]
+        backend.seed_rank(self.seed, self.comm.rank)
         # mixed precision: amp=None/False off; True, 'float16' or dp.float16 on (see dp.amp)
         on = amp is not None and amp is not False
         self.autocast = _amp.autocast(dtype=None if amp is True or not on else amp, enabled=on)
@@ -476,15 +479,22 @@ def fit(model, loss_fn, optimizer, train_data, val_data=None, epochs: int = 1,
         val_data: evaluated at each epoch end (``val_loss``/``val_accuracy`` in the logs).
         epochs: total epochs (a resumed run counts the ones already done).
         batch_size: samples per rank per micro-batch.
-        comm: the communicator; ``None`` initialises ``dp.distributed``; a string (``'auto'``,
-            ``'nccl'``, ``'mpi-cuda'``, ``'mpi-host'``) picks how GPU gradients are reduced.
+        comm: the communicator; ``None`` initialises ``dp.distributed``; a name in
+            :data:`distprop.registry.COMMS` (``'auto'``, ...) picks how gradients are reduced.
         device: where batches go (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
         clip_grad_norm: clip the global gradient norm (after the allreduce) to this.
         grad_accum: micro-batches per optimizer step (gradients sync only on the last one).
-        compression: ``"fp16"``/``"bf16"`` gradient compression in DDP.
+        compression: a :data:`distprop.registry.COMPRESSIONS` name (``"fp16"``, ``"bf16"``,
+            ``"powersgd"``): the communication hook DDP registers; its options (e.g.
+            ``{"matrix_approximation_rank": 4}``) go in ``ddp_kwargs["compression_options"]``.
+            PowerSGD's per-rank memories are saved in checkpoints.
         callbacks: :mod:`distprop.train.callbacks` instances, run in order. A callback that sets
             ``trainer.stop_training`` on any rank stops every rank at the end of that epoch.
-        seed: the sampler's shuffling seed.
+        seed: the sampler's shuffling seed, and the root of each rank's random stream: once
+            DDP has checked that the replicas are identical, rank r draws dropout masks (and
+            anything else from ``dp``'s generator) from ``SeedSequence(seed).spawn(world)[r]``,
+            saved per rank in checkpoints (a resume on another number of ranks derives fresh
+            streams from ``(seed, rank, step)``).
         log_every: optimizer steps between metric reductions and log rows.
         prefetch: batches prepared ahead by a background thread.
         resume: a checkpoint path (or loaded state) to continue from.

@@ -21,6 +21,12 @@ from distprop.train import resume as resume_mod
 _log = logging.getLogger("distprop.train.trainer")
 
 
+def _hook_state(ddp):
+    """The communication hook's per-rank state (host arrays), or None when it keeps none."""
+    state = getattr(ddp, "comm_hook_state", None)
+    return state.state_dict() if hasattr(state, "state_dict") else None
+
+
 def _optimizer_state(optimizer) -> dict:
     """The full optimizer state on rank 0 (ZeRO shards consolidated when the optimizer has them).
 
@@ -43,6 +49,9 @@ class TrainerState:
         """
         per_rank = {"rng": backend.get_rng_state(), "numpy_global_rng": np.random.get_state(),
                     "sums": backend.to_host(self._sums).tolist()}
+        hook_state = _hook_state(self.ddp)
+        if hook_state is not None:  # PowerSGD's error feedback and Q memories (per rank)
+            per_rank["comm_hook"] = hook_state
         gathered = self.comm.allgather_obj(per_rank)
         optimizer_state = _optimizer_state(self.optimizer)
         return {
@@ -62,6 +71,28 @@ class TrainerState:
             "history": list(self._history_records),
             **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
+
+    def _restore_hook_state(self, ranks: list, old_world: int, where: str) -> None:
+        """Give the communication hook (PowerSGD) this rank's saved memories; on another
+        number of ranks, or from a checkpoint without them, it starts fresh (said on rank 0)."""
+        state = getattr(self.ddp, "comm_hook_state", None)
+        if not hasattr(state, "load_state_dict"):
+            return
+        saved = [r.get("comm_hook") if isinstance(r, dict) else None for r in ranks]
+        if old_world == self.comm.size and saved[self.comm.rank] is not None:
+            try:
+                state.load_state_dict(saved[self.comm.rank], device=self.device)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ckpt.CheckpointError(f"checkpoint {where} is not usable: ranks["
+                                           f"{self.comm.rank}].comm_hook: {exc}") from None
+            return
+        if saved[0] is not None and isinstance(saved[0].get("iter"), int):
+            state.iter = saved[0]["iter"]  # keep compressing if it had started
+        if self.is_main:
+            why = (f"written by {old_world} rank(s), now {self.comm.size}"
+                   if old_world != self.comm.size else "it holds none")
+            _log.warning(f"resume: the communication hook's per-rank memories (PowerSGD error "
+                         f"feedback, warm-start Q) start fresh ({why})")
 
     def _check_sums(self, state, where: str) -> None:
         """Refuse a checkpoint whose running metric sums do not fit this trainer's metrics."""
@@ -136,7 +167,11 @@ class TrainerState:
             notes=[n for cb in self.callbacks for n in cb.resume_notes()])
         if line and self.is_main:
             _log.info(line)
-        backend.set_rng_state(mine["rng"])
+        if old_world == self.comm.size:
+            backend.set_rng_state(mine["rng"])
+        else:  # fresh streams: rank r of the old run is not rank r of this one
+            backend.seed_rank(self.seed, self.comm.rank, pos["step"])
         np.random.set_state(tuple(mine["numpy_global_rng"]))
+        self._restore_hook_state(ranks, old_world, where)
         self._history_records = list(state.get("history", []))
         self.resumed_from = where
