@@ -222,9 +222,8 @@ class DistributedDataParallel(Module):
                 ss = [slots[i] for i in current]
                 start = min(s.offset for s in ss)
                 stop = max(s.offset + s.numel for s in ss)
-                order = sorted(current, key=lambda i: slots[i].offset)
                 buckets.append(hooks.GradBucket(ss[0].buffer, start, stop, list(current),
-                                                [params[i] for i in order],
+                                                [params[i] for i in current],
                                                 position=len(buckets), last=False,
                                                 comm=self.comm))
                 current.clear()

@@ -53,7 +53,7 @@ class GradBucket:
     def __init__(self, flat, start: int, stop: int, params: list[int], tensors: list,
                  position: int = 0, last: bool = True, comm=None):
         self.flat, self.start, self.stop, self.params = flat, start, stop, params
-        self.tensors = tensors  # in buffer order
+        self.tensors = tensors  # in the order they become ready (reverse registration)
         self.view = flat.grad[start:stop]
         self.remaining = len(params)
         self.request = None
@@ -76,8 +76,9 @@ class GradBucket:
         return self.view
 
     def gradients(self) -> list:
-        """The gradient of each parameter in the bucket, as views into :meth:`buffer`, in buffer
-        order."""
+        """The gradient of each parameter in the bucket, as views into :meth:`buffer`, in the
+        order backward finishes them (reverse registration order: PyTorch's bucket order after
+        its first-step rebuild; the views themselves lie in registration order in the buffer)."""
         return [p._grad_buffer for p in self.tensors]
 
     def parameters(self) -> list:
