@@ -12,7 +12,8 @@ import distprop as dp
 from distprop.distributed import DistributedDataParallel as DDP
 from distprop.distributed.powersgd import PowerSGDState, powerSGD_hook
 from distprop.flat import slot_of
-from tests.helpers import run_mpi
+
+from helpers import run_mpi
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
