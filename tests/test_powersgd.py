@@ -177,6 +177,25 @@ def test_state_refuses_what_pytorch_refuses():
         PowerSGDState(None, matrix_approximation_rank=0)
 
 
+def test_a_non_finite_step_does_not_poison_the_next_ones():
+    dp.manual_seed(0)
+    model = dp.nn.Sequential(dp.nn.Linear(16, 16), dp.nn.Tanh(), dp.nn.Linear(16, 16))
+    ddp = DDP(model, nonfinite="skip")
+    state = PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2)
+    ddp.register_comm_hook(state, powerSGD_hook)
+    rng = np.random.default_rng(0)
+    verdicts = []
+    for step in range(6):
+        x = rng.standard_normal((4, 16)).astype(np.float32)
+        if step == 3:
+            x[0, 0] = np.nan
+        model.zero_grad()
+        ddp(dp.tensor(x)).pow(2).sum().backward()
+        verdicts.append(ddp.step_ok)
+    assert verdicts == [True, True, True, False, True, True]
+    assert all(np.isfinite(e).all() for e in state.error_dict.values())
+
+
 SCRIPT = r"""
 import json, sys
 import numpy as np

@@ -191,6 +191,11 @@ class PowerSGDState:
         self.next_stats_report = int(state["next_stats_report"])
 
 
+def _finite(array) -> bool:
+    xp = backend.get_array_module(array)
+    return bool(xp.isfinite(array).all())
+
+
 def _allreduce_mean(comm, tensor) -> Future:
     if comm.size > 1:
         tensor *= 1.0 / comm.size
@@ -313,6 +318,12 @@ def powerSGD_hook(state: PowerSGDState, bucket: GradBucket) -> Future:
             xp.matmul(p, q.T, out=matrix)
         if state.use_error_feedback:
             state.error_dict[index] = input_copy - input_tensor
+        if not _finite(input_tensor):  # (the same verdict on every rank: an averaged result)
+            # an inf/NaN step (DDP raises or skips it; a GradScaler backs off) must not poison
+            # the following ones through the memories: start this bucket afresh
+            state.error_dict.pop(index, None)
+            state.p_memory_dict.pop(index, None)
+            state.q_memory_dict.pop(index, None)
         if not state.warm_start:
             state.p_memory_dict.clear()
             state.q_memory_dict.clear()
