@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 
 from distprop.bench import launching, units
+from distprop.cli_choices import RegistryChoice
+from distprop.registry import COMPRESSIONS
 
 
 def _workloads() -> tuple[str, ...]:
@@ -148,8 +150,9 @@ def bench() -> None:
               help="start bucket allreduces during backward")
 @click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=25.0,
               show_default=True, help="DDP bucket size")
-@click.option("--compression", type=click.Choice(["fp16", "bf16"]), default=None,
-              help="compress gradients on the wire")
+@click.option("--compression", type=RegistryChoice(COMPRESSIONS), default=None,
+              help="DDP communication hook: " + ", ".join(COMPRESSIONS)
+              + " (powersgd compresses from the second step)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="where each rank trains (cuda: one GPU per rank)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,

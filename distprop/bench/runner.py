@@ -80,7 +80,10 @@ def train_worker(config: dict) -> dict | None:
     model = build_model(workload).to(dev)
     ddp = dp.distributed.DistributedDataParallel(
         model, bucket_cap_mb=float(config.get("bucket_mb", 25.0)),
-        overlap=bool(config.get("overlap", True)), compression=config.get("compression"))
+        overlap=bool(config.get("overlap", True)), compression=config.get("compression"),
+        # a benchmark times the steady state: PowerSGD compresses from the second step on
+        compression_options={"start_powerSGD_iter": 2}
+        if config.get("compression") == "powersgd" else None)
     opt = dp.optim.SGD(model.parameters(), lr=float(config.get("lr", 1e-3)), momentum=0.9)
     x_np, y_np = make_batch(workload, batch, seed=1000 + rank)
     x, y = dp.tensor(x_np, device=dev), dp.tensor(y_np, device=dev)
