@@ -211,14 +211,14 @@ X = rng.standard_normal((192, 20)).astype(np.float32)
 Y = (X[:, :5].sum(1) > 0).astype(np.int64) + (X[:, 5] > 1).astype(np.int64)
 data = TensorDataset(X, Y)
 
-def run(resume=None, directory="a"):
+def run(resume=None, directory="a", comm_=None):
     dp.manual_seed(0)
     model = dp.nn.Sequential(dp.nn.Linear(20, 48), dp.nn.ReLU(), dp.nn.Linear(48, 48),
                              dp.nn.ReLU(), dp.nn.Linear(48, 3))
     opt = dp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ck = cbs.Checkpointer(f"{out}/{directory}", every_steps=4, keep=None)
     trainer = Trainer(model, dp.nn.CrossEntropyLoss(), opt, callbacks=[ck], progress=False,
-                      compression="powersgd", ddp_kwargs={"compression_options": {
+                      compression="powersgd", comm=comm_, ddp_kwargs={"compression_options": {
                           "matrix_approximation_rank": 2, "start_powerSGD_iter": 3}})
     with dp.no_grad():
         before = float(dp.nn.CrossEntropyLoss()(model(dp.tensor(X)), dp.tensor(Y)).item())
@@ -234,12 +234,21 @@ every = comm.allgather_obj(flat.tolist())
 err = np.concatenate([v.ravel() for v in state.error_dict.values()])
 errs = comm.allgather_obj(err.tolist())
 resumed, _, _, _, _ = run(resume=ck.manager.path_for(8), directory="b")
-if comm.rank == 0:
+if comm.rank == 0:  # the 2-rank checkpoint on 1 rank: memories start fresh, said once
+    import logging
+    from distprop.distributed.comm import SingleProcessCommunicator
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("distprop").addHandler(handler)
+    _, _, _, _, one = run(resume=ck.manager.path_for(8), directory="c",
+                          comm_=SingleProcessCommunicator())
     print("RESULT", json.dumps({
         "before": before, "after": after, "iter": state.iter,
         "same_params": all(np.array_equal(np.array(e), flat) for e in every),
         "errors_differ": not np.allclose(np.array(errs[0]), np.array(errs[1])),
-        "resume_max_diff": float(np.abs(resumed - flat).max())}))
+        "resume_max_diff": float(np.abs(resumed - flat).max()),
+        "other_world_iter": one.iter, "other_world_said": said}))
 """
 
 
@@ -253,3 +262,7 @@ def test_two_rank_training_learns_keeps_replicas_identical_and_resumes_exactly(t
     assert result["same_params"], "ranks hold different parameters after PowerSGD training"
     assert result["errors_differ"], "error feedback is per rank: it cannot be identical"
     assert result["resume_max_diff"] == 0.0, result  # memories and iter restored per rank
+    assert result["other_world_iter"] == 40, result  # 8 counted before + 32 steps of 8 samples
+    assert any("communication hook's per-rank memories (PowerSGD error feedback, warm-start "
+               "Q) start fresh (written by 2 rank(s), now 1)" in line
+               for line in result["other_world_said"]), result
