@@ -91,6 +91,8 @@ def main() -> int:
     parser.add_argument("out", nargs="?", default="powersgd_links.json")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rate", default="100mbit")
+    parser.add_argument("--first-repeat", type=int, default=0,
+                        help="number the rounds from here (another invocation adding rounds)")
     args = parser.parse_args()
     cluster = netcluster.Cluster(HOSTS, state=STATE).up()
     rows = []
@@ -98,7 +100,7 @@ def main() -> int:
     try:
         env = {**cluster.mpi_env(), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
         cluster.set_rate(args.rate)
-        for rep in range(args.repeats):
+        for rep in range(args.first_repeat, args.first_repeat + args.repeats):
             for kind in names[rep % 3:] + names[:rep % 3]:
                 rows.append(one_run(cluster, env, args.rate, kind, rep))
                 print(json.dumps(rows[-1]), flush=True)
