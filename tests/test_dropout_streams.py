@@ -83,8 +83,14 @@ result = {
     "replicas_equal": all(np.array_equal(np.array(f), flat) for f in finals),
 }
 if comm.rank == 0:  # the 2-rank checkpoint resumed on 1 rank: fresh streams from (seed, rank, step)
+    import logging
     from distprop.train import checkpoint as ckpt
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("distprop").addHandler(handler)
     run("d", resume=ck.manager.path_for(8), comm_=SingleProcessCommunicator())
+    result["said"] = said
     state = ckpt.load(ck.manager.path_for(8))
     fresh = np.random.default_rng(np.random.SeedSequence(0, spawn_key=(0, 8))).random(
         size=first_masks[0].shape, dtype=np.float32) < 0.5
@@ -109,3 +115,6 @@ def test_two_ranks_draw_their_own_masks_reproducibly_and_resume_them(tmp_path):
     assert r["replicas_equal"], r
     assert r["saved_per_rank"], r
     assert r["other_world_fresh_stream"], r
+    assert any(line.startswith("resuming on 1 rank(s)") and line.endswith(
+        "each rank's random stream (dropout) starts afresh from (seed, rank, step 8)")
+        for line in r["said"]), r["said"]

@@ -17,7 +17,8 @@ How one synchronised step runs:
    remaining buckets start, and DDP waits for all of them, so ``loss.backward()`` returns with
    averaged gradients: the optimizer step and the next forward can never see unsynchronised
    ones. Overlap happens during backward; ``last_sync`` records how long the end wait took.
-4. A non-finite check on the averaged gradient (identical on every rank) raises, or zeroes the
+4. A non-finite check (on each rank's gradient while it is divided, for the default allreduce
+   hook; on the averaged result, identical on every rank, for any other hook) raises, or zeroes the
    gradient and sets ``step_ok = False`` so the training loop skips the optimizer step. After a
    :class:`distprop.amp.GradScaler` scaled the loss it only sets ``step_ok = False`` and leaves
    the gradients to the scaler, which skips the step and backs off on every rank alike.

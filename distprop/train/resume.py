@@ -264,4 +264,5 @@ def describe_change(pos: dict, *, world_size: int, batch_size: int, grad_accum: 
              "remaining sample once" if start else f"from the start of epoch {pos['epoch'] + 1}")
     return (f"resuming on {world_size} rank(s) (grad_accum {grad_accum}) from a checkpoint "
             f"written by {old_world} rank(s) (grad_accum {old_accum}): {', '.join(parts)}; "
-            f"{where}; random streams (dropout) differ from an uninterrupted run")
+            f"{where}; each rank's random stream (dropout) starts afresh from (seed, rank, "
+            f"step {pos['step']})")
