@@ -33,7 +33,7 @@ import numpy as np
 
 from distprop import amp, backend, trace
 from distprop.distributed import compression as _codec
-from distprop.distributed import guards, world
+from distprop.distributed import guards, shm, world
 from distprop.distributed.comm import Communicator
 from distprop.distributed.consistency import broadcast_state, check_same_model
 from distprop.flat import flatten, slot_of
@@ -98,7 +98,10 @@ class DistributedDataParallel(Module):
             parameters across ranks and raise naming diverged ranks (0 disables).
         comm: the communicator (default: ``distprop.distributed.init()``), or how to reduce
             GPU gradients: ``'auto'``, ``'nccl'``, ``'mpi-cuda'`` or ``'mpi-host'`` (see
-            :func:`distprop.distributed.selection.make_comm`).
+            :func:`distprop.distributed.selection.make_comm`), or ``'shm'``: CPU gradients of
+            ranks sharing a node live in one node-shared window and are reduced there (then
+            across nodes by MPI; :mod:`distprop.distributed.shm`). With the default comm,
+            ``DISTPROP_INTRA_NODE`` (``auto``, ``shm`` or ``mpi``) chooses.
 
     ``state_dict()`` keys are the wrapped module's keys without a ``module.`` prefix, so
     checkpoints load into the bare model; ``load_state_dict`` also accepts ``module.``-prefixed
@@ -122,6 +125,11 @@ class DistributedDataParallel(Module):
                 f"bucket sizes must be positive, got bucket_cap_mb={bucket_cap_mb}, "
                 f"first_bucket_mb={first_bucket_mb}"
             )
+        self._intra = None  # None (DISTPROP_INTRA_NODE decides), 'shm' or 'mpi'
+        if isinstance(comm, str) and comm.lower() == "shm":  # node-shared gradient buffers
+            self._intra, comm = "shm", None
+        elif comm is not None:
+            self._intra = "mpi"  # an explicit communicator reduces everything itself
         if isinstance(comm, str):  # 'auto', 'nccl', 'mpi-cuda', 'mpi-host': for the model's device
             from distprop.distributed.selection import make_comm
 
@@ -145,6 +153,7 @@ class DistributedDataParallel(Module):
         #: the allreduces), ``finish_s`` (the whole end-of-backward work), ``overlapped``
         #: (buckets started during backward) and ``buckets``.
         self.last_sync: dict = {}
+        self._reducer: shm.ShmReducer | None = None
 
         self._names = [n for n, p in module.named_parameters() if p.requires_grad]
         self._params = [p for _, p in module.named_parameters() if p.requires_grad]
@@ -226,6 +235,15 @@ class DistributedDataParallel(Module):
             for b in buckets:
                 xp = backend.get_array_module(b.view)
                 b.stage = xp.empty(b.stop - b.start, dtype=np.uint16)
+        if self._reducer is not None:
+            self._reducer.close()
+            self._reducer = None
+        if shm.choose(self._intra, self.comm, buffers, self.compression):
+            index = {id(b): j for j, b in enumerate(buffers)}
+            self._reducer = shm.ShmReducer(
+                self.comm, buffers, [(index[id(b.buffer)], b.start, b.stop) for b in buckets])
+            for b in buckets:  # the gradients moved into the shared window
+                b.view = b.buffer.grad[b.start:b.stop]
 
     def _layout_ok(self) -> bool:
         return all(slot_of(p) is not None for p in self._params) and all(
@@ -284,7 +302,8 @@ class DistributedDataParallel(Module):
 
     def extra_repr(self) -> str:
         return (f"world_size={self.comm.size}, buckets={len(self._buckets)}, "
-                f"overlap={self.overlap}, compression={self.compression}")
+                f"overlap={self.overlap}, compression={self.compression}"
+                + (", intra_node=shm" if self._reducer is not None else ""))
 
     def check_replicas(self) -> None:
         """Raise on every rank, naming diverged ranks, if parameters differ across ranks."""
@@ -338,6 +357,8 @@ class DistributedDataParallel(Module):
                 self._launch_ready(during_backward=True)
             else:
                 self.comm.progress()
+                if self._reducer is not None:
+                    self._reducer.progress()
 
     def _prepare_grad(self, param: Tensor) -> None:
         """Make the final gradient the flat-buffer view, divide it by the world size (averaging,
@@ -367,6 +388,8 @@ class DistributedDataParallel(Module):
             data = bucket.stage if self.compression == "bf16" else bucket.stage.view(np.float16)
             bucket.request = self.comm.iallreduce(data, "sum",
                                                   bfloat16=self.compression == "bf16")
+        elif self._reducer is not None:
+            bucket.request = self._reducer.ireduce(self._next_launch)
         else:
             bucket.request = self.comm.iallreduce(view, "sum")
         bucket.launched = True
