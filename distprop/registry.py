@@ -237,6 +237,8 @@ ENV_VARS: Registry[Entry] = Registry("environment variable", [
           "transfers (auto: when the node has a core to spare)"),
     Entry("DISTPROP_PROGRESS_INTERVAL", "seconds between the progress thread's polls "
           "(default 2e-4)"),
+    Entry("DISTPROP_INTRA_NODE", "auto, shm or mpi: how DDP reduces CPU gradients among ranks "
+          "of one node (shm: node-shared gradient buffers; auto: shm where ranks share a node)"),
     Entry("DISTPROP_MPI_CUDA_AWARE", "1 or 0: whether MPI accepts CUDA buffers, overriding "
           "the library query"),
     Entry("DISTPROP_NO_CUPY", "set: do not import CuPy (CPU only)"),

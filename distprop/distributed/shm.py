@@ -51,27 +51,35 @@ CHOICES = ("auto", "shm", "mpi")
 
 
 def choose(choice: str | None, comm, buffers, compression) -> bool:
-    """Whether DDP reduces through node-shared memory.
+    """Whether DDP reduces through node-shared memory (collective: every rank calls it).
 
-    ``choice``: ``'shm'`` (required: raise naming what prevents it), ``'mpi'`` (never),
-    ``'auto'`` or None (env ``DISTPROP_INTRA_NODE``, default ``auto``: shared memory when some
-    ranks share a node and the gradients are CPU floats without compression).
+    ``choice``: ``'shm'`` (wanted: raise naming what prevents it, except that a world of one
+    rank or one rank per node simply has nothing to share), ``'mpi'`` (never), ``'auto'`` or
+    None (env ``DISTPROP_INTRA_NODE``, default ``auto``: shared memory when some ranks share a
+    node and the gradients are CPU floats without compression).
     """
     choice = (choice or os.environ.get("DISTPROP_INTRA_NODE") or "auto").strip().lower()
     if choice not in CHOICES:
         raise ValueError(f"intra-node reduction must be one of {', '.join(CHOICES)}, got "
                          f"{choice!r} (DISTPROP_INTRA_NODE or comm=)")
-    if choice == "mpi":
+    if choice == "mpi" or comm.size == 1:
         return False
     why = _obstacle(comm, buffers, compression)
     if why is None:
-        return True
+        sizes = comm.allgather_obj(comm.local_size)  # the same verdict on every rank
+        if min(sizes) == 1:  # some node has one rank: nothing to share there
+            return False
+        if len(set(sizes)) == 1:
+            return True
+        why = ("it needs the same number of ranks on every node, got "
+               + ", ".join(str(s) for s in sorted(set(sizes))))
     if choice == "shm":
         raise ValueError(f"comm='shm' (node-shared gradient buffers): {why}")
     return False
 
 
 def _obstacle(comm, buffers, compression) -> str | None:
+    """What rules shared memory out, from facts that are the same on every rank."""
     if getattr(comm, "local_comm", None) is None or getattr(comm, "kind", None):
         return "it needs the MPI world communicator of distprop.distributed.init()"
     if compression:
@@ -81,14 +89,6 @@ def _obstacle(comm, buffers, compression) -> str | None:
             return "the gradients are on a GPU; it reduces CPU (NumPy) gradients only"
         if b.dtype.kind != "f":
             return f"the gradients are {b.dtype}; it reduces floating-point gradients only"
-    if comm.size == 1:
-        return "the world has one rank"
-    sizes = comm.allgather_obj(comm.local_size)  # the same verdict on every rank
-    if len(set(sizes)) != 1:
-        return ("it needs the same number of ranks on every node, got "
-                + ", ".join(str(s) for s in sorted(set(sizes))))
-    if sizes[0] == 1:
-        return "no two ranks share a node"
     return None
 
 
