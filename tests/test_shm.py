@@ -57,7 +57,8 @@ for kw in ({"comm": "shm", "compression": "fp16"},):
         DDP(mlp(0, np.float32), **kw)
     except ValueError as exc:
         refusals.append(str(exc))
-print(json.dumps({"rank": rank, "rows": rows, "refusals": refusals}), flush=True)
+sys.stdout.write(json.dumps({"rank": rank, "rows": rows, "refusals": refusals}) + chr(10))
+sys.stdout.flush()
 """
 
 
@@ -65,7 +66,9 @@ print(json.dumps({"rank": rank, "rows": rows, "refusals": refusals}), flush=True
 def test_shm_matches_one_process_and_is_the_same_on_every_rank(nprocs):
     done = run_mpi(EQUIVALENCE, nprocs=nprocs, timeout=150)
     assert done.returncode == 0, done.stdout + done.stderr
-    ranks = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    decoder = json.JSONDecoder()  # one object per rank (lines of ranks may run together)
+    ranks = [decoder.raw_decode(done.stdout, m.start())[0]
+             for m in re.finditer(r'\{"rank"', done.stdout)]
     assert sorted(r["rank"] for r in ranks) == list(range(nprocs))
     by_name = {}
     for r in ranks:

@@ -33,9 +33,11 @@ rank has mapped it, so nothing is left behind, even after ``SIGKILL``.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
+import weakref
 
 import numpy as np
 
@@ -166,6 +168,9 @@ class ShmReducer:
         self._next = 0  # the next bucket this rank reduces (in launch order)
         self._launched: list[int] = []  # buckets launched and not yet reduced by this rank
         self.closed = False
+        _LIVE.append(weakref.ref(self))
+        if len(_LIVE) == 1:  # after mpi4py's MPI_Finalize handler, so it runs before it
+            atexit.register(_close_all)
 
     # -- the bucket interface DDP calls --------------------------------------------------------
 
@@ -337,6 +342,23 @@ class ShmReducer:
         except Exception:
             pass
         self.comm.abort(1)
+
+
+_LIVE: list[weakref.ref] = []
+
+
+def _close_all() -> None:
+    """Free every open window before ``MPI_Finalize`` (collective: every rank of a node made
+    the same reducers in the same order; MPICH's OFI device fails to finalise around them)."""
+    from mpi4py import MPI
+
+    if MPI.Is_finalized():
+        return
+    for ref in list(_LIVE):
+        reducer = ref()
+        if reducer is not None:
+            reducer.close()
+    _LIVE.clear()
 
 
 def _alive(pid: int) -> bool:
