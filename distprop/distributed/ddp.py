@@ -10,7 +10,10 @@ How one synchronised step runs:
    gradients are final it is divided by the world size and a non-blocking allreduce starts on
    the slice itself (no packing copy). Buckets start in one fixed order on every rank: a bucket
    that completes early waits for the ones before it. The communicator's progress thread (and
-   the hooks) keep MPI moving those allreduces while backward computes.
+   the hooks) keep MPI moving those allreduces while backward computes. With node-shared
+   buffers (``comm='shm'``, the default where ranks share a node and gradients are CPU
+   floats) the bucket goes to :class:`~distprop.distributed.shm.ShmReducer` instead, whose
+   gradient storage is one shared-memory window per node.
 3. At the end of backward (a ``queue_callback``), parameters that got no gradient are handled,
    remaining buckets start, and DDP waits for all of them, so ``loss.backward()`` returns with
    averaged gradients: the optimizer step and the next forward can never see unsynchronised

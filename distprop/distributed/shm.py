@@ -37,7 +37,6 @@ import atexit
 import os
 import sys
 import time
-import weakref
 
 import numpy as np
 
@@ -168,7 +167,7 @@ class ShmReducer:
         self._next = 0  # the next bucket this rank reduces (in launch order)
         self._launched: list[int] = []  # buckets launched and not yet reduced by this rank
         self.closed = False
-        _LIVE.append(weakref.ref(self))
+        _LIVE.append(self)
         if len(_LIVE) == 1:  # after mpi4py's MPI_Finalize handler, so it runs before it
             atexit.register(_close_all)
 
@@ -225,6 +224,8 @@ class ShmReducer:
         if self.closed:
             return
         self.closed = True
+        if self in _LIVE:
+            _LIVE.remove(self)
         for b, g in zip(self._buffers, self._grads[self.me]):
             if b.grad is g:
                 _rehome_grad(b, g.copy())
@@ -344,7 +345,9 @@ class ShmReducer:
         self.comm.abort(1)
 
 
-_LIVE: list[weakref.ref] = []
+# Every reducer not yet closed, in creation order. Held strongly: freeing a window is
+# collective, so it must not depend on when each rank's garbage collector runs.
+_LIVE: list[ShmReducer] = []
 
 
 def _close_all() -> None:
@@ -354,11 +357,8 @@ def _close_all() -> None:
 
     if MPI.Is_finalized():
         return
-    for ref in list(_LIVE):
-        reducer = ref()
-        if reducer is not None:
-            reducer.close()
-    _LIVE.clear()
+    for reducer in list(_LIVE):
+        reducer.close()
 
 
 def _alive(pid: int) -> bool:
