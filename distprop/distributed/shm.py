@@ -355,10 +355,17 @@ def _close_all() -> None:
     the same reducers in the same order; MPICH's OFI device fails to finalise around them)."""
     from mpi4py import MPI
 
-    if MPI.Is_finalized():
-        return
-    for reducer in list(_LIVE):
-        reducer.close()
+    from distprop.distributed import guards
+
+    if MPI.Is_finalized() or not _LIVE or guards._exit_guard.get("status"):
+        return  # (leaving by sys.exit(n != 0): the exit guard aborts the job instead)
+    comm = _LIVE[0].comm
+    comm._enter("freeing the node-shared gradient windows at exit", 0)  # watched for stalls
+    try:
+        for reducer in list(_LIVE):
+            reducer.close()
+    finally:
+        comm._exit()
 
 
 def _alive(pid: int) -> bool:
