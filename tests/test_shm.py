@@ -187,3 +187,22 @@ def test_a_stopped_rank_is_named_by_the_stall_watchdog():
     assert re.search(r"in collective 'shm gradient sync, bucket \d+: no '(ready|done)' flag "
                      r"from rank\(s\) 1'", line[0]), line[0]
 
+
+
+def test_a_dead_or_zombie_peer_is_seen_as_dead():
+    """The wait's liveness check (a local rank that died ends the job at once): a running
+    process is alive; killed but not yet reaped (a zombie) or reaped, it is not."""
+    from distprop.distributed.shm import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(child.pid)  # a zombie: dead, not reaped yet
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert not _alive(child.pid)  # reaped: no such process

@@ -164,12 +164,11 @@ class ShmReducer:
         self.gen = [0] * nb  # launches of each bucket on this rank
         self._reduced = [0] * nb  # generation whose slice this rank has finished
         self._cross_req: list = [None] * nb
-        self._next = 0  # the next bucket this rank reduces (in launch order)
         self._launched: list[int] = []  # buckets launched and not yet reduced by this rank
         self.closed = False
         _LIVE.append(self)
-        if len(_LIVE) == 1:  # after mpi4py's MPI_Finalize handler, so it runs before it
-            atexit.register(_close_all)
+        if not _AT_EXIT:  # after mpi4py's MPI_Finalize handler, so it runs before it
+            _AT_EXIT.append(atexit.register(_close_all))
 
     # -- the bucket interface DDP calls --------------------------------------------------------
 
@@ -348,6 +347,7 @@ class ShmReducer:
 # Every reducer not yet closed, in creation order. Held strongly: freeing a window is
 # collective, so it must not depend on when each rank's garbage collector runs.
 _LIVE: list[ShmReducer] = []
+_AT_EXIT: list = []
 
 
 def _close_all() -> None:
