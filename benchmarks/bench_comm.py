@@ -19,6 +19,8 @@ Measurements:
   backward. ``-thread``/``-no-thread`` force the MPI progress thread on/off (the others use the
   default, ``DISTPROP_PROGRESS_THREAD`` or auto).
 * ``ddp-*-nocheck``: the same with ``nonfinite=None`` (no non-finite check).
+* ``ddp-shm-overlap-off`` / ``-on``: node-shared gradient buffers (``comm='shm'``) instead of
+  MPI's allreduce (the other ``ddp-*`` variants pass the MPI communicator explicitly).
 * ``--compression``: also ``ddp-fp16``/``ddp-bf16`` with overlap off.
 
 ``step_s`` is forward + backward (+ sync) wall time; ``exposed_by_step_s = step_s - compute
@@ -161,14 +163,17 @@ def main() -> None:
     numel = sum(p.numel() for p in build_wide().parameters())
     default_thread = comm.progress_thread  # DISTPROP_PROGRESS_THREAD, else auto
     base["progress_thread_default"] = default_thread
+    mpi = dict(comm="mpi")  # MPI's allreduce (the default is node-shared buffers)
     specs = [  # name, DDP kwargs, progress thread (set before each of the variant's steps)
         ("compute", None, default_thread),
-        ("ddp-overlap-off", dict(overlap=False), default_thread),
-        ("ddp-overlap-on", dict(overlap=True), default_thread),
-        ("ddp-overlap-on-thread", dict(overlap=True), True),
-        ("ddp-overlap-on-no-thread", dict(overlap=True), False),
-        ("ddp-overlap-off-nocheck", dict(overlap=False, nonfinite=None), default_thread),
-        ("ddp-overlap-on-nocheck", dict(overlap=True, nonfinite=None), default_thread),
+        ("ddp-overlap-off", dict(overlap=False, **mpi), default_thread),
+        ("ddp-overlap-on", dict(overlap=True, **mpi), default_thread),
+        ("ddp-overlap-on-thread", dict(overlap=True, **mpi), True),
+        ("ddp-overlap-on-no-thread", dict(overlap=True, **mpi), False),
+        ("ddp-overlap-off-nocheck", dict(overlap=False, nonfinite=None, **mpi), default_thread),
+        ("ddp-overlap-on-nocheck", dict(overlap=True, nonfinite=None, **mpi), default_thread),
+        ("ddp-shm-overlap-off", dict(overlap=False, comm="shm"), default_thread),
+        ("ddp-shm-overlap-on", dict(overlap=True, comm="shm"), default_thread),
     ]
     if args.compression:
         specs += [("ddp-fp16", dict(overlap=False, compression="fp16"), default_thread),

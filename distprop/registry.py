@@ -248,7 +248,9 @@ COMMS: Registry[CommEntry] = Registry("comm", [
     CommEntry("mpi", "the MPI world communicator (GPU arrays: CUDA-aware when the library "
               "says so, else staged through host buffers)", rule=_SEL + "rule_mpi",
               facts=("mpi-cuda-aware",)),
-    # node-shared memory (``shm``) registers here, next to its implementation's module path
+    CommEntry("shm", "CPU gradients of the ranks of a node in one shared-memory window, "
+              "summed there; across nodes hierarchically over MPI (the default on the CPU "
+              "where ranks share a node)", rule=_SEL + "rule_shm"),
 ])
 
 # Each compression is a communication hook: factory(comm, **options) -> (state, hook), what
@@ -281,6 +283,8 @@ ENV_VARS: Registry[Entry] = Registry("environment variable", [
           "transfers (auto: when the node has a core to spare)"),
     Entry("DISTPROP_PROGRESS_INTERVAL", "seconds between the progress thread's polls "
           "(default 2e-4)"),
+    Entry("DISTPROP_INTRA_NODE", "auto, shm or mpi: how DDP reduces CPU gradients among ranks "
+          "of one node (shm: node-shared gradient buffers; auto: shm where ranks share a node)"),
     Entry("DISTPROP_MPI_CUDA_AWARE", "1 or 0: whether MPI accepts CUDA buffers, overriding "
           "the library query"),
     Entry("DISTPROP_NO_CUPY", "set: do not import CuPy (CPU only)"),

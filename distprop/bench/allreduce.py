@@ -9,6 +9,10 @@ float32 buffer of that many bytes three ways in the same processes:
   of parameters holding the same bytes, or of a zoo model's parameters (``--model``), with
   overlap off so the sync is timed alone. (DDP divides each gradient by the world size as it
   becomes final, during backward; that pass is not part of this time.)
+- ``ddp-mpi`` / ``ddp-shm``: the same DDP sync forcing the intra-node reduction: MPI's
+  allreduce, or the node-shared gradient buffers (``comm='shm'``, :mod:`distprop.distributed.shm`);
+- ``memcpy``: every rank copies a buffer of the same bytes at once (``numpy.copyto``): the
+  memory-bandwidth floor of any reduction that reads and writes the gradient once;
 - ``ddp-fp16`` / ``ddp-bf16`` (``--compression fp16,bf16``): the same DDP sync with gradient
   compression, encode, 16-bit sum and decode included; bus bandwidth still counts the float32
   bytes, so it compares directly with ``ddp``.
@@ -28,7 +32,7 @@ import numpy as np
 
 from distprop.nn.module import Module
 
-METHODS = ("mpi", "distprop", "ddp")
+METHODS = ("mpi", "distprop", "ddp", "ddp-mpi", "ddp-shm", "memcpy")
 COMPRESSED = ("ddp-fp16", "ddp-bf16")  # DDP's sync with --compression fp16 / bf16
 _ORDER = METHODS + COMPRESSED
 
@@ -91,7 +95,7 @@ class _GradientOf(Module):
 
 
 def _ddp_sync(nbytes: int | None, workload: str | None, bucket_mb: float,
-              compression: str | None = None):
+              compression: str | None = None, comm=None):
     """A function running one DDP gradient sync (overlap off, so the sync is timed alone) and
     returning its duration in seconds, over a zoo model's parameters (``workload``) or over
     4 MB parameters holding ``nbytes``."""
@@ -109,7 +113,8 @@ def _ddp_sync(nbytes: int | None, workload: str | None, bucket_mb: float,
         for i, n in enumerate(sizes):
             setattr(inner, f"p{i}", dp.nn.Parameter(dp.zeros(n)))
     ddp = dp.distributed.DistributedDataParallel(
-        _GradientOf(inner), bucket_cap_mb=bucket_mb, overlap=False, compression=compression)
+        _GradientOf(inner), bucket_cap_mb=bucket_mb, overlap=False, compression=compression,
+        comm=comm)
 
     def one_sync() -> float:
         ddp.zero_grad()
@@ -142,6 +147,11 @@ def worker(config: dict) -> dict:
             nbytes = 4 * sum(p.numel() for p in build_model(workload).parameters())
         if "ddp" in methods:
             fns["ddp"], nbytes = _ddp_sync(nbytes, workload, bucket_mb)
+        if "ddp-mpi" in methods:
+            fns["ddp-mpi"], nbytes = _ddp_sync(nbytes, workload, bucket_mb,
+                                               comm="mpi")
+        if "ddp-shm" in methods:
+            fns["ddp-shm"], nbytes = _ddp_sync(nbytes, workload, bucket_mb, comm="shm")
         for kind in config.get("compression") or ():
             fns[f"ddp-{kind}"], nbytes = _ddp_sync(nbytes, workload, bucket_mb, kind)
         buf = np.ones(max(1, nbytes // 4), dtype=np.float32)
@@ -150,11 +160,15 @@ def worker(config: dict) -> dict:
         if "distprop" in methods:
             t = dp.from_numpy(buf)
             fns["distprop"] = lambda t=t: dp.distributed.all_reduce(t)
+        if "memcpy" in methods:
+            dst = np.empty_like(buf)
+            fns["memcpy"] = lambda b=buf, d=dst: np.copyto(d, b)
         fns = {m: fns[m] for m in _ORDER if m in fns}
         repeats = config.get("repeats") or _repeats(
             buf.nbytes * len(fns), config.get("min_repeats", 5), config.get("max_repeats", 50),
             config.get("budget_s", 1.0))
-        timed = _time_interleaved(comm, fns, repeats, self_timed={"ddp", *COMPRESSED})
+        timed = _time_interleaved(comm, fns, repeats,
+                                  self_timed={"ddp", "ddp-mpi", "ddp-shm", *COMPRESSED})
         for method, times in timed.items():
             med = statistics.median(times)
             rows.append({"bytes": int(buf.nbytes), "method": method, "ranks": ranks,

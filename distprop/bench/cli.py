@@ -197,7 +197,9 @@ def scaling_cmd(workload, ranks, mode, batch_size, global_batch_size, steps, war
 @click.option("--ranks", default="2", show_default=True, callback=_parse_ranks,
               help="rank counts")
 @click.option("--methods", default="mpi,distprop,ddp", show_default=True,
-              help="mpi (raw mpi4py Allreduce), distprop (communicator), ddp (bucketed sync)")
+              help="mpi (raw mpi4py Allreduce), distprop (communicator), ddp (bucketed sync), "
+                   "ddp-mpi / ddp-shm (DDP forcing MPI / node-shared buffers), memcpy (the "
+                   "memory-bandwidth floor)")
 @click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=25.0,
               show_default=True, help="DDP bucket size (the ddp method)")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,

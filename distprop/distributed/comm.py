@@ -388,6 +388,9 @@ class MPICommunicator(Communicator):
         self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self.local_comm.Get_rank()
         self.local_size = self.local_comm.Get_size()
+        from distprop.distributed.shm import unlink_mpich_segments
+
+        unlink_mpich_segments(self.local_comm)  # no /dev/shm file left by an aborted job
         # the second phase of 16-bit sums (halfsum.HalfAllreduce) starts when the first ends:
         # on its own communicator, in issue order, so no rank's collective order depends on timing
         self._half_comm = self.comm.Dup()

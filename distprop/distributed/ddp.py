@@ -12,7 +12,10 @@ How one synchronised step runs:
    no packing copy; fp16/bf16/PowerSGD are hooks in :mod:`distprop.distributed.hooks` and
    :mod:`distprop.distributed.powersgd`). Buckets start in one fixed order on every rank: a bucket
    that completes early waits for the ones before it. The communicator's progress thread (and
-   the hooks) keep MPI moving those allreduces while backward computes.
+   the hooks) keep MPI moving those allreduces while backward computes. With node-shared
+   buffers (``comm='shm'``, the default where ranks share a node and gradients are CPU
+   floats) the bucket goes to :class:`~distprop.distributed.shm.ShmReducer` instead, whose
+   gradient storage is one shared-memory window per node.
 3. At the end of backward (a ``queue_callback``), parameters that got no gradient are handled,
    remaining buckets start, and DDP waits for all of them, so ``loss.backward()`` returns with
    averaged gradients: the optimizer step and the next forward can never see unsynchronised
@@ -35,7 +38,7 @@ import weakref
 import numpy as np
 
 from distprop import amp, backend, trace
-from distprop.distributed import guards, hooks, world
+from distprop.distributed import guards, hooks, shm, world
 from distprop.distributed.comm import Communicator
 from distprop.distributed.consistency import broadcast_state, check_same_model
 from distprop.flat import flatten, slot_of
@@ -85,7 +88,10 @@ class DistributedDataParallel(Module):
             parameters across ranks and raise naming diverged ranks (0 disables).
         comm: the communicator (default: ``distprop.distributed.init()``), or how to reduce
             gradients: a name in :data:`distprop.registry.COMMS` (``'auto'``, ...; see
-            :func:`distprop.distributed.selection.make_comm`).
+            :func:`distprop.distributed.selection.make_comm`), or ``'shm'``: CPU gradients of
+            ranks sharing a node live in one node-shared window and the default hook reduces
+            them there (then across nodes by MPI; :mod:`distprop.distributed.shm`). With the
+            default comm, ``DISTPROP_INTRA_NODE`` (``auto``, ``shm`` or ``mpi``) chooses.
 
     ``state_dict()`` keys are the wrapped module's keys without a ``module.`` prefix, so
     checkpoints load into the bare model; ``load_state_dict`` also accepts ``module.``-prefixed
@@ -110,6 +116,11 @@ class DistributedDataParallel(Module):
                 f"bucket sizes must be positive, got bucket_cap_mb={bucket_cap_mb}, "
                 f"first_bucket_mb={first_bucket_mb}"
             )
+        # intra-node reduction: None (DISTPROP_INTRA_NODE decides), 'shm' or 'mpi'
+        self._intra = comm.lower() if isinstance(comm, str) and comm.lower() in (
+            "shm", "mpi") else None
+        if self._intra == "shm":  # node-shared gradient buffers over the world communicator
+            comm = None
         if isinstance(comm, str):  # a registry.COMMS name: for the model's device
             from distprop.distributed.selection import make_comm
 
@@ -138,6 +149,7 @@ class DistributedDataParallel(Module):
         #: the allreduces), ``finish_s`` (the whole end-of-backward work), ``overlapped``
         #: (buckets started during backward) and ``buckets``.
         self.last_sync: dict = {}
+        self._reducer: shm.ShmReducer | None = None
 
         self._names = [n for n, p in module.named_parameters() if p.requires_grad]
         self._params = [p for _, p in module.named_parameters() if p.requires_grad]
@@ -250,6 +262,15 @@ class DistributedDataParallel(Module):
         for k, b in enumerate(buckets):
             for i in b.params:
                 self._bucket_of[i] = k
+        if self._reducer is not None:
+            self._reducer.close()
+            self._reducer = None
+        if shm.choose(self._intra, self.comm, buffers, self.compression):
+            index = {id(b): j for j, b in enumerate(buffers)}
+            self._reducer = shm.ShmReducer(
+                self.comm, buffers, [(index[id(b.flat)], b.start, b.stop) for b in buckets])
+            for b in buckets:  # the gradients moved into the shared window
+                b.view = b.flat.grad[b.start:b.stop]
 
     def _layout_ok(self) -> bool:
         return all(slot_of(p) is not None for p in self._params) and all(
@@ -309,7 +330,8 @@ class DistributedDataParallel(Module):
     def extra_repr(self) -> str:
         return (f"world_size={self.comm.size}, buckets={len(self._buckets)}, "
                 f"overlap={self.overlap}, comm_hook="
-                f"{getattr(self.comm_hook, '__name__', type(self.comm_hook).__name__)}")
+                f"{getattr(self.comm_hook, '__name__', type(self.comm_hook).__name__)}"
+                + (", intra_node=shm" if self._reducer is not None else ""))
 
     def check_replicas(self) -> None:
         """Raise on every rank, naming diverged ranks, if parameters differ across ranks."""
@@ -363,6 +385,8 @@ class DistributedDataParallel(Module):
                 self._launch_ready(during_backward=True)
             else:
                 self.comm.progress()
+                if self._reducer is not None:
+                    self._reducer.progress()
 
     def _prepare_grad(self, param: Tensor) -> None:
         """Make the final gradient the flat-buffer view and, for a hook that wants it
@@ -391,7 +415,12 @@ class DistributedDataParallel(Module):
         bucket.launch_ns = trace.now_ns()
         bucket.predivided = bool(getattr(self.comm_hook, "predivide", False))
         bucket.launched = True  # before the hook: an exception in it still finishes cleanly
-        bucket.request = self.comm_hook(self.comm_hook_state, bucket)
+        if self._reducer is not None and self.comm_hook is hooks.allreduce_hook and (
+                self.comm_hook_state in (None, self.comm)):
+            # the default hook over node-shared buffers (already divided: predivide)
+            bucket.request = self._reducer.ireduce(self._next_launch)
+        else:
+            bucket.request = self.comm_hook(self.comm_hook_state, bucket)
         trace.complete("allreduce.launch", bucket.launch_ns, trace.now_ns(), "comm",
                        bucket=self._next_launch, bytes=bucket.nbytes)
 

@@ -149,6 +149,16 @@ def rule_mpi_host(facts: CommFacts) -> tuple[str, str]:
     return "mpi-host", ""
 
 
+def rule_shm(facts: CommFacts) -> tuple[str, str]:
+    """``shm``: node-shared gradient buffers (:mod:`distprop.distributed.shm`) over the world
+    communicator; CPU gradients only."""
+    if facts.device_is_cuda:
+        raise CommSelectionError(
+            "--comm shm reduces CPU (NumPy) gradients in node-shared memory; for --device "
+            "cuda use --comm auto, nccl, mpi-cuda or mpi-host")
+    return "host", ""
+
+
 def _shared_note(groups: list) -> str:
     described = "; ".join("ranks " + ", ".join(map(str, g)) for g in groups)
     return f"NCCL refuses two ranks on one GPU ({described} share one)"

@@ -465,6 +465,8 @@ def train(cfg: TrainConfig, comm=None) -> dict:
                   f"{cfg.optimizer} lr {base_lr(cfg):.4g}")
     from distprop.train import tasks
 
+    if not dev.is_cuda and cfg.comm in ("mpi", "shm"):  # DDP's intra-node reduction too
+        data_comm = cfg.comm
     trainer = Trainer(model, tasks.loss_fn(cfg.task, cfg.loss), optimizer, comm=data_comm,
                       device=dev, metrics=tasks.metrics(cfg.task),
                       clip_grad_norm=cfg.clip_grad_norm, grad_accum=cfg.grad_accum,

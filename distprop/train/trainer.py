@@ -117,6 +117,8 @@ class Trainer(TrainerState):
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.device = backend.device(device)
+        # 'mpi' and 'shm' also choose how DDP reduces within a node (CPU gradients)
+        ddp_comm = comm if isinstance(comm, str) and comm in ("mpi", "shm") else None
         if isinstance(comm, str):  # a --comm choice: a name in registry.COMMS
             from distprop.distributed.selection import make_comm
 
@@ -134,7 +136,7 @@ class Trainer(TrainerState):
         self.seed = int(seed)
         self.log_every = int(log_every)
         self.prefetch = int(prefetch)
-        self.ddp = _ddp(model, self.comm, compression, ddp_kwargs)
+        self.ddp = _ddp(model, ddp_comm or self.comm, compression, ddp_kwargs)
         # the replicas start identical (built from one seed, checked by DDP); from here on each
         # rank draws its own dropout masks: SeedSequence(seed).spawn(world)[rank]
         backend.seed_rank(self.seed, self.comm.rank)
