@@ -150,7 +150,7 @@ def test_modules_read_the_registries():
     from distprop.distributed import compression, selection
 
     assert compression.KINDS == ("fp16", "bf16")
-    assert tuple(selection.COMM_CHOICES) == ("auto", "nccl", "mpi-cuda", "mpi-host", "mpi")
+    assert tuple(selection.COMM_CHOICES) == ("auto", "nccl", "mpi-cuda", "mpi-host", "mpi", "shm")
     from distprop.distributed.comm import Communicator
 
     for name, entry in registry.COMMS.items():  # make_comm builds these by name
