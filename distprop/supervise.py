@@ -541,6 +541,11 @@ def run_once(argv: list[str], env: dict[str, str], implementation: str, local: b
                                                              or reader.banner.rank is not None)):
                 banner = reader.banner
     supervisor.close()
+    if err_copier is not None and err_copier.mid_line:  # prterun may end on a bare " "
+        try:
+            sys.stderr.write("\n")
+        except OSError:
+            pass
     forwarded_signal = forwarded[0] if forwarded else None
     code, message = explain(code, supervisor, banner, forwarded_signal,
                             preempt_signal=preempting[0] if preempting else None)
