@@ -73,8 +73,8 @@ _TO_INF = np.float32(2.0 ** 112)  # |x| >= 65520 (rounds past the largest half) 
 _TO_HALF = np.float32(2.0 ** -110)  # with _TO_INF: x * 4, the exponent offset the bias undoes
 
 
-def _fp16_from_bits(src, bits, out16, f, s, b, r) -> None:
-    """out16 = IEEE half of the float32 values ``src`` (bits ``bits``), rounded to nearest even.
+def _fp16_from_bits(bits, out16, f, s, b, r) -> None:
+    """out16 = IEEE half of the float32 values with bits ``bits``, rounded to nearest even.
 
     M. Maratyszcza's fp16_ieee_from_fp32_value (FP16 library), in NumPy passes: the float unit
     does the rounding. Adding 2**(e - 11) (e: the input's exponent, at least the half's
@@ -82,8 +82,10 @@ def _fp16_from_bits(src, bits, out16, f, s, b, r) -> None:
     mantissa, rounded to nearest even, subnormal halves included; the half's exponent and
     mantissa are then read off the sum's bits. Overflow becomes infinity through the first
     scaling, NaN is set apart. uint32 arithmetic wraps modulo 2**32."""
-    np.abs(src, out=f)
-    f *= _TO_INF
+    fu = f.view(np.uint32)
+    np.bitwise_and(bits, 0x7FFFFFFF, out=fu)  # |x|, and float32 subnormals (they round to 0
+    np.maximum(fu, np.uint32(0x00800000), out=fu)  # anyway) raised to the smallest normal:
+    f *= _TO_INF  # a subnormal operand costs a microcode assist per element in a multiply
     f *= _TO_HALF
     np.add(bits, bits, out=s)  # the bits without the sign, exponent at the top
     np.bitwise_and(s, 0xFF000000, out=b)
@@ -147,7 +149,7 @@ def _encode_chunk(src, out16, kind: str) -> None:
         _bf16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m])
     else:
         with np.errstate(all="ignore"):  # the scaling overflows to infinity on purpose
-            _fp16_from_bits(src, bits, out16, _scratch(1, np.float32)[:m], _scratch(2)[:m],
+            _fp16_from_bits(bits, out16, _scratch(1, np.float32)[:m], _scratch(2)[:m],
                             _scratch(3)[:m], _scratch(4)[:m])
 
 
