@@ -53,6 +53,7 @@ class OutputCopier:
         self._ompi_pending = False
         self._stream, self._sink = stream, sink_fd
         self._partial = b""
+        self.mid_line = False  #: the copied output ended without a final newline
         self._thread = threading.Thread(target=self._copy, name="distprop-output", daemon=True)
 
     def start(self) -> OutputCopier:
@@ -79,6 +80,7 @@ class OutputCopier:
                 self._stream.close()
                 return
             self._scan(chunk)
+            self.mid_line = not chunk.endswith(b"\n")
         self._scan(b"\n")
 
     def _scan(self, chunk: bytes) -> None:

@@ -9,7 +9,10 @@ up three things:
   the kernel sends SIGTERM to ``mpiexec``, which stops its ranks (Hydra's proxies also kill their
   ranks when ``mpiexec``'s control connection drops, on every host). Ranks that called
   ``dist.init()`` also hold a connection to the launcher (below) and exit when it closes, which
-  covers launchers that leave their tasks running.
+  covers launchers that leave their tasks running. Open MPI's ``prterun`` takes the repeated
+  parent-death signal of a dying multi-threaded parent as "abort now" and skips its ranks, so
+  it runs under :mod:`distprop.reaper` instead (one SIGTERM when distprop dies, then it stops
+  whatever ``prterun`` left behind).
 * **A control channel.** A TCP server (loopback for a one-node job, every interface with ``-H``,
   ``--hostfile`` or Slurm) whose address and a random token reach the ranks in
   ``DISTPROP_SUPERVISOR=host:port:token``. Each rank registers from ``dist.init()`` before MPI is
@@ -95,6 +98,12 @@ def parent_death_signal(signum: int = signal.SIGTERM):
             os.kill(os.getpid(), int(signum))
 
     return preexec
+
+
+def reaper_path() -> str:
+    """The file of :mod:`distprop.reaper`, run as a script (``python -I``) between distprop and
+    Open MPI's launcher."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
 
 
 # --- the control channel ------------------------------------------------------------------------
@@ -469,14 +478,26 @@ def run_once(argv: list[str], env: dict[str, str], implementation: str, local: b
         argv = [argv[0], "-x", ENV_VAR, *argv[1:]]
     read_banner = implementation in ("mpich", "openmpi")
     read_stderr = implementation == "openmpi"  # where prterun names a killed process
+    keeper = None  # write end of the reaper's pipe: held until the launcher has ended
+    if implementation == "openmpi":
+        # prterun may leave its ranks running when distprop dies (distprop.reaper explains)
+        reader, keeper = os.pipe()
+        argv = [sys.executable, "-I", reaper_path(), str(reader), "--", *argv]
+        extra = {"pass_fds": (reader,)}
+    else:
+        extra = {"preexec_fn": parent_death_signal(signal.SIGTERM)}
     try:
         proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=stdin,
-                                preexec_fn=parent_death_signal(signal.SIGTERM),
                                 stdout=subprocess.PIPE if read_banner else None,
-                                stderr=subprocess.PIPE if read_stderr else None)
+                                stderr=subprocess.PIPE if read_stderr else None, **extra)
     except OSError:
         supervisor.close()
+        if keeper is not None:
+            os.close(keeper)
         raise
+    finally:
+        if keeper is not None:
+            os.close(reader)
     supervisor.start()
     copier = OutputCopier(proc.stdout).start() if read_banner else None
     err_copier = OutputCopier(proc.stderr, 2).start() if read_stderr else None
@@ -509,6 +530,8 @@ def run_once(argv: list[str], env: dict[str, str], implementation: str, local: b
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if keeper is not None:
+            os.close(keeper)
     banner = None
     for reader, stream in ((copier, proc.stdout), (err_copier, proc.stderr)):
         if reader is not None:
@@ -518,6 +541,11 @@ def run_once(argv: list[str], env: dict[str, str], implementation: str, local: b
                                                              or reader.banner.rank is not None)):
                 banner = reader.banner
     supervisor.close()
+    if err_copier is not None and err_copier.mid_line:  # prterun may end on a bare " "
+        try:
+            sys.stderr.write("\n")
+        except OSError:
+            pass
     forwarded_signal = forwarded[0] if forwarded else None
     code, message = explain(code, supervisor, banner, forwarded_signal,
                             preempt_signal=preempting[0] if preempting else None)

