@@ -34,6 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SEED = 14
+# Caps on one step's work, so the full sweep at 1 and 2 threads stays within ~8 minutes: the
+# batch (then the steps) is halved until steps*batch*hidden^2*layers*dirs <= RNN_WORK, and the
+# batch until batch*tokens*d_model <= ATTN_WORK.
+RNN_WORK = 2 ** 26
+ATTN_WORK = 2 ** 17
 
 
 @dataclass
@@ -286,9 +291,9 @@ def fam_rnn(mode, n_shapes):
         h, t, b, layers, bi, inp = (pt[x] for x in ("hidden", "steps", "batch", "layers",
                                                     "bidirectional", "input"))
         # bound the work of one step (steps x batch x hidden^2), as the grid's corners are huge
-        while t * b * h * h * layers * (2 if bi else 1) > 2 ** 29 and b > 8:
+        while t * b * h * h * layers * (2 if bi else 1) > RNN_WORK and b > 8:
             b //= 2
-        while t * b * h * h * layers * (2 if bi else 1) > 2 ** 29 and t > 8:
+        while t * b * h * h * layers * (2 if bi else 1) > RNN_WORK and t > 8:
             t //= 2
         kw = {"num_layers": layers, "bidirectional": bi, "batch_first": True}
         ours, ref = getattr(dp.nn, cls)(inp, h, **kw), getattr(torch.nn, cls)(inp, h, **kw)
@@ -318,7 +323,7 @@ def fam_attention(kind, n_shapes):
              "heads": [2, 4, 8], "batch": [4, 8, 16, 32]}
     for i, pt in enumerate(lhs(space, n_shapes, SEED + (7 if kind == "attention" else 8))):
         e, t, heads, b = pt["d_model"], pt["tokens"], pt["heads"], pt["batch"]
-        while b * t * e > 2 ** 19 and b > 2:
+        while b * t * e > ATTN_WORK and b > 2:
             b //= 2
         x = _np_rng(i).standard_normal((b, t, e)).astype(np.float32)
         params = {**pt, "batch": b}
@@ -542,7 +547,7 @@ def main(argv=None) -> int:
             print(s.getvalue(), file=sys.stderr)
         return 0
     budget = args.budget if args.budget is not None else (0.1 if args.quick else 0.5)
-    min_rep, max_rep, warmup = (3, 9, 1) if args.quick else (7, 41, 2)
+    min_rep, max_rep, warmup = (3, 9, 1) if args.quick else (5, 41, 2)
     out = open(args.out, "w") if args.out else None
     env = {"environment": {"python": platform.python_version(), "numpy": np.__version__,
                            "torch": torch.__version__, "distprop": distprop.__version__,
