@@ -416,7 +416,7 @@ QUICK_SHAPES = 3
 # ----------------------------------------------------------------------------- timing
 
 
-def gemm_floor_ms(gemms, repeats: int) -> float | None:
+def gemm_floor_ms(gemms, repeats: int, clock=time.perf_counter) -> float | None:
     """Sum over the GEMMs of the median time of ``np.matmul(a, b, out=c)`` (float32)."""
     if not gemms:
         return None
@@ -430,33 +430,34 @@ def gemm_floor_ms(gemms, repeats: int) -> float | None:
             a, c = a[0], c[0]
         times = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(repeat):
                 np.matmul(a, b, out=c)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         total += statistics.median(times)
     return total * 1e3
 
 
-def time_pair(case: Case, budget_s: float, min_rep: int, max_rep: int, warmup: int = 2):
+def time_pair(case: Case, budget_s: float, min_rep: int, max_rep: int, warmup: int = 2,
+              clock=time.perf_counter):
     """Warm up, then alternate ours/torch; returns both lists of step times (s)."""
     for _ in range(warmup):
         case.ours()
         case.torch()
-    t0 = time.perf_counter()
+    t0 = clock()
     case.ours()
-    t1 = time.perf_counter()
+    t1 = clock()
     case.torch()
-    t2 = time.perf_counter()
+    t2 = clock()
     reps = int(min(max_rep, max(min_rep, budget_s / max(t2 - t0, 1e-6))))
     ours, theirs = [t1 - t0], [t2 - t1]
     for r in range(reps - 1):
         first, second = (case.ours, case.torch) if r % 2 else (case.torch, case.ours)
-        a = time.perf_counter()
+        a = clock()
         first()
-        b = time.perf_counter()
+        b = clock()
         second()
-        c = time.perf_counter()
+        c = clock()
         if r % 2:
             ours.append(b - a)
             theirs.append(c - b)
@@ -466,8 +467,17 @@ def time_pair(case: Case, budget_s: float, min_rep: int, max_rep: int, warmup: i
     return ours, theirs
 
 
+def pick_clock(name: str, threads: int):
+    """(clock, its name): ``auto`` is this thread's CPU time at 1 thread (all the work of both
+    frameworks then runs on the calling thread, so time spent descheduled by other jobs on a
+    shared machine is left out) and wall time with more threads."""
+    if name == "cpu" or (name == "auto" and threads == 1):
+        return time.thread_time, "thread_cpu"
+    return time.perf_counter, "wall"
+
+
 def run_case(case: Case, threads: list[int], budget_s: float, min_rep: int, max_rep: int,
-             warmup: int = 2):
+             warmup: int = 2, clock: str = "auto"):
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -475,14 +485,15 @@ def run_case(case: Case, threads: list[int], budget_s: float, min_rep: int, max_
     for nt in threads:
         torch.set_num_threads(nt)
         with threadpool_limits(nt):
-            ours, theirs = time_pair(case, budget_s, min_rep, max_rep, warmup)
-            floor = gemm_floor_ms(case.gemms, max(3, min_rep // 2))
+            tick, clock_name = pick_clock(clock, nt)
+            ours, theirs = time_pair(case, budget_s, min_rep, max_rep, warmup, tick)
+            floor = gemm_floor_ms(case.gemms, max(3, min_rep // 2), tick)
         o, t = statistics.median(ours), statistics.median(theirs)
         rows.append({"family": case.family, **case.params, "threads": nt,
                      "ours_ms": round(o * 1e3, 4), "torch_ms": round(t * 1e3, 4),
                      "ratio": round(o / t, 4), "gemm_floor_ms":
                          None if floor is None else round(floor, 4),
-                     "repeats": len(ours)})
+                     "repeats": len(ours), "clock": clock_name})
     return rows
 
 
@@ -511,6 +522,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPES} shapes per family")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed steps per shape and thread count")
+    parser.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                        help="auto: this thread's CPU time at 1 thread, wall time above")
     parser.add_argument("--out", default=None, help="also write the JSON lines here")
     parser.add_argument("--profile", type=int, default=None, metavar="INDEX",
                         help="cProfile 20 of our steps of shape INDEX of --family to stderr")
@@ -564,7 +577,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for fam in fams:
         for case in cases_of(fam, args.quick):
-            for row in run_case(case, threads, budget, min_rep, max_rep, warmup):
+            for row in run_case(case, threads, budget, min_rep, max_rep, warmup, args.clock):
                 emit(row)
     emit({"done": True, "wall_s": round(time.perf_counter() - start, 1),
           "peak_rss_mb_process": peak_rss_mb()})

@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NOT_SHAPE = {"family", "threads", "ours_ms", "torch_ms", "ratio", "gemm_floor_ms", "repeats"}
+NOT_SHAPE = {"family", "threads", "ours_ms", "torch_ms", "ratio", "gemm_floor_ms", "repeats",
+             "clock"}
 
 
 def load(path: Path):
