@@ -46,47 +46,49 @@ class BatchNorm(Function):
         xp = get_array_module(x)
         shape = _channel_shape(x)
         self.batch_stats = mean is None
+        spare = None  # a temporary of x's size, reused for the output
         if self.batch_stats:
             count = x.size // x.shape[1]
             mean = channel_sum(x) / count
             xc = x - mean.reshape(shape)
-            var = channel_sum(xp.square(xc)) / count
+            spare = xp.square(xc)
+            var = channel_sum(spare) / count
             if stats_out is not None:
                 stats_out.extend((mean, var))
         else:
             xc = x - mean.reshape(shape).astype(x.dtype, copy=False)
         invstd = 1.0 / xp.sqrt(var.astype(x.dtype, copy=False) + eps)
-        xhat = xc
-        xhat *= invstd.reshape(shape)
-        if weight is None:
-            out = xhat.copy() if bias is not None or self.needs_input_grad[0] else xhat
-        else:
-            out = xhat * weight.reshape(shape)
+        # out = xc * (invstd * w) + b: xhat = xc * invstd is never stored (one pass less)
+        scale = invstd if weight is None else invstd * weight
+        out = xp.multiply(xc, scale.reshape(shape), out=spare)
         if bias is not None:
             out += bias.reshape(shape)
-        self.xhat, self.invstd, self.weight = xhat, invstd, weight
+        self.xc, self.invstd, self.weight = xc, invstd, weight
         self.has_bias = bias is not None
         return out
 
     def backward(self, grad_out):
+        xp = get_array_module(grad_out)
         shape = _channel_shape(grad_out)
-        xhat, invstd, weight = self.xhat, self.invstd, self.weight
-        grad_out = same_layout(grad_out, xhat)
+        xc, invstd, weight = self.xc, self.invstd, self.weight
+        grad_out = same_layout(grad_out, xc)
         need_x = self.needs_input_grad[0]
         need_w = weight is not None and self.needs_input_grad[1]
         need_b = self.has_bias and self.needs_input_grad[2]
         gb = gw = gx = None
+        spare = None
         if need_b or (need_x and self.batch_stats):
             gb = channel_sum(grad_out)
         if need_w or (need_x and self.batch_stats):
-            gw = channel_sum(grad_out * xhat)
+            spare = grad_out * xc
+            gw = channel_sum(spare) * invstd  # sum(g * xhat)
         if need_x:
             scale = invstd if weight is None else invstd * weight
             if self.batch_stats:
+                # gx = scale * (g - gb / n - xhat * gw / n), xhat = xc * invstd
                 n = grad_out.size // grad_out.shape[1]
-                gx = xhat * (gw / n).reshape(shape)
+                gx = xp.multiply(xc, (invstd * gw / n).reshape(shape), out=spare)
                 gx += (gb / n).reshape(shape)
-                xp = get_array_module(grad_out)
                 xp.subtract(grad_out, gx, out=gx)
                 gx *= scale.reshape(shape)
             else:
