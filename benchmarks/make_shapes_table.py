@@ -42,7 +42,28 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def build(env: dict, rows: list[dict], done: dict, command: str | None) -> str:
+def before_after(rows: list[dict], before: list[dict], threads: list[int]) -> list[str]:
+    """Summary rows comparing a run of the same shapes on an earlier commit."""
+    lines = ["", "## Before and after (same shapes, earlier commit's run)", "",
+             "| family | " + " | ".join(f"before {t}t median / worst | after {t}t median / worst"
+                                        for t in threads) + " |",
+             "|---|" + "---|---|" * len(threads)]
+    done = {r["family"] for r in before}
+    fams = [f for f in dict.fromkeys(r["family"] for r in rows) if f in done]
+    for fam in fams + ["all"]:
+        cells = []
+        for t in threads:
+            for src in (before, rows):
+                vals = [r["ratio"] for r in src if r["threads"] == t
+                        and (r["family"] == fam or (fam == "all" and r["family"] in fams))]
+                cells.append(f"{statistics.median(vals):.2f} / {max(vals):.2f}" if vals else "-")
+        name = f"**all {len(fams)} families**" if fam == "all" else fam
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def build(env: dict, rows: list[dict], done: dict, command: str | None,
+          before: list[dict] | None = None, before_label: str = "") -> str:
     threads = sorted({r["threads"] for r in rows})
     fams = list(dict.fromkeys(r["family"] for r in rows))
     t0 = threads[0]
@@ -76,6 +97,10 @@ def build(env: dict, rows: list[dict], done: dict, command: str | None) -> str:
         n = len({shape_key(r) for r in sel})
         name = "**all**" if fam == "all" else fam
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    if before:
+        lines += before_after(rows, before, threads)
+        if before_label:
+            lines += ["", before_label]
     for fam in fams:
         sel = [r for r in rows if r["family"] == fam]
         by_shape: dict[tuple, dict[int, dict]] = {}
@@ -103,9 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("--jsonl", default=str(HERE / "results" / "shapes_cpu.jsonl"))
     parser.add_argument("--md", default=str(HERE / "results" / "shapes_cpu.md"))
     parser.add_argument("--command", default=None, help="the command to quote (default: argv)")
+    parser.add_argument("--before", default=None, help="JSON lines of an earlier run to compare")
+    parser.add_argument("--before-label", default="", help="a line saying what --before is")
     args = parser.parse_args(argv)
     env, rows, done = load(Path(args.jsonl))
-    Path(args.md).write_text(build(env, rows, done, args.command))
+    before = load(Path(args.before))[1] if args.before else None
+    Path(args.md).write_text(build(env, rows, done, args.command, before, args.before_label))
     return 0
 
 
