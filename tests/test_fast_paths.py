@@ -138,3 +138,16 @@ def test_activation_gradcheck(name):
     ours_cls = dict((a[0], a[1]) for a in ACTIVATIONS)[name]
     x = np.random.default_rng(3).standard_normal((2, 3, 4, 4)) * 2
     gradcheck(lambda t: ours_cls()(t), x)
+
+
+def test_same_layout_copies_only_across_layouts():
+    from distprop.ops._util import same_layout
+
+    cl = _layout(np.ones((2, 3, 4, 5), np.float32), True)
+    cf = np.ones((2, 3, 4, 5), np.float32)
+    assert same_layout(cf, cf) is cf
+    moved = same_layout(cf, cl)
+    assert moved is not cf and moved.strides == cl.strides
+    np.testing.assert_array_equal(moved, cf)
+    ones = np.broadcast_to(np.float32(1), cl.shape)  # sum()'s gradient: left as it is
+    assert same_layout(ones, cl) is ones

@@ -52,7 +52,8 @@ def same_layout(a, like):
     makes every elementwise op with a saved array iterate across layouts; with a boolean mask
     operand NumPy buffers and casts, about ten times the cost of this one transposing copy.
     """
-    if a.ndim < 3 or a.shape != like.shape or _memory_order(a) == _memory_order(like):
+    if (a.ndim < 3 or a.shape != like.shape or 0 in a.strides  # broadcast: cheap to read
+            or _memory_order(a) == _memory_order(like)):
         return a
     from distprop.backend import get_array_module
 
