@@ -165,8 +165,12 @@ class Huber(_DiffLoss):
     name = "huber_loss"
 
     def loss(self, d, delta=1.0):
+        # m (|d| - m / 2) with m = min(|d|, delta) is both branches in three passes, no where
         a = abs(d)
-        return get_array_module(d).where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
+        m = get_array_module(d).minimum(a, delta)
+        a -= 0.5 * m
+        a *= m
+        return a
 
     def dloss(self, d, delta=1.0):
         return get_array_module(d).clip(d, -delta, delta)
@@ -181,7 +185,11 @@ class SmoothL1(_DiffLoss):
         a = abs(d)
         if beta == 0.0:
             return a
-        return get_array_module(d).where(a < beta, (0.5 / beta) * d * d, a - 0.5 * beta)
+        m = get_array_module(d).minimum(a, beta)  # Huber's m (|d| - m / 2), over beta
+        a -= 0.5 * m
+        a *= m
+        a *= 1.0 / beta
+        return a
 
     def dloss(self, d, beta=1.0):
         xp = get_array_module(d)
