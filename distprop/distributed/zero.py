@@ -222,6 +222,8 @@ class ZeroRedundancyOptimizer(Optimizer):
         self._shards = shards
         self._inner_pieces = pieces  # aligned with the wrapped optimizer's parameter order
         self._where = [(slot_of(p).buffer, slot_of(p).offset) for p in params]
+        # the gradient arrays the shards view: DDP's node-shared buffers replace them
+        self._grad_arrays = {id(s.buffer): s.buffer.grad for s in shards}
 
     @staticmethod
     def _keep_run(shard: _Shard, run: list[_Piece]) -> None:
@@ -238,7 +240,8 @@ class ZeroRedundancyOptimizer(Optimizer):
             slot = slot_of(p)
             if slot is None or slot.buffer is not buf or slot.offset != offset:
                 return True
-        return False
+        return any(s.buffer.grad is not self._grad_arrays.get(id(s.buffer))
+                   for s in self._shards)
 
     def _reshard(self) -> None:
         """Parameters moved (e.g. re-flattened): rebuild the shards, keeping the state."""
