@@ -387,6 +387,18 @@ class Supervisor:
             found = same or found
         return found[0] if found else None
 
+    def first_unannounced_drop(self) -> RankRecord | None:
+        """The first rank whose connection dropped without an ``exit`` event: killed, not
+        ended (the launcher's banner may name a rank it killed afterwards)."""
+        with self._lock:
+            announced = set()
+            for _, rank, name in self.order:
+                if name == "exit":
+                    announced.add(rank)
+                elif name == "dropped" and rank not in announced:
+                    return self.ranks[rank]
+        return None
+
     def first(self, event: str) -> RankRecord | None:
         """The rank whose ``event`` arrived first."""
         with self._lock:
@@ -622,7 +634,13 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
                    "not registered through dist.init())")
         sig = banner.signal
         what = f"{who} was killed by {signal_name(sig)} (signal {sig})"
-        if sig == signal.SIGKILL:
+        first = supervisor.first_unannounced_drop()
+        if record is not None and first is not None and first is not record:
+            # Hydra's banner names the first failed process in rank order, which can be one it
+            # stopped after the rank that really died: the lifelines say who went first
+            what = (f"{_who(first)} died first (killed by a signal; MPI's launcher then "
+                    f"reported {signal_name(sig)} for rank {record.rank})")
+        elif sig == signal.SIGKILL:
             what += ", e.g. by the out-of-memory killer"
         message = f"{what}; the other ranks were stopped (exit code {128 + sig})"
         if resume_hint:
