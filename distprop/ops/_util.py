@@ -38,6 +38,29 @@ def normalize_dims(dim, ndim: int) -> tuple[int, ...] | None:
 
 
 
+def _memory_order(a) -> tuple[int, ...]:
+    """The axes of ``a`` (size-1 axes left out) from the largest stride to the smallest."""
+    axes = [i for i in range(a.ndim) if a.shape[i] != 1]
+    return tuple(sorted(axes, key=lambda i: -abs(a.strides[i])))
+
+
+def same_layout(a, like):
+    """``a`` laid out in memory in ``like``'s axis order: ``a`` itself when it already is (or
+    the shapes differ), else one copy.
+
+    A gradient arriving channels-first for a channels-last activation (or the other way round)
+    makes every elementwise op with a saved array iterate across layouts; with a boolean mask
+    operand NumPy buffers and casts, about ten times the cost of this one transposing copy.
+    """
+    if a.ndim < 3 or a.shape != like.shape or _memory_order(a) == _memory_order(like):
+        return a
+    from distprop.backend import get_array_module
+
+    out = get_array_module(a).empty_like(like, dtype=a.dtype)
+    out[...] = a
+    return out
+
+
 def grad_destination(fn, index: int):
     """Where ``fn``'s backward may write input ``index``'s gradient directly, or None.
 

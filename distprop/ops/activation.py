@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
+
 from distprop import backend
 from distprop.backend import get_array_module
-from distprop.ops._util import normalize_dims
+from distprop.ops._util import normalize_dims, same_layout
 from distprop.tensor import Function, Tensor
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -21,34 +23,51 @@ _GELU_CUBIC = 0.044715
 
 
 def stable_sigmoid(x):
-    """1 / (1 + exp(-x)) without overflow for large |x| (keeps x's dtype)."""
+    """1 / (1 + exp(-x)) in x's dtype, without overflow trouble.
+
+    float32/64: exp overflowing to inf for very negative x gives the right limit 0, so the
+    warning is silenced (three in-place passes, no ``where``). Half precision would overflow
+    already at x < -11 where the sigmoid is still representable: exp(-|x|) there.
+    """
     xp = get_array_module(x)
-    e = xp.exp(-abs(x))
-    inv = 1.0 / (1.0 + e)
-    return xp.where(x >= 0, inv, e * inv)
+    if x.dtype.itemsize < 4:
+        e = xp.exp(-abs(x))
+        inv = 1.0 / (1.0 + e)
+        return xp.where(x >= 0, inv, e * inv)
+    with np.errstate(over="ignore"):
+        out = xp.exp(-x)
+    out += 1
+    return xp.reciprocal(out, out=out)
 
 
 class ReLU(Function):
-    """out = max(x, 0); grad: g * (x > 0)."""
+    """out = max(x, 0); grad: g * (out > 0)."""
 
     def forward(self, x):
         self.out = get_array_module(x).maximum(x, 0)
         return self.out
 
     def backward(self, grad_out):
-        return grad_out * (self.out > 0)
+        return same_layout(grad_out, self.out) * (self.out > 0)
 
 
 class LeakyReLU(Function):
-    """out = x if x > 0 else slope * x; grad: g or slope * g."""
+    """out = x if x > 0 else slope * x; grad: g or slope * g (as one float factor, no where)."""
 
     def forward(self, x, negative_slope=0.01):
         xp = get_array_module(x)
         self.positive, self.slope = x > 0, float(negative_slope)
+        if 0.0 <= self.slope <= 1.0:  # max(x, slope * x) is the same function, and faster
+            return xp.maximum(x, x * self.slope)
         return xp.where(self.positive, x, x * self.slope)
 
     def backward(self, grad_out):
-        return get_array_module(grad_out).where(self.positive, grad_out, grad_out * self.slope)
+        grad = same_layout(grad_out, self.positive)
+        factor = self.positive.astype(grad.dtype)
+        factor *= 1.0 - self.slope
+        factor += self.slope
+        factor *= grad
+        return factor
 
 
 class ELU(Function):
@@ -76,18 +95,28 @@ class GELU(Function):
         if approximate == "tanh":
             self.t = xp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
             return 0.5 * x * (1.0 + self.t)
-        self.cdf = 0.5 * (1.0 + backend.erf(x * _SQRT_HALF))
-        return x * self.cdf
+        cdf = backend.erf(x * _SQRT_HALF)  # then in place: no temporaries
+        cdf += 1.0
+        cdf *= 0.5
+        self.cdf = cdf
+        return x * cdf
 
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
         x = self.x
+        grad_out = same_layout(grad_out, x)
         if self.approximate == "tanh":
             t = self.t
             inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
             return grad_out * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner)
-        pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-        return grad_out * (self.cdf + x * pdf)
+        factor = x * x  # (Phi + x * phi) * g, in place
+        factor *= -0.5
+        xp.exp(factor, out=factor)
+        factor *= _INV_SQRT_2PI
+        factor *= x
+        factor += self.cdf
+        factor *= grad_out
+        return factor
 
 
 class SiLU(Function):
@@ -99,7 +128,12 @@ class SiLU(Function):
 
     def backward(self, grad_out):
         s = self.s
-        return grad_out * s * (1.0 + self.x * (1.0 - s))
+        factor = 1.0 - s
+        factor *= self.x
+        factor += 1.0
+        factor *= s
+        factor *= same_layout(grad_out, s)
+        return factor
 
 
 class Sigmoid(Function):
@@ -110,7 +144,10 @@ class Sigmoid(Function):
         return self.out
 
     def backward(self, grad_out):
-        return grad_out * self.out * (1.0 - self.out)
+        factor = 1.0 - self.out
+        factor *= self.out
+        factor *= same_layout(grad_out, self.out)
+        return factor
 
 
 class Tanh(Function):
@@ -121,7 +158,11 @@ class Tanh(Function):
         return self.out
 
     def backward(self, grad_out):
-        return grad_out * (1.0 - self.out * self.out)
+        factor = self.out * self.out
+        xp = get_array_module(factor)
+        xp.subtract(1.0, factor, out=factor)
+        factor *= same_layout(grad_out, self.out)
+        return factor
 
 
 class Softmax(Function):

@@ -199,6 +199,74 @@ class ConvNd(Function):
         return gx, gw, gb
 
 
+class PointwiseConv(Function):
+    """1x1 convolution (one group, no padding): out[n,o,y] = sum_c w[o,c] x[n,c,y*s] + b[o].
+
+    No column matrix: a channels-last input is already the GEMM operand ``(M, C)`` (one GEMM,
+    channels-last output, as :class:`ConvNd`); a channels-first one is multiplied image by image
+    as ``W (O, C) @ x[n] (C, P)`` (a batched GEMM, channels-first output). A stride only
+    subsamples the input (one strided copy) and its gradient (written into zeros).
+    """
+
+    amp_policy = "lower"  # autocast: see distprop/amp.py
+
+    def forward(self, x, weight, bias=None, *, stride):
+        n, c = x.shape[:2]
+        o = weight.shape[0]
+        sub = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+        out_sp = sub.shape[2:]
+        p = _prod(out_sp)
+        w2 = weight.reshape(o, c)
+        self.last = is_channels_last(sub) or c == 1
+        self.meta = (x.shape, x.dtype, stride, out_sp, x.strides, self.last)
+        self.has_bias = bias is not None
+        self.w2 = w2 if self.needs_input_grad[0] else None
+        if self.last:
+            a = move_channels_last(sub).reshape(n * p, c)  # a view unless strided
+            out = gemm(a, w2.T)
+            if bias is not None:
+                out += bias
+            self.a = a if self.needs_input_grad[1] else None
+            return move_channels_first(out.reshape(n, *out_sp, o))
+        a = sub.reshape(n, c, p)  # a view unless strided
+        out = gemm(w2, a)  # (n, o, p)
+        if bias is not None:
+            out += bias.reshape(o, 1)
+        self.a = a if self.needs_input_grad[1] else None
+        return out.reshape(n, o, *out_sp)
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        x_shape, dtype, stride, out_sp, _, last = self.meta
+        n, o = grad_out.shape[:2]
+        c, p = x_shape[1], _prod(out_sp)
+        gx = gw = gb = None
+        if last:
+            g2 = move_channels_last(grad_out).reshape(n * p, o)
+            if self.needs_input_grad[1]:
+                gw = gemm(g2.T, self.a).reshape(o, c, *(1,) * len(out_sp))
+            if self.has_bias and self.needs_input_grad[2]:
+                gb = g2.sum(axis=0)
+            if self.needs_input_grad[0]:
+                sub = move_channels_first(gemm(g2, self.w2).reshape(n, *out_sp, c))
+        else:
+            g3 = grad_out.reshape(n, o, p)
+            if self.needs_input_grad[1]:
+                gw = gemm(g3, self.a.transpose(0, 2, 1)).sum(axis=0).reshape(
+                    o, c, *(1,) * len(out_sp))
+            if self.has_bias and self.needs_input_grad[2]:
+                gb = g3.sum(axis=(0, 2))
+            if self.needs_input_grad[0]:
+                sub = gemm(self.w2.T, g3).reshape(n, c, *out_sp)
+        if self.needs_input_grad[0]:
+            if all(s == 1 for s in stride):
+                gx = sub
+            else:
+                gx = _alloc(xp, x_shape, dtype, last, zero=True)
+                gx[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = sub
+        return gx, gw, gb
+
+
 def _logical_cols(xp, buf, rows, n, out_sp, g, kernel, cg):
     """The column buffer ((M, g, ka) or (g, ka, M)) viewed as (N, *out, g, *kernel, cg)."""
     isz = buf.itemsize
@@ -294,6 +362,9 @@ def conv_nd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
                 f"{weight.shape})"
             )
     args = (x, weight) if bias is None else (x, weight, bias)
+    if groups == 1 and all(k == 1 for k in kernel) and not any(lo or hi for lo, hi in pads):
+        out = PointwiseConv.apply(*args, stride=stride)
+        return out.reshape(out.shape[1:]) if unbatched else out
     out = ConvNd.apply(*args, stride=stride, padding=pads, dilation=dilation, groups=groups)
     return out.reshape(out.shape[1:]) if unbatched else out
 

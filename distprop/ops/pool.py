@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from distprop.backend import get_array_module
+from distprop.ops._util import same_layout
 from distprop.ops.conv import ntuple
 from distprop.tensor import Function, Tensor
 
@@ -102,6 +103,7 @@ class MaxPoolNd(Function):
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
         geo = self.geo
+        grad_out = same_layout(grad_out, self.out)  # the masks below are in out's layout
         gpad = _alloc_like(xp, self.xpad, self.xpad.shape, grad_out.dtype,
                            fill=None if geo.exact_cover else 0)
         offsets = list(geo.offsets())
