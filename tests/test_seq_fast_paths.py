@@ -9,22 +9,34 @@ import torch
 import distprop as dp
 from distprop.nn import GRU, LSTM, MultiheadAttention
 from distprop.ops.attention import ScaledDotProductAttention
-from distprop.ops.rnn import GRULayer, LSTMLayer, _scaled_transpose
+from distprop.ops.rnn import GRULayer, LSTMLayer, _padded_copy, _scaled_transpose
 
 from helpers import gradcheck
 
 TOL = {"float64": dict(rtol=1e-10, atol=1e-10), "float32": dict(rtol=2e-5, atol=2e-5)}
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 3), (64, 5), (65, 7), (200, 40)])
+@pytest.mark.parametrize("rows,cols", [(1, 3), (64, 5), (65, 7), (200, 40), (256, 9),
+                                       (512, 3)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_scaled_transpose_is_the_scaled_transpose(rows, cols, dtype):
     rng = np.random.default_rng(rows)
     w = rng.standard_normal((rows, cols)).astype(dtype)
     s = rng.standard_normal(rows).astype(dtype)
     got = _scaled_transpose(np, w, s)
-    assert got.flags.c_contiguous and got.dtype == np.dtype(dtype)
+    size = np.dtype(dtype).itemsize
+    assert got.dtype == np.dtype(dtype) and got.strides[1] == size
+    # rows of a multiple of 1 KiB get 64 bytes of padding (cache-set conflicts), others none
+    pad = 64 if (rows * size) % 1024 == 0 else 0
+    assert got.strides[0] == rows * size + pad
     np.testing.assert_array_equal(got, (w * s[:, None]).T)
+
+
+def test_padded_copy_keeps_values_and_pads_kib_rows():
+    w = np.arange(64 * 256, dtype=np.float32).reshape(64, 256)
+    got = _padded_copy(np, w)
+    assert got.strides == ((256 + 16) * 4, 4)
+    np.testing.assert_array_equal(got, w)
 
 
 # hidden 40: 160 (LSTM) / 120 (GRU) weight rows, i.e. two full 64-row blocks and a partial one
