@@ -42,8 +42,14 @@ class ScaledDotProductAttention(Function):
                 f"key[-2] == value[-2])"
             )
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        # The scale goes on q when q is the smaller array (L * E < L * S): one pass fewer over
+        # the scores, and a contiguous GEMM operand.
+        q_first = q.shape[-2] * q.shape[-1] < q.shape[-2] * k.shape[-2]
+        if q_first:
+            q = q * q.dtype.type(scale)
         probs = gemm(q, _swap(k))
-        probs *= scale
+        if not q_first:
+            probs *= scale
         if bias is not None:
             probs += bias
         row_max = probs.max(axis=-1, keepdims=True)
@@ -56,7 +62,8 @@ class ScaledDotProductAttention(Function):
         total = probs.sum(axis=-1, keepdims=True)
         if any_dead:
             total[dead] = 1
-        probs /= total
+        xp.reciprocal(total, out=total)
+        probs *= total
         weights = probs
         self.drop = None
         if dropout_p > 0.0:
@@ -66,13 +73,14 @@ class ScaledDotProductAttention(Function):
             if keep > 0:
                 self.drop *= 1.0 / keep
             weights = probs * self.drop
-        self.saved = (q, k, v, probs, weights, scale)
+        self.saved = (q, k, v, probs, weights, scale, q_first)
         out = gemm(weights, v)
         return (out, weights) if need_weights else out
 
     def backward(self, grad_out, grad_weights=None):
-        q, k, v, probs, weights, scale = self.saved
+        q, k, v, probs, weights, scale, q_first = self.saved  # q is scaled when q_first
         needs = self.needs_input_grad
+        xp = get_array_module(grad_out)
         dv = unbroadcast(gemm(_swap(weights), grad_out), v.shape) if needs[2] else None
         if not (needs[0] or needs[1]):
             return None, None, dv
@@ -82,11 +90,16 @@ class ScaledDotProductAttention(Function):
         if self.drop is not None:
             dp *= self.drop
         # softmax backward: ds = p * (dp - sum(p * dp)); masked entries have p = 0
-        row = (dp * probs).sum(axis=-1, keepdims=True)
-        dp -= row
+        dp -= xp.einsum("...ij,...ij->...i", dp, probs)[..., None]
         dp *= probs
-        dp *= scale
-        dq = unbroadcast(gemm(dp, k), q.shape) if needs[0] else None
+        if not q_first:
+            dp *= scale
+        dq = None
+        if needs[0]:
+            dq = gemm(dp, k)
+            if q_first:
+                dq *= scale
+            dq = unbroadcast(dq, q.shape)
         dk = unbroadcast(gemm(_swap(dp), q), k.shape) if needs[1] else None
         return dq, dk, dv
 

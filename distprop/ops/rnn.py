@@ -53,6 +53,11 @@ class _Sequence:
             self.pad = xp.asarray(~host_valid[:, :, None])
             self.has_pad = [bool(lengths.min() <= t) for t in range(steps)]
 
+    def steps_prev_new(self):
+        """(t, prev slot, new slot) for each step in processing order."""
+        shift = 1 if self.reverse else 0
+        return [(t, t + shift, t + 1 - shift) for t in self.order]
+
     def prev(self, t: int) -> int:
         """Index in the (T+1)-slot state array of the state a step at time t reads."""
         return t + 1 if self.reverse else t
@@ -75,6 +80,34 @@ class _Sequence:
 
     def first_slot(self) -> int:
         return self.steps if self.reverse else 0
+
+
+def _padded_empty(xp, shape, dtype):
+    """An uninitialised 2-D array whose rows are 64 bytes longer than ``shape[1]`` when their
+    length is a multiple of 1 KiB: such power-of-two strides make the per-step GEMMs' weight
+    reads collide in the cache sets (OpenBLAS, H = 256-512: 15-25 % slower per step)."""
+    rows, cols = shape
+    size = np.dtype(dtype).itemsize
+    pad = 64 // size if (cols * size) % 1024 == 0 else 0
+    return xp.empty((rows, cols + pad), dtype=dtype)[:, :cols]
+
+
+def _padded_copy(xp, weight):
+    """``weight`` copied into a :func:`_padded_empty` array (the backward's per-step operand)."""
+    out = _padded_empty(xp, weight.shape, weight.dtype)
+    out[...] = weight
+    return out
+
+
+def _scaled_transpose(xp, weight, scale, block: int = 64):
+    """``(weight * scale[:, None]).T`` copied in row blocks into a :func:`_padded_empty` array (a
+    plain transposed copy of a (4H, H) float32 matrix runs into cache-set conflicts: ~4x
+    slower)."""
+    rows = weight.shape[0]
+    out = _padded_empty(xp, (weight.shape[1], rows), weight.dtype)
+    for j in range(0, rows, block):
+        xp.multiply(weight[j:j + block].T, scale[j:j + block], out=out[:, j:j + block])
+    return out
 
 
 def _input_projection(x, weight, bias):
@@ -204,7 +237,7 @@ class LSTMLayer(Function):
         gates = _input_projection(
             x, w_ih * pre_scale[:, None], None if bias is None else bias * pre_scale
         )
-        w_hh_t = xp.ascontiguousarray((w_hh * pre_scale[:, None]).T)  # GEMMs prefer it
+        w_hh_t = _scaled_transpose(xp, w_hh, pre_scale)  # per-step GEMMs prefer it
         hs = xp.empty((steps + 1, batch, hidden), dtype=x.dtype)
         cs = xp.empty_like(hs)
         tanh_c = xp.empty((steps, batch, hidden), dtype=x.dtype)
@@ -213,13 +246,17 @@ class LSTMLayer(Function):
         tmp = xp.empty((batch, hidden), dtype=x.dtype)
         rec = xp.empty((batch, 4 * hidden), dtype=x.dtype)
         h1, h2, h3 = hidden, 2 * hidden, 3 * hidden
-        for t in seq.order:
-            p, n = seq.prev(t), seq.new(t)
+        kernel = None  # the fused GPU kernel: decided on the first step
+        for t, p, n in seq.steps_prev_new():
             g = gates[t]
             xp.matmul(hs[p], w_hh_t, out=rec)
             g += rec
             c = cs[n]
-            if cuda_kernels.lstm_forward_step(g, cs[p], c, tanh_c[t], hs[n]) is None:
+            if kernel is None:
+                kernel = cuda_kernels.lstm_forward_step(g, cs[p], c, tanh_c[t], hs[n]) is not None
+            elif kernel:
+                cuda_kernels.lstm_forward_step(g, cs[p], c, tanh_c[t], hs[n])
+            if not kernel:
                 xp.tanh(g, out=g)
                 g *= post_scale
                 g += post_shift
@@ -231,21 +268,76 @@ class LSTMLayer(Function):
             if seq.has_pad[t]:
                 xp.copyto(c, cs[p], where=seq.pad[t])
                 xp.copyto(hs[n], hs[p], where=seq.pad[t])
-        self.saved = (x, w_ih, w_hh, gates, hs, cs, tanh_c, seq, is_tanh)
+        self.saved = (x, w_ih, w_hh, gates, hs, cs, tanh_c, seq, is_tanh, kernel)
         return seq.outputs(hs), seq.final(hs), seq.final(cs)
 
     def backward(self, grad_out, grad_hn, grad_cn):
-        x, w_ih, w_hh, gates, hs, cs, tanh_c, seq, is_tanh = self.saved
+        x, w_ih, w_hh, gates, hs, cs, tanh_c, seq, is_tanh, kernel = self.saved
         xp = get_array_module(grad_out)
         if seq.valid is not None:
             grad_out = grad_out * seq.valid
-        batch, hidden = grad_hn.shape
-        h1, h2, h3 = hidden, 2 * hidden, 3 * hidden
         dgates = xp.empty(gates.shape, dtype=grad_out.dtype)
         dh, dc = grad_hn.copy(), grad_cn.copy()
-        tmp = xp.empty((batch, hidden), dtype=grad_out.dtype)
-        deriv = xp.empty((batch, 4 * hidden), dtype=grad_out.dtype)
+        w_hh = _padded_copy(xp, w_hh)
+        if kernel:
+            self._backward_fused(xp, grad_out, gates, cs, tanh_c, seq, w_hh, dgates, dh, dc)
+        else:
+            self._backward_xp(xp, grad_out, gates, cs, tanh_c, seq, w_hh, dgates, dh, dc,
+                              is_tanh)
+        needs = self.needs_input_grad
+        dx, dw_ih, dw_hh, db_ih, db_hh = _weight_grads(
+            dgates, x, seq.prev_states(hs), w_ih,
+            (needs[0], needs[3], needs[4], needs[5], needs[6]),
+        )
+        return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
+
+    @staticmethod
+    def _backward_xp(xp, grad_out, gates, cs, tanh_c, seq, w_hh, dgates, dh, dc, is_tanh):
+        """BPTT, one step at a time on (B, H) / (B, 4H) blocks that stay in cache (precomputing
+        the gate factors for all steps at once streams them through memory: slower)."""
+        steps, batch, size = gates.shape
+        hidden = size // 4
+        act = gates.reshape(steps, batch, 4, hidden)
+        i, f, g, o = act[:, :, 0], act[:, :, 1], act[:, :, 2], act[:, :, 3]
+        d4 = dgates.reshape(steps, batch, 4, hidden)
+        d_i, d_f, d_g, d_o = d4[:, :, 0], d4[:, :, 1], d4[:, :, 2], d4[:, :, 3]
+        c_prev = seq.prev_states(cs)
+        tmp = xp.empty((batch, hidden), dtype=dgates.dtype)
+        deriv = xp.empty((batch, size), dtype=dgates.dtype)
         deriv2 = xp.empty_like(deriv)
+        for t in reversed(seq.order):
+            dh += grad_out[t]
+            carry_h = carry_c = None
+            if seq.has_pad[t]:
+                carry_h, carry_c = dh * seq.pad[t], dc * seq.pad[t]
+                dh *= seq.valid[t]
+                dc *= seq.valid[t]
+            a, d, tc = gates[t], dgates[t], tanh_c[t]
+            # h = o * tanh(c): do = dh * tanh(c); dc += dh * o * (1 - tanh(c)^2)
+            xp.multiply(dh, tc, out=d_o[t])
+            xp.multiply(tc, tc, out=tmp)
+            xp.subtract(1.0, tmp, out=tmp)
+            tmp *= o[t]
+            tmp *= dh
+            dc += tmp
+            # c = f * c_prev + i * g
+            xp.multiply(dc, g[t], out=d_i[t])
+            xp.multiply(dc, c_prev[t], out=d_f[t])
+            xp.multiply(dc, i[t], out=d_g[t])
+            dc *= f[t]
+            # activations: sigmoid' = a (1 - a), tanh' = (1 + a)(1 - a)
+            xp.subtract(1.0, a, out=deriv)
+            xp.add(a, is_tanh, out=deriv2)
+            deriv *= deriv2
+            d *= deriv
+            xp.matmul(d, w_hh, out=dh)
+            if carry_h is not None:
+                dh += carry_h
+                dc += carry_c
+
+    @staticmethod
+    def _backward_fused(xp, grad_out, gates, cs, tanh_c, seq, w_hh, dgates, dh, dc):
+        """BPTT with one fused GPU kernel per step for the gate maths."""
         for t in reversed(seq.order):
             p = seq.prev(t)
             dh += grad_out[t]
@@ -254,35 +346,11 @@ class LSTMLayer(Function):
                 carry_h, carry_c = dh * seq.pad[t], dc * seq.pad[t]
                 dh *= seq.valid[t]
                 dc *= seq.valid[t]
-            a, d, tc = gates[t], dgates[t], tanh_c[t]
-            if cuda_kernels.lstm_backward_step(a, tc, cs[p], dh, dc, d) is None:
-                # h = o * tanh(c): do = dh * tanh(c); dc += dh * o * (1 - tanh(c)^2)
-                xp.multiply(dh, tc, out=d[:, h3:])
-                xp.multiply(tc, tc, out=tmp)
-                xp.subtract(1.0, tmp, out=tmp)
-                tmp *= a[:, h3:]
-                tmp *= dh
-                dc += tmp
-                # c = f * c_prev + i * g
-                xp.multiply(dc, a[:, h2:h3], out=d[:, :h1])
-                xp.multiply(dc, cs[p], out=d[:, h1:h2])
-                xp.multiply(dc, a[:, :h1], out=d[:, h2:h3])
-                dc *= a[:, h1:h2]
-                # activations: sigmoid' = a (1 - a), tanh' = (1 + a)(1 - a)
-                xp.subtract(1.0, a, out=deriv)
-                xp.add(a, is_tanh, out=deriv2)
-                deriv *= deriv2
-                d *= deriv
-            xp.matmul(d, w_hh, out=dh)
+            cuda_kernels.lstm_backward_step(gates[t], tanh_c[t], cs[p], dh, dc, dgates[t])
+            xp.matmul(dgates[t], w_hh, out=dh)
             if carry_h is not None:
                 dh += carry_h
                 dc += carry_c
-        needs = self.needs_input_grad
-        dx, dw_ih, dw_hh, db_ih, db_hh = _weight_grads(
-            dgates, x, seq.prev_states(hs), w_ih,
-            (needs[0], needs[3], needs[4], needs[5], needs[6]),
-        )
-        return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
 
 
 class GRULayer(Function):
@@ -301,7 +369,7 @@ class GRULayer(Function):
         gates = _input_projection(
             x, w_ih * pre_scale[:, None], None if b_ih is None else b_ih * pre_scale
         )
-        w_hh_t = xp.ascontiguousarray((w_hh * pre_scale[:, None]).T)
+        w_hh_t = _scaled_transpose(xp, w_hh, pre_scale)
         b_hh_s = None if b_hh is None else b_hh * pre_scale
         hs = xp.empty((steps + 1, batch, hidden), dtype=x.dtype)
         hs[seq.first_slot()] = h0
@@ -344,6 +412,8 @@ class GRULayer(Function):
         dh = grad_hn.copy()
         tmp = xp.empty((batch, hidden), dtype=grad_out.dtype)
         deriv = xp.empty((batch, h2), dtype=grad_out.dtype)
+        rec = xp.empty((batch, hidden), dtype=grad_out.dtype)
+        w_hh_p = _padded_copy(xp, w_hh)
         for t in reversed(seq.order):
             p = seq.prev(t)
             dh += grad_out[t]
@@ -372,7 +442,8 @@ class GRULayer(Function):
                 dx_t[:, :h2] *= deriv
                 dh_t[:, :h2] = dx_t[:, :h2]
                 dh *= z
-            dh += dh_t @ w_hh
+            xp.matmul(dh_t, w_hh_p, out=rec)
+            dh += rec
             if carry is not None:
                 dh += carry
         needs = self.needs_input_grad
