@@ -65,3 +65,61 @@ def test_gelu_float64_gradcheck(approximate):
     ref = torch.nn.functional.gelu(torch.tensor(x), approximate=approximate).numpy()
     np.testing.assert_allclose(dp.nn.functional.gelu(xt, approximate=approximate).numpy(), ref,
                                rtol=1e-12, atol=1e-14)
+
+
+# name, vocab, dim, index shape, padding_idx, repeats: index 2 fills every other slot
+EMBEDDING_CASES = [
+    ("narrow", 7, 16, (4, 5), None, False),  # np.add.at on elements
+    ("wide", 9, 160, (3, 6), None, False),  # rounds over occurrences
+    ("wide_hot_row", 5, 128, (4, 30), None, True),  # 60 repeats: 8 rounds, then np.add.at
+    ("wide_padding", 6, 128, (2, 9), 2, True),
+    ("narrow_padding_last", 6, 8, (2, 9), -1, False),
+    ("wide_empty", 4, 130, (0,), None, False),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name,vocab,dim,ishape,pad,hot", EMBEDDING_CASES,
+                         ids=[c[0] for c in EMBEDDING_CASES])
+def test_embedding_backward_matches_torch(name, vocab, dim, ishape, pad, hot, dtype):
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, vocab, ishape)
+    if hot:
+        idx.reshape(-1)[::2] = 2
+    if pad is not None:
+        idx.reshape(-1)[1] = pad % vocab
+    w = rng.standard_normal((vocab, dim)).astype(dtype)
+    wt, rw = dp.tensor(w, requires_grad=True), torch.tensor(w, requires_grad=True)
+    out = dp.nn.functional.embedding(dp.tensor(idx), wt, padding_idx=pad)
+    ref = torch.nn.functional.embedding(torch.tensor(idx), rw, padding_idx=pad)
+    grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
+    out.backward(dp.tensor(grad))
+    ref.backward(torch.tensor(grad))
+    assert wt.grad.dtype == np.dtype(dtype)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(wt.grad.numpy(), rw.grad.numpy(), rtol=tol, atol=tol)
+    if pad is not None:
+        assert not wt.grad.numpy()[pad].any()
+
+
+@pytest.mark.parametrize("dim", [16, 128, 300])
+def test_scatter_add_rows_same_sums_as_add_at(dim):
+    """The rounds add each row's occurrences in index order: bitwise np.add.at's float32 sums."""
+    from distprop.ops.embedding import scatter_add_rows
+
+    rng = np.random.default_rng(5)
+    index = rng.integers(0, 12, 200)
+    index[::3] = 7  # one row repeated ~70 times: past the 8 rounds
+    rows = rng.standard_normal((200, dim)).astype(np.float32) * 1e3
+    ours, ref = np.ones((12, dim), np.float32), np.ones((12, dim), np.float32)
+    scatter_add_rows(ours, index, rows)
+    np.add.at(ref, index, rows)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("dim", [3, 130])
+def test_embedding_gradcheck(dim):
+    idx = np.array([[0, 2, 2], [1, 2, 0]])
+    w = np.random.default_rng(6).standard_normal((4, dim))
+    gradcheck(lambda t: dp.nn.functional.embedding(dp.tensor(idx), t) * 1.5, w)
