@@ -123,3 +123,91 @@ def test_embedding_gradcheck(dim):
     idx = np.array([[0, 2, 2], [1, 2, 0]])
     w = np.random.default_rng(6).standard_normal((4, dim))
     gradcheck(lambda t: dp.nn.functional.embedding(dp.tensor(idx), t) * 1.5, w)
+
+
+# name, module kwargs, input shape, channels-last input, offset added to x (the variance is
+# computed from x - mean, so a large mean must not cost precision)
+BN_CASES = [
+    ("bn2d", {}, (4, 3, 5, 6), False, 0.0),
+    ("bn2d_no_affine", {"affine": False}, (3, 4, 3, 3), False, 0.0),
+    ("bn2d_cumulative", {"momentum": None}, (2, 5, 4, 4), False, 0.0),
+    ("bn2d_channels_last", {}, (3, 4, 5, 5), True, 0.0),
+    ("bn2d_offset", {}, (4, 3, 6, 6), False, 300.0),
+    ("bn1d_2d", {}, (16, 6), False, 0.0),
+    ("bn1d_3d", {"momentum": 0.3}, (4, 6, 7), False, 0.0),
+    ("bn2d_one_image", {}, (1, 3, 4, 5), False, 0.0),
+]
+
+
+def _bn_pair(kwargs, shape, dtype):
+    cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d"}[len(shape)]
+    ours = getattr(dp.nn, cls)(shape[1], **kwargs)
+    ref = getattr(torch.nn, cls)(shape[1], **kwargs).to(getattr(torch, dtype))
+    if ours.weight is not None:
+        rng = np.random.default_rng(7)
+        w, b = rng.standard_normal(shape[1]) + 1, rng.standard_normal(shape[1])
+        ours.weight.data = w.astype(dtype)
+        ours.bias.data = b.astype(dtype)
+        ref.weight.data, ref.bias.data = torch.tensor(w, dtype=getattr(torch, dtype)), \
+            torch.tensor(b, dtype=getattr(torch, dtype))
+    if dtype == "float64":
+        ours = ours.double()
+    return ours, ref
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name,kwargs,shape,cl,offset", BN_CASES, ids=[c[0] for c in BN_CASES])
+def test_batchnorm_train_and_eval_match_torch(name, kwargs, shape, cl, offset, dtype):
+    ours, ref = _bn_pair(kwargs, shape, dtype)
+    rng = np.random.default_rng(8)
+    # PyTorch's eval output is x * a + (b - mean * a), rounded at x's magnitude (the offset);
+    # ours is (x - mean) * a + b, checked against float64 below
+    tol = dict(rtol=2e-4, atol=2e-5 + 2e-7 * offset) if dtype == "float32" else \
+        dict(rtol=1e-9, atol=1e-11)
+    for mode in ("train", "train", "eval"):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        x = (rng.standard_normal(shape) * 2 + offset).astype(dtype)
+        if cl:
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        xt = dp.tensor(x, requires_grad=True)
+        xt.data = x
+        rx = torch.tensor(x, requires_grad=True)
+        running = [ours.running_mean.numpy().astype(np.float64),
+                   ours.running_var.numpy().astype(np.float64)]
+        out, rout = ours(xt), ref(rx)
+        if mode == "eval":
+            cs = (1, -1) + (1,) * (len(shape) - 2)
+            exact = (x - running[0].reshape(cs)) / np.sqrt(running[1].reshape(cs) + 1e-5)
+            if ours.weight is not None:
+                exact = exact * ours.weight.numpy().reshape(cs) + ours.bias.numpy().reshape(cs)
+            np.testing.assert_allclose(out.numpy(), exact, rtol=1e-5, atol=2e-6)
+        grad = rng.standard_normal(shape).astype(dtype)
+        out.backward(dp.tensor(grad))
+        rout.backward(torch.tensor(grad))
+        assert out.dtype == np.dtype(dtype) and xt.grad.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(out.numpy(), rout.detach().numpy(), **tol)
+        np.testing.assert_allclose(xt.grad.numpy(), rx.grad.numpy(), **tol)
+        if ours.weight is not None:
+            # the batch mean is a float32 BLAS sum (PyTorch: Welford); its rounding error times
+            # sum(g) enters sum(g * (x - mean)) when the mean is large
+            wtol = dict(tol, atol=tol["atol"] + (2e-6 * offset if dtype == "float32" else 0))
+            np.testing.assert_allclose(ours.weight.grad.numpy(), ref.weight.grad.numpy(), **wtol)
+            np.testing.assert_allclose(ours.bias.grad.numpy(), ref.bias.grad.numpy(), **tol)
+        np.testing.assert_allclose(ours.running_mean.numpy(), ref.running_mean.numpy(), **tol)
+        np.testing.assert_allclose(ours.running_var.numpy(), ref.running_var.numpy(), **tol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(3, 2, 3, 4), (5, 3), (2, 2, 3, 2, 2)])
+def test_batchnorm_gradcheck(training, shape):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape) * 2 + 1
+    w, b = rng.standard_normal(shape[1]) + 1, rng.standard_normal(shape[1])
+    rm, rv = rng.standard_normal(shape[1]), rng.random(shape[1]) + 0.5
+
+    def fn(xt, wt, bt):
+        return dp.nn.functional.batch_norm(xt, dp.tensor(rm.copy()), dp.tensor(rv.copy()), wt,
+                                           bt, training=training)
+
+    gradcheck(fn, x, w, b)
