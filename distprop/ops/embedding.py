@@ -25,13 +25,13 @@ def check_indices(indices, num_embeddings: int, where: str = "embedding"):
 
 
 _PEEL_ROUNDS = 8
-_PEEL_MIN_WIDTH = 128  # measured: rows of 128+ floats 1.0-1.6x faster in rounds, of 32-64 2x slower
+_PEEL_MIN_WIDTH = 256  # measured: rows of 256+ floats 1.1-1.6x faster in rounds, 32-128 slower
 
 
 def scatter_add_rows(grad, index, rows) -> None:
     """grad[index[k]] += rows[k] for every k, repeated indices accumulating in order of k.
 
-    NumPy, rows of 128 floats or more: the k are sorted by index (stably) and numbered within
+    NumPy, rows of 256 floats or more: the k are sorted by index (stably) and numbered within
     their index's run; round r adds the r-th occurrence of every index with one fancy-indexed
     ``+=`` (no repeats inside a round, whole rows at a time). Occurrences past the 8th of an
     index go through ``np.add.at`` on single elements. Each row receives its additions in the
