@@ -57,6 +57,24 @@ def test_gelu_float32_close_to_exact_erf():
     assert _gelu_f32(np.zeros(3, np.float32))[1].tolist() == [0.5, 0.5, 0.5]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_gelu_keeps_other_dtypes(dtype):
+    """The erf path (scipy) for the other dtypes: result and gradient in the input's dtype."""
+    x = np.linspace(-5, 5, 41).astype(dtype)
+    xt = dp.tensor(x, requires_grad=True)
+    out = dp.nn.functional.gelu(xt)
+    out.backward(dp.tensor(np.ones_like(x)))
+    assert out.dtype == np.dtype(dtype) and xt.grad.dtype == np.dtype(dtype)
+    rx = torch.tensor(x.astype(np.float64), requires_grad=True)
+    ref = torch.nn.functional.gelu(rx)
+    ref.sum().backward()
+    tol = 2e-3 if dtype == "float16" else 1e-12
+    np.testing.assert_allclose(out.numpy().astype(np.float64), ref.detach().numpy(), rtol=tol,
+                               atol=tol)
+    np.testing.assert_allclose(xt.grad.numpy().astype(np.float64), rx.grad.numpy(), rtol=tol,
+                               atol=tol)
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_float64_gradcheck(approximate):
     x = np.random.default_rng(1).standard_normal((3, 7)) * 3

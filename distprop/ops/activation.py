@@ -147,7 +147,7 @@ class GELU(Function):
                 out, self.deriv = _gelu_f32(x)
             self.x = None
             return out
-        cdf = backend.erf(x * _SQRT_HALF)  # then in place: no temporaries
+        cdf = backend.erf(x * _SQRT_HALF).astype(x.dtype, copy=False)  # scipy: f16 -> f64
         cdf += 1.0
         cdf *= 0.5
         self.cdf, self.deriv = cdf, None
