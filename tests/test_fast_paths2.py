@@ -229,3 +229,43 @@ def test_batchnorm_gradcheck(training, shape):
                                            bt, training=training)
 
     gradcheck(fn, x, w, b)
+
+
+# name, input shape, out channels, kernel, stride, padding, groups (8 <= C/groups < 32: the
+# column gradient is regrouped before col2im)
+GROUPED_CONV = [
+    ("g2_s2", (2, 16, 9, 8), 8, 3, 2, 1, 2),
+    ("g4_s1", (2, 48, 6, 6), 8, 3, 1, 1, 4),
+    ("g2_k5_s2_nopad", (1, 16, 11, 11), 4, 5, 2, 0, 2),
+    ("conv1d_g2_s2", (2, 16, 13), 4, 3, 2, 1, 2),
+    ("g4_cg4_cols", (2, 16, 7, 7), 8, 3, 2, 1, 4),  # cg 4: the column-major path, unchanged
+]
+
+
+@pytest.mark.parametrize("name,shape,o,k,s,p,g", GROUPED_CONV, ids=[c[0] for c in GROUPED_CONV])
+def test_grouped_conv_backward_matches_torch(name, shape, o, k, s, p, g):
+    rng = np.random.default_rng(10)
+    nd = len(shape) - 2
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((o, shape[1] // g) + (k,) * nd).astype(np.float32)
+    ours_fn = dp.nn.functional.conv1d if nd == 1 else dp.nn.functional.conv2d
+    ref_fn = torch.nn.functional.conv1d if nd == 1 else torch.nn.functional.conv2d
+    xt, wt = dp.tensor(x, requires_grad=True), dp.tensor(w, requires_grad=True)
+    rx, rw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    out = ours_fn(xt, wt, None, stride=s, padding=p, groups=g)
+    ref = ref_fn(rx, rw, None, stride=s, padding=p, groups=g)
+    grad = rng.standard_normal(tuple(ref.shape)).astype(np.float32)
+    out.backward(dp.tensor(grad))
+    ref.backward(torch.tensor(grad))
+    assert xt.grad.dtype == np.float32
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(xt.grad.numpy(), rx.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(wt.grad.numpy(), rw.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_gradcheck():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, 16, 5, 4))
+    w = rng.standard_normal((4, 8, 3, 3))
+    gradcheck(lambda a, b: dp.nn.functional.conv2d(a, b, None, stride=2, padding=1, groups=2),
+              x, w)
