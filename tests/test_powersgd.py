@@ -4,6 +4,10 @@ gloo, same weights, gradients and initial Q), then real 2-rank training and resu
 from __future__ import annotations
 
 import json
+import pickle
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from distprop.distributed import DistributedDataParallel as DDP
 from distprop.distributed.powersgd import PowerSGDState, powerSGD_hook
 from distprop.flat import slot_of
 
-from helpers import run_mpi
+from helpers import REPO, run_mpi
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -99,6 +103,26 @@ def _run_torch(tmp_path, options, xs, ys):
         dist.destroy_process_group()
 
 
+def _run_torch_in_child(tmp_path, options, xs, ys):
+    """:func:`_run_torch` in a fresh interpreter: gloo's threads and a second
+    ``init_process_group`` in one long-lived process can hang (seen in the full suite)."""
+    args, out = tmp_path / "args.pkl", tmp_path / "torch.pkl"
+    args.write_bytes(pickle.dumps((options, xs, ys)))
+    code = textwrap.dedent(f"""
+        import pickle, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        import test_powersgd as t
+        options, xs, ys = pickle.loads(Path({str(args)!r}).read_bytes())
+        result = t._run_torch(Path({str(tmp_path)!r}), options, xs, ys)
+        Path({str(out)!r}).write_bytes(pickle.dumps(result))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=180, cwd=str(REPO))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return pickle.loads(out.read_bytes())
+
+
 def _run_ours(initial, options, xs, ys):
     model = _dp_model()
     model.load_state_dict(initial)
@@ -150,7 +174,7 @@ def test_matches_pytorch_powersgd_hook(tmp_path, options):
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal((16, 32)).astype(np.float32) for _ in range(STEPS)]
     ys = [rng.standard_normal((16, 3)).astype(np.float32) for _ in range(STEPS)]
-    initial, want_params, want = _run_torch(tmp_path, options, xs, ys)
+    initial, want_params, want = _run_torch_in_child(tmp_path, options, xs, ys)
     got_params, got = _run_ours(initial, options, xs, ys)
     assert len(got) == len(want) == STEPS - options["start_powerSGD_iter"]
     for step, (w, g) in enumerate(zip(want, got)):
