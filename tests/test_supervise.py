@@ -384,7 +384,9 @@ def test_launch_output_into_a_closed_pipe_ends_the_job():
     finally:
         kill_all(spawned)
         proc.kill()
-    assert reader.stdout.read() == b"x" * 100 + b"\n"
+    first = reader.stdout.read()
+    # one line of the ranks' x's (MPI's launcher may splice two ranks' lines into one)
+    assert first.endswith(b"\n") and len(first) >= 101 and set(first[:-1]) == {ord("x")}, first
     reader.wait(timeout=5)
     assert proc.returncode == (1 if OPEN_MPI else 128 + signal.SIGPIPE)
 
