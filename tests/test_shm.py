@@ -27,6 +27,14 @@ EQUIVALENCE = """
 import json, sys, zlib
 sys.path.insert(0, "tests")
 from ddp_common import *
+from distprop.distributed import shm
+
+calls = [0]  # buckets reduced through the node-shared window (not merely allocated there)
+_ireduce = shm.ShmReducer.ireduce
+def counting_ireduce(self, k):
+    calls[0] += 1
+    return _ireduce(self, k)
+shm.ShmReducer.ireduce = counting_ireduce
 
 def crc(model):
     return zlib.crc32(b"".join(p.data.tobytes() for p in model.parameters()))
@@ -40,14 +48,16 @@ for name, dtype, kw, accum, opt in [
     ("f32-buckets", np.float32, {"bucket_cap_mb": 0.002, "first_bucket_mb": 0.0005}, 1, "adam"),
 ]:
     x, y = make_data(48, dtype=dtype)
+    calls[0] = 0
     net, _ = train(mlp(0, dtype, hidden=60), x, y, steps=8, batch=12, opt=opt, accum=accum,
                    ddp_kwargs={"comm": "shm", **kw})
+    shm_calls = calls[0]
     via_mpi, _ = train(mlp(0, dtype, hidden=60), x, y, steps=8, batch=12, opt=opt, accum=accum,
                        ddp_kwargs={"comm": "mpi", **kw})
     ref = mlp(0, dtype, hidden=60)
     train(ref, x, y, steps=8, batch=12, opt=opt, accum=accum)
     scale = max(float(np.abs(p.data).max()) for p in ref.parameters())
-    rows.append({"name": name, "shm": net._reducer is not None,
+    rows.append({"name": name, "shm": net._reducer is not None and shm_calls > 0,
                  "buckets": len(net.buckets), "rel": max_diff(net.parameters(),
                  [p.data for p in ref.parameters()]) / scale, "crc": crc(net),
                  "crc_mpi": crc(via_mpi)})

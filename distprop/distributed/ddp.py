@@ -271,6 +271,7 @@ class DistributedDataParallel(Module):
                 self.comm, buffers, [(index[id(b.flat)], b.start, b.stop) for b in buckets])
             for b in buckets:  # the gradients moved into the shared window
                 b.view = b.flat.grad[b.start:b.stop]
+                b.reducer = self._reducer
 
     def _layout_ok(self) -> bool:
         return all(slot_of(p) is not None for p in self._params) and all(
@@ -415,12 +416,7 @@ class DistributedDataParallel(Module):
         bucket.launch_ns = trace.now_ns()
         bucket.predivided = bool(getattr(self.comm_hook, "predivide", False))
         bucket.launched = True  # before the hook: an exception in it still finishes cleanly
-        if self._reducer is not None and self.comm_hook is hooks.allreduce_hook and (
-                self.comm_hook_state in (None, self.comm)):
-            # the default hook over node-shared buffers (already divided: predivide)
-            bucket.request = self._reducer.ireduce(self._next_launch)
-        else:
-            bucket.request = self.comm_hook(self.comm_hook_state, bucket)
+        bucket.request = self.comm_hook(self.comm_hook_state, bucket)
         trace.complete("allreduce.launch", bucket.launch_ns, trace.now_ns(), "comm",
                        bucket=self._next_launch, bytes=bucket.nbytes)
 

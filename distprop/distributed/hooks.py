@@ -48,7 +48,8 @@ class GradBucket:
     """
 
     __slots__ = ("flat", "start", "stop", "params", "tensors", "remaining", "request", "view",
-                 "launched", "launch_ns", "position", "last", "comm", "predivided", "scratch")
+                 "launched", "launch_ns", "position", "last", "comm", "predivided", "scratch",
+                 "reducer")
 
     def __init__(self, flat, start: int, stop: int, params: list[int], tensors: list,
                  position: int = 0, last: bool = True, comm=None):
@@ -62,6 +63,9 @@ class GradBucket:
         self.position, self.last, self.comm = position, last, comm
         self.predivided = False
         self.scratch: dict = {}  # per-bucket buffers a hook keeps between steps (16-bit words)
+        #: DDP's node-shared reducer (:mod:`distprop.distributed.shm`) when the gradients live in
+        #: a node-shared window, else None: :func:`allreduce_hook` over DDP's comm uses it
+        self.reducer = None
 
     @property
     def nbytes(self) -> int:
@@ -174,10 +178,14 @@ def _scale_if_needed(bucket, comm) -> None:
 def allreduce_hook(state, bucket: GradBucket) -> Future:
     """Average the bucket with one non-blocking float32 allreduce (DDP's default).
 
-    ``state``: None (DDP's communicator) or a communicator.
+    ``state``: None (DDP's communicator) or a communicator. Over DDP's communicator, when the
+    gradients live in a node-shared window (``comm='shm'``, the CPU default), the sum is taken
+    there (:class:`~distprop.distributed.shm.ShmReducer`, hierarchical across nodes).
     """
     comm = _comm_of(state, bucket)
     _scale_if_needed(bucket, comm)
+    if bucket.reducer is not None and comm is bucket.comm:  # sum in node-shared memory
+        return Future.of(bucket.reducer.ireduce(bucket.position), bucket.view)
     return Future.of(comm.iallreduce(bucket.view, "sum"), bucket.view)
 
 
