@@ -38,6 +38,18 @@ def _gate_vectors(xp, hidden: int, kinds: str, dtype):
     return xp.asarray(half), xp.asarray(half), xp.asarray(shift), xp.asarray(host.astype(dtype))
 
 
+
+def _hold_padded(seq, t, dh, dc):
+    """At a step where some sequences are padding: keep in ``dh``/``dc`` (in place) only the
+    rows still running, and return what the padded rows carry past the step unchanged
+    ((None, None) when no row is padded at ``t``)."""
+    if not seq.has_pad[t]:
+        return None, None
+    carry = dh * seq.pad[t], dc * seq.pad[t]
+    dh *= seq.valid[t]
+    dc *= seq.valid[t]
+    return carry
+
 class _Sequence:
     """Time-step bookkeeping shared by the cells: order, state slots and padding masks."""
 
@@ -307,11 +319,7 @@ class LSTMLayer(Function):
         deriv2 = xp.empty_like(deriv)
         for t in reversed(seq.order):
             dh += grad_out[t]
-            carry_h = carry_c = None
-            if seq.has_pad[t]:
-                carry_h, carry_c = dh * seq.pad[t], dc * seq.pad[t]
-                dh *= seq.valid[t]
-                dc *= seq.valid[t]
+            carry_h, carry_c = _hold_padded(seq, t, dh, dc)
             a, d, tc = gates[t], dgates[t], tanh_c[t]
             # h = o * tanh(c): do = dh * tanh(c); dc += dh * o * (1 - tanh(c)^2)
             xp.multiply(dh, tc, out=d_o[t])
@@ -341,11 +349,7 @@ class LSTMLayer(Function):
         for t in reversed(seq.order):
             p = seq.prev(t)
             dh += grad_out[t]
-            carry_h = carry_c = None
-            if seq.has_pad[t]:
-                carry_h, carry_c = dh * seq.pad[t], dc * seq.pad[t]
-                dh *= seq.valid[t]
-                dc *= seq.valid[t]
+            carry_h, carry_c = _hold_padded(seq, t, dh, dc)
             cuda_kernels.lstm_backward_step(gates[t], tanh_c[t], cs[p], dh, dc, dgates[t])
             xp.matmul(dgates[t], w_hh, out=dh)
             if carry_h is not None:
