@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from distprop.backend import get_array_module
 from distprop.ops._util import gemm, grad_destination, unbroadcast
 from distprop.ops.arith import check_same_device
@@ -61,6 +63,24 @@ class MatMul(Function):
         return ga, gb
 
 
+#: Linear's forward computes ``(W @ x^T)^T`` instead of ``x @ W^T`` when x has at most this many
+#: rows and W at least ``_LEFT_MIN_WEIGHT`` elements: OpenBLAS packs a transposed right operand
+#: slowly, and for few rows that packing is most of the GEMM (8 x 512 -> 2048: 0.44 ms vs 0.70;
+#: ``benchmarks/results/linear_rows.md``). Equal to rounding (another summation order).
+_LEFT_MAX_ROWS = 48
+_LEFT_MIN_WEIGHT = 65536
+
+
+def _is_host_float(a) -> bool:
+    """A NumPy float32/float64 array (float16 goes through ``gemm``'s float32 route)."""
+    return type(a) is np.ndarray and a.dtype in (np.float32, np.float64)
+
+
+def _weight_on_the_left(x2, weight) -> bool:
+    return (_is_host_float(x2) and x2.shape[0] <= _LEFT_MAX_ROWS
+            and weight.size >= _LEFT_MIN_WEIGHT)
+
+
 class Linear(Function):
     """out = x @ W^T + b; grads: g @ W, g^T @ x, sum(g)."""
 
@@ -81,9 +101,17 @@ class Linear(Function):
                              f"of shape {tuple(weight.shape)}, got {tuple(bias.shape)}")
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         x2 = x.reshape(-1, x.shape[-1])
-        out = gemm(x2, weight.T)
-        if bias is not None:
-            out += bias
+        if _weight_on_the_left(x2, weight):
+            out_t = gemm(weight, x2.T)  # (out_features, rows): OpenBLAS's fast side
+            out = get_array_module(x).empty(out_t.shape[::-1], out_t.dtype)
+            if bias is not None:
+                get_array_module(x).add(out_t.T, bias, out=out)  # transpose + bias, one pass
+            else:
+                out[...] = out_t.T
+        else:
+            out = gemm(x2, weight.T)
+            if bias is not None:
+                out += bias
         return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
     def backward(self, grad_out):
@@ -95,7 +123,11 @@ class Linear(Function):
         if self.needs_input_grad[1]:
             dest = grad_destination(self, 1)
             x2 = x.reshape(-1, x.shape[-1])
-            gw = gemm(g2.T, x2, out=dest)
+            if x2.shape[0] == 1 and _is_host_float(x2):
+                # one row: an outer product; OpenBLAS's K = 1 GEMM is ~4x slower than einsum
+                gw = np.einsum("i,j->ij", g2[0], x2[0], out=dest)
+            else:
+                gw = gemm(g2.T, x2, out=dest)
         if self.has_bias and self.needs_input_grad[2]:
             gb = g2.sum(axis=0)
         return gx, gw, gb
