@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 import threading
 
-from distprop.supervise import PREEMPT_SIGNALS, _say, _with_hint, run_once, signal_name
+from distprop.control_channel import signal_name
+from distprop.supervise import PREEMPT_SIGNALS, _say, _with_hint, run_once
 
 RESTART_COUNT_VAR = "DISTPROP_RESTART_COUNT"
 

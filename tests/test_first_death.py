@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from distprop import supervise
+from distprop import control_channel, supervise
 from distprop.hydra_output import Banner
 
 
 def supervisor_with(events):
-    sup = supervise.Supervisor(listen=False)
+    sup = control_channel.Supervisor(listen=False)
     for rank in (0, 1):
-        sup.ranks[rank] = supervise.RankRecord(rank, 1000 + rank, "n1", 2)
+        sup.ranks[rank] = control_channel.RankRecord(rank, 1000 + rank, "n1", 2)
     for rank, event in events:
         sup._note(rank, event)
     return sup

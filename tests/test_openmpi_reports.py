@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from distprop import launcher, supervise
+from distprop import control_channel, launcher, supervise
 from distprop.hydra_output import OutputCopier
 
 from helpers import REPO
@@ -43,9 +43,9 @@ def read_report(text: bytes):
 
 
 def supervisor_with(*ranks):
-    sup = supervise.Supervisor(listen=False)
+    sup = control_channel.Supervisor(listen=False)
     for rank in ranks:
-        sup.ranks[rank] = supervise.RankRecord(rank, 1000 + rank, "n1", 2)
+        sup.ranks[rank] = control_channel.RankRecord(rank, 1000 + rank, "n1", 2)
     return sup
 
 

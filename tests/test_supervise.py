@@ -336,12 +336,12 @@ time.sleep(30)
 
 
 def test_control_channel_needs_the_token_and_a_rank_exits_when_its_launcher_is_gone():
-    from distprop import supervise
+    from distprop import control_channel
     from distprop.distributed.lifeline import Lifeline
 
-    sup = supervise.Supervisor(local=False).start()  # every interface, advertised by host name
+    sup = control_channel.Supervisor(local=False).start()  # every interface, by host name
     try:
-        host, port, token = sup.env()[supervise.ENV_VAR].rsplit(":", 2)
+        host, port, token = sup.env()[control_channel.ENV_VAR].rsplit(":", 2)
         with pytest.raises(OSError, match="unexpected reply"):
             Lifeline(f"{host}:{port}:not-the-token", rank=0, size=2)
         assert sup.ranks == {}

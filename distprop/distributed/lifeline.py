@@ -5,10 +5,11 @@ is only known from the launcher's environment (``PMI_RANK``, ``OMPI_COMM_WORLD_R
 ``PMIX_RANK``, ``SLURM_PROCID``).
 
 * :class:`Lifeline` -- under ``distprop launch``/``train -n N`` (``DISTPROP_SUPERVISOR`` is set,
-  see :mod:`distprop.supervise`) the rank connects to its launcher, registers its rank, PID and
-  host, and reports "MPI is up", an initialisation timeout, or a non-zero exit that aborts the
-  job. A daemon thread waits on the connection: when it closes, the launcher is gone (killed,
-  even by SIGKILL, on any host) and the rank exits at once instead of training on unowned.
+  see :mod:`distprop.control_channel`) the rank connects to its launcher, registers its rank,
+  PID and host, and reports "MPI is up", an initialisation timeout, or a non-zero exit that
+  aborts the job. A daemon thread waits on the connection: when it closes, the launcher is gone
+  (killed, even by SIGKILL, on any host) and the rank exits at once instead of training on
+  unowned.
   The same thread takes the launcher's messages: ``preempt`` (raise this rank's preemption flag,
   :mod:`distprop.distributed.preemption`), ``query`` (answer where this rank is: collectives
   entered, the one it is blocked in) and ``stall-report`` (the answer to :func:`survey`, which a
@@ -30,7 +31,7 @@ import threading
 
 from distprop.info import launched_rank, launched_size
 
-ENV_VAR = "DISTPROP_SUPERVISOR"  # same name as distprop.supervise.ENV_VAR (kept import-light)
+ENV_VAR = "DISTPROP_SUPERVISOR"  # same name as distprop.control_channel.ENV_VAR (kept import-light)
 INIT_TIMEOUT_VAR = "DISTPROP_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT = 45.0  # ranks of one job reach init() within seconds; a minute-long wait
 #: means a rank is gone. Raise it (or set 0) for jobs whose ranks start minutes apart.
@@ -135,7 +136,7 @@ class Lifeline:
 
     def survey(self, timeout: float) -> dict | None:
         """Ask the launcher which ranks still answer and where each one is (see
-        :meth:`distprop.supervise.Supervisor.survey`); None if no answer within ``timeout``."""
+        :class:`distprop.control_channel.Supervisor`); None if no answer within ``timeout``."""
         self._survey_done = threading.Event()
         self._survey_answer = None
         self.report("stall", **_probe())
