@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 from distprop import amp, cuda_kernels
 from distprop.backend import get_array_module
+from distprop.ops import conv_grad
 from distprop.ops._util import gemm
 from distprop.ops.arith import check_same_device
+from distprop.ops.workspace import scratch
 from distprop.tensor import Function, Tensor
 
 
@@ -104,7 +108,17 @@ def _padded(xp, x, pads, channels_last: bool):
     padding = any(lo or hi for lo, hi in pads)
     if not padding and (x.shape[1] == 1 or is_channels_last(x) == channels_last):
         return x
-    out = _alloc(xp, _padded_shape(x.shape, pads), x.dtype, channels_last, zero=padding)
+    shape = _padded_shape(x.shape, pads)
+    if channels_last:
+        out = move_channels_first(scratch(xp, (shape[0], *shape[2:], shape[1]), x.dtype))
+    else:
+        out = scratch(xp, shape, x.dtype)
+    for dim, (lo, hi) in enumerate(pads):  # zero only the border
+        before = (slice(None),) * (2 + dim)
+        if lo:
+            out[(*before, slice(0, lo))] = 0
+        if hi:
+            out[(*before, slice(shape[2 + dim] - hi, None))] = 0
     out[_interior(x.shape, pads)] = x
     return out
 
@@ -121,6 +135,7 @@ class ConvNd(Function):
     amp_policy = "lower"  # autocast: see distprop/amp.py
 
     ROWS_MIN_CHANNELS = 8
+    PHASE_GRAD = True  # NumPy, undilated: input gradient by conv_grad (no col2im)
 
     def forward(self, x, weight, bias=None, *, stride, padding, dilation, groups):
         xp = get_array_module(x)
@@ -138,7 +153,7 @@ class ConvNd(Function):
         rows = cg >= self.ROWS_MIN_CHANNELS
         fuse = bias is not None and g == 1
         ka = kk + 1 if fuse else kk
-        buf = xp.empty((m, g, ka) if rows else (g, ka, m), dtype=x.dtype)
+        buf = scratch(xp, (m, g, ka) if rows else (g, ka, m), x.dtype)
         if cuda_kernels.im2col(x, buf, rows, out_sp, kernel, stride, dilation, padding,
                                g) is None:
             xpad = _padded(xp, x, padding, channels_last=rows)
@@ -165,6 +180,11 @@ class ConvNd(Function):
         self.meta = (x.shape, out_sp, kernel, stride, dilation, padding, g, og, cg, rows, fuse)
         self.a = a if self.needs_input_grad[1] or fuse else None
         self.wk = wk if self.needs_input_grad[0] else None
+        # The phase gathers read O/g columns per tap where col2im writes C/g: faster as long as
+        # the output has at most twice the input's channels (measured: 1.2x faster at O = C,
+        # 1.3x slower at O = 8 C).
+        self.phase_grad = (self.PHASE_GRAD and xp is np and rows and og <= 2 * cg
+                           and all(d == 1 for d in dilation))
         self.has_bias = bias is not None
         return move_channels_first(out.reshape(n, *out_sp, o))
 
@@ -189,7 +209,10 @@ class ConvNd(Function):
         if need_b and not fuse:
             ones = xp.ones(m, dtype=grad_out.dtype)
             gb = gemm(ones, g2.transpose(1, 0, 2).reshape(m, o))
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and self.phase_grad:
+            gx = conv_grad.input_grad(xp, move_channels_last(grad_out), self.wk[:, :, :kk],
+                                      x_shape, kernel, stride, padding, g)
+        elif self.needs_input_grad[0]:
             gbuf = xp.empty((m, g, kk) if rows else (g, kk, m), dtype=grad_out.dtype)
             ga = gbuf.transpose(1, 0, 2) if rows else gbuf.transpose(0, 2, 1)  # (g, M, K)
             gemm(g2, self.wk[:, :, :kk], out=ga)
