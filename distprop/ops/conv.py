@@ -213,7 +213,7 @@ class ConvNd(Function):
             gx = conv_grad.input_grad(xp, move_channels_last(grad_out), self.wk[:, :, :kk],
                                       x_shape, kernel, stride, padding, g)
         elif self.needs_input_grad[0]:
-            gbuf = xp.empty((m, g, kk) if rows else (g, kk, m), dtype=grad_out.dtype)
+            gbuf = scratch(xp, (m, g, kk) if rows else (g, kk, m), grad_out.dtype)
             ga = gbuf.transpose(1, 0, 2) if rows else gbuf.transpose(0, 2, 1)  # (g, M, K)
             gemm(g2, self.wk[:, :, :kk], out=ga)
             gx = cuda_kernels.col2im(gbuf, x_shape, rows, out_sp, kernel, stride, dilation,
@@ -248,7 +248,10 @@ class PointwiseConv(Function):
         self.w2 = w2 if self.needs_input_grad[0] else None
         if self.last:
             a = move_channels_last(sub).reshape(n * p, c)  # a view unless strided
-            out = gemm(a, w2.T)
+            if c == 1 and type(a) is np.ndarray:
+                out = np.multiply(a, w2.T)  # rank 1: 3x faster than BLAS's K = 1 GEMM
+            else:
+                out = gemm(a, w2.T)
             if bias is not None:
                 out += bias
             self.a = a if self.needs_input_grad[1] else None
@@ -271,7 +274,7 @@ class PointwiseConv(Function):
             if self.needs_input_grad[1]:
                 gw = gemm(self.a.T, g2).T.reshape(o, c, *(1,) * len(out_sp))
             if self.has_bias and self.needs_input_grad[2]:
-                gb = g2.sum(axis=0)
+                gb = gemm(xp.ones(n * p, dtype=g2.dtype), g2)  # GEMV: 2.5x sum(axis=0)
             if self.needs_input_grad[0]:
                 sub = move_channels_first(gemm(g2, self.w2).reshape(n, *out_sp, c))
         else:
