@@ -183,8 +183,9 @@ class ConvNd(Function):
         # The phase gathers read O/g columns per tap where col2im writes C/g: faster as long as
         # the output has at most twice the input's channels (measured: 1.2x faster at O = C,
         # 1.3x slower at O = 8 C).
+        # A 1x1 kernel has one tap: col2im is then a single copy, cheaper than the gathers.
         self.phase_grad = (self.PHASE_GRAD and xp is np and rows and og <= 2 * cg
-                           and all(d == 1 for d in dilation))
+                           and _prod(kernel) > 1 and all(d == 1 for d in dilation))
         self.has_bias = bias is not None
         return move_channels_first(out.reshape(n, *out_sp, o))
 
