@@ -120,13 +120,33 @@ def test_phase_input_grad_conv1d_matches_torch(monkeypatch):
     np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), rtol=1e-10, atol=1e-11)
 
 
-@pytest.mark.parametrize("o,dilation", [(64, 1), (16, 2)])
-def test_other_convs_keep_col2im(monkeypatch, o, dilation):
-    """Four times more output than input channels, or a dilation: the col2im path."""
+# in channels, out channels, kernel, stride, dilation, groups
+COL2IM = [
+    (8, 64, 3, 1, 1, 1),  # out channels > 2x in channels (rows layout)
+    (8, 16, 3, 2, 2, 1),  # dilated
+    (3, 8, 5, 1, 1, 1),  # < 8 channels per group (column layout)
+    (4, 8, (3, 2), 2, 1, 1),
+    (16, 16, 1, 2, 1, 2),  # 1x1 grouped, strided
+    (16, 8, 3, 1, 1, 4),  # 4 channels per group
+]
+
+
+@pytest.mark.parametrize("c,o,k,s,d,g", COL2IM)
+def test_other_convs_keep_col2im_and_match_torch(monkeypatch, c, o, k, s, d, g):
     calls = _counting(monkeypatch)
-    x = dp.tensor(np.ones((1, 8, 6, 6)), requires_grad=True)
-    F.conv2d(x, dp.tensor(np.ones((o, 8, 3, 3))), padding=1, dilation=dilation).sum().backward()
-    assert not calls and x.grad is not None
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, c, 7, 8))
+    kernel = (k, k) if isinstance(k, int) else k
+    w = rng.standard_normal((o, c // g, *kernel))
+    xd, xt = dp.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    out = F.conv2d(xd, dp.tensor(w), stride=s, padding=1, dilation=d, groups=g)
+    ref = torch.nn.functional.conv2d(xt, torch.tensor(w), stride=s, padding=1, dilation=d,
+                                     groups=g)
+    grad = rng.standard_normal(tuple(ref.shape))
+    out.backward(dp.tensor(grad))
+    ref.backward(torch.tensor(grad))
+    assert not calls
+    np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), rtol=1e-10, atol=1e-11)
 
 
 # --- the scratch pool ------------------------------------------------------------------------
