@@ -23,7 +23,7 @@ from collections import OrderedDict
 import numpy as np
 
 MIN_BYTES = 8 << 20  # below this glibc's heap reuses freed memory (no fresh pages)
-MAX_BYTES = 256 << 20  # total bytes the pool keeps
+MAX_BYTES = 128 << 20  # total bytes the pool keeps (peak RSS stays close to before)
 MAX_PER_KEY = 3  # buffers kept per (shape, dtype)
 ENABLED = True  # False: plain allocations (for comparisons)
 
