@@ -276,3 +276,57 @@ def test_avg_pool_same_module_on_two_shapes_matches_torch():
         x = rng.standard_normal(shape)
         np.testing.assert_allclose(ours(dp.tensor(x)).numpy(),
                                    theirs(torch.tensor(x)).numpy(), rtol=1e-12, atol=1e-12)
+
+
+# --- grouped 1x1 convolution -------------------------------------------------------------------
+
+# id, input shape, out channels, stride, groups, channels-last input, bias
+GROUPED_POINTWISE = [
+    ("g2", (2, 16, 5, 6), 8, 1, 2, False, True),
+    ("g4_s2_cl", (2, 16, 5, 6), 8, 2, 4, True, True),
+    ("g3_rect_stride", (2, 12, 7, 5), 6, (1, 2), 3, False, False),
+    ("g2_widen_cl", (1, 16, 4, 4), 32, 1, 2, True, False),
+    ("depthwise_s2", (2, 4, 5, 5), 4, 2, 4, False, True),
+    ("conv1d_g2", (2, 8, 9), 6, 2, 2, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,shape,o,s,g,cl,bias", GROUPED_POINTWISE,
+                         ids=[c[0] for c in GROUPED_POINTWISE])
+def test_grouped_pointwise_matches_torch(name, shape, o, s, g, cl, bias, dtype):
+    rng = np.random.default_rng(13)
+    nd = len(shape) - 2
+    x = rng.standard_normal(shape).astype(dtype)
+    xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) if cl else x
+    w = rng.standard_normal((o, shape[1] // g) + (1,) * nd).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype) if bias else None
+    ours_fn = F.conv1d if nd == 1 else F.conv2d
+    ref_fn = torch.nn.functional.conv1d if nd == 1 else torch.nn.functional.conv2d
+    xd, wd = dp.tensor(xin, requires_grad=True), dp.tensor(w, requires_grad=True)
+    bd = dp.tensor(b, requires_grad=True) if bias else None
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True) if bias else None
+    out = ours_fn(xd, wd, bd, stride=s, groups=g)
+    assert type(out._ctx).__name__ == "GroupedPointwiseConv"
+    ref = ref_fn(xt, wt, bt, stride=s, groups=g)
+    grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
+    out.backward(dp.tensor(grad))
+    ref.backward(torch.tensor(grad))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5)
+    assert out.dtype == np.dtype(dtype) and xd.grad.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), **tol)
+    np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), **tol)
+    np.testing.assert_allclose(wd.grad.numpy(), wt.grad.numpy(), **tol)
+    if bias:
+        np.testing.assert_allclose(bd.grad.numpy(), bt.grad.numpy(), **tol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_pointwise_finite_differences(channels_last):
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, 6, 3, 4))
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    gradcheck(lambda a, w, b: F.conv2d(a, w, b, stride=(2, 1), groups=3), x,
+              rng.standard_normal((9, 2, 1, 1)), rng.standard_normal(9))

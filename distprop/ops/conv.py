@@ -296,6 +296,80 @@ class PointwiseConv(Function):
         return gx, gw, gb
 
 
+class GroupedPointwiseConv(Function):
+    """1x1 convolution with ``groups > 1`` (no padding): :class:`PointwiseConv` per group.
+
+    Channels-last input: one batched GEMM over groups ``(g, M, C/g) @ (g, C/g, O/g)`` reading
+    the input in place; channels-first input: ``W[g] (O/g, C/g) @ x[n, g] (C/g, P)`` batched
+    over images and groups. No column matrix, no col2im.
+    """
+
+    amp_policy = "lower"  # autocast: see distprop/amp.py
+
+    def forward(self, x, weight, bias=None, *, stride, groups):
+        n, c = x.shape[:2]
+        o, g = weight.shape[0], groups
+        og, cg = o // g, c // g
+        sub = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+        out_sp = sub.shape[2:]
+        p = _prod(out_sp)
+        w3 = weight.reshape(g, og, cg)
+        self.last = is_channels_last(sub)
+        self.meta = (x.shape, x.dtype, stride, out_sp, g)
+        self.has_bias = bias is not None
+        self.w3 = w3 if self.needs_input_grad[0] else None
+        xp = get_array_module(x)
+        if self.last:
+            a = move_channels_last(sub).reshape(n * p, g, cg).transpose(1, 0, 2)  # (g, M, cg)
+            out = xp.empty((n * p, o), dtype=x.dtype)
+            gemm(a, w3.transpose(0, 2, 1), out=out.reshape(n * p, g, og).transpose(1, 0, 2))
+            if bias is not None:
+                out += bias
+            self.a = a if self.needs_input_grad[1] else None
+            return move_channels_first(out.reshape(n, *out_sp, o))
+        a = sub.reshape(n, g, cg, p)  # a view unless strided
+        out = gemm(w3, a)  # (n, g, og, p)
+        if bias is not None:
+            out += bias.reshape(g, og, 1)
+        self.a = a if self.needs_input_grad[1] else None
+        return out.reshape(n, o, *out_sp)
+
+    def backward(self, grad_out):
+        xp = get_array_module(grad_out)
+        x_shape, dtype, stride, out_sp, g = self.meta
+        n, o = grad_out.shape[:2]
+        c, p = x_shape[1], _prod(out_sp)
+        og, cg = o // g, c // g
+        ones = (1,) * len(out_sp)
+        gx = gw = gb = None
+        if self.last:
+            g2 = move_channels_last(grad_out).reshape(n * p, o)
+            g3 = g2.reshape(n * p, g, og).transpose(1, 0, 2)  # (g, M, og)
+            if self.needs_input_grad[1]:
+                gw = gemm(self.a.transpose(0, 2, 1), g3).transpose(0, 2, 1).reshape(o, cg, *ones)
+            if self.has_bias and self.needs_input_grad[2]:
+                gb = gemm(xp.ones(n * p, dtype=g2.dtype), g2)
+            if self.needs_input_grad[0]:
+                sub = xp.empty((n * p, c), dtype=grad_out.dtype)
+                gemm(g3, self.w3, out=sub.reshape(n * p, g, cg).transpose(1, 0, 2))
+                sub = move_channels_first(sub.reshape(n, *out_sp, c))
+        else:
+            g4 = grad_out.reshape(n, g, og, p)
+            if self.needs_input_grad[1]:
+                gw = gemm(g4, self.a.transpose(0, 1, 3, 2)).sum(axis=0).reshape(o, cg, *ones)
+            if self.has_bias and self.needs_input_grad[2]:
+                gb = g4.sum(axis=(0, 3)).reshape(o)
+            if self.needs_input_grad[0]:
+                sub = gemm(self.w3.transpose(0, 2, 1), g4).reshape(n, c, *out_sp)
+        if self.needs_input_grad[0]:
+            if all(s == 1 for s in stride):
+                gx = sub
+            else:
+                gx = _alloc(xp, x_shape, dtype, self.last, zero=True)
+                gx[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = sub
+        return gx, gw, gb
+
+
 def _logical_cols(xp, buf, rows, n, out_sp, g, kernel, cg):
     """The column buffer ((M, g, ka) or (g, ka, M)) viewed as (N, *out, g, *kernel, cg)."""
     isz = buf.itemsize
@@ -401,8 +475,11 @@ def conv_nd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
                 f"{weight.shape})"
             )
     args = (x, weight) if bias is None else (x, weight, bias)
-    if groups == 1 and all(k == 1 for k in kernel) and not any(lo or hi for lo, hi in pads):
-        out = PointwiseConv.apply(*args, stride=stride)
+    if all(k == 1 for k in kernel) and not any(lo or hi for lo, hi in pads):
+        if groups == 1:
+            out = PointwiseConv.apply(*args, stride=stride)
+        else:
+            out = GroupedPointwiseConv.apply(*args, stride=stride, groups=groups)
         return out.reshape(out.shape[1:]) if unbatched else out
     out = ConvNd.apply(*args, stride=stride, padding=pads, dilation=dilation, groups=groups)
     return out.reshape(out.shape[1:]) if unbatched else out
