@@ -7,6 +7,7 @@ Arrays keep their input's memory layout (a channels-last convolution output stay
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -20,11 +21,17 @@ from distprop.tensor import Function, Tensor
 
 def _alloc_like(xp, like, shape, dtype, fill=None):
     """An array of ``shape`` whose axes are laid out in memory in the same order as ``like``."""
-    perm = sorted(range(like.ndim), key=lambda i: -like.strides[i])
+    strides = like.strides
+    perm = sorted(range(like.ndim), key=lambda i: -strides[i])
     buf = (xp.zeros if fill == 0 else xp.empty)([shape[i] for i in perm], dtype=dtype)
     if fill is not None and fill != 0:
         buf.fill(fill)
-    return buf.transpose(np.argsort(perm).tolist())
+    if perm == list(range(like.ndim)):
+        return buf
+    inverse = [0] * len(perm)
+    for pos, axis in enumerate(perm):
+        inverse[axis] = pos
+    return buf.transpose(inverse)
 
 
 def pool_output_size(size, k, pad, s, d, ceil_mode) -> int:
@@ -76,11 +83,34 @@ class _PoolGeometry:
         self.exact_cover = all(d == 1 and s == k and o * s == n for k, s, d, o, n in zip(
             kernel, stride, dilation, self.out_sp, self.padded_sp))
 
+        # avg pooling sums one dim at a time once that saves passes (3+ taps in a dim)
+        self.separable = len(kernel) > 1 and max(kernel) >= 3
+        self._scales = {}
+
+        self._offsets = list(itertools.product(*(range(k) for k in kernel)))
+        self._windows = {offs: _offset_slices(offs, dilation, stride, self.out_sp)
+                         for offs in self._offsets}
+
     def offsets(self):
-        return itertools.product(*(range(k) for k in self.kernel))
+        return self._offsets
+
+    def avg_scale(self, xp, dtype, count_include_pad, divisor_override):
+        """1 / divisor: a Python float when every window has the same one, else an array."""
+        if divisor_override:
+            return 1.0 / divisor_override
+        key = (xp, dtype, count_include_pad)
+        scale = self._scales.get(key)
+        if scale is None:
+            div = _divisors(self, count_include_pad)
+            if (div == div.flat[0]).all():
+                scale = 1.0 / float(div.flat[0])
+            else:
+                scale = xp.asarray(1.0 / div, dtype=dtype)
+            self._scales[key] = scale
+        return scale
 
     def window(self, offsets):
-        return _offset_slices(offsets, self.dilation, self.stride, self.out_sp)
+        return self._windows[offsets]
 
 
 class MaxPoolNd(Function):
@@ -106,7 +136,7 @@ class MaxPoolNd(Function):
         grad_out = same_layout(grad_out, self.out)  # the masks below are in out's layout
         gpad = _alloc_like(xp, self.xpad, self.xpad.shape, grad_out.dtype,
                            fill=None if geo.exact_cover else 0)
-        offsets = list(geo.offsets())
+        offsets = geo.offsets()
         taken = None  # windows whose first maximum an earlier offset already held
         for n, offs in enumerate(offsets):
             if n < len(offsets) - 1:
@@ -152,24 +182,31 @@ def max_pool_indices(x, geo: _PoolGeometry):
 
 
 class AvgPoolNd(Function):
-    """out = sum over each window / divisor (PyTorch's divisor rules); grad spread evenly."""
+    """out = sum over each window / divisor (PyTorch's divisor rules); grad spread evenly.
+
+    Windows of 3 or more per dim are summed one dim at a time (``sum(kernel)`` strided adds
+    instead of ``prod(kernel)``), and spread back the same way in backward.
+    """
 
     def forward(self, x, *, geometry, count_include_pad, divisor_override):
         xp = get_array_module(x)
         geo = self.geo = geometry
         xpad = _pad_to(xp, x, geo.padding, geo.padded_sp, 0)
-        out = None
-        for offs in geo.offsets():
-            s = xpad[geo.window(offs)]
-            if out is None:
-                out = s.copy(order="K")
-            else:
-                out += s
-        if divisor_override:
-            self.scale = 1.0 / divisor_override
+        if geo.separable:
+            out = xpad
+            for dim in range(len(geo.kernel)):
+                out = _sum_along(out, dim, geo)
+            if out is xpad:
+                out = out.copy(order="K")
         else:
-            self.scale = xp.asarray(
-                1.0 / _divisors(geo, count_include_pad), dtype=x.dtype)
+            out = None
+            for offs in geo.offsets():
+                s = xpad[geo.window(offs)]
+                if out is None:
+                    out = s.copy(order="K")
+                else:
+                    out += s
+        self.scale = geo.avg_scale(xp, x.dtype, count_include_pad, divisor_override)
         out *= self.scale
         self.dtype, self.pad_layout = x.dtype, xpad
         return out
@@ -177,9 +214,14 @@ class AvgPoolNd(Function):
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
         geo = self.geo
+        spread = grad_out * self.scale
+        if geo.separable:
+            g = spread
+            for dim in reversed(range(len(geo.kernel))):
+                g = _spread_along(xp, g, dim, geo, self.pad_layout)
+            return _crop(g, geo.padding, geo.x_shape[2:])
         gpad = _alloc_like(xp, self.pad_layout, self.pad_layout.shape, self.dtype,
                            fill=None if geo.exact_cover else 0)
-        spread = grad_out * self.scale
         for offs in geo.offsets():
             dst = gpad[geo.window(offs)]
             if geo.overlap:
@@ -187,6 +229,39 @@ class AvgPoolNd(Function):
             else:
                 dst[...] = spread
         return _crop(gpad, geo.padding, geo.x_shape[2:])
+
+
+def _dim_window(dim, i, geo, ndim):
+    """Index selecting kernel offset ``i`` of every window along spatial ``dim`` only."""
+    d, s, o = geo.dilation[dim], geo.stride[dim], geo.out_sp[dim]
+    return (slice(None),) * (2 + dim) + (slice(i * d, i * d + s * (o - 1) + 1, s),) + (
+        slice(None),) * (ndim - 3 - dim)
+
+
+def _sum_along(a, dim, geo):
+    """Window sums of ``a`` along spatial ``dim`` (the other dims untouched)."""
+    k = geo.kernel[dim]
+    out = a[_dim_window(dim, 0, geo, a.ndim)].copy(order="K")
+    for i in range(1, k):
+        out += a[_dim_window(dim, i, geo, a.ndim)]
+    return out
+
+
+def _spread_along(xp, g, dim, geo, like):
+    """Transpose of :func:`_sum_along`: each window's value added back onto its positions."""
+    shape = list(g.shape)
+    shape[2 + dim] = geo.padded_sp[dim]
+    k, s, d = geo.kernel[dim], geo.stride[dim], geo.dilation[dim]
+    overlap = s < d * (k - 1) + 1
+    exact = d == 1 and s == k and geo.out_sp[dim] * s == geo.padded_sp[dim]
+    out = _alloc_like(xp, like, tuple(shape), g.dtype, fill=None if exact else 0)
+    for i in range(k):
+        dst = out[_dim_window(dim, i, geo, g.ndim)]
+        if overlap:
+            dst += g
+        else:
+            dst[...] = g
+    return out
 
 
 def _divisors(geo: _PoolGeometry, count_include_pad: bool):
@@ -257,6 +332,12 @@ def _check_pool_input(input, nd: int, name: str):
     return (input.reshape(1, *input.shape) if unbatched else input), unbatched
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_geometry(x_shape, kernel, stride, padding, dilation, ceil_mode) -> _PoolGeometry:
+    """One geometry per shape and window (it also keeps the avg-pool divisors)."""
+    return _PoolGeometry(x_shape, kernel, stride, padding, dilation, ceil_mode)
+
+
 def _geometry(x, input, kernel_size, stride, padding, dilation, ceil_mode, nd, name):
     kernel = ntuple(kernel_size, nd, "kernel_size")
     stride = kernel if stride is None or stride == [] or stride == () else ntuple(
@@ -271,7 +352,7 @@ def _geometry(x, input, kernel_size, stride, padding, dilation, ceil_mode, nd, n
         raise ValueError(
             f"{name}: pad should be at most half of kernel size, got padding={padding} and "
             f"kernel_size={kernel}")
-    geo = _PoolGeometry(x.shape, kernel, stride, padding, dilation, ceil_mode)
+    geo = _cached_geometry(tuple(x.shape), kernel, stride, padding, dilation, bool(ceil_mode))
     if any(o < 1 for o in geo.out_sp):
         raise ValueError(
             f"{name}: input of shape {input.shape} is too small for kernel_size={kernel}, "
