@@ -25,12 +25,11 @@ from distprop.ops.rnn import (
 )
 from distprop.tensor import Function
 
-# Where one loop pays (1 thread, nn.LSTM forward+backward, fused vs per direction, same process,
-# interleaved, median ms; the machine was shared, so +-5 %): H=32 T=256 B=16 32 vs 36; H=64 T=256
-# B=8 45-47 vs 46-53, T=64 B=64 62-64 vs 64-71; H=96 T=128 B=8 23 vs 26. H=128 is even or
-# worse (T=64 B=32 72 vs 69, T=256 B=8 84 vs 79), and H=256 loses once the two directions'
-# recurrent weights (1 MiB each) no longer share the L2 cache (one layer, B=8: 65 vs 54).
-MAX_HIDDEN, MAX_BATCH = 96, 64
+# Where one loop pays (1 thread, fwd+bwd of one layer, median ms, fused vs two layers):
+# H=64: T=256 B=8 31 vs 43, B=64 24 vs 31; H=128: B=32 57 vs 67, B=8/16 equal. It loses once the
+# two directions' per-step working sets no longer share the L2 cache: H=256, B=8 65 vs 54 (two
+# 1 MiB recurrent weights), H=64, B=128 58 vs 50.
+MAX_HIDDEN, MAX_BATCH = 128, 64
 
 
 def pays(hidden: int, batch: int) -> bool:
