@@ -1,6 +1,5 @@
-"""Issue 14's recurrent fast paths: small-batch per-step products split into column blocks (the
-block plan), and both directions of a bidirectional LSTM in one loop (BiLSTMLayer): LSTM and
-GRU against PyTorch, and float64 finite differences."""
+"""Small-batch recurrent products split into column blocks (issue 14): the block plan, LSTM and
+GRU with blocked per-step products against PyTorch, and float64 finite differences."""
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import distprop as dp
 from distprop.nn import GRU, LSTM
 from distprop.ops import rnn
 from distprop.ops.rnn import GRULayer, LSTMLayer, _column_blocks
-from distprop.ops.rnn_bidir import BiLSTMLayer
 
 from helpers import gradcheck
 
@@ -147,121 +145,3 @@ def test_blocked_layer_gradcheck(mode, hidden, reverse, lengths, monkeypatch, bl
 
     gradcheck(fn, *arrays)
     assert min(block_counts) >= 3, block_counts  # forward and backward plans both blocked
-
-
-@pytest.mark.parametrize("blocked", [False, True], ids=["one_product", "blocked"])
-@pytest.mark.parametrize("lengths", [None, [3, 1]], ids=["full", "lengths"])
-def test_bidirectional_layer_gradcheck(lengths, blocked, monkeypatch, block_counts):
-    """Both directions in one Function: float64 finite differences of every input (states of
-    both directions, both directions' weights and biases), ragged lengths."""
-    if blocked:
-        monkeypatch.setattr(rnn, "_BLOCKED_DTYPES", (np.dtype(np.float64),))
-        monkeypatch.setattr(rnn, "_SMALL_GEMM", 1200)
-        monkeypatch.setattr(rnn, "_MIN_WIDTH", 8)
-    rng = np.random.default_rng(3)
-    steps, batch, size, hidden = 3, 2, 2, 17
-    gates = 4 * hidden
-    arrays = [rng.standard_normal((steps, batch, size))]
-    arrays += [rng.standard_normal((batch, hidden)) for _ in range(4)]
-    for _ in range(2):
-        arrays += [rng.standard_normal((gates, size)) * 0.3,
-                   rng.standard_normal((gates, hidden)) * 0.3,
-                   rng.standard_normal(gates) * 0.3, rng.standard_normal(gates) * 0.3]
-    lens = None if lengths is None else np.array(lengths)
-
-    def fn(*tensors):
-        outs = BiLSTMLayer.apply(*tensors, lengths=lens)
-        return dp.cat([o.reshape(-1) for o in outs])
-
-    gradcheck(fn, *arrays)
-    assert (min(block_counts) >= 3) == blocked, block_counts
-
-
-@pytest.mark.parametrize("lengths", [None, [4, 2, 3]], ids=["full", "lengths"])
-def test_bidirectional_layer_equals_two_layers(lengths):
-    """BiLSTMLayer gives what two LSTMLayer calls (forward, reverse) and a concat give."""
-    rng = np.random.default_rng(4)
-    steps, batch, size, hidden = 4, 3, 5, 6
-    x = rng.standard_normal((steps, batch, size)).astype(np.float32)
-    states = [rng.standard_normal((batch, hidden)).astype(np.float32) for _ in range(4)]
-    params = [rng.standard_normal(shape).astype(np.float32) * 0.4
-              for _ in range(2) for shape in ((4 * hidden, size), (4 * hidden, hidden),
-                                              (4 * hidden,), (4 * hidden,))]
-    lens = None if lengths is None else np.array(lengths)
-    out, h, c, h_r, c_r = BiLSTMLayer.apply(dp.tensor(x), *map(dp.tensor, states),
-                                            *map(dp.tensor, params), lengths=lens)
-    fwd = LSTMLayer.apply(dp.tensor(x), dp.tensor(states[0]), dp.tensor(states[1]),
-                          *map(dp.tensor, params[:4]), lengths=lens)
-    rev = LSTMLayer.apply(dp.tensor(x), dp.tensor(states[2]), dp.tensor(states[3]),
-                          *map(dp.tensor, params[4:]), reverse=True, lengths=lens)
-    tol = dict(rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out.numpy()[..., :hidden], fwd[0].numpy(), **tol)
-    np.testing.assert_allclose(out.numpy()[..., hidden:], rev[0].numpy(), **tol)
-    for got, want in zip((h, c, h_r, c_r), (*fwd[1:], *rev[1:])):
-        np.testing.assert_allclose(got.numpy(), want.numpy(), **tol)
-
-
-@pytest.mark.parametrize("hidden,batch,fused", [(64, 8, True), (128, 64, True), (256, 8, False),
-                                                (64, 128, False)])
-def test_bidirectional_lstm_takes_the_fused_layer_where_it_pays(hidden, batch, fused):
-    lstm = LSTM(3, hidden, bidirectional=True)
-    out, _ = lstm(dp.tensor(np.zeros((2, batch, 3), dtype=np.float32)))
-    assert isinstance(out._ctx, BiLSTMLayer) == fused
-
-
-FUSED_CONFIGS = [
-    ("two_layers_batch_first_hx", {"num_layers": 2, "batch_first": True}, {"hx": True}),
-    ("lengths_hx", {}, {"hx": True, "lengths": [5, 2, 4]}),
-    ("two_layers_lengths_no_bias", {"num_layers": 2, "bias": False}, {"lengths": [3, 5, 1]}),
-]
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name,options,fwd", FUSED_CONFIGS, ids=[c[0] for c in FUSED_CONFIGS])
-def test_fused_bidirectional_lstm_matches_torch(name, options, fwd, dtype, monkeypatch):
-    calls = []
-    original = BiLSTMLayer.apply.__func__
-
-    def spy(cls, *args, **kwargs):
-        calls.append(1)
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(BiLSTMLayer, "apply", classmethod(spy))
-    steps, batch, size, hidden = 5, 3, 4, 9
-    torch.manual_seed(0)
-    ref = torch.nn.LSTM(size, hidden, bidirectional=True, **options).to(getattr(torch, dtype))
-    ours = LSTM(size, hidden, bidirectional=True, **options, dtype=dtype)
-    ours.load_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()})
-    bf = options.get("batch_first", False)
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((batch, steps, size) if bf else (steps, batch, size)).astype(dtype)
-    xo, xt = dp.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
-    layers = 2 * options.get("num_layers", 1)
-    hx = [rng.standard_normal((layers, batch, hidden)).astype(dtype) for _ in range(2)]
-    hx_ours = [dp.tensor(h, requires_grad=True) for h in hx]
-    hx_ref = [torch.tensor(h, requires_grad=True) for h in hx]
-    use_hx, lengths = fwd.get("hx", False), fwd.get("lengths")
-    out, state = ours(xo, tuple(hx_ours) if use_hx else None, lengths=lengths)
-    ref_in = xt
-    if lengths is not None:
-        ref_in = pack_padded_sequence(xt, lengths, batch_first=bf, enforce_sorted=False)
-    ref_out, ref_state = ref(ref_in, tuple(hx_ref) if use_hx else None)
-    if lengths is not None:
-        ref_out, _ = pad_packed_sequence(ref_out, batch_first=bf, total_length=steps)
-    assert len(calls) == options.get("num_layers", 1)
-    ours_all, ref_all = [out, *state], [ref_out, *ref_state]
-    weights = [rng.standard_normal(t.shape).astype(dtype) for t in ours_all]
-    sum((t * dp.tensor(w)).sum() for t, w in zip(ours_all, weights)).backward()
-    sum((t * torch.tensor(w)).sum() for t, w in zip(ref_all, weights)).backward()
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == "float64" else dict(rtol=2e-5, atol=2e-5)
-    for got, want in zip(ours_all, ref_all):
-        assert got.dtype == np.dtype(dtype)
-        np.testing.assert_allclose(got.numpy(), want.detach().numpy(), **tol)
-    grads = [(xo, xt)] + (list(zip(hx_ours, hx_ref)) if use_hx else [])
-    for got, want in grads:
-        np.testing.assert_allclose(got.grad.numpy(), want.grad.numpy(), **tol)
-    ref_params = dict(ref.named_parameters())
-    for pname, p in ours.named_parameters():
-        assert p.grad.dtype == np.dtype(dtype)
-        np.testing.assert_allclose(p.grad.numpy(), ref_params[pname].grad.numpy(), **tol,
-                                   err_msg=pname)

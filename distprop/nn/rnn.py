@@ -11,9 +11,8 @@ from distprop import amp, backend
 from distprop.nn import init
 from distprop.nn.linear import new_parameter
 from distprop.nn.module import Module
-from distprop.ops import arith, cat, getitem, rnn_bidir, stack, transpose
+from distprop.ops import arith, cat, getitem, stack, transpose
 from distprop.ops.rnn import GRULayer, LSTMLayer, RNNLayer
-from distprop.ops.rnn_bidir import BiLSTMLayer
 from distprop.tensor import Tensor
 
 _GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -137,20 +136,8 @@ class RNNBase(Module):
         """Apply every layer and direction; x is time-major (T, B, I). Returns out, finals."""
         directions = 2 if self.bidirectional else 1
         finals: list[list[Tensor]] = [[] for _ in states]
-        fuse = (self.mode == "LSTM" and directions == 2
-                and backend.get_array_module(x.data) is np
-                and rnn_bidir.pays(self.hidden_size, x.shape[1]))
         for layer in range(self.num_layers):
             outs = []
-            if fuse:  # both directions in one loop (ops/rnn_bidir.py)
-                init = [s[2 * layer + d] for d in range(2) for s in states]
-                params = self._layer_params(layer, 0) + self._layer_params(layer, 1)
-                x, *result = BiLSTMLayer.apply(x, *init, *params, lengths=lengths)
-                for d in range(2):
-                    for store, value in zip(finals, result[2 * d:2 * d + 2]):
-                        store.append(value)
-                x = self._dropout(x, layer)
-                continue
             for direction in range(directions):
                 index = layer * directions + direction
                 init_states = [s[index] for s in states]
@@ -160,18 +147,13 @@ class RNNBase(Module):
                 for store, value in zip(finals, result[1:]):
                     store.append(value)
             x = outs[0] if directions == 1 else cat(outs, dim=2)
-            x = self._dropout(x, layer)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                keep = 1.0 - self.dropout
+                mask = backend.bernoulli_mask(x.shape, keep, x.dtype, x.device)
+                if keep > 0:
+                    mask *= 1.0 / keep
+                x = arith.Mul.apply(x, Tensor._wrap(mask))
         return x, [stack(f, dim=0) for f in finals]
-
-    def _dropout(self, x: Tensor, layer: int) -> Tensor:
-        """Dropout on a layer's output, except the last layer's (training only)."""
-        if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-            keep = 1.0 - self.dropout
-            mask = backend.bernoulli_mask(x.shape, keep, x.dtype, x.device)
-            if keep > 0:
-                mask *= 1.0 / keep
-            x = arith.Mul.apply(x, Tensor._wrap(mask))
-        return x
 
     def _cell(self, x, init_states, params, reverse, lengths):
         if self.mode == "LSTM":

@@ -116,9 +116,8 @@ _BLOCKED_DTYPES = (np.dtype(np.float32),)  # float64 not measured
 
 def _column_blocks(xp, rows: int, weight, out):
     """(weight block, out block) pairs that compute ``out = lhs @ weight`` for an ``lhs`` of
-    ``rows`` rows: one pair, or column blocks each under OpenBLAS's unpacked size. Stacked
-    (``(n, depth, cols)``) weights and outputs are split alike."""
-    depth, cols = weight.shape[-2:]
+    ``rows`` rows: one pair, or column blocks each under OpenBLAS's unpacked size."""
+    depth, cols = weight.shape
     if (xp is not np or weight.dtype not in _BLOCKED_DTYPES or rows > _SMALL_BATCH
             or rows * cols * depth <= _SMALL_GEMM):
         return [(weight, out)]
@@ -127,7 +126,7 @@ def _column_blocks(xp, rows: int, weight, out):
         width //= 2
     if width < _MIN_WIDTH:
         return [(weight, out)]
-    return [(weight[..., j:j + width], out[..., j:j + width]) for j in range(0, cols, width)]
+    return [(weight[:, j:j + width], out[:, j:j + width]) for j in range(0, cols, width)]
 
 
 def _padded_copy(xp, weight):
