@@ -58,18 +58,35 @@ def products(hidden: int, batch: int) -> dict:
     return row
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        hidden, batch = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,B (two integers), got {text!r}") from None
+    if hidden <= 0 or batch <= 0:
+        raise argparse.ArgumentTypeError(f"H and B must be positive, got {text!r}")
+    return hidden, batch
+
+
+def _threads(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shapes", nargs="+", metavar="H,B")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("shapes", nargs="+", metavar="H,B", type=_shape)
+    parser.add_argument("--threads", type=_threads, default=1, metavar="N",
+                        help="BLAS threads (default 1)")
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads)
     if args.threads > 1:
         CLOCK["now"] = time.perf_counter
-    for spec in args.shapes:
-        row = products(*map(int, spec.split(",")))
+    for hidden, batch in args.shapes:
+        row = products(hidden, batch)
         print(json.dumps({**row, "threads": args.threads}), flush=True)
     return 0
 
