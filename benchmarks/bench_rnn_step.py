@@ -1,7 +1,7 @@
 """One step's recurrent products of an LSTM at 1 thread: one OpenBLAS product or column blocks.
 
 For each ``H,B``: ``h @ W_hh^T`` (forward) and ``dgates @ W_hh`` (backward) as one product and
-as the column blocks of ``distprop.ops.rnn._column_blocks`` (thread CPU time, median of 9 x 50
+as the column blocks of ``distprop.ops._util.column_blocks`` (thread CPU time, median of 9 x 50
 calls, microseconds; ``*_blocks``: how many blocks the plan uses, 1 = not blocked). With
 ``--threads N`` > 1 (BLAS threads) the clock is wall time.
 
@@ -33,7 +33,8 @@ def _median_time(fn, number: int, repeat: int) -> float:
 
 
 def products(hidden: int, batch: int) -> dict:
-    from distprop.ops.rnn import _column_blocks, _padded_copy
+    from distprop.ops._util import column_blocks
+    from distprop.ops.rnn import _padded_copy
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4 * hidden, hidden)).astype(np.float32)
@@ -43,7 +44,7 @@ def products(hidden: int, batch: int) -> dict:
     rec, dh = np.empty((batch, 4 * hidden), np.float32), np.empty((batch, hidden), np.float32)
     row = {"hidden": hidden, "batch": batch}
     for name, lhs, weight, out in (("forward", h, w_tp, rec), ("backward", d, w_p, dh)):
-        blocks = _column_blocks(np, batch, weight, out)
+        blocks = column_blocks(np, batch, weight, out)
 
         def blocked(lhs=lhs, blocks=blocks):
             for w_block, o_block in blocks:

@@ -8,8 +8,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import distprop as dp
 from distprop.nn import GRU, LSTM
-from distprop.ops import rnn
-from distprop.ops.rnn import GRULayer, LSTMLayer, _column_blocks
+from distprop.ops import _util
+from distprop.ops._util import column_blocks
+from distprop.ops.rnn import GRULayer, LSTMLayer
 
 from helpers import gradcheck
 
@@ -22,7 +23,7 @@ PLANS = [
     (8, (256, 768), "float32", [256] * 3),  # GRU H=256 forward
     (4, (1024, 256), "float32", [128] * 2),
     (12, (1024, 256), "float32", [64] * 4),
-    (16, (256, 1024), "float32", [1024]),  # batch above _SMALL_BATCH
+    (16, (256, 1024), "float32", [1024]),  # batch above SMALL_ROWS
     (8, (128, 512), "float32", [512]),  # already under the unpacked size
     (8, (256, 1024), "float64", [1024]),  # float64: not blocked
     (8, (256, 1000), "float32", [256] * 3 + [232]),  # a partial last block
@@ -34,7 +35,7 @@ def test_column_block_plan(rows, shape, dtype, widths):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(shape).astype(dtype)
     out = np.zeros((rows, shape[1]), dtype=dtype)
-    blocks = _column_blocks(np, rows, weight, out)
+    blocks = column_blocks(np, rows, weight, out)
     assert [w.shape[1] for w, _ in blocks] == widths
     lhs = rng.standard_normal((rows, shape[0])).astype(dtype)
     for w_block, out_block in blocks:
@@ -47,14 +48,14 @@ def test_column_block_plan(rows, shape, dtype, widths):
 def block_counts(monkeypatch):
     """Records the number of blocks of every per-step product plan."""
     counts = []
-    original = rnn._column_blocks
+    original = _util.column_blocks
 
     def spy(*args):
         blocks = original(*args)
         counts.append(len(blocks))
         return blocks
 
-    monkeypatch.setattr(rnn, "_column_blocks", spy)
+    monkeypatch.setattr(_util, "column_blocks", spy)
     return counts
 
 
@@ -125,9 +126,9 @@ def test_blocked_layers_match_torch(mode, name, options, fwd, block_counts):
 def test_blocked_layer_gradcheck(mode, hidden, reverse, lengths, monkeypatch, block_counts):
     """float64 finite differences with the block plan scaled down to these sizes: forward and
     backward products in several blocks, the last one partial."""
-    monkeypatch.setattr(rnn, "_BLOCKED_DTYPES", (np.dtype(np.float64),))
-    monkeypatch.setattr(rnn, "_SMALL_GEMM", 1200)
-    monkeypatch.setattr(rnn, "_MIN_WIDTH", 8)
+    monkeypatch.setattr(_util, "BLOCKED_DTYPES", (np.dtype(np.float64),))
+    monkeypatch.setattr(_util, "SMALL_GEMM", 1200)
+    monkeypatch.setattr(_util, "MIN_BLOCK", 8)
     rng = np.random.default_rng(0)
     steps, batch, size = 3, 2, 2
     gates = (4 if mode == "lstm" else 3) * hidden

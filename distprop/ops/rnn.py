@@ -23,6 +23,7 @@ import numpy as np
 
 from distprop import cuda_kernels
 from distprop.backend import get_array_module
+from distprop.ops import _util
 from distprop.tensor import Function
 
 
@@ -102,31 +103,6 @@ def _padded_empty(xp, shape, dtype):
     size = np.dtype(dtype).itemsize
     pad = 64 // size if (cols * size) % 1024 == 0 else 0
     return xp.empty((rows, cols + pad), dtype=dtype)[:, :cols]
-
-
-# OpenBLAS (SkylakeX kernels) multiplies without packing the operands when M*N*K <= 100^3. With
-# a batch of at most _SMALL_BATCH rows, one step's product split into column blocks under that
-# size is up to 2x faster (1 thread, H = 256, B = 8: 92 -> 45 us forward, 94 -> 56 us backward;
-# no gain measured from B = 16).
-_SMALL_GEMM = 100 ** 3
-_SMALL_BATCH = 12
-_MIN_WIDTH, _MAX_WIDTH = 64, 256  # narrower blocks measured no faster than one product
-_BLOCKED_DTYPES = (np.dtype(np.float32),)  # float64 not measured
-
-
-def _column_blocks(xp, rows: int, weight, out):
-    """(weight block, out block) pairs that compute ``out = lhs @ weight`` for an ``lhs`` of
-    ``rows`` rows: one pair, or column blocks each under OpenBLAS's unpacked size."""
-    depth, cols = weight.shape
-    if (xp is not np or weight.dtype not in _BLOCKED_DTYPES or rows > _SMALL_BATCH
-            or rows * cols * depth <= _SMALL_GEMM):
-        return [(weight, out)]
-    width = _MAX_WIDTH
-    while width >= _MIN_WIDTH and rows * width * depth > _SMALL_GEMM:
-        width //= 2
-    if width < _MIN_WIDTH:
-        return [(weight, out)]
-    return [(weight[:, j:j + width], out[:, j:j + width]) for j in range(0, cols, width)]
 
 
 def _padded_copy(xp, weight):
@@ -284,7 +260,7 @@ class LSTMLayer(Function):
         rec = xp.empty((batch, 4 * hidden), dtype=x.dtype)
         h1, h2, h3 = hidden, 2 * hidden, 3 * hidden
         kernel = None  # the fused GPU kernel: decided on the first step
-        blocks = _column_blocks(xp, batch, w_hh_t, rec)
+        blocks = _util.column_blocks(xp, batch, w_hh_t, rec)
         for t, p, n in seq.steps_prev_new():
             g = gates[t]
             h_prev = hs[p]
@@ -345,7 +321,7 @@ class LSTMLayer(Function):
         tmp = xp.empty((batch, hidden), dtype=dgates.dtype)
         deriv = xp.empty((batch, size), dtype=dgates.dtype)
         deriv2 = xp.empty_like(deriv)
-        blocks = _column_blocks(xp, batch, w_hh, dh)
+        blocks = _util.column_blocks(xp, batch, w_hh, dh)
         for t in reversed(seq.order):
             dh += grad_out[t]
             carry_h, carry_c = _hold_padded(seq, t, dh, dc)
@@ -409,7 +385,7 @@ class GRULayer(Function):
         hs[seq.first_slot()] = h0
         hidden_n = xp.empty((steps, batch, hidden), dtype=x.dtype)
         rec = xp.empty((batch, 3 * hidden), dtype=x.dtype)
-        blocks = _column_blocks(xp, batch, w_hh_t, rec)
+        blocks = _util.column_blocks(xp, batch, w_hh_t, rec)
         for t in seq.order:
             p, n = seq.prev(t), seq.new(t)
             g = gates[t]
@@ -451,7 +427,7 @@ class GRULayer(Function):
         deriv = xp.empty((batch, h2), dtype=grad_out.dtype)
         rec = xp.empty((batch, hidden), dtype=grad_out.dtype)
         w_hh_p = _padded_copy(xp, w_hh)
-        blocks = _column_blocks(xp, batch, w_hh_p, rec)
+        blocks = _util.column_blocks(xp, batch, w_hh_p, rec)
         for t in reversed(seq.order):
             p = seq.prev(t)
             dh += grad_out[t]
