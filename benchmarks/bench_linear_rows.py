@@ -1,6 +1,6 @@
 """Linear forward+backward with few rows (small per-rank batches): distprop with and without its
-few-row paths (weight-left forward, one-row outer product; ``ops/linalg.py``), and PyTorch,
-interleaved in one process.
+few-row paths (blocks under OpenBLAS's unpacked size, weight-left forward, one-row outer
+product; ``ops/linalg.py``), and PyTorch, interleaved in one process.
 
     python benchmarks/bench_linear_rows.py [--threads 1]
 
@@ -25,15 +25,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    for rows, fin, fout in [(1, 1024, 1024), (4, 1024, 1024), (8, 512, 2048), (8, 2048, 512),
-                            (16, 256, 1024), (32, 784, 256), (32, 1024, 1024), (48, 1024, 1024),
-                            (64, 1024, 1024)]:
+    shapes = [(1, 1024, 1024), (2, 1024, 1024), (4, 1024, 1024), (8, 1024, 1024), (8, 512, 2048),
+              (8, 2048, 512), (12, 1024, 1024), (16, 256, 1024), (32, 784, 256),
+              (32, 1024, 1024), (48, 1024, 1024), (64, 1024, 1024)]
+    for rows, fin, fout in shapes:
         print(json.dumps({"rows": rows, "in": fin, "out": fout, "threads": args.threads,
                           **bench_shape(rows, fin, fout, args.repeats)}), flush=True)
 
 
 def bench_shape(rows: int, fin: int, fout: int, repeats: int) -> dict:
-    """Median ms of PyTorch, of distprop ("fast") and of distprop with both few-row paths off."""
+    """Median ms of PyTorch, of distprop ("fast") and of distprop with its few-row paths off."""
     import numpy as np
     import torch
 

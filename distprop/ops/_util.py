@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def unbroadcast(grad, shape):
     """Sum ``grad`` down to ``shape``, undoing NumPy broadcasting."""
@@ -81,8 +83,6 @@ def gemm(a, b, out=None):
     the CPU) run as one float32 BLAS GEMM rounded once to the result dtype -- float32
     accumulation, as GPU tensor cores do -- since NumPy's float16 matmul has no BLAS (~100x
     slower) and accumulates in float16. Everything else is ``xp.matmul`` unchanged."""
-    import numpy as np
-
     if type(a) is np.ndarray and np.float16 in (a.dtype, getattr(b, "dtype", None)):
         result = np.matmul(a.astype(np.float32), b.astype(np.float32))
         if out is None:
@@ -94,3 +94,55 @@ def gemm(a, b, out=None):
     from distprop.backend import get_array_module
 
     return get_array_module(a).matmul(a, b, out=out)
+
+
+# OpenBLAS (SkylakeX kernels) multiplies without packing its operands when M*N*K <= 100^3; packing
+# a large weight is most of the work when the other operand has only a few rows. Split into blocks
+# under that size, such products run up to 2x faster (1 thread: LSTM H = 256, B = 8, one step
+# 92 -> 45 us forward, 94 -> 56 us backward; Linear 1024 -> 1024 with 4 rows 0.72 -> 0.21 ms
+# forward; no gain measured from 16 rows). ``benchmarks/results/lseq.md``, ``linear_rows.md``.
+SMALL_GEMM = 100 ** 3
+SMALL_ROWS = 12
+MIN_BLOCK, MAX_BLOCK = 64, 256  # narrower blocks measured no faster than one product
+BLOCKED_DTYPES = (np.dtype(np.float32),)  # float64 not measured
+
+
+def _block_width(xp, dtype, few: int, depth: int, many: int) -> int:
+    """Width of the blocks of the ``many`` dimension that keep ``few x width x depth`` products
+    under :data:`SMALL_GEMM` (0: one product is as good)."""
+    if (xp is not np or dtype not in BLOCKED_DTYPES or not 2 <= few <= SMALL_ROWS
+            or few * many * depth <= SMALL_GEMM):
+        return 0
+    width = MAX_BLOCK
+    while width >= MIN_BLOCK and few * width * depth > SMALL_GEMM:
+        width //= 2
+    return width if width >= MIN_BLOCK else 0
+
+
+def column_blocks(xp, rows: int, weight, out):
+    """(weight block, out block) pairs that compute ``out = lhs @ weight`` for an ``lhs`` of
+    ``rows`` rows: one pair, or column blocks each under OpenBLAS's unpacked size."""
+    depth, cols = weight.shape
+    width = _block_width(xp, weight.dtype, rows, depth, cols)
+    if not width:
+        return [(weight, out)]
+    return [(weight[:, j:j + width], out[:, j:j + width]) for j in range(0, cols, width)]
+
+
+def blocked_gemm(a, b, out) -> bool:
+    """``out = a @ b`` for 2-D NumPy operands in blocks under OpenBLAS's unpacked size, when that
+    pays: column blocks (:func:`column_blocks`) when ``a`` has few rows, row blocks of ``a`` when
+    the inner dimension is that small (a weight gradient from few rows). False: not computed,
+    one product is as good."""
+    xp = np if type(a) is np.ndarray else None
+    blocks = column_blocks(xp, a.shape[0], b, out)
+    if len(blocks) > 1:
+        for b_block, out_block in blocks:
+            np.matmul(a, b_block, out=out_block)
+        return True
+    height = _block_width(xp, a.dtype, a.shape[1], b.shape[1], a.shape[0])
+    if not height:
+        return False
+    for i in range(0, a.shape[0], height):
+        np.matmul(a[i:i + height], b, out=out[i:i + height])
+    return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from distprop.backend import get_array_module
-from distprop.ops._util import gemm, grad_destination, unbroadcast
+from distprop.ops._util import SMALL_ROWS, blocked_gemm, gemm, grad_destination, unbroadcast
 from distprop.ops.arith import check_same_device
 from distprop.tensor import Function
 
@@ -64,9 +64,10 @@ class MatMul(Function):
 
 
 #: Linear's forward computes ``(W @ x^T)^T`` instead of ``x @ W^T`` when x has at most this many
-#: rows and W at least ``_LEFT_MIN_WEIGHT`` elements: OpenBLAS packs a transposed right operand
-#: slowly, and for few rows that packing is most of the GEMM (8 x 512 -> 2048: 0.44 ms vs 0.70;
-#: ``benchmarks/results/linear_rows.md``). Equal to rounding (another summation order).
+#: rows and W at least ``_LEFT_MIN_WEIGHT`` elements (and the blocks of ``blocked_gemm`` do not
+#: apply): OpenBLAS packs a transposed right operand slowly, and for few rows that packing is
+#: most of the GEMM (8 x 512 -> 2048: 0.44 ms vs 0.70; ``benchmarks/results/linear_rows.md``).
+#: Equal to rounding (another summation order).
 _LEFT_MAX_ROWS = 48
 _LEFT_MIN_WEIGHT = 65536
 
@@ -74,6 +75,15 @@ _LEFT_MIN_WEIGHT = 65536
 def _is_host_float(a) -> bool:
     """A NumPy float32/float64 array (float16 goes through ``gemm``'s float32 route)."""
     return type(a) is np.ndarray and a.dtype in (np.float32, np.float64)
+
+
+def _few_rows_gemm(a, b, out):
+    """``a @ b`` in blocks (:func:`blocked_gemm`) into ``out`` (or a new array) when ``a`` or the
+    inner dimension has few rows; None when one product is as good."""
+    if not _is_host_float(a) or min(a.shape) > SMALL_ROWS:
+        return None
+    result = np.empty((a.shape[0], b.shape[1]), a.dtype) if out is None else out
+    return result if blocked_gemm(a, b, result) else None
 
 
 def _weight_on_the_left(x2, weight) -> bool:
@@ -102,12 +112,16 @@ class Linear(Function):
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         x2 = x.reshape(-1, x.shape[-1])
         if _weight_on_the_left(x2, weight):
-            out_t = gemm(weight, x2.T)  # (out_features, rows): OpenBLAS's fast side
-            out = get_array_module(x).empty(out_t.shape[::-1], out_t.dtype)
-            if bias is not None:
-                get_array_module(x).add(out_t.T, bias, out=out)  # transpose + bias, one pass
+            out = np.empty((x2.shape[0], weight.shape[0]), x2.dtype)
+            if blocked_gemm(x2, weight.T, out):
+                if bias is not None:
+                    out += bias
             else:
-                out[...] = out_t.T
+                out_t = gemm(weight, x2.T)  # (out_features, rows): OpenBLAS's fast side
+                if bias is not None:
+                    np.add(out_t.T, bias, out=out)  # transpose + bias, one pass
+                else:
+                    out[...] = out_t.T
         else:
             out = gemm(x2, weight.T)
             if bias is not None:
@@ -119,7 +133,9 @@ class Linear(Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gx = gw = gb = None
         if self.needs_input_grad[0]:
-            gx = gemm(g2, weight).reshape(x.shape)
+            gx = _few_rows_gemm(g2, weight, None)
+            gx = gemm(g2, weight) if gx is None else gx
+            gx = gx.reshape(x.shape)
         if self.needs_input_grad[1]:
             dest = grad_destination(self, 1)
             x2 = x.reshape(-1, x.shape[-1])
@@ -127,7 +143,8 @@ class Linear(Function):
                 # one row: an outer product; OpenBLAS's K = 1 GEMM is ~4x slower than einsum
                 gw = np.einsum("i,j->ij", g2[0], x2[0], out=dest)
             else:
-                gw = gemm(g2.T, x2, out=dest)
+                gw = _few_rows_gemm(g2.T, x2, dest)
+                gw = gemm(g2.T, x2, out=dest) if gw is None else gw
         if self.has_bias and self.needs_input_grad[2]:
             gb = g2.sum(axis=0)
         return gx, gw, gb

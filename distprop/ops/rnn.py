@@ -23,6 +23,7 @@ import numpy as np
 
 from distprop import cuda_kernels
 from distprop.backend import get_array_module
+from distprop.ops import _util
 from distprop.tensor import Function
 
 
@@ -259,9 +260,12 @@ class LSTMLayer(Function):
         rec = xp.empty((batch, 4 * hidden), dtype=x.dtype)
         h1, h2, h3 = hidden, 2 * hidden, 3 * hidden
         kernel = None  # the fused GPU kernel: decided on the first step
+        blocks = _util.column_blocks(xp, batch, w_hh_t, rec)
         for t, p, n in seq.steps_prev_new():
             g = gates[t]
-            xp.matmul(hs[p], w_hh_t, out=rec)
+            h_prev = hs[p]
+            for w_block, rec_block in blocks:
+                xp.matmul(h_prev, w_block, out=rec_block)
             g += rec
             c = cs[n]
             if kernel is None:
@@ -317,6 +321,7 @@ class LSTMLayer(Function):
         tmp = xp.empty((batch, hidden), dtype=dgates.dtype)
         deriv = xp.empty((batch, size), dtype=dgates.dtype)
         deriv2 = xp.empty_like(deriv)
+        blocks = _util.column_blocks(xp, batch, w_hh, dh)
         for t in reversed(seq.order):
             dh += grad_out[t]
             carry_h, carry_c = _hold_padded(seq, t, dh, dc)
@@ -338,7 +343,8 @@ class LSTMLayer(Function):
             xp.add(a, is_tanh, out=deriv2)
             deriv *= deriv2
             d *= deriv
-            xp.matmul(d, w_hh, out=dh)
+            for w_block, dh_block in blocks:
+                xp.matmul(d, w_block, out=dh_block)
             if carry_h is not None:
                 dh += carry_h
                 dc += carry_c
@@ -379,10 +385,13 @@ class GRULayer(Function):
         hs[seq.first_slot()] = h0
         hidden_n = xp.empty((steps, batch, hidden), dtype=x.dtype)
         rec = xp.empty((batch, 3 * hidden), dtype=x.dtype)
+        blocks = _util.column_blocks(xp, batch, w_hh_t, rec)
         for t in seq.order:
             p, n = seq.prev(t), seq.new(t)
             g = gates[t]
-            xp.matmul(hs[p], w_hh_t, out=rec)
+            h_prev = hs[p]
+            for w_block, rec_block in blocks:
+                xp.matmul(h_prev, w_block, out=rec_block)
             if b_hh_s is not None:
                 rec += b_hh_s
             h = hs[n]
@@ -418,6 +427,7 @@ class GRULayer(Function):
         deriv = xp.empty((batch, h2), dtype=grad_out.dtype)
         rec = xp.empty((batch, hidden), dtype=grad_out.dtype)
         w_hh_p = _padded_copy(xp, w_hh)
+        blocks = _util.column_blocks(xp, batch, w_hh_p, rec)
         for t in reversed(seq.order):
             p = seq.prev(t)
             dh += grad_out[t]
@@ -446,7 +456,8 @@ class GRULayer(Function):
                 dx_t[:, :h2] *= deriv
                 dh_t[:, :h2] = dx_t[:, :h2]
                 dh *= z
-            xp.matmul(dh_t, w_hh_p, out=rec)
+            for w_block, rec_block in blocks:
+                xp.matmul(dh_t, w_block, out=rec_block)
             dh += rec
             if carry is not None:
                 dh += carry
