@@ -8,7 +8,7 @@ from distprop import backend
 from distprop.nn import init
 from distprop.nn.linear import check_dtype, new_parameter
 from distprop.nn.module import Module
-from distprop.ops.norm import batch_norm, layer_norm
+from distprop.ops.norm import checked_batch_norm, layer_norm
 from distprop.tensor import Tensor, get_default_dtype
 
 
@@ -81,11 +81,16 @@ class _BatchNorm(Module):
             self.num_batches_tracked.data += 1
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked.data)
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return batch_norm(x, self.running_mean if track else None,
-                          self.running_var if track else None, self.weight, self.bias,
-                          use_batch, factor, self.eps)
+        running_mean, running_var = self.running_mean, self.running_var
+        use_batch = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        if use_batch and x.numel() // x.shape[1] <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"input size {x.shape}")
+        # _check made batch_norm's checks (running buffers: the module's own, num_features)
+        return checked_batch_norm(x, running_mean, running_var, self.weight, self.bias,
+                                  use_batch, factor, self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
