@@ -60,7 +60,8 @@ class LeakyReLU(Function):
         xp = get_array_module(x)
         self.positive, self.slope = x > 0, float(negative_slope)
         if 0.0 <= self.slope <= 1.0:  # max(x, slope * x) is the same function, and faster
-            return xp.maximum(x, x * self.slope)
+            out = x * self.slope  # in place: a second fresh array costs as much as a pass
+            return xp.maximum(out, x, out=out)
         return xp.where(self.positive, x, x * self.slope)
 
     def backward(self, grad_out):
