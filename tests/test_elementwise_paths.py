@@ -1,6 +1,6 @@
 """Fast paths of the elementwise-heavy layers (issue 14): BatchNorm's GEMV statistics and
 in-Function running-statistics update, LeakyReLU's in-place forward, the dot-product sums of
-the Huber/SmoothL1/MSE and BCE-with-logits losses, cross-entropy without masks, and
+the Huber/SmoothL1/MSE and BCE-with-logits losses, cross-entropy and NLL without masks, and
 Embedding's row rounds. Each against PyTorch (same data) and float64 finite differences.
 """
 
@@ -279,12 +279,45 @@ def test_cross_entropy_index_paths_match_torch(name, shape, target, options, red
     np.testing.assert_allclose(xo.grad.numpy(), xt.grad.numpy(), rtol=2e-5, atol=2e-6)
 
 
+NLL_CASES = [c for c in CE_CASES if c[0] != "smoothed"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name,shape,target,options", NLL_CASES, ids=[c[0] for c in NLL_CASES])
+def test_nll_index_paths_match_torch(name, shape, target, options, reduction):
+    rng = np.random.default_rng(14)
+    x = torch.log_softmax(torch.from_numpy(rng.standard_normal(shape)), 1).numpy()
+    x = x.astype(np.float32)
+    n = shape[0] * int(np.prod(shape[2:], dtype=int))
+    t = target(rng, shape[1], n).reshape((shape[0],) + shape[2:])
+    kw = dict(options)
+    if kw.pop("weight", False):
+        w = rng.random(shape[1]).astype(np.float32) + 0.5
+        ours_kw, torch_kw = {"weight": dp.tensor(w)}, {"weight": torch.from_numpy(w)}
+    else:
+        ours_kw, torch_kw = {}, {}
+    xo, xt = dp.tensor(x, requires_grad=True), torch.from_numpy(x.copy()).requires_grad_()
+    out = dp.nn.NLLLoss(reduction=reduction, **ours_kw, **kw)(xo, dp.tensor(t))
+    want = torch.nn.NLLLoss(reduction=reduction, **torch_kw, **kw)(
+        xt, torch.from_numpy(t.astype(np.int64)))
+    g = rng.standard_normal(tuple(want.shape)).astype(np.float32) \
+        if reduction == "none" else None
+    out.backward(None if g is None else dp.tensor(g))
+    want.backward(None if g is None else torch.from_numpy(g))
+    assert out.dtype == np.float32 and xo.grad.dtype == np.float32
+    np.testing.assert_allclose(out.numpy(), want.detach().numpy(), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(xo.grad.numpy(), xt.grad.numpy(), rtol=2e-5, atol=2e-6)
+
+
 def test_cross_entropy_all_kept_gradcheck():
     rng = np.random.default_rng(11)
     t = rng.integers(0, 4, 5)
     for reduction in ("mean", "sum", "none"):
         gradcheck(lambda x, r=reduction: dp.nn.functional.cross_entropy(x, dp.tensor(t),
                                                                          reduction=r),
+                  rng.standard_normal((5, 4)) * 2)
+        gradcheck(lambda x, r=reduction: dp.nn.functional.nll_loss(x, dp.tensor(t),
+                                                                    reduction=r),
                   rng.standard_normal((5, 4)) * 2)
 
 

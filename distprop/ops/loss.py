@@ -564,12 +564,21 @@ class NLL(Function):
         classes, w = _check_classes(name, x, weight)
         rows = _rows(x)
         m = rows.shape[0]
-        t, keep = _index_target(name, x, target, classes, ignore_index)
+        t, keep = _index_target(name, x, target, classes, ignore_index,
+                                none_if_all_kept=w is None)
+        self.t, self.shape, self.classes, self.reduction = t, x.shape, classes, reduction
+        self.m, self.dtype = m, x.dtype
+        if keep is None:  # every row counts with weight 1: no masks, no products
+            picked = rows[xp.arange(m), t]
+            self.wt, self.denom = None, m
+            if reduction == "none":
+                return (-picked).reshape(_sample_shape(x.shape))
+            total = -picked.sum()
+            return total if reduction == "sum" else total / m
         keep = keep.astype(x.dtype)
         wt = keep if w is None else w[t] * keep
         per_sample = -wt * rows[xp.arange(m), t]
-        self.t, self.wt, self.shape, self.classes = t, wt, x.shape, classes
-        self.reduction, self.denom = reduction, wt.sum()
+        self.wt, self.denom = wt, wt.sum()
         if reduction == "none":
             return per_sample.reshape(_sample_shape(x.shape))
         if reduction == "sum":
@@ -579,9 +588,9 @@ class NLL(Function):
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
         coef = _row_coef(grad_out, self.reduction, self.denom)
-        m = self.wt.shape[0]
-        grad = xp.zeros((m, self.classes), self.wt.dtype)
-        grad[xp.arange(m), self.t] = -coef * self.wt
+        m = self.m
+        grad = xp.zeros((m, self.classes), self.dtype)
+        grad[xp.arange(m), self.t] = -coef if self.wt is None else -coef * self.wt
         return _unrows(grad, self.shape), None
 
 
