@@ -20,6 +20,7 @@ def _xp(x):
 
 
 _FILLED: dict = {}
+_FILLED_MAX_ELEMENTS = 1 << 22  # the cache holds at most 16 MiB of float32 vectors
 
 
 def _filled(n: int, value: float, x):
@@ -31,9 +32,11 @@ def _filled(n: int, value: float, x):
     key = (n, value, x.dtype)
     v = _FILLED.get(key)
     if v is None:
-        if len(_FILLED) >= 64:
-            _FILLED.clear()
         v = np.full(n, value, dtype=x.dtype)
+        if n > _FILLED_MAX_ELEMENTS // 8:
+            return v  # big inputs: the fill is cheap next to the passes; keep the cache small
+        if sum(a.size for a in _FILLED.values()) + n > _FILLED_MAX_ELEMENTS:
+            _FILLED.clear()
         v.flags.writeable = False
         _FILLED[key] = v
     return v
