@@ -1,7 +1,8 @@
 """Fast paths of the elementwise-heavy layers (issue 14): BatchNorm's GEMV statistics and
-in-Function running-statistics update, LeakyReLU's in-place forward, the dot-product sums of
-the Huber/SmoothL1/MSE and BCE-with-logits losses, cross-entropy and NLL without masks, and
-Embedding's row rounds. Each against PyTorch (same data) and float64 finite differences.
+in-Function running-statistics update, LeakyReLU's in-place forward, SiLU's backward from its
+output, the dot-product sums of the Huber/SmoothL1/MSE and BCE-with-logits losses,
+cross-entropy and NLL without masks, and Embedding's row rounds. Each against PyTorch (same
+data) and float64 finite differences.
 """
 
 import numpy as np
@@ -144,6 +145,25 @@ def test_leaky_relu_matches_torch(slope, dtype):
     np.testing.assert_array_equal(out.numpy(), want.detach().numpy())
     np.testing.assert_allclose(xo.grad.numpy(), xt.grad.numpy(), **_tol(dtype))
     assert np.array_equal(xo.numpy(), x)  # the input is not touched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_silu_backward_from_output_matches_torch(dtype):
+    rng = np.random.default_rng(15)
+    x = (rng.standard_normal((64, 40)) * 6).astype(dtype)
+    x[0, :4] = [0.0, -0.0, 100.0, -100.0]
+    xo, xt = dp.tensor(x, requires_grad=True), torch.from_numpy(x.copy()).requires_grad_()
+    out, want = dp.nn.SiLU()(xo), torch.nn.SiLU()(xt)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    out.backward(dp.tensor(g))
+    want.backward(torch.from_numpy(g))
+    assert out.dtype == dtype and xo.grad.dtype == dtype
+    np.testing.assert_allclose(out.numpy(), want.detach().numpy(), **_tol(dtype))
+    np.testing.assert_allclose(xo.grad.numpy(), xt.grad.numpy(), **_tol(dtype))
+
+
+def test_silu_gradcheck():
+    gradcheck(dp.nn.SiLU(), np.random.default_rng(16).standard_normal((4, 7)) * 4)
 
 
 # ----------------------------------------------------------------------------- losses
