@@ -49,14 +49,14 @@ def channel_sum(x, scale: float = 1.0):
     ``sum(axis=(0, 2, 3))`` walks such arrays with short strided inner loops, 5-20x slower;
     other layouts fall back to it."""
     n, c = x.shape[:2]
+    if x.ndim == 2 and x.dtype.itemsize >= 4:
+        return _filled(n, scale, x) @ x
     axes = (0, *range(2, x.ndim))
     if x.dtype.itemsize < 4:  # no BLAS for half precision; accumulate in float32
         out = x.sum(axis=axes, dtype=_xp(x).float32)
         if scale != 1.0:
             out *= scale
         return out.astype(x.dtype)
-    if x.ndim == 2:
-        return _filled(n, scale, x) @ x
     last = x.transpose((0, *range(2, x.ndim), 1))
     if last.flags.c_contiguous:
         rows = last.reshape(-1, c)
