@@ -351,31 +351,36 @@ def test_cross_entropy_fast_path_still_rejects_bad_indices():
 
 # ----------------------------------------------------------------------------- Embedding
 
-# name, vocab, width, tokens: rounds path (few repeats), add.at fallback (many repeats),
-# the 8-round leftover, narrow rows, few rows
+# name, vocab, width, tokens, strided rows: add.at on complex pairs (even width, contiguous),
+# on single elements (odd width, strided rows), the rounds (256+ floats), the 8-round leftover
 SCATTER_CASES = [
-    ("rounds_64", 10000, 64, 4096),
-    ("rounds_128", 1000, 128, 4096),
-    ("many_repeats_64", 100, 64, 4096),
-    ("leftover_512", 50, 512, 2048),
-    ("narrow_32", 1000, 32, 4096),
-    ("few_rows_128", 1000, 128, 500),
+    ("pairs_32", 1000, 32, 4096, False),
+    ("pairs_64", 10000, 64, 4096, False),
+    ("pairs_128_repeats", 100, 128, 4096, False),
+    ("odd_width_33", 1000, 33, 4096, False),
+    ("strided_rows_64", 1000, 64, 1024, True),
+    ("rounds_256", 10000, 256, 512, False),
+    ("leftover_512", 50, 512, 2048, False),
 ]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("zeroed", [True, False])
-@pytest.mark.parametrize("name,vocab,width,tokens", SCATTER_CASES,
+@pytest.mark.parametrize("name,vocab,width,tokens,strided", SCATTER_CASES,
                          ids=[c[0] for c in SCATTER_CASES])
-def test_scatter_add_rows_equals_add_at(name, vocab, width, tokens, zeroed):
+def test_scatter_add_rows_equals_add_at(name, vocab, width, tokens, strided, zeroed, dtype):
     rng = np.random.default_rng(12)
     index = rng.integers(0, vocab, tokens)
-    rows = rng.standard_normal((tokens, width)).astype(np.float32)
-    start = np.zeros((vocab, width), np.float32) if zeroed else \
-        rng.standard_normal((vocab, width)).astype(np.float32)
+    rows = rng.standard_normal((tokens, 2 * width if strided else width)).astype(dtype)
+    if strided:
+        rows = rows[:, ::2]
+    start = np.zeros((vocab, width), dtype) if zeroed else \
+        rng.standard_normal((vocab, width)).astype(dtype)
     want = start.copy()
     np.add.at(want, index, rows)
     got = start.copy()
     scatter_add_rows(got, index, rows, zeroed=zeroed)
+    assert got.dtype == dtype
     np.testing.assert_array_equal(got, want)  # the same additions in the same order
 
 

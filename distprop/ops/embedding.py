@@ -26,10 +26,20 @@ def check_indices(indices, num_embeddings: int, where: str = "embedding"):
 
 
 _PEEL_ROUNDS = 8
-_PEEL_MIN_WIDTH = 64  # narrower rows: np.add.at on single elements is faster (measured)
+_PEEL_MIN_WIDTH = 256  # narrower rows: np.add.at on element pairs is faster (measured)
+
+
+_PAIRS = {np.dtype(np.float32): np.complex64, np.dtype(np.float64): np.complex128}
 
 
 def _add_at_elements(grad, index, rows) -> None:
+    """np.add.at of whole rows, element by element. Float32/64 rows of even width go as
+    complex64/128 pairs: complex addition is the two float additions, so the sums are the same
+    bits, with half the indices (1.4-1.8x faster, measured)."""
+    pair = _PAIRS.get(grad.dtype)
+    if (pair is not None and grad.shape[1] % 2 == 0 and rows.dtype == grad.dtype
+            and grad.flags.c_contiguous and rows.flags.c_contiguous):
+        grad, rows = grad.view(pair), rows.view(pair)
     width = grad.shape[1]
     flat = (index[:, None] * width + np.arange(width)).reshape(-1)
     np.add.at(grad.reshape(-1), flat, rows.reshape(-1))
@@ -38,14 +48,13 @@ def _add_at_elements(grad, index, rows) -> None:
 def scatter_add_rows(grad, index, rows, zeroed: bool = False) -> None:
     """grad[index[k]] += rows[k] for every k, repeated indices accumulating in order of k.
 
-    NumPy, rows of 64 floats or more (256 when there are fewer than 1024 rows): the k are
-    sorted by index (stably) and numbered within their index's run; round r adds the r-th
-    occurrence of every index with one fancy-indexed update (no repeats inside a round, whole
-    rows at a time; round 0 is a plain assignment when ``grad`` is known to be ``zeroed``).
-    Occurrences past the 8th of an index go through ``np.add.at`` on single elements. Each row
-    receives its additions in the same order as in ``np.add.at``, so the sums are identical.
-    Narrow rows, and rows under 256 floats whose indices repeat often (many rounds):
-    ``np.add.at`` on single elements throughout.
+    NumPy, rows of 256 floats or more: the k are sorted by index (stably) and numbered within
+    their index's run; round r adds the r-th occurrence of every index with one fancy-indexed
+    update (no repeats inside a round, whole rows at a time; round 0 is a plain assignment when
+    ``grad`` is known to be ``zeroed``). Occurrences past the 8th of an index go through
+    ``np.add.at``. Narrower rows: ``np.add.at`` throughout, on element pairs (see
+    :func:`_add_at_elements`). Each row receives its additions in the same order as in
+    ``np.add.at``, so the sums are identical.
     """
     xp = get_array_module(grad)
     if xp is not np:
@@ -54,8 +63,7 @@ def scatter_add_rows(grad, index, rows, zeroed: bool = False) -> None:
         cupyx.scatter_add(grad, index, rows)
         return
     n, width = index.shape[0], grad.shape[1]
-    if width < _PEEL_MIN_WIDTH or (width < 256 and n < 1024):  # the rounds' fixed costs
-        # outweigh add.at's for narrow rows and few of them
+    if width < _PEEL_MIN_WIDTH:  # narrow rows: the rounds' fixed costs outweigh add.at's
         _add_at_elements(grad, index, rows)
         return
     if n == 0:
@@ -68,9 +76,6 @@ def scatter_add_rows(grad, index, rows, zeroed: bool = False) -> None:
     starts = np.flatnonzero(first)
     rank = np.arange(n) - starts[np.cumsum(first) - 1]  # occurrence number within the run
     most = int(rank[-1] if starts.size == 1 else rank.max()) + 1
-    if width < 256 and most > (16 if width >= 128 else 6):  # measured break-even points
-        _add_at_elements(grad, index, rows)
-        return
     rounds = min(most, _PEEL_ROUNDS)
     for r in range(rounds):
         k = order[starts] if r == 0 else order[rank == r]
