@@ -8,7 +8,7 @@ from distprop import backend
 from distprop.nn import init
 from distprop.nn.linear import check_dtype, new_parameter
 from distprop.nn.module import Module
-from distprop.ops.norm import batch_norm, layer_norm
+from distprop.ops.norm import checked_batch_norm, layer_norm
 from distprop.tensor import Tensor, get_default_dtype
 
 
@@ -57,35 +57,49 @@ class _BatchNorm(Module):
             init.zeros_(self.bias)
 
     def _check(self, x) -> None:
-        name = f"{type(self).__name__}({self.num_features})"
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
+            raise TypeError(f"{self._name()}: expected a Tensor input, got {type(x).__name__}")
         if x.ndim not in self._dims:
             dims = " or ".join(f"{d}D" for d in self._dims)
-            raise ValueError(f"{name}: expected {dims} input {self._layout}, got {x.ndim}D "
-                             f"input of shape {x.shape}")
+            raise ValueError(f"{self._name()}: expected {dims} input {self._layout}, got "
+                             f"{x.ndim}D input of shape {x.shape}")
         if x.shape[1] != self.num_features:
-            raise ValueError(f"{name}: expected input with {self.num_features} channels "
-                             f"{self._layout}, got input of shape {x.shape}")
+            raise ValueError(f"{self._name()}: expected input with {self.num_features} "
+                             f"channels {self._layout}, got input of shape {x.shape}")
         if x.dtype.kind != "f":
-            raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
-        check_dtype(name, x, self.weight if self.weight is not None else self.running_mean)
+            raise TypeError(f"{self._name()}: expected a floating-point input, got dtype "
+                            f"{x.dtype}")
+        ref = self._parameters.get("weight")
+        if ref is None:
+            ref = self._buffers.get("running_mean")
+        if ref is not None and ref.dtype != x.dtype:
+            check_dtype(self._name(), x, ref)
+
+    def _name(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
+        # parameters and buffers straight from their dicts (Module.__getattr__ per name costs
+        # as much as an elementwise op on a small input)
+        params, buffers = self._parameters, self._buffers
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        tracked = buffers.get("num_batches_tracked")
+        training = self.training
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            if x.numel() // x.shape[1] <= 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got "
-                                 f"input size {x.shape}")
-            self.num_batches_tracked.data += 1
+        use_batch = training or (running_mean is None and running_var is None)
+        if use_batch and x.data.size // x.shape[1] <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"input size {x.shape}")
+        if training and self.track_running_stats and tracked is not None:
+            tracked.data += 1
             if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked.data)
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return batch_norm(x, self.running_mean if track else None,
-                          self.running_var if track else None, self.weight, self.bias,
-                          use_batch, factor, self.eps)
+                factor = 1.0 / float(tracked.data)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        # _check made batch_norm's checks (running buffers: the module's own, num_features)
+        return checked_batch_norm(x, running_mean, running_var, params.get("weight"),
+                                  params.get("bias"), use_batch, factor, self.eps)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

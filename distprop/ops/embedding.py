@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from distprop.backend import get_array_module
+from distprop.ops._util import grad_destination
 from distprop.tensor import Function
 
 
@@ -25,18 +26,35 @@ def check_indices(indices, num_embeddings: int, where: str = "embedding"):
 
 
 _PEEL_ROUNDS = 8
-_PEEL_MIN_WIDTH = 256  # measured: rows of 256+ floats 1.1-1.6x faster in rounds, 32-128 slower
+_PEEL_MIN_WIDTH = 256  # narrower rows: np.add.at on element pairs is faster (measured)
 
 
-def scatter_add_rows(grad, index, rows) -> None:
+_PAIRS = {np.dtype(np.float32): np.complex64, np.dtype(np.float64): np.complex128}
+
+
+def _add_at_elements(grad, index, rows) -> None:
+    """np.add.at of whole rows, element by element. Float32/64 rows of even width go as
+    complex64/128 pairs: complex addition is the two float additions, so the sums are the same
+    bits, with half the indices (1.4-1.8x faster, measured)."""
+    pair = _PAIRS.get(grad.dtype)
+    if (pair is not None and grad.shape[1] % 2 == 0 and rows.dtype == grad.dtype
+            and grad.flags.c_contiguous and rows.flags.c_contiguous):
+        grad, rows = grad.view(pair), rows.view(pair)
+    width = grad.shape[1]
+    flat = (index[:, None] * width + np.arange(width)).reshape(-1)
+    np.add.at(grad.reshape(-1), flat, rows.reshape(-1))
+
+
+def scatter_add_rows(grad, index, rows, zeroed: bool = False) -> None:
     """grad[index[k]] += rows[k] for every k, repeated indices accumulating in order of k.
 
     NumPy, rows of 256 floats or more: the k are sorted by index (stably) and numbered within
     their index's run; round r adds the r-th occurrence of every index with one fancy-indexed
-    ``+=`` (no repeats inside a round, whole rows at a time). Occurrences past the 8th of an
-    index go through ``np.add.at`` on single elements. Each row receives its additions in the
-    same order as in ``np.add.at``, so the sums are identical.
-    Narrower rows: ``np.add.at`` on single elements throughout.
+    update (no repeats inside a round, whole rows at a time; round 0 is a plain assignment when
+    ``grad`` is known to be ``zeroed``). Occurrences past the 8th of an index go through
+    ``np.add.at``. Narrower rows: ``np.add.at`` throughout, on element pairs (see
+    :func:`_add_at_elements`). Each row receives its additions in the same order as in
+    ``np.add.at``, so the sums are identical.
     """
     xp = get_array_module(grad)
     if xp is not np:
@@ -46,8 +64,7 @@ def scatter_add_rows(grad, index, rows) -> None:
         return
     n, width = index.shape[0], grad.shape[1]
     if width < _PEEL_MIN_WIDTH:  # narrow rows: the rounds' fixed costs outweigh add.at's
-        flat = (index[:, None] * width + np.arange(width)).reshape(-1)
-        np.add.at(grad.reshape(-1), flat, rows.reshape(-1))
+        _add_at_elements(grad, index, rows)
         return
     if n == 0:
         return
@@ -58,13 +75,19 @@ def scatter_add_rows(grad, index, rows) -> None:
     np.not_equal(sorted_index[1:], sorted_index[:-1], out=first[1:])
     starts = np.flatnonzero(first)
     rank = np.arange(n) - starts[np.cumsum(first) - 1]  # occurrence number within the run
-    rounds = min(int(rank[-1] if starts.size == 1 else rank.max()) + 1, _PEEL_ROUNDS)
+    most = int(rank[-1] if starts.size == 1 else rank.max()) + 1
+    rounds = min(most, _PEEL_ROUNDS)
     for r in range(rounds):
         k = order[starts] if r == 0 else order[rank == r]
-        grad[index[k]] += rows[k]
+        ik = index[k]
+        if r == 0 and zeroed:
+            grad[ik] = rows.take(k, axis=0)
+        else:
+            sub = grad.take(ik, axis=0)
+            sub += rows.take(k, axis=0)
+            grad[ik] = sub
     if rounds == _PEEL_ROUNDS and (rest := order[rank >= _PEEL_ROUNDS]).size:
-        flat = (index[rest, None] * width + np.arange(width)).reshape(-1)
-        np.add.at(grad.reshape(-1), flat, rows[rest].reshape(-1))
+        _add_at_elements(grad, index[rest], rows[rest])
 
 
 class Embedding(Function):
@@ -74,16 +97,22 @@ class Embedding(Function):
         check_indices(indices, weight.shape[0], name)
         self.indices, self.padding_idx = indices, padding_idx
         self.weight_shape = weight.shape
+        if type(weight) is np.ndarray:  # take: 1.1-2.6x faster than fancy indexing (measured)
+            return weight.take(indices, axis=0)
         return weight[indices]
 
     def backward(self, grad_out):
         xp = get_array_module(grad_out)
         dim = self.weight_shape[1]
-        grad = xp.zeros(self.weight_shape, dtype=grad_out.dtype)
+        grad = grad_destination(self, 1)  # the weight's flat-buffer gradient: no copy later
+        if grad is not None and grad.dtype == grad_out.dtype and grad.shape == self.weight_shape:
+            grad.fill(0)
+        else:
+            grad = xp.zeros(self.weight_shape, dtype=grad_out.dtype)
         index, rows = self.indices.reshape(-1), grad_out.reshape(-1, dim)
         if self.padding_idx is not None:  # the padding row's gradient is zero: skip its rows
             keep = index != self.padding_idx % self.weight_shape[0]
             if not keep.all():
                 index, rows = index[keep], rows[keep]
-        scatter_add_rows(grad, index, rows)
+        scatter_add_rows(grad, index, rows, zeroed=True)
         return None, grad

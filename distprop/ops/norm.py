@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from distprop.backend import get_array_module
 from distprop.ops._util import same_layout
-from distprop.tensor import Function, Tensor, no_grad
+from distprop.tensor import Function, Tensor
 
 
 def _channel_shape(x):
@@ -12,36 +14,73 @@ def _channel_shape(x):
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
-def channel_sum(x):
-    """Sum of (N, C, *sp) over every axis but 1, as BLAS matrix-vector products with a ones
-    vector: one over the (M, C) rows of a channels-last array, or over the pixels of a
-    channels-first one and then the batch. NumPy's ``sum(axis=(0, 2, 3))`` walks such arrays
-    with short strided inner loops, 5-20x slower; other layouts fall back to it."""
-    xp = get_array_module(x)
+def _xp(x):
+    """NumPy for an ndarray without a call into the backend (a hot path on small inputs)."""
+    return np if type(x) is np.ndarray else get_array_module(x)
+
+
+_FILLED: dict = {}
+_FILLED_MAX_ELEMENTS = 1 << 22  # the cache holds at most 16 MiB of float32 vectors
+
+
+def _filled(n: int, value: float, x):
+    """A read-only vector of ``n`` copies of ``value`` in x's dtype, cached for NumPy (the
+    channel sums' GEMV operand: allocating and filling it each call costs as much as the GEMV
+    on small arrays)."""
+    if type(x) is not np.ndarray:
+        return get_array_module(x).full(n, value, dtype=x.dtype)
+    key = (n, value, x.dtype)
+    v = _FILLED.get(key)
+    if v is None:
+        v = np.full(n, value, dtype=x.dtype)
+        if n > _FILLED_MAX_ELEMENTS // 8:
+            return v  # big inputs: the fill is cheap next to the passes; keep the cache small
+        if sum(a.size for a in _FILLED.values()) + n > _FILLED_MAX_ELEMENTS:
+            _FILLED.clear()
+        v.flags.writeable = False
+        _FILLED[key] = v
+    return v
+
+
+def channel_sum(x, scale: float = 1.0):
+    """Sum of (N, C, *sp) over every axis but 1, times ``scale``, as BLAS matrix-vector
+    products with a vector of ``scale``s: one over the (M, C) rows of a channels-last array,
+    or over the pixels of a channels-first one and then the batch. NumPy's
+    ``sum(axis=(0, 2, 3))`` walks such arrays with short strided inner loops, 5-20x slower;
+    other layouts fall back to it."""
     n, c = x.shape[:2]
+    if x.ndim == 2 and x.dtype.itemsize >= 4:
+        return _filled(n, scale, x) @ x
     axes = (0, *range(2, x.ndim))
     if x.dtype.itemsize < 4:  # no BLAS for half precision; accumulate in float32
-        return x.sum(axis=axes, dtype=xp.float32).astype(x.dtype)
-    if x.ndim == 2:
-        return xp.ones(n, dtype=x.dtype) @ x
+        out = x.sum(axis=axes, dtype=_xp(x).float32)
+        if scale != 1.0:
+            out *= scale
+        return out.astype(x.dtype)
     last = x.transpose((0, *range(2, x.ndim), 1))
     if last.flags.c_contiguous:
         rows = last.reshape(-1, c)
-        return xp.ones(rows.shape[0], dtype=x.dtype) @ rows
+        return _filled(rows.shape[0], scale, x) @ rows
     if x.flags.c_contiguous:
-        per_image = x.reshape(n, c, -1) @ xp.ones(x.size // (n * c), dtype=x.dtype)
-        return xp.ones(n, dtype=x.dtype) @ per_image
-    return x.sum(axis=axes)
+        per_image = x.reshape(n, c, -1) @ _filled(x.size // (n * c), scale, x)
+        return _filled(n, 1.0, x) @ per_image
+    out = x.sum(axis=axes)
+    if scale != 1.0:
+        out *= scale
+    return out
 
 
-def channel_dot(a, b):
-    """Per-channel sum of a * b over every axis but 1, without an a * b temporary (einsum
-    reads both once; small arrays and half precision: ``channel_sum(a * b)``)."""
-    xp = get_array_module(a)
+def channel_dot(a, b, scale: float = 1.0):
+    """Per-channel sum of a * b over every axis but 1, times ``scale``, without an a * b
+    temporary (einsum reads both once; small arrays and half precision:
+    ``channel_sum(a * b)``)."""
     if a.dtype.itemsize < 4 or a.size < 32768:  # einsum's ~5 us of parsing: small arrays
-        return channel_sum(a * b)
+        return channel_sum(a * b, scale)
     axes = "nc" + "hwdxyz"[:a.ndim - 2]
-    return xp.einsum(f"{axes},{axes}->c", a, b)
+    out = _xp(a).einsum(f"{axes},{axes}->c", a, b)
+    if scale != 1.0:
+        out *= scale
+    return out
 
 
 def per_channel(v, x):
@@ -65,23 +104,33 @@ class BatchNorm(Function):
     train grad: w * invstd / n * (n g - sum g - xhat sum(g xhat)), eval grad: w * invstd * g.
 
     Passes over x-sized data, float32 channels-first: training forward 4 (mean; x - mean;
-    var; scale) + 1 for a bias, backward 6; eval forward 2 (+ 1 for a bias), backward 1."""
+    var; scale) + 1 for a bias, backward 6; eval forward 2 (+ 1 for a bias), backward 1.
+    The per-channel vector math is a handful of in-place NumPy calls: on small inputs
+    (thousands of elements) those calls, not the passes, are the cost."""
 
     amp_policy = "fp32"  # autocast: see distprop/amp.py
 
-    def forward(self, x, weight=None, bias=None, *, mean=None, var=None, eps, stats_out=None):
+    def forward(self, x, weight=None, bias=None, *, mean=None, var=None, eps, stats_out=None,
+                running=None):
         """Batch statistics when ``mean``/``var`` are None (training; stored into ``stats_out``
-        when given), else those (the running statistics)."""
-        xp = get_array_module(x)
+        when given, and folded into ``running = (running_mean, running_var, momentum)`` in
+        place when given), else those (the running statistics)."""
+        xp = _xp(x)
         self.batch_stats = mean is None
         if self.batch_stats:
             count = x.size // x.shape[1]
-            mean = channel_sum(x) / count
+            mean = channel_sum(x, 1.0 / count)
             xc = xp.subtract(x, per_channel(mean, x))
-            var = channel_dot(xc, xc) / count
+            var = channel_dot(xc, xc, 1.0 / count)
             if stats_out is not None:
                 stats_out.extend((mean, var))
-        invstd = 1.0 / xp.sqrt(var.astype(x.dtype, copy=False) + eps)
+            if running is not None:
+                _update_running(*running, mean, var, count)
+            invstd = var + eps
+        else:
+            invstd = var.astype(x.dtype, copy=False) + eps
+        xp.sqrt(invstd, out=invstd)
+        xp.reciprocal(invstd, out=invstd)
         scale = invstd if weight is None else invstd * weight
         if self.batch_stats:
             self.xc = xc
@@ -92,12 +141,12 @@ class BatchNorm(Function):
         out = xp.multiply(xc, per_channel(scale, x), out=None if self.batch_stats else xc)
         if bias is not None:
             out += per_channel(bias, x)
-        self.invstd, self.weight = invstd, weight
+        self.invstd, self.scale, self.weight = invstd, scale, weight
         self.has_bias = bias is not None
         return out
 
     def backward(self, grad_out):
-        xp = get_array_module(grad_out)
+        xp = _xp(grad_out)
         invstd, weight = self.invstd, self.weight
         need_x = self.needs_input_grad[0]
         need_w = weight is not None and self.needs_input_grad[1]
@@ -113,19 +162,33 @@ class BatchNorm(Function):
         if need_b or (need_x and self.batch_stats):
             gb = channel_sum(grad_out)
         if need_w or (need_x and self.batch_stats):
-            gw = channel_dot(grad_out, xc) * invstd  # sum(g * xhat)
+            gw = channel_dot(grad_out, xc)
+            gw *= invstd  # sum(g * xhat)
         if need_x:
-            scale = invstd if weight is None else invstd * weight
+            scale = self.scale
             if self.batch_stats:
                 # gx = scale * (g - gb / n - xhat * gw / n), xhat = xc * invstd
-                n = grad_out.size // grad_out.shape[1]
-                gx = xp.multiply(xc, per_channel(invstd * gw / n, xc))
-                gx += per_channel(gb / n, xc)
+                inv_n = 1.0 / (grad_out.size // grad_out.shape[1])
+                k = invstd * gw
+                k *= inv_n
+                gx = xp.multiply(xc, per_channel(k, xc))
+                gx += per_channel(gb * inv_n, xc)
                 xp.subtract(grad_out, gx, out=gx)
                 gx *= per_channel(scale, xc)
             else:
                 gx = grad_out * per_channel(scale, grad_out)
         return gx, (gw if need_w else None), (gb if need_b else None)
+
+
+def _update_running(running_mean, running_var, momentum, mean, var, count):
+    """r = (1 - momentum) * r + momentum * stat in place, with the unbiased variance."""
+    m = float(momentum)
+    if running_mean is not None:
+        running_mean *= 1.0 - m
+        running_mean += (m * mean).astype(running_mean.dtype, copy=False)
+    if running_var is not None:
+        running_var *= 1.0 - m
+        running_var += (var * (m * count / (count - 1))).astype(running_var.dtype, copy=False)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -149,34 +212,32 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             raise ValueError(
                 f"batch_norm: {name} of shape {tuple(t.shape)} does not match the {c} channels "
                 f"of input of shape {input.shape}")
-    args = [input, weight, bias]
-    while args[-1] is None and len(args) > 1:
-        args.pop()
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: running_mean and running_var are needed when not "
                              "training")
-        return BatchNorm.apply(*args, mean=_data(running_mean), var=_data(running_var), eps=eps)
-    n = input.numel() // c
-    if n <= 1:
+    elif input.numel() // c <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{input.shape}")
-    stats: list = []
-    out = BatchNorm.apply(*args, eps=eps, stats_out=stats)
+    return checked_batch_norm(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps)
+
+
+def checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                       eps) -> Tensor:
+    """:func:`batch_norm` without its argument checks, for callers that made them (the
+    BatchNorm modules): on small inputs the checks cost as much as the arithmetic."""
+    args = [input, weight, bias]
+    while args[-1] is None and len(args) > 1:
+        args.pop()
+    if not training:
+        return BatchNorm.apply(*args, mean=_data(running_mean), var=_data(running_var), eps=eps)
+    running = None
     if running_mean is not None or running_var is not None:
-        mean, var = stats
-        with no_grad():
-            m = float(momentum)
-            if running_mean is not None:
-                rm = _data(running_mean)
-                rm *= 1.0 - m
-                rm += (m * mean).astype(rm.dtype, copy=False)
-            if running_var is not None:
-                rv = _data(running_var)
-                rv *= 1.0 - m
-                rv += (var * (m * n / (n - 1))).astype(rv.dtype, copy=False)
-    return out
+        running = (None if running_mean is None else _data(running_mean),
+                   None if running_var is None else _data(running_var), momentum)
+    return BatchNorm.apply(*args, eps=eps, running=running)
 
 
 def _data(t):
