@@ -230,8 +230,10 @@ class PointwiseConv(Function):
 
     No column matrix: a channels-last input is already the GEMM operand ``(M, C)`` (one GEMM,
     channels-last output, as :class:`ConvNd`); a channels-first one is multiplied image by image
-    as ``W (O, C) @ x[n] (C, P)`` (a batched GEMM, channels-first output). A stride only
-    subsamples the input (one strided copy) and its gradient (written into zeros).
+    as ``W (O, C) @ x[n] (C, P)`` (a batched GEMM, channels-first output). One input channel
+    counts as channels-first: its rank-1 product is a broadcast multiply with a channels-first
+    (PyTorch's) output. A stride only subsamples the input (one strided copy) and its gradient
+    (written into zeros).
     """
 
     amp_policy = "lower"  # autocast: see distprop/amp.py
@@ -243,22 +245,24 @@ class PointwiseConv(Function):
         out_sp = sub.shape[2:]
         p = _prod(out_sp)
         w2 = weight.reshape(o, c)
-        self.last = is_channels_last(sub) or c == 1
+        # One input channel: both layouts at once; the output is then made channels-first (as
+        # PyTorch's), so the ops after it and the output gradient run on contiguous memory.
+        self.last = is_channels_last(sub) and c > 1
         self.meta = (x.shape, x.dtype, stride, out_sp, x.strides, self.last)
         self.has_bias = bias is not None
         self.w2 = w2 if self.needs_input_grad[0] else None
         if self.last:
             a = move_channels_last(sub).reshape(n * p, c)  # a view unless strided
-            if c == 1 and type(a) is np.ndarray:
-                out = np.multiply(a, w2.T)  # rank 1: 3x faster than BLAS's K = 1 GEMM
-            else:
-                out = gemm(a, w2.T)
+            out = gemm(a, w2.T)
             if bias is not None:
                 out += bias
             self.a = a if self.needs_input_grad[1] else None
             return move_channels_first(out.reshape(n, *out_sp, o))
         a = sub.reshape(n, c, p)  # a view unless strided
-        out = gemm(w2, a)  # (n, o, p)
+        if c == 1 and type(a) is np.ndarray:
+            out = np.multiply(w2, a)  # rank 1: (o, 1) * (n, 1, p), 3x faster than a K = 1 GEMM
+        else:
+            out = gemm(w2, a)  # (n, o, p)
         if bias is not None:
             out += bias.reshape(o, 1)
         self.a = a if self.needs_input_grad[1] else None
@@ -284,7 +288,8 @@ class PointwiseConv(Function):
                 gw = gemm(g3, self.a.transpose(0, 2, 1)).sum(axis=0).reshape(
                     o, c, *(1,) * len(out_sp))
             if self.has_bias and self.needs_input_grad[2]:
-                gb = g3.sum(axis=(0, 2))
+                # GEMVs over the pixels, then over the images (2-4x g3.sum(axis=(0, 2)))
+                gb = gemm(xp.ones(n, dtype=g3.dtype), gemm(g3, xp.ones(p, dtype=g3.dtype)))
             if self.needs_input_grad[0]:
                 sub = gemm(self.w2.T, g3).reshape(n, c, *out_sp)
         if self.needs_input_grad[0]:

@@ -85,6 +85,9 @@ class _PoolGeometry:
 
         # avg pooling sums one dim at a time once that saves passes (3+ taps in a dim)
         self.separable = len(kernel) > 1 and max(kernel) >= 3
+        # max pooling too, but its two levels of masks only pay on larger outputs (measured:
+        # 3x3 windows, 31x31 outputs 1.2-1.6x faster, 6x6 outputs 1.2x slower)
+        self.max_separable = self.separable and math.prod(self.out_sp) >= 256
         self._scales = {}
 
         self._offsets = list(itertools.product(*(range(k) for k in kernel)))
@@ -114,12 +117,28 @@ class _PoolGeometry:
 
 
 class MaxPoolNd(Function):
-    """out = max over each window; grad goes to the first maximal element of its window."""
+    """out = max over each window; grad goes to the first maximal element of its window.
+
+    Windows of 3 or more per dim (on outputs of 256+ positions) are reduced one dim at a time,
+    last dim first: the row maxima, then the max of those. Backward routes each gradient to the
+    first row holding the window's maximum, then to that row's first maximum -- the window's
+    first maximum in row-major order, as PyTorch's -- with ``sum(kernel)`` masked passes
+    instead of ``prod(kernel)``. (A window whose maximum is NaN sends its gradient into its last
+    row, there to the first maximum or, if that row holds a NaN too, to its last position; the
+    one-pass path sends it to the window's last position, PyTorch to its last NaN.)
+    """
 
     def forward(self, x, *, geometry):
         xp = get_array_module(x)
         geo = self.geo = geometry
         xpad = _pad_to(xp, x, geo.padding, geo.padded_sp, -math.inf)
+        if geo.max_separable:
+            # levels[d]: the maxima over the windows of dims d.. (levels[0] is xpad itself)
+            levels = [xpad]
+            for dim in reversed(range(len(geo.kernel))):
+                levels.append(_max_along(xp, levels[-1], dim, geo))
+            self.levels, self.out = levels, levels[-1]
+            return self.out
         out = None
         for offs in geo.offsets():
             s = xpad[geo.window(offs)]
@@ -134,6 +153,12 @@ class MaxPoolNd(Function):
         xp = get_array_module(grad_out)
         geo = self.geo
         grad_out = same_layout(grad_out, self.out)  # the masks below are in out's layout
+        if geo.max_separable:
+            g, levels = grad_out, self.levels
+            for dim in range(len(geo.kernel)):  # undo the reductions, last one first
+                level = len(levels) - 2 - dim
+                g = _route_first_max(xp, levels[level], levels[level + 1], g, dim, geo)
+            return _crop(g, geo.padding, geo.x_shape[2:])
         gpad = _alloc_like(xp, self.xpad, self.xpad.shape, grad_out.dtype,
                            fill=None if geo.exact_cover else 0)
         offsets = geo.offsets()
@@ -244,6 +269,41 @@ def _sum_along(a, dim, geo):
     out = a[_dim_window(dim, 0, geo, a.ndim)].copy(order="K")
     for i in range(1, k):
         out += a[_dim_window(dim, i, geo, a.ndim)]
+    return out
+
+
+def _max_along(xp, a, dim, geo):
+    """Window maxima of ``a`` along spatial ``dim`` (the other dims untouched)."""
+    out = a[_dim_window(dim, 0, geo, a.ndim)].copy(order="K")
+    for i in range(1, geo.kernel[dim]):
+        xp.maximum(out, a[_dim_window(dim, i, geo, a.ndim)], out=out)
+    return out
+
+
+def _route_first_max(xp, vals, maxima, g, dim, geo):
+    """Transpose of :func:`_max_along`: each window's gradient ``g`` goes to the first position
+    along ``dim`` where ``vals`` equals the window's maximum (the last one if none does)."""
+    k, s, d = geo.kernel[dim], geo.stride[dim], geo.dilation[dim]
+    overlap = s < d * (k - 1) + 1
+    exact = d == 1 and s == k and geo.out_sp[dim] * s == vals.shape[2 + dim]
+    out = _alloc_like(xp, vals, vals.shape, g.dtype, fill=None if exact else 0)
+    taken = None  # windows whose first maximum an earlier offset already held
+    for i in range(k):
+        window = _dim_window(dim, i, geo, vals.ndim)
+        if i < k - 1:
+            hit = vals[window] == maxima
+            first = hit if taken is None else xp.greater(hit, taken)  # hit and not taken
+        else:
+            first = None if taken is None else xp.logical_not(taken, out=taken)
+        dst = out[window]
+        if overlap:
+            dst += g if first is None else g * first
+        elif first is None:
+            dst[...] = g
+        else:
+            xp.multiply(g, first, out=dst)
+        if i < k - 1:
+            taken = hit if taken is None else xp.logical_or(taken, hit, out=taken)
     return out
 
 
