@@ -30,7 +30,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from distprop import backend
-from distprop.tensor import Function
+from distprop.tensor import Function, _grad_mode
 
 _FAST = (np.dtype(np.float32), np.dtype(np.float64))
 # A row is recomputed with its own maximum when its sum of exp(score - matrix max) is below
@@ -135,6 +135,13 @@ class HeadsAttention(Function):
         np.copyto(vh, vv)
         kt = kv.swapaxes(-1, -2)  # a transposed copy would cost more than it saves
         expo = np.matmul(qh, kt)
+        # Small heads: v^T with a row of ones under it for the backward (see there), copied
+        # now while vh is in cache (from memory in the backward it costs ~3x more).
+        vt = None
+        if dv <= _FOLD_MAX_HEAD and _grad_mode.enabled and any(self.needs_input_grad[:3]):
+            vt = np.empty((n, heads, dv + 1, src), dtype)
+            np.copyto(vt[..., :dv, :], vh.swapaxes(-1, -2))
+            vt[..., dv, :] = 1
 
         def recompute(index):
             return np.matmul(qh[index][:, None, :], kt[index[:2]])[:, 0]
@@ -153,7 +160,7 @@ class HeadsAttention(Function):
         out_h = heads_view(out, heads, time_major)
         np.matmul(weights, vh, out=out_h)
         out_h *= inv
-        self.saved = (qh, kv, vh, expo, weights, inv, drop, scale, out_h)
+        self.saved = (qh, kv, vh, vt, expo, weights, inv, drop, scale, out_h)
         self.out = out
         self.layout = (heads, time_major, packed, q.shape,
                        None if packed else (k.shape, v.shape))
@@ -162,11 +169,11 @@ class HeadsAttention(Function):
         return out
 
     def backward(self, grad_out, grad_weights=None):
-        qh, kv, vh, expo, weights, inv, drop, scale, out_h = self.saved
+        qh, kv, vh, vt, expo, weights, inv, drop, scale, out_h = self.saved
         heads, time_major, packed, q_shape, kv_shapes = self.layout
         dtype = grad_out.dtype
-        n, _, length, d = qh.shape
-        src, dv = kv.shape[2], vh.shape[3]
+        n, _, length, _ = qh.shape
+        dv = vh.shape[3]
         needs = (True, True, True) if packed else self.needs_input_grad[:3]
         if packed:
             grad_qkv = np.empty(q_shape, dtype)
@@ -187,7 +194,7 @@ class HeadsAttention(Function):
         # holds -r and a row of ones under a transposed copy of v makes the GEMM subtract it
         # (ds = g' [v^T; 1] = dp' - r, a pass over (L, S) saved); large heads use v^T as a
         # view (a transposed copy of v costs more than the GEMM gains) and subtract r.
-        fold = plain and dv <= _FOLD_MAX_HEAD
+        fold = plain and vt is not None
         width = dv + 1 if fold else dv
         g = np.empty((n, heads, length, width), dtype)
         np.multiply(g_h, inv, out=g[..., :dv])
@@ -198,13 +205,10 @@ class HeadsAttention(Function):
                 row = _head_rowdot(grad_out, self.out, g_h, out_h, heads, time_major)
                 row *= inv
             if fold:
-                vt = np.empty((n, heads, width, src), dtype)
-                np.copyto(vt[..., :dv, :], vh.swapaxes(-1, -2))
-                vt[..., dv, :] = 1
                 np.negative(row, out=g[..., dv:])
                 ds = np.matmul(g, vt)
-            else:
-                ds = np.matmul(g, vh.swapaxes(-1, -2))  # d loss / d weights, over the row sums
+            else:  # d loss / d weights, over the row sums
+                ds = np.matmul(g, vh.swapaxes(-1, -2) if vt is None else vt[..., :dv, :])
                 if not plain:
                     if grad_weights is not None:
                         ds += grad_weights * inv
@@ -215,9 +219,9 @@ class HeadsAttention(Function):
                     row *= inv
                 ds -= row
             ds *= expo
-            if needs[0]:
-                kh = np.multiply(kv, dtype.type(scale), out=np.empty((n, heads, src, d), dtype))
-                np.matmul(ds, kh, out=dest_h[0])
+            if needs[0]:  # k straight from the projection (a copy reads it twice)
+                np.matmul(ds, kv, out=dest_h[0])
+                dest_h[0] *= dtype.type(scale)
             if needs[1]:
                 np.matmul(ds.swapaxes(-1, -2), qh, out=dest_h[1])  # qh carries the scale
         return grads
