@@ -390,3 +390,29 @@ def test_layer_norm_rows_gradcheck(weight, bias):
         return dp.nn.functional.layer_norm(x, 5, w, b)
 
     gradcheck(fn, *args)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_layer_norm_with_residual_gradcheck(strided):
+    """LayerNorm of x + residual in one op (the post-norm block): rows path and, for a strided
+    x, the generic path; both inputs get the gradient."""
+    def fn(x, r, w, b):
+        if strided:
+            x = x.permute(1, 0, 2)
+        return LayerNormFn.apply(x, w, b, r, ndim=1, eps=1e-5)
+
+    x = rng.standard_normal((2, 3, 5) if strided else (3, 2, 5))
+    gradcheck(fn, x, rng.standard_normal((3, 2, 5)), 1 + rng.standard_normal(5),
+              rng.standard_normal(5))
+
+
+def test_post_norm_layer_fuses_the_residual_add_unless_hooked():
+    layer = dp.nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, dtype="float64")
+    x = dp.tensor(rng.standard_normal((L, N, 8)), requires_grad=True)
+    out = layer(x)
+    assert isinstance(out._ctx, LayerNormFn) and out._ctx.has_residual
+    seen = []
+    layer.norm2.register_forward_hook(lambda m, args, o: seen.append(args[0].shape))
+    hooked = layer(x)
+    assert seen == [(L, N, 8)] and not hooked._ctx.has_residual
+    np.testing.assert_allclose(hooked.numpy(), out.numpy(), rtol=1e-12, atol=1e-12)

@@ -213,9 +213,17 @@ class LayerNorm(Function):
 
     amp_policy = "fp32"  # autocast: see distprop/amp.py
 
-    def forward(self, x, weight=None, bias=None, *, ndim, eps):
+    def forward(self, x, weight=None, bias=None, residual=None, *, ndim, eps):
+        """Normalise ``x``, or ``x + residual`` (same shape: the post-norm residual block; both
+        inputs get the same gradient) without a separate sum array."""
         self.weight, self.has_bias = weight, bias is not None
+        self.has_residual = residual is not None
         rows = _ln_rows(x, ndim)
+        if residual is not None:
+            if rows is None or _ln_rows(residual, ndim) is None or residual.dtype != x.dtype:
+                x, rows = x + residual, None
+            else:
+                rows = np.add(rows, residual.reshape(rows.shape))  # ours: normalised in place
         self.rows = rows is not None
         if rows is None:
             return self._forward_axes(x, weight, bias, ndim, eps)
@@ -223,7 +231,7 @@ class LayerNorm(Function):
         one = x.dtype.type
         mean = rows @ np.ones(feat, dtype=x.dtype)
         mean *= one(1.0 / feat)
-        xhat = np.subtract(rows, mean[:, None])
+        xhat = np.subtract(rows, mean[:, None], out=rows if residual is not None else None)
         var = np.einsum("ij,ij->i", xhat, xhat)
         var *= one(1.0 / feat)
         var += one(eps)
@@ -242,8 +250,12 @@ class LayerNorm(Function):
         return out.reshape(x.shape)
 
     def backward(self, grad_out):
-        if not self.rows:
-            return self._backward_axes(grad_out)
+        grads = self._backward_rows(grad_out) if self.rows else self._backward_axes(grad_out)
+        if self.has_residual:
+            return (*grads, grads[0] if self.needs_input_grad[3] else None)
+        return grads
+
+    def _backward_rows(self, grad_out):
         xhat, invstd, weight = self.xhat, self.invstd, self.weight
         feat = xhat.shape[1]
         g = grad_out.reshape(xhat.shape)  # a copy only when grad_out is not contiguous
@@ -252,7 +264,7 @@ class LayerNorm(Function):
             gw = np.einsum("ij,ij->j", g, xhat).reshape(self.norm_shape)
         if self.has_bias and self.needs_input_grad[2]:
             gb = (np.ones(g.shape[0], dtype=g.dtype) @ g).reshape(self.norm_shape)
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] or (self.has_residual and self.needs_input_grad[3]):
             one = g.dtype.type
             # gx = invstd * gh - (invstd * mean(gh xhat)) * xhat - invstd * mean(gh)
             if weight is not None:
@@ -300,7 +312,7 @@ class LayerNorm(Function):
             gw = (grad_out * xhat).sum(axis=lead)
         if self.has_bias and self.needs_input_grad[2]:
             gb = grad_out.sum(axis=lead)
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] or (self.has_residual and self.needs_input_grad[3]):
             gh = grad_out * weight if weight is not None else grad_out
             proj = (gh * xhat).mean(axis=axes, keepdims=True)
             gx = xhat * proj
