@@ -259,6 +259,13 @@ def test_core_gradcheck(name, packed, time_major, rows, kwargs, scale):
               *_core_arrays(packed, time_major, rows, scale), rtol=1e-5, atol=1e-6)
 
 
+def test_core_gradcheck_strided_output_gradient():
+    """A non-contiguous gradient of the output (here from a permute after the core)."""
+    core = _core_fn(True, False, (4, 4), {"bias": rng.standard_normal((4, 4))})
+    gradcheck(lambda qkv: core(qkv).permute(2, 0, 1),
+              *_core_arrays(True, False, (4, 4), 1.0), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("need_weights,dropout_p", [(True, 0.0), (False, 0.3), (True, 0.3)])
 def test_core_gradcheck_weights_and_dropout(need_weights, dropout_p):
     fn = _core_fn(True, False, (4, 4), {"bias": rng.standard_normal((4, 4))}, need_weights,
