@@ -76,7 +76,7 @@ def softmax_exp(scores, bias, recompute):
     if shift.min() < low or shift.max() > high:  # else exp(scores) is as exact: a pass saved
         scores -= shift
     np.exp(scores, out=scores)
-    total = scores.reshape(-1, src) @ np.ones(src, dtype=scores.dtype)
+    total = np.einsum("ij->i", scores.reshape(-1, src))  # no BLAS: no thread handoff
     total = total.reshape(*lead, length, 1)
     weak = total < src * math.exp(-_MARGIN[scores.dtype])
     if weak.any():
