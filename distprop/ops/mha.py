@@ -9,12 +9,12 @@ packed ``(..., 3E)`` gradient in one buffer (the in-projection's GEMM takes it a
 The softmax avoids NumPy's per-row reductions (one inner loop per short row: a row max over
 128 columns costs as much as the exponentials): the exponentials take one shift per ``(L, S)``
 score matrix, its maximum (one fast whole-matrix reduction), and none at all when every
-matrix's maximum is moderate (exp cannot overflow: a pass saved); row sums are matrix-vector
-products, and the normalisation ``1 / rowsum`` is applied to the ``(L, Ev)`` output rows
-instead of the ``(L, S)`` weights (and to the output's gradient in the backward). A row whose
-sum comes out tiny against that shift (its largest score lies far below it, so its weights
-would lose precision or underflow to 0) is recomputed with its own row maximum, which also
-yields the zero output and zero gradient of a FULLY MASKED row (as
+matrix's maximum is moderate (exp cannot overflow: a pass saved); row sums are one einsum
+(no per-row loop, no BLAS call), and the normalisation ``1 / rowsum`` is applied to the
+``(L, Ev)`` output rows instead of the ``(L, S)`` weights (and to the output's gradient in the
+backward). A row whose sum comes out tiny against that shift (its largest score lies far
+below it, so its weights would lose precision or underflow to 0) is recomputed with its own
+row maximum, which also yields the zero output and zero gradient of a FULLY MASKED row (as
 :mod:`distprop.ops.attention`).
 
 GEMM operands: scaled queries and values are contiguous ``(N, H, L, d)`` / ``(N, H, S, dv)``
