@@ -178,7 +178,9 @@ class HeadsAttention(Function):
         out_h = heads_view(out, heads, time_major)
         np.matmul(weights, vh, out=out_h)
         _scale_rows(out, inv, heads, time_major, out)
-        self.saved = (qh, kv, vh, vt, expo, weights, inv, drop, scale, out_h)
+        # with v^T saved, v itself is not needed again
+        self.saved = (qh, kv, vh if vt is None else None, vt, expo, weights, inv, drop, scale,
+                      out_h)
         self.out = out
         self.layout = (heads, time_major, packed, q.shape,
                        None if packed else (k.shape, v.shape))
@@ -191,7 +193,7 @@ class HeadsAttention(Function):
         heads, time_major, packed, q_shape, kv_shapes = self.layout
         dtype = grad_out.dtype
         n, _, length, _ = qh.shape
-        dv = vh.shape[3]
+        dv = out_h.shape[3]
         needs = (True, True, True) if packed else self.needs_input_grad[:3]
         if packed:
             grad_qkv = np.empty(q_shape, dtype)
