@@ -15,6 +15,7 @@ from distprop.ops.attention import (
     causal_mask,
 )
 from distprop.ops.linalg import Linear as LinearFn
+from distprop.ops.mha import HeadsAttention, fast_path_ok
 from distprop.tensor import Tensor
 
 
@@ -155,10 +156,8 @@ class MultiheadAttention(Module):
     # --- forward ----------------------------------------------------------------------------
 
     def _projections(self, query, key, value):
-        """q, k, v in-projections; self-attention uses one GEMM for all three."""
+        """Separate q, k, v in-projections (self-attention packs them: see forward)."""
         b = self.in_proj_bias
-        if self._qkv_same_embed_dim and query is key and key is value:
-            return Chunk.apply(_project(query, self.in_proj_weight, b), 3, dim=-1)
         bq, bk, bv = (None, None, None) if b is None else Chunk.apply(b, 3, dim=0)
         if self._qkv_same_embed_dim:
             wq, wk, wv = Chunk.apply(self.in_proj_weight, 3, dim=0)
@@ -185,24 +184,30 @@ class MultiheadAttention(Module):
         """
         batched = self._check_inputs(query, key, value)
         time_major = not (self.batch_first and batched)
-        q, k, v = self._projections(query, key, value)
-        if not batched:
-            q, k, v = (t.unsqueeze(1) for t in (q, k, v))
-        if time_major:  # (L, N, E) -> (N, L, E) views
-            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        batch, target, source = q.shape[0], q.shape[1], k.shape[1]
-        heads, hd = self.num_heads, self.head_dim
-        q, k, v = (permute(reshape(t, (batch, t.shape[1], heads, hd)), (0, 2, 1, 3))
-                   for t in (q, k, v))
-        bias = self._mask_bias(attn_mask, key_padding_mask, is_causal, batch, target, source,
-                               q.dtype, q.device)
         dropout_p = self.dropout if self.training else 0.0
-        result = ScaledDotProductAttention.apply(q, k, v, bias=bias, dropout_p=dropout_p,
-                                                 need_weights=need_weights)
-        out, weights = result if need_weights else (result, None)
-        order = (2, 0, 1, 3) if time_major else (0, 2, 1, 3)
-        out = permute(out, order)
-        out = reshape(out, out.shape[:2] + (self.embed_dim,))
+        packed = self._qkv_same_embed_dim and query is key and key is value
+        if packed:
+            qkv = _project(query, self.in_proj_weight, self.in_proj_bias)
+            q = k = v = qkv
+        else:
+            q, k, v = self._projections(query, key, value)
+        if not batched:
+            q, k, v = (q.unsqueeze(1),) * 3 if packed else (t.unsqueeze(1) for t in (q, k, v))
+        b = 1 if time_major else 0
+        batch, target, source = q.shape[b], q.shape[1 - b], k.shape[1 - b]
+        if not amp.is_autocast_enabled() and fast_path_ok(q.data, k.data, v.data):
+            bias = self._mask_bias(attn_mask, key_padding_mask, is_causal, batch, target,
+                                   source, q.dtype, q.device)
+            inputs = (q,) if packed else (q, k, v)
+            result = HeadsAttention.apply(*inputs, heads=self.num_heads, time_major=time_major,
+                                          packed=packed, bias=bias, dropout_p=dropout_p,
+                                          need_weights=need_weights)
+            out, weights = result if need_weights else (result, None)
+        else:
+            if packed:
+                q, k, v = Chunk.apply(q, 3, dim=-1)
+            out, weights = self._heads_composed(q, k, v, time_major, attn_mask, key_padding_mask,
+                                                is_causal, dropout_p, need_weights)
         out = self.out_proj(out)
         if not batched:
             out = out.squeeze(1)
@@ -212,6 +217,25 @@ class MultiheadAttention(Module):
             if not batched:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def _heads_composed(self, q, k, v, time_major, attn_mask, key_padding_mask, is_causal,
+                        dropout_p, need_weights):
+        """Heads split/merged by reshape and permute around the generic attention op (CuPy,
+        float16 under autocast)."""
+        if time_major:  # (L, N, E) -> (N, L, E) views
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        batch, target, source = q.shape[0], q.shape[1], k.shape[1]
+        heads, hd = self.num_heads, self.head_dim
+        q, k, v = (permute(reshape(t, (batch, t.shape[1], heads, hd)), (0, 2, 1, 3))
+                   for t in (q, k, v))
+        bias = self._mask_bias(attn_mask, key_padding_mask, is_causal, batch, target, source,
+                               q.dtype, q.device)
+        result = ScaledDotProductAttention.apply(q, k, v, bias=bias, dropout_p=dropout_p,
+                                                 need_weights=need_weights)
+        out, weights = result if need_weights else (result, None)
+        order = (2, 0, 1, 3) if time_major else (0, 2, 1, 3)
+        out = permute(out, order)
+        return reshape(out, out.shape[:2] + (self.embed_dim,)), weights
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "

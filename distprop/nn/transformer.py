@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+from distprop import amp
 from distprop import functional as F
 from distprop.nn.activation import Dropout
 from distprop.nn.attention import MultiheadAttention
@@ -12,9 +13,21 @@ from distprop.nn.container import ModuleList
 from distprop.nn.linear import Linear
 from distprop.nn.module import Module
 from distprop.nn.normalization import LayerNorm
+from distprop.ops.norm import LayerNorm as LayerNormFn
 from distprop.tensor import Tensor
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def _add_norm(norm: Module, x: Tensor, y: Tensor) -> Tensor:
+    """``norm(x + y)``; a plain LayerNorm (no hooks) normalises the sum in one op, without
+    a separate sum Tensor (same values and gradients)."""
+    if (type(norm) is not LayerNorm or norm._forward_pre_hooks or norm._forward_hooks
+            or x.shape != y.shape or x.dtype != y.dtype or amp.is_autocast_enabled()
+            or (norm.weight is not None and norm.weight.dtype != x.dtype)):
+        return norm(x + y)
+    return LayerNormFn.apply(x, norm.weight, norm.bias, y, ndim=len(norm.normalized_shape),
+                             eps=norm.eps)
 
 
 class TransformerEncoderLayer(Module):
@@ -76,8 +89,9 @@ class TransformerEncoderLayer(Module):
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
             x = x + self._ff_block(self.norm2(x))
         else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
-            x = self.norm2(x + self._ff_block(x))
+            x = _add_norm(self.norm1, x,
+                          self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+            x = _add_norm(self.norm2, x, self._ff_block(x))
         return x
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal):
