@@ -66,24 +66,24 @@ def backward(
                 )
         roots.append((t, g))
 
-    # Topological order of graph nodes (Functions), found iteratively.
+    # Topological order of graph nodes (Functions), found iteratively (depth first; a node is
+    # appended once all the nodes it feeds into, reachable from the roots, were expanded).
     order: list[Function] = []
-    visited: set[int] = set()
-    leaf_edges: dict[int, int] = {}
-    leaves: dict[int, Tensor] = {}
-    stack: list[tuple[Function, bool]] = []
+    visited: set[Function] = set()
+    leaf_edges: dict[Tensor, int] = {}  # Tensor hashes by identity
+    stack: list = []
+    push = stack.append
     for t, _ in roots:
         if t._ctx is None:
-            leaves[id(t)] = t
-            leaf_edges[id(t)] = leaf_edges.get(id(t), 0) + 1
+            leaf_edges[t] = leaf_edges.get(t, 0) + 1
         else:
-            stack.append((t._ctx, False))
+            push(t._ctx)
     while stack:
-        fn, expanded = stack.pop()
-        if expanded:
-            order.append(fn)
+        fn = stack.pop()
+        if type(fn) is _Expanded:
+            order.append(fn.fn)
             continue
-        if id(fn) in visited:
+        if fn in visited:
             continue
         if fn._freed:
             raise RuntimeError(
@@ -92,35 +92,43 @@ def backward(
                 "graph are freed when you call .backward(). Specify retain_graph=True if you "
                 "need to backward through the graph a second time."
             )
-        visited.add(id(fn))
-        stack.append((fn, True))
+        visited.add(fn)
+        push(_Expanded(fn))
         for inp, needs in zip(fn.inputs, fn.needs_input_grad):
-            if inp is None or not needs:
+            if not needs or inp is None:
                 continue
-            if inp._ctx is None:
-                leaves[id(inp)] = inp
-                leaf_edges[id(inp)] = leaf_edges.get(id(inp), 0) + 1
-            elif id(inp._ctx) not in visited:
-                stack.append((inp._ctx, False))
+            ctx = inp._ctx
+            if ctx is None:
+                leaf_edges[inp] = leaf_edges.get(inp, 0) + 1
+            elif ctx not in visited:
+                push(ctx)
 
-    pending: dict[int, list] = {}
-    retained: list[tuple[Tensor, object]] = []
+    pending: dict[Function, list] = {}
+    retained: list[Tensor] = []
+    Tensor = _tensor.Tensor
 
     def deliver(tensor: Tensor, grad) -> None:
-        if tensor._ctx is None:
+        ctx = tensor._ctx
+        if ctx is None:
             tensor._accumulate(grad)
-            leaf_edges[id(tensor)] -= 1
-            if leaf_edges[id(tensor)] == 0 and tensor._post_accumulate_hooks:
+            left = leaf_edges[tensor] - 1
+            leaf_edges[tensor] = left
+            if left == 0 and tensor._post_accumulate_hooks:
                 for hook in list(tensor._post_accumulate_hooks):
                     hook(tensor)
             return
-        slots = pending.setdefault(id(tensor._ctx), [None] * len(tensor._ctx.outputs_meta))
+        meta = ctx.outputs_meta
+        slots = pending.get(ctx)
+        if slots is None:
+            slots = pending[ctx] = [None] * len(meta)
         i = tensor._output_index
-        if grad.dtype != tensor._ctx.outputs_meta[i][1]:  # mixed dtypes (autocast): as PyTorch,
-            grad = grad.astype(tensor._ctx.outputs_meta[i][1])  # a grad has its tensor's dtype
-        slots[i] = grad if slots[i] is None else slots[i] + grad
+        dtype = meta[i][1]
+        if grad.dtype != dtype:  # mixed dtypes (autocast): as PyTorch,
+            grad = grad.astype(dtype)  # a grad has its tensor's dtype
+        prev = slots[i]
+        slots[i] = grad if prev is None else prev + grad
         if tensor._retains_grad:
-            retained.append((tensor, None))
+            retained.append(tensor)
 
     outer_callbacks = _backward_callbacks
     _backward_callbacks = []
@@ -128,33 +136,41 @@ def backward(
         for t, g in roots:
             deliver(t, g)
         for fn in reversed(order):
-            slots = pending.pop(id(fn), None)
+            slots = pending.pop(fn, None)
             if slots is None:
                 continue
-            xp = None
-            grads_out = []
-            for slot, (shape, dtype) in zip(slots, fn.outputs_meta):
-                if slot is None:
-                    if xp is None:
-                        xp = _array_module_of_fn(fn, slots)
-                    slot = xp.zeros(shape, dtype=dtype)
-                grads_out.append(slot)
+            if len(slots) == 1 and slots[0] is not None:
+                grads_out = slots
+            else:
+                xp = None
+                grads_out = []
+                for slot, (shape, dtype) in zip(slots, fn.outputs_meta):
+                    if slot is None:
+                        if xp is None:
+                            xp = _array_module_of_fn(fn, slots)
+                        slot = xp.zeros(shape, dtype=dtype)
+                    grads_out.append(slot)
             # Hand retained non-leaf grads their final value before the node consumes them.
             if retained:
-                for tensor, _ in retained:
+                for tensor in retained:
                     if tensor._ctx is fn:
-                        tensor.grad = _tensor.Tensor._wrap(grads_out[tensor._output_index])
+                        tensor.grad = Tensor._wrap(grads_out[tensor._output_index])
             grads_in = fn.backward(*grads_out)
             if not isinstance(grads_in, tuple):
                 grads_in = (grads_in,)
-            if len(grads_in) < len(fn.inputs):
-                grads_in = grads_in + (None,) * (len(fn.inputs) - len(grads_in))
             for inp, needs, g in zip(fn.inputs, fn.needs_input_grad, grads_in):
-                if inp is None or not needs:
+                if not needs or inp is None:
                     continue
                 if g is None:
                     g = backend.get_array_module(inp.data).zeros_like(inp.data)
                 deliver(inp, g)
+            if len(grads_in) < len(fn.inputs):  # inputs past the end got None
+                for inp, needs in zip(
+                    fn.inputs[len(grads_in) :], fn.needs_input_grad[len(grads_in) :]
+                ):
+                    if not needs or inp is None:
+                        continue
+                    deliver(inp, backend.get_array_module(inp.data).zeros_like(inp.data))
             if not retain_graph:
                 fn.release()
         callbacks = _backward_callbacks
@@ -162,6 +178,15 @@ def backward(
         _backward_callbacks = outer_callbacks
     for callback in callbacks:
         callback()
+
+
+class _Expanded:
+    """A marker on the walk's stack: every input of ``fn`` was pushed; ``fn`` goes in order."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Function) -> None:
+        self.fn = fn
 
 
 def _array_module_of_fn(fn: Function, slots) -> object:
