@@ -58,8 +58,8 @@ def backward(
             g = backend.get_array_module(t.data).ones_like(t.data)
         else:
             g = g.data if isinstance(g, _tensor.Tensor) else g
-            xp = backend.get_array_module(t.data)
-            g = xp.asarray(g, dtype=t.dtype)
+            if type(g) is not np.ndarray or type(t.data) is not np.ndarray or g.dtype != t.dtype:
+                g = backend.get_array_module(t.data).asarray(g, dtype=t.data.dtype)
             if g.shape != t.data.shape:
                 raise RuntimeError(
                     f"gradient has shape {tuple(g.shape)} but the tensor has shape {t.shape}"
@@ -80,8 +80,8 @@ def backward(
             push(t._ctx)
     while stack:
         fn = stack.pop()
-        if type(fn) is _Expanded:
-            order.append(fn.fn)
+        if type(fn) is tuple:  # (fn,): its inputs were all expanded
+            order.append(fn[0])
             continue
         if fn in visited:
             continue
@@ -93,7 +93,7 @@ def backward(
                 "need to backward through the graph a second time."
             )
         visited.add(fn)
-        push(_Expanded(fn))
+        push((fn,))
         for inp, needs in zip(fn.inputs, fn.needs_input_grad):
             if not needs or inp is None:
                 continue
@@ -135,8 +135,9 @@ def backward(
     try:
         for t, g in roots:
             deliver(t, g)
+        pending_pop = pending.pop
         for fn in reversed(order):
-            slots = pending.pop(fn, None)
+            slots = pending_pop(fn, None)
             if slots is None:
                 continue
             if len(slots) == 1 and slots[0] is not None:
@@ -158,13 +159,14 @@ def backward(
             grads_in = fn.backward(*grads_out)
             if not isinstance(grads_in, tuple):
                 grads_in = (grads_in,)
-            for inp, needs, g in zip(fn.inputs, fn.needs_input_grad, grads_in):
+            inputs = fn.inputs
+            for inp, needs, g in zip(inputs, fn.needs_input_grad, grads_in):
                 if not needs or inp is None:
                     continue
                 if g is None:
                     g = backend.get_array_module(inp.data).zeros_like(inp.data)
                 deliver(inp, g)
-            if len(grads_in) < len(fn.inputs):  # inputs past the end got None
+            if len(grads_in) < len(inputs):  # inputs past the end got None
                 for inp, needs in zip(
                     fn.inputs[len(grads_in) :], fn.needs_input_grad[len(grads_in) :]
                 ):
@@ -178,15 +180,6 @@ def backward(
         _backward_callbacks = outer_callbacks
     for callback in callbacks:
         callback()
-
-
-class _Expanded:
-    """A marker on the walk's stack: every input of ``fn`` was pushed; ``fn`` goes in order."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Function) -> None:
-        self.fn = fn
 
 
 def _array_module_of_fn(fn: Function, slots) -> object:
