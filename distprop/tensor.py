@@ -49,14 +49,29 @@ def is_grad_enabled() -> bool:
     return _grad_mode.enabled
 
 
-@contextlib.contextmanager
-def _set_grad_enabled(mode: bool):
-    previous = _grad_mode.enabled
-    _grad_mode.enabled = mode
-    try:
-        yield
-    finally:
-        _grad_mode.enabled = previous
+class _set_grad_enabled(contextlib.ContextDecorator):
+    """Context manager (and decorator) setting grad mode; restores the previous one on exit.
+
+    A class rather than a generator context manager: ``no_grad()`` runs in hot loops (e.g.
+    batch norm's running statistics), and this costs a fraction of contextlib's generator.
+    """
+
+    __slots__ = ("mode", "previous")
+
+    def __init__(self, mode: bool) -> None:
+        self.mode = mode
+        self.previous = None
+
+    def __enter__(self) -> None:
+        self.previous = _grad_mode.enabled
+        _grad_mode.enabled = self.mode
+
+    def __exit__(self, *exc) -> bool:
+        _grad_mode.enabled = self.previous
+        return False
+
+    def _recreate_cm(self):  # a decorated function gets a fresh one per call (re-entrant)
+        return _set_grad_enabled(self.mode)
 
 
 def no_grad():
