@@ -16,6 +16,7 @@ import numpy as np
 
 import distprop as dp
 from distprop import nn
+from distprop.tensor import Function
 
 
 def _mlp():
@@ -57,7 +58,40 @@ def _nograd():
     return step
 
 
-CASES = {"mlp": _mlp, "bn": _bn, "ops": _ops, "nograd_ops": _nograd}
+class _Id(Function):
+    """The cheapest possible node: the framework's cost alone."""
+
+    def forward(self, a):
+        return a
+
+    def backward(self, g):
+        return g
+
+
+def _id_chain(depth, backward):
+    a = dp.tensor(np.ones((1,), np.float32), requires_grad=True)
+    g1 = np.ones((1,), np.float32)
+
+    def step():
+        y = a
+        for _ in range(depth):
+            y = _Id.apply(y)
+        if backward:
+            y.backward(g1)
+            a.grad = None
+
+    return step
+
+
+CASES = {
+    "mlp": _mlp,
+    "bn": _bn,
+    "ops": _ops,
+    "nograd_ops": _nograd,
+    "apply_1": lambda: _id_chain(1, False),
+    "node_1_fwd_bwd": lambda: _id_chain(1, True),
+    "chain_3_fwd_bwd": lambda: _id_chain(3, True),
+}
 
 
 def main() -> None:
