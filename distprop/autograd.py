@@ -69,13 +69,14 @@ def backward(
     # Topological order of graph nodes (Functions), found iteratively (depth first; a node is
     # appended once all the nodes it feeds into, reachable from the roots, were expanded).
     order: list[Function] = []
-    visited: set[Function] = set()
-    leaf_edges: dict[Tensor, int] = {}  # Tensor hashes by identity
+    # Keyed by id(): a Tensor's == is elementwise, and a Function subclass may define __eq__.
+    visited: set[int] = set()
+    leaf_edges: dict[int, int] = {}
     stack: list = []
     push = stack.append
     for t, _ in roots:
         if t._ctx is None:
-            leaf_edges[t] = leaf_edges.get(t, 0) + 1
+            leaf_edges[id(t)] = leaf_edges.get(id(t), 0) + 1
         else:
             push(t._ctx)
     while stack:
@@ -83,7 +84,7 @@ def backward(
         if type(fn) is tuple:  # (fn,): its inputs were all expanded
             order.append(fn[0])
             continue
-        if fn in visited:
+        if id(fn) in visited:
             continue
         if fn._freed:
             raise RuntimeError(
@@ -92,18 +93,18 @@ def backward(
                 "graph are freed when you call .backward(). Specify retain_graph=True if you "
                 "need to backward through the graph a second time."
             )
-        visited.add(fn)
+        visited.add(id(fn))
         push((fn,))
         for inp, needs in zip(fn.inputs, fn.needs_input_grad):
             if not needs or inp is None:
                 continue
             ctx = inp._ctx
             if ctx is None:
-                leaf_edges[inp] = leaf_edges.get(inp, 0) + 1
-            elif ctx not in visited:
+                leaf_edges[id(inp)] = leaf_edges.get(id(inp), 0) + 1
+            elif id(ctx) not in visited:
                 push(ctx)
 
-    pending: dict[Function, list] = {}
+    pending: dict[int, list] = {}
     retained: list[Tensor] = []
     Tensor = _tensor.Tensor
 
@@ -111,16 +112,17 @@ def backward(
         ctx = tensor._ctx
         if ctx is None:
             tensor._accumulate(grad)
-            left = leaf_edges[tensor] - 1
-            leaf_edges[tensor] = left
+            key = id(tensor)
+            left = leaf_edges[key] - 1
+            leaf_edges[key] = left
             if left == 0 and tensor._post_accumulate_hooks:
                 for hook in list(tensor._post_accumulate_hooks):
                     hook(tensor)
             return
         meta = ctx.outputs_meta
-        slots = pending.get(ctx)
+        slots = pending.get(id(ctx))
         if slots is None:
-            slots = pending[ctx] = [None] * len(meta)
+            slots = pending[id(ctx)] = [None] * len(meta)
         i = tensor._output_index
         dtype = meta[i][1]
         if grad.dtype != dtype:  # mixed dtypes (autocast): as PyTorch,
@@ -137,7 +139,7 @@ def backward(
             deliver(t, g)
         pending_pop = pending.pop
         for fn in reversed(order):
-            slots = pending_pop(fn, None)
+            slots = pending_pop(id(fn), None)
             if slots is None:
                 continue
             if len(slots) == 1 and slots[0] is not None:

@@ -89,3 +89,25 @@ def test_missing_output_gradient_and_short_backward_tuple():
     assert g1.dtype == np.float32
     np.testing.assert_allclose(a.grad.numpy(), [2.0, 2.0])
     np.testing.assert_array_equal(b.grad.numpy(), [0.0, 0.0])  # past the tuple's end: zeros
+
+
+class _Unhashable(Function):
+    """A node whose class defines == (so it is unhashable): the walk must key nodes by id."""
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = None
+
+    def forward(self, a):
+        return a * 3
+
+    def backward(self, g):
+        return g * 3
+
+
+def test_walk_does_not_hash_or_compare_nodes():
+    a = dp.tensor([1.0, 2.0], requires_grad=True)
+    y = _Unhashable.apply(_Unhashable.apply(a)) + _Unhashable.apply(a)
+    y.sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), [12.0, 12.0])
