@@ -58,30 +58,31 @@ def backward(
             g = backend.get_array_module(t.data).ones_like(t.data)
         else:
             g = g.data if isinstance(g, _tensor.Tensor) else g
-            xp = backend.get_array_module(t.data)
-            g = xp.asarray(g, dtype=t.dtype)
+            if type(g) is not np.ndarray or type(t.data) is not np.ndarray or g.dtype != t.dtype:
+                g = backend.get_array_module(t.data).asarray(g, dtype=t.data.dtype)
             if g.shape != t.data.shape:
                 raise RuntimeError(
                     f"gradient has shape {tuple(g.shape)} but the tensor has shape {t.shape}"
                 )
         roots.append((t, g))
 
-    # Topological order of graph nodes (Functions), found iteratively.
+    # Topological order of graph nodes (Functions), found iteratively (depth first; a node is
+    # appended once all the nodes it feeds into, reachable from the roots, were expanded).
     order: list[Function] = []
+    # Keyed by id(): a Tensor's == is elementwise, and a Function subclass may define __eq__.
     visited: set[int] = set()
     leaf_edges: dict[int, int] = {}
-    leaves: dict[int, Tensor] = {}
-    stack: list[tuple[Function, bool]] = []
+    stack: list = []
+    push = stack.append
     for t, _ in roots:
         if t._ctx is None:
-            leaves[id(t)] = t
             leaf_edges[id(t)] = leaf_edges.get(id(t), 0) + 1
         else:
-            stack.append((t._ctx, False))
+            push(t._ctx)
     while stack:
-        fn, expanded = stack.pop()
-        if expanded:
-            order.append(fn)
+        fn = stack.pop()
+        if type(fn) is tuple:  # (fn,): its inputs were all expanded
+            order.append(fn[0])
             continue
         if id(fn) in visited:
             continue
@@ -93,68 +94,87 @@ def backward(
                 "need to backward through the graph a second time."
             )
         visited.add(id(fn))
-        stack.append((fn, True))
+        push((fn,))
         for inp, needs in zip(fn.inputs, fn.needs_input_grad):
-            if inp is None or not needs:
+            if not needs or inp is None:
                 continue
-            if inp._ctx is None:
-                leaves[id(inp)] = inp
+            ctx = inp._ctx
+            if ctx is None:
                 leaf_edges[id(inp)] = leaf_edges.get(id(inp), 0) + 1
-            elif id(inp._ctx) not in visited:
-                stack.append((inp._ctx, False))
+            elif id(ctx) not in visited:
+                push(ctx)
 
     pending: dict[int, list] = {}
-    retained: list[tuple[Tensor, object]] = []
+    retained: list[Tensor] = []
+    Tensor = _tensor.Tensor
 
     def deliver(tensor: Tensor, grad) -> None:
-        if tensor._ctx is None:
+        ctx = tensor._ctx
+        if ctx is None:
             tensor._accumulate(grad)
-            leaf_edges[id(tensor)] -= 1
-            if leaf_edges[id(tensor)] == 0 and tensor._post_accumulate_hooks:
+            key = id(tensor)
+            left = leaf_edges[key] - 1
+            leaf_edges[key] = left
+            if left == 0 and tensor._post_accumulate_hooks:
                 for hook in list(tensor._post_accumulate_hooks):
                     hook(tensor)
             return
-        slots = pending.setdefault(id(tensor._ctx), [None] * len(tensor._ctx.outputs_meta))
+        meta = ctx.outputs_meta
+        slots = pending.get(id(ctx))
+        if slots is None:
+            slots = pending[id(ctx)] = [None] * len(meta)
         i = tensor._output_index
-        if grad.dtype != tensor._ctx.outputs_meta[i][1]:  # mixed dtypes (autocast): as PyTorch,
-            grad = grad.astype(tensor._ctx.outputs_meta[i][1])  # a grad has its tensor's dtype
-        slots[i] = grad if slots[i] is None else slots[i] + grad
+        dtype = meta[i][1]
+        if grad.dtype != dtype:  # mixed dtypes (autocast): as PyTorch,
+            grad = grad.astype(dtype)  # a grad has its tensor's dtype
+        prev = slots[i]
+        slots[i] = grad if prev is None else prev + grad
         if tensor._retains_grad:
-            retained.append((tensor, None))
+            retained.append(tensor)
 
     outer_callbacks = _backward_callbacks
     _backward_callbacks = []
     try:
         for t, g in roots:
             deliver(t, g)
+        pending_pop = pending.pop
         for fn in reversed(order):
-            slots = pending.pop(id(fn), None)
+            slots = pending_pop(id(fn), None)
             if slots is None:
                 continue
-            xp = None
-            grads_out = []
-            for slot, (shape, dtype) in zip(slots, fn.outputs_meta):
-                if slot is None:
-                    if xp is None:
-                        xp = _array_module_of_fn(fn, slots)
-                    slot = xp.zeros(shape, dtype=dtype)
-                grads_out.append(slot)
+            if len(slots) == 1 and slots[0] is not None:
+                grads_out = slots
+            else:
+                xp = None
+                grads_out = []
+                for slot, (shape, dtype) in zip(slots, fn.outputs_meta):
+                    if slot is None:
+                        if xp is None:
+                            xp = _array_module_of_fn(fn, slots)
+                        slot = xp.zeros(shape, dtype=dtype)
+                    grads_out.append(slot)
             # Hand retained non-leaf grads their final value before the node consumes them.
             if retained:
-                for tensor, _ in retained:
+                for tensor in retained:
                     if tensor._ctx is fn:
-                        tensor.grad = _tensor.Tensor._wrap(grads_out[tensor._output_index])
+                        tensor.grad = Tensor._wrap(grads_out[tensor._output_index])
             grads_in = fn.backward(*grads_out)
             if not isinstance(grads_in, tuple):
                 grads_in = (grads_in,)
-            if len(grads_in) < len(fn.inputs):
-                grads_in = grads_in + (None,) * (len(fn.inputs) - len(grads_in))
-            for inp, needs, g in zip(fn.inputs, fn.needs_input_grad, grads_in):
-                if inp is None or not needs:
+            inputs = fn.inputs
+            for inp, needs, g in zip(inputs, fn.needs_input_grad, grads_in):
+                if not needs or inp is None:
                     continue
                 if g is None:
                     g = backend.get_array_module(inp.data).zeros_like(inp.data)
                 deliver(inp, g)
+            if len(grads_in) < len(inputs):  # inputs past the end got None
+                for inp, needs in zip(
+                    fn.inputs[len(grads_in) :], fn.needs_input_grad[len(grads_in) :]
+                ):
+                    if not needs or inp is None:
+                        continue
+                    deliver(inp, backend.get_array_module(inp.data).zeros_like(inp.data))
             if not retain_graph:
                 fn.release()
         callbacks = _backward_callbacks

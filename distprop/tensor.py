@@ -49,14 +49,29 @@ def is_grad_enabled() -> bool:
     return _grad_mode.enabled
 
 
-@contextlib.contextmanager
-def _set_grad_enabled(mode: bool):
-    previous = _grad_mode.enabled
-    _grad_mode.enabled = mode
-    try:
-        yield
-    finally:
-        _grad_mode.enabled = previous
+class _set_grad_enabled(contextlib.ContextDecorator):
+    """Context manager (and decorator) setting grad mode; restores the previous one on exit.
+
+    A class rather than a generator context manager: ``no_grad()`` runs in hot loops (e.g.
+    batch norm's running statistics), and this costs a fraction of contextlib's generator.
+    """
+
+    __slots__ = ("mode", "previous")
+
+    def __init__(self, mode: bool) -> None:
+        self.mode = mode
+        self.previous = None
+
+    def __enter__(self) -> None:
+        self.previous = _grad_mode.enabled
+        _grad_mode.enabled = self.mode
+
+    def __exit__(self, *exc) -> bool:
+        _grad_mode.enabled = self.previous
+        return False
+
+    def _recreate_cm(self):  # a decorated function gets a fresh one per call (re-entrant)
+        return _set_grad_enabled(self.mode)
 
 
 def no_grad():
@@ -104,28 +119,68 @@ class Function:
 
             args = cast_inputs(cls.amp_policy, args)
         fn = cls()
-        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
-        needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
-        record = _grad_mode.enabled and any(needs)
-        fn.needs_input_grad = needs
+        # One pass over the arguments: raw arrays for forward, which inputs need a gradient,
+        # and the graph edges (Tensors, None elsewhere).
+        arrays = []
+        needs = []
+        inputs = []
+        any_needs = False
+        for a in args:
+            if isinstance(a, Tensor):
+                arrays.append(a.data)
+                inputs.append(a)
+                if a.requires_grad:
+                    needs.append(True)
+                    any_needs = True
+                else:
+                    needs.append(False)
+            else:
+                arrays.append(a)
+                inputs.append(None)
+                needs.append(False)
+        record = any_needs and _grad_mode.enabled
+        fn.needs_input_grad = tuple(needs)
         result = fn.forward(*arrays, **kwargs)
-        multiple = isinstance(result, tuple)
-        outputs = result if multiple else (result,)
+        if not isinstance(result, tuple):  # the common case: one output
+            if isinstance(result, np.generic):
+                result = np.asarray(result)
+            t = _new_tensor(Tensor)
+            t.data = result
+            t.grad = None
+            t._output_index = 0
+            t._retains_grad = False
+            t._grad_buffer = None
+            t._post_accumulate_hooks = None
+            if record:
+                if 0 in cls.non_differentiable_outputs:
+                    t.requires_grad = False
+                    t._ctx = None
+                else:
+                    t.requires_grad = True
+                    t._ctx = fn
+                fn.inputs = tuple(inputs)
+                fn.outputs_meta = ((result.shape, result.dtype),)
+                fn._freed = False
+            else:
+                t.requires_grad = False
+                t._ctx = None
+            return t
         wrapped = []
-        for i, out in enumerate(outputs):
+        non_diff = cls.non_differentiable_outputs
+        for i, out in enumerate(result):
             if isinstance(out, np.generic):
                 out = np.asarray(out)
-            differentiable = record and i not in cls.non_differentiable_outputs
+            differentiable = record and i not in non_diff
             t = Tensor._wrap(out, requires_grad=differentiable)
             if differentiable:
                 t._ctx = fn
                 t._output_index = i
             wrapped.append(t)
         if record:
-            fn.inputs = tuple(a if isinstance(a, Tensor) else None for a in args)
+            fn.inputs = tuple(inputs)
             fn.outputs_meta = tuple((t.data.shape, t.data.dtype) for t in wrapped)
             fn._freed = False
-        return tuple(wrapped) if multiple else wrapped[0]
+        return tuple(wrapped)
 
     def forward(self, *inputs, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} has no forward")
@@ -385,6 +440,9 @@ class Tensor(TensorMethods):
             self._grad_buffer += grad
         else:
             self.grad = Tensor._wrap(self.grad.data + grad)
+
+
+_new_tensor = object.__new__
 
 
 class _HookHandle:

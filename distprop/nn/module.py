@@ -86,10 +86,18 @@ class Module:
         self._non_persistent_buffers.discard(name)
 
     def __getattr__(self, name: str) -> Any:
+        # Reached only when normal lookup failed: parameters, buffers and submodules.
         d = self.__dict__
-        for store in ("_parameters", "_buffers", "_modules"):
-            if store in d and name in d[store]:
-                return d[store][name]
+        store = d.get("_parameters")
+        if store is not None:
+            if name in store:
+                return store[name]
+            store = d["_buffers"]
+            if name in store:
+                return store[name]
+            store = d["_modules"]
+            if name in store:
+                return store[name]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name: str) -> None:
@@ -209,6 +217,8 @@ class Module:
         raise NotImplementedError(f"Module [{type(self).__name__}] is missing forward()")
 
     def __call__(self, *args, **kwargs):
+        if not self._forward_pre_hooks and not self._forward_hooks:  # the common case
+            return self.forward(*args, **kwargs)
         for hook in self._forward_pre_hooks:
             result = hook(self, args)
             if result is not None:
