@@ -22,11 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 PHASE = [
     ("s1_k3", (2, 8, 7, 6), 8, 3, 1, 1, 1, False),
     ("s1_k5_odd", (2, 16, 9, 7), 16, 5, 1, 2, 1, False),
-    ("s1_nopad", (2, 8, 6, 7), 12, 3, 1, 0, 1, False),
+    ("s1_nopad", (2, 8, 6, 7), 6, 3, 1, 0, 1, False),
     ("s1_same_even_k", (2, 8, 7, 6), 8, (2, 4), 1, "same", 1, False),
     ("s2_k3", (2, 16, 9, 8), 16, 3, 2, 1, 1, False),
     ("s2_k5_odd", (2, 8, 11, 9), 8, 5, 2, 2, 1, False),
-    ("s2_k4_even", (1, 8, 10, 10), 16, 4, 2, 1, 1, False),
+    ("s2_k4_even", (1, 16, 10, 10), 16, 4, 2, 1, 1, False),
     ("s3_uncovered", (1, 8, 8, 7), 8, 3, 3, 0, 1, False),  # rows/cols no window reaches
     ("s4_gt_k", (2, 16, 9, 9), 8, 3, 4, 1, 2, False),  # phases without taps
     ("rect_stride", (2, 8, 7, 9), 8, (3, 2), (1, 2), (1, 0), 1, False),
@@ -108,7 +108,7 @@ def test_phase_input_grad_conv1d_matches_torch(monkeypatch):
     calls = _counting(monkeypatch)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 13))
-    w = rng.standard_normal((12, 8, 4))
+    w = rng.standard_normal((8, 8, 4))
     xd = dp.tensor(x, requires_grad=True)
     xt = torch.tensor(x, requires_grad=True)
     out = F.conv1d(xd, dp.tensor(w), stride=2, padding=2)
@@ -122,7 +122,8 @@ def test_phase_input_grad_conv1d_matches_torch(monkeypatch):
 
 # in channels, out channels, kernel, stride, dilation, groups
 COL2IM = [
-    (8, 64, 3, 1, 1, 1),  # out channels > 2x in channels (rows layout)
+    (8, 64, 3, 1, 1, 1),  # out channels > in channels (rows layout)
+    (8, 16, 3, 1, 1, 1),  # twice the in channels: the gathers would read twice as much
     (8, 16, 3, 2, 2, 1),  # dilated
     (3, 8, 5, 1, 1, 1),  # < 8 channels per group (column layout)
     (4, 8, (3, 2), 2, 1, 1),
