@@ -273,41 +273,29 @@ CE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("name,shape,target,options", CE_CASES, ids=[c[0] for c in CE_CASES])
-def test_cross_entropy_index_paths_match_torch(name, shape, target, options, reduction):
-    rng = np.random.default_rng(10)
-    x = (rng.standard_normal(shape) * 3).astype(np.float32)
-    n = shape[0] * int(np.prod(shape[2:], dtype=int))
-    t = target(rng, shape[1], n).reshape((shape[0],) + shape[2:])
-    kw = dict(options)
-    if kw.pop("weight", False):
-        w = rng.random(shape[1]).astype(np.float32) + 0.5
-        ours_kw, torch_kw = {"weight": dp.tensor(w)}, {"weight": torch.from_numpy(w)}
-    else:
-        ours_kw, torch_kw = {}, {}
-    xo, xt = dp.tensor(x, requires_grad=True), torch.from_numpy(x.copy()).requires_grad_()
-    out = dp.nn.CrossEntropyLoss(reduction=reduction, **ours_kw, **kw)(xo, dp.tensor(t))
-    want = torch.nn.CrossEntropyLoss(reduction=reduction, **torch_kw, **kw)(
-        xt, torch.from_numpy(t.astype(np.int64)))
-    g = rng.standard_normal(tuple(want.shape)).astype(np.float32) \
-        if reduction == "none" else None
-    out.backward(None if g is None else dp.tensor(g))
-    want.backward(None if g is None else torch.from_numpy(g))
-    assert out.dtype == np.float32 and xo.grad.dtype == np.float32
-    np.testing.assert_allclose(out.numpy(), want.detach().numpy(), rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(xo.grad.numpy(), xt.grad.numpy(), rtol=2e-5, atol=2e-6)
-
-
 NLL_CASES = [c for c in CE_CASES if c[0] != "smoothed"]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("name,shape,target,options", NLL_CASES, ids=[c[0] for c in NLL_CASES])
-def test_nll_index_paths_match_torch(name, shape, target, options, reduction):
-    rng = np.random.default_rng(14)
+def _log_probs(rng, shape):
     x = torch.log_softmax(torch.from_numpy(rng.standard_normal(shape)), 1).numpy()
-    x = x.astype(np.float32)
+    return x.astype(np.float32)
+
+
+# loss, cases, inputs: CrossEntropyLoss takes logits, NLLLoss log-probabilities
+INDEX_LOSSES = [
+    ("CrossEntropyLoss", CE_CASES, lambda rng, shape: (rng.standard_normal(shape) * 3)
+     .astype(np.float32)),
+    ("NLLLoss", NLL_CASES, _log_probs),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss,name,shape,target,options,inputs", [
+    (loss, *case, inputs) for loss, cases, inputs in INDEX_LOSSES for case in cases],
+    ids=[f"{loss}-{case[0]}" for loss, cases, _ in INDEX_LOSSES for case in cases])
+def test_index_loss_paths_match_torch(loss, name, shape, target, options, inputs, reduction):
+    rng = np.random.default_rng(10)
+    x = inputs(rng, shape)
     n = shape[0] * int(np.prod(shape[2:], dtype=int))
     t = target(rng, shape[1], n).reshape((shape[0],) + shape[2:])
     kw = dict(options)
@@ -317,8 +305,8 @@ def test_nll_index_paths_match_torch(name, shape, target, options, reduction):
     else:
         ours_kw, torch_kw = {}, {}
     xo, xt = dp.tensor(x, requires_grad=True), torch.from_numpy(x.copy()).requires_grad_()
-    out = dp.nn.NLLLoss(reduction=reduction, **ours_kw, **kw)(xo, dp.tensor(t))
-    want = torch.nn.NLLLoss(reduction=reduction, **torch_kw, **kw)(
+    out = getattr(dp.nn, loss)(reduction=reduction, **ours_kw, **kw)(xo, dp.tensor(t))
+    want = getattr(torch.nn, loss)(reduction=reduction, **torch_kw, **kw)(
         xt, torch.from_numpy(t.astype(np.int64)))
     g = rng.standard_normal(tuple(want.shape)).astype(np.float32) \
         if reduction == "none" else None
