@@ -25,7 +25,6 @@ import numpy as np
 MIN_BYTES = 8 << 20  # below this glibc's heap reuses freed memory (no fresh pages)
 MAX_BYTES = 128 << 20  # total bytes the pool keeps (peak RSS stays close to before)
 MAX_PER_KEY = 3  # buffers kept per (shape, dtype)
-ENABLED = True  # False: plain allocations (for comparisons)
 
 _lock = threading.Lock()
 _pool: OrderedDict = OrderedDict()  # (shape, dtype) -> list of arrays, most recently used last
@@ -51,7 +50,7 @@ def scratch(xp, shape, dtype):
     nbytes = dtype.itemsize
     for s in shape:
         nbytes *= s
-    if xp is not np or nbytes < MIN_BYTES or not ENABLED:
+    if xp is not np or nbytes < MIN_BYTES:
         return xp.empty(shape, dtype=dtype)
     key = (shape, dtype.str)
     with _lock:
