@@ -4,7 +4,9 @@ product; ``ops/linalg.py``), and PyTorch, interleaved in one process.
 
     python benchmarks/bench_linear_rows.py [--threads 1]
 
-Prints one JSON line per shape: median thread-CPU ms of each side and the ratios to PyTorch.
+Prints one JSON line per shape: median ms of each side (the calling thread's CPU time at 1
+thread, wall time above: other threads' work is not in the caller's CPU time) and the ratios
+to PyTorch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--without-torch", action="store_true",
+                        help="time only distprop's two sides (at 2 threads PyTorch's OpenMP "
+                             "threads keep spinning after its step and slow whatever runs next)")
     args = parser.parse_args()
     os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     import torch
@@ -30,10 +35,12 @@ def main() -> None:
               (32, 1024, 1024), (48, 1024, 1024), (64, 1024, 1024)]
     for rows, fin, fout in shapes:
         print(json.dumps({"rows": rows, "in": fin, "out": fout, "threads": args.threads,
-                          **bench_shape(rows, fin, fout, args.repeats)}), flush=True)
+                          **bench_shape(rows, fin, fout, args.repeats, not args.without_torch,
+                                                   time.thread_time if args.threads == 1
+                                                   else time.perf_counter)}), flush=True)
 
 
-def bench_shape(rows: int, fin: int, fout: int, repeats: int) -> dict:
+def bench_shape(rows: int, fin: int, fout: int, repeats: int, with_torch: bool, clock) -> dict:
     """Median ms of PyTorch, of distprop ("fast") and of distprop with its few-row paths off."""
     import numpy as np
     import torch
@@ -58,20 +65,23 @@ def bench_shape(rows: int, fin: int, fout: int, repeats: int) -> dict:
         ours(xd).sum().backward()
         linalg._is_host_float = host_float
 
-    sides = {"torch": step_torch, "fast": lambda: step_ours(True),
-             "plain": lambda: step_ours(False)}
+    sides = {"torch": step_torch} if with_torch else {}
+    sides.update(fast=lambda: step_ours(True), plain=lambda: step_ours(False))
     times = {k: [] for k in sides}
     for fn in sides.values():
         fn()
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            t0 = time.thread_time()
+    order = list(sides.items())
+    for i in range(repeats):  # rotated: at 2 threads whoever runs after PyTorch meets its
+        k = i % len(order)  # still-spinning OpenMP threads
+        for name, fn in order[k:] + order[:k]:
+            t0 = clock()
             fn()
-            times[name].append((time.thread_time() - t0) * 1e3)
+            times[name].append((clock() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {**{f"ms_{k}": round(v, 4) for k, v in med.items()},
-            "ratio_fast": round(med["fast"] / med["torch"], 3),
-            "ratio_plain": round(med["plain"] / med["torch"], 3)}
+    ratios = {f"ratio_{k}": round(med[k] / med["torch"], 3) for k in ("fast", "plain")
+              if with_torch}
+    return {**{f"ms_{k}": round(v, 4) for k, v in med.items()}, **ratios,
+            "fast_over_plain": round(med["fast"] / med["plain"], 3)}
 
 if __name__ == "__main__":
     main()
