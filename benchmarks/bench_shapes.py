@@ -497,17 +497,6 @@ def run_case(case: Case, threads: list[int], budget_s: float, min_rep: int, max_
     return rows
 
 
-def peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        return None
-    return None
-
-
 def cases_of(family: str, quick: bool):
     make, n = FAMILIES[family]
     SWEEP["quick"] = quick
@@ -540,6 +529,7 @@ def main(argv=None) -> int:
     import torch
 
     import distprop
+    from distprop.bench import runner
 
     if args.profile is not None:
         from threadpoolctl import threadpool_limits
@@ -580,7 +570,7 @@ def main(argv=None) -> int:
             for row in run_case(case, threads, budget, min_rep, max_rep, warmup, args.clock):
                 emit(row)
     emit({"done": True, "wall_s": round(time.perf_counter() - start, 1),
-          "peak_rss_mb_process": peak_rss_mb()})
+          "peak_rss_mb_process": runner.peak_rss_mb()})
     if out:
         out.close()
     return 0
