@@ -10,9 +10,8 @@ import distprop as dp
 from distprop.nn import GRU, LSTM
 from distprop.ops import _util
 from distprop.ops._util import column_blocks
-from distprop.ops.rnn import GRULayer, LSTMLayer
 
-from helpers import gradcheck
+from helpers import recurrent_layer_gradcheck
 
 # rows (batch), weight (depth, cols), dtype, expected block widths
 PLANS = [
@@ -129,20 +128,5 @@ def test_blocked_layer_gradcheck(mode, hidden, reverse, lengths, monkeypatch, bl
     monkeypatch.setattr(_util, "BLOCKED_DTYPES", (np.dtype(np.float64),))
     monkeypatch.setattr(_util, "SMALL_GEMM", 1200)
     monkeypatch.setattr(_util, "MIN_BLOCK", 8)
-    rng = np.random.default_rng(0)
-    steps, batch, size = 3, 2, 2
-    gates = (4 if mode == "lstm" else 3) * hidden
-    arrays = [rng.standard_normal((steps, batch, size)), rng.standard_normal((batch, hidden))]
-    if mode == "lstm":
-        arrays.append(rng.standard_normal((batch, hidden)))
-    arrays += [rng.standard_normal((gates, size)) * 0.3, rng.standard_normal((gates, hidden)) * 0.3,
-               rng.standard_normal(gates) * 0.3, rng.standard_normal(gates) * 0.3]
-    layer = LSTMLayer if mode == "lstm" else GRULayer
-    lens = None if lengths is None else np.array(lengths)
-
-    def fn(*tensors):
-        outs = layer.apply(*tensors, reverse=reverse, lengths=lens)
-        return dp.cat([o.reshape(-1) for o in outs])
-
-    gradcheck(fn, *arrays)
+    recurrent_layer_gradcheck(mode, hidden, reverse, lengths)
     assert min(block_counts) >= 3, block_counts  # forward and backward plans both blocked

@@ -9,9 +9,9 @@ import torch
 import distprop as dp
 from distprop.nn import GRU, LSTM, MultiheadAttention
 from distprop.ops.attention import ScaledDotProductAttention
-from distprop.ops.rnn import GRULayer, LSTMLayer, _padded_copy, _scaled_transpose
+from distprop.ops.rnn import _padded_copy, _scaled_transpose
 
-from helpers import gradcheck
+from helpers import gradcheck, recurrent_layer_gradcheck
 
 TOL = {"float64": dict(rtol=1e-10, atol=1e-10), "float32": dict(rtol=2e-5, atol=2e-5)}
 
@@ -83,22 +83,7 @@ def test_wide_recurrent_layers_match_torch(mode, name, options, lengths, dtype):
 @pytest.mark.parametrize("mode,hidden", [("lstm", 17), ("gru", 22)])
 def test_wide_recurrent_layer_gradcheck(mode, hidden):
     """68 / 66 weight rows: the transposed copy spans two blocks; reverse, ragged lengths."""
-    rng = np.random.default_rng(0)
-    steps, batch, size = 3, 2, 2
-    reverse, lengths = True, np.array([3, 1])
-    gates = (4 if mode == "lstm" else 3) * hidden
-    arrays = [rng.standard_normal((steps, batch, size)), rng.standard_normal((batch, hidden))]
-    if mode == "lstm":
-        arrays.append(rng.standard_normal((batch, hidden)))
-    arrays += [rng.standard_normal((gates, size)) * 0.3, rng.standard_normal((gates, hidden)) * 0.3,
-               rng.standard_normal(gates) * 0.3, rng.standard_normal(gates) * 0.3]
-    layer = LSTMLayer if mode == "lstm" else GRULayer
-
-    def fn(*tensors):
-        outs = layer.apply(*tensors, reverse=reverse, lengths=lengths)
-        return dp.cat([o.reshape(-1) for o in outs])
-
-    gradcheck(fn, *arrays)
+    recurrent_layer_gradcheck(mode, hidden, reverse=True, lengths=[3, 1])
 
 
 # (L, S, E): E < S puts the scale on q, E >= S on the scores
