@@ -60,14 +60,14 @@ class _set_grad_enabled(contextlib.ContextDecorator):
 
     def __init__(self, mode: bool) -> None:
         self.mode = mode
-        self.previous = None
+        self.previous = []  # a stack: one object may be entered again inside itself
 
     def __enter__(self) -> None:
-        self.previous = _grad_mode.enabled
+        self.previous.append(_grad_mode.enabled)
         _grad_mode.enabled = self.mode
 
     def __exit__(self, *exc) -> bool:
-        _grad_mode.enabled = self.previous
+        _grad_mode.enabled = self.previous.pop()
         return False
 
     def _recreate_cm(self):  # a decorated function gets a fresh one per call (re-entrant)

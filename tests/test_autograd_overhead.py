@@ -111,3 +111,12 @@ def test_walk_does_not_hash_or_compare_nodes():
     y = _Unhashable.apply(_Unhashable.apply(a)) + _Unhashable.apply(a)
     y.sum().backward()
     np.testing.assert_allclose(a.grad.numpy(), [12.0, 12.0])
+
+
+def test_one_no_grad_object_entered_inside_itself_restores_grad_mode():
+    guard = dp.no_grad()
+    with guard:
+        with guard:
+            assert not dp.is_grad_enabled()
+        assert not dp.is_grad_enabled()
+    assert dp.is_grad_enabled()

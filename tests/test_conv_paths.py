@@ -167,9 +167,14 @@ def test_scratch_never_hands_out_a_buffer_in_use(monkeypatch):
     assert third.__array_interface__["data"][0] != addr  # a view of it is alive
     del view, third
     again = workspace.scratch(np, shape, np.float32)
-    assert again.__array_interface__["data"][0] in (addr, second.__array_interface__["data"][0])
+    assert again.__array_interface__["data"][0] == addr  # free again; second is still alive
     small = workspace.scratch(np, (4,), np.float32)  # below MIN_BYTES: never pooled
     assert small.shape == (4,)
+    held = workspace.held_bytes()
+    monkeypatch.setattr(workspace, "MAX_BYTES", held + 1024)
+    huge = workspace.scratch(np, (64, 64, 4), np.float32)  # over MAX_BYTES: not kept ...
+    assert huge.shape == (64, 64, 4) and workspace.held_bytes() == held  # ... nor evicting
+    del second
     workspace.clear()
     assert workspace.held_bytes() == 0
 

@@ -392,3 +392,17 @@ def test_embedding_matches_torch(vocab, dim, tokens, padding, flat):
         assert ours.weight.grad.dtype == np.float32
         np.testing.assert_allclose(ours.weight.grad.numpy(), ref.weight.grad.numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "silu"])
+def test_zero_dimensional_sigmoid_family_matches_torch(name):
+    x = np.float32(0.5)
+    ours = dp.tensor(x, requires_grad=True)
+    out = getattr(dp.nn.functional, name)(ours)
+    out.backward()
+    theirs = torch.tensor(x, requires_grad=True)
+    ref = getattr(torch.nn.functional, name)(theirs)
+    ref.backward()
+    assert out.numpy().dtype == np.float32 and out.numpy().shape == ()
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.grad.numpy(), theirs.grad.numpy(), rtol=1e-6)

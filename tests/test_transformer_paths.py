@@ -413,6 +413,14 @@ def test_layer_norm_with_residual_gradcheck(strided):
               rng.standard_normal(5))
 
 
+def test_layer_norm_with_residual_gives_each_leaf_its_own_gradient():
+    x = dp.tensor(rng.standard_normal((3, 2, 5)), requires_grad=True)
+    r = dp.tensor(rng.standard_normal((3, 2, 5)), requires_grad=True)
+    LayerNormFn.apply(x, None, None, r, ndim=1, eps=1e-5).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), r.grad.numpy())
+    assert not np.shares_memory(x.grad.numpy(), r.grad.numpy())
+
+
 def test_post_norm_layer_fuses_the_residual_add_unless_hooked():
     layer = dp.nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, dtype="float64")
     x = dp.tensor(rng.standard_normal((L, N, 8)), requires_grad=True)

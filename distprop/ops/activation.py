@@ -37,7 +37,7 @@ def stable_sigmoid(x):
         inv = 1.0 / (1.0 + e)
         return xp.where(x >= 0, inv, e * inv)
     with np.errstate(over="ignore"):
-        out = xp.exp(-x)
+        out = xp.asarray(xp.exp(-x))  # a 0-d input gives a scalar: no ``out=`` for it
     out += 1
     return xp.reciprocal(out, out=out)
 

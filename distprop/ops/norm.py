@@ -136,7 +136,9 @@ class BatchNorm(Function):
             self.xc = xc
         else:  # x - mean, not x * scale + (b - mean * scale): that loses digits for large means
             xc = xp.subtract(x, per_channel(mean, x))
-            self.x, self.mean = x, mean  # x - mean is only needed again for the weight's grad
+            # x - mean is only needed again for the weight's grad; the mean is copied (C floats)
+            # since it is the running-mean buffer itself, which a later forward may update
+            self.x, self.mean = x, mean.copy()
         # out = xc * (invstd * w) + b: xhat = xc * invstd is never stored (one pass less)
         out = xp.multiply(xc, per_channel(scale, x), out=None if self.batch_stats else xc)
         if bias is not None:
@@ -311,7 +313,12 @@ class LayerNorm(Function):
     def backward(self, grad_out):
         grads = self._backward_rows(grad_out) if self.rows else self._backward_axes(grad_out)
         if self.has_residual:
-            return (*grads, grads[0] if self.needs_input_grad[3] else None)
+            if not self.needs_input_grad[3]:
+                return (*grads, None)
+            # both inputs get the same values, but never one array: a hook or an in-place
+            # change of one leaf's gradient must not change the other's
+            both = self.needs_input_grad[0]
+            return (*grads, grads[0].copy() if both else grads[0])
         return grads
 
     def _backward_rows(self, grad_out):

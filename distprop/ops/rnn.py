@@ -356,7 +356,12 @@ class LSTMLayer(Function):
             p = seq.prev(t)
             dh += grad_out[t]
             carry_h, carry_c = _hold_padded(seq, t, dh, dc)
-            cuda_kernels.lstm_backward_step(gates[t], tanh_c[t], cs[p], dh, dc, dgates[t])
+            if cuda_kernels.lstm_backward_step(gates[t], tanh_c[t], cs[p], dh, dc,
+                                               dgates[t]) is None:
+                raise RuntimeError(
+                    "LSTM backward: the forward ran the fused GPU kernel but it does not apply "
+                    f"to this backward (gradient dtype {dh.dtype}, gates {gates.dtype}, or fused "
+                    "kernels switched off in between); run forward and backward alike")
             xp.matmul(dgates[t], w_hh, out=dh)
             if carry_h is not None:
                 dh += carry_h

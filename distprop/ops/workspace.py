@@ -50,7 +50,7 @@ def scratch(xp, shape, dtype):
     nbytes = dtype.itemsize
     for s in shape:
         nbytes *= s
-    if xp is not np or nbytes < MIN_BYTES:
+    if xp is not np or not MIN_BYTES <= nbytes <= MAX_BYTES:  # an oversized one: not kept
         return xp.empty(shape, dtype=dtype)
     key = (shape, dtype.str)
     with _lock:

@@ -118,7 +118,8 @@ class Trainer(TrainerState):
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.device = backend.device(device)
         # 'mpi' and 'shm' also choose how DDP reduces within a node (CPU gradients)
-        ddp_comm = comm if isinstance(comm, str) and comm in ("mpi", "shm") else None
+        ddp_comm = (comm if isinstance(comm, str) and comm in ("mpi", "shm")
+                    and not self.device.is_cuda else None)  # on a GPU: the comm built below
         if isinstance(comm, str):  # a --comm choice: a name in registry.COMMS
             from distprop.distributed.selection import make_comm
 
