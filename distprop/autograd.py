@@ -162,19 +162,14 @@ def backward(
             if not isinstance(grads_in, tuple):
                 grads_in = (grads_in,)
             inputs = fn.inputs
+            if len(grads_in) < len(inputs):  # inputs past the end got None
+                grads_in += (None,) * (len(inputs) - len(grads_in))
             for inp, needs, g in zip(inputs, fn.needs_input_grad, grads_in):
                 if not needs or inp is None:
                     continue
                 if g is None:
                     g = backend.get_array_module(inp.data).zeros_like(inp.data)
                 deliver(inp, g)
-            if len(grads_in) < len(inputs):  # inputs past the end got None
-                for inp, needs in zip(
-                    fn.inputs[len(grads_in) :], fn.needs_input_grad[len(grads_in) :]
-                ):
-                    if not needs or inp is None:
-                        continue
-                    deliver(inp, backend.get_array_module(inp.data).zeros_like(inp.data))
             if not retain_graph:
                 fn.release()
         callbacks = _backward_callbacks

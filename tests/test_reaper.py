@@ -26,7 +26,7 @@ LAUNCHER = r"""
 import os, signal, subprocess, sys, time
 d = sys.argv[1]
 ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                          process_group=0) for _ in range(2)]
+                          preexec_fn=os.setpgrp) for _ in range(2)]
 open(os.path.join(d, "ranks"), "w").write(" ".join(str(r.pid) for r in ranks))
 got = []
 def on_term(signum, frame):

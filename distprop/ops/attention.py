@@ -42,9 +42,9 @@ class ScaledDotProductAttention(Function):
                 f"key[-2] == value[-2])"
             )
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        # The scale goes on q when q is the smaller array (L * E < L * S): one pass fewer over
-        # the scores, and a contiguous GEMM operand.
-        q_first = q.shape[-2] * q.shape[-1] < q.shape[-2] * k.shape[-2]
+        # The scale goes on q when q is the smaller array (L x E against the L x S scores, so
+        # E < S): one pass fewer over the scores, and a contiguous GEMM operand.
+        q_first = q.shape[-1] < k.shape[-2]
         if q_first:
             q = q * q.dtype.type(scale)
         probs = gemm(q, _swap(k))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from distprop.backend import get_array_module
+from distprop.ops import _util
 from distprop.ops._util import SMALL_ROWS, blocked_gemm, gemm, grad_destination, unbroadcast
 from distprop.ops.arith import check_same_device
 from distprop.ops.norm import channel_sum
@@ -67,7 +68,8 @@ class MatMul(Function):
 #: Linear's forward computes ``(W @ x^T)^T`` instead of ``x @ W^T`` when x has at most this many
 #: rows and W at least ``_LEFT_MIN_WEIGHT`` elements (and the blocks of ``blocked_gemm`` do not
 #: apply): OpenBLAS packs a transposed right operand slowly, and for few rows that packing is
-#: most of the GEMM (8 x 512 -> 2048: 0.44 ms vs 0.70; ``benchmarks/results/linear_rows.md``).
+#: most of the GEMM (8 x 512 -> 2048: 0.44 ms vs 0.67; ``python benchmarks/bench_gemm_rows.py``,
+#: ``benchmarks/results/linear_rows.md``).
 #: Equal to rounding (another summation order).
 _LEFT_MAX_ROWS = 48
 _LEFT_MIN_WEIGHT = 65536
@@ -81,7 +83,8 @@ def _is_host_float(a) -> bool:
 def _few_rows_gemm(a, b, out):
     """``a @ b`` in blocks (:func:`blocked_gemm`) into ``out`` (or a new array) when ``a`` or the
     inner dimension has few rows; None when one product is as good."""
-    if not _is_host_float(a) or min(a.shape) > SMALL_ROWS:
+    if (type(a) is not np.ndarray or a.dtype not in _util.BLOCKED_DTYPES
+            or min(a.shape) > SMALL_ROWS):
         return None
     result = np.empty((a.shape[0], b.shape[1]), a.dtype) if out is None else out
     return result if blocked_gemm(a, b, result) else None
@@ -141,11 +144,11 @@ class Linear(Function):
             dest = grad_destination(self, 1)
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] == 1 and _is_host_float(x2):
-                # one row: an outer product; OpenBLAS's K = 1 GEMM is ~4x slower than einsum
+                # one row: an outer product; OpenBLAS's K = 1 GEMM is 3.4x slower (linear_rows.md)
                 gw = np.einsum("i,j->ij", g2[0], x2[0], out=dest)
             else:
                 gw = _few_rows_gemm(g2.T, x2, dest)
                 gw = gemm(g2.T, x2, out=dest) if gw is None else gw
         if self.has_bias and self.needs_input_grad[2]:
-            gb = channel_sum(g2)  # a GEMV with ones: 1.4-2.7x NumPy's column sum
+            gb = channel_sum(g2)  # a GEMV with ones, faster than NumPy's column sum
         return gx, gw, gb
