@@ -98,9 +98,10 @@ def gemm(a, b, out=None):
 
 # OpenBLAS (SkylakeX kernels) multiplies without packing its operands when M*N*K <= 100^3; packing
 # a large weight is most of the work when the other operand has only a few rows. Split into blocks
-# under that size, such products run up to 2x faster (1 thread: LSTM H = 256, B = 8, one step
-# 92 -> 45 us forward, 94 -> 56 us backward; Linear 1024 -> 1024 with 4 rows 0.72 -> 0.21 ms
-# forward; no gain measured from 16 rows). ``benchmarks/results/lseq.md``, ``linear_rows.md``.
+# under that size, such products run up to 3x faster (1 thread: LSTM H = 256, B = 8, one step
+# 92 -> 45 us forward, 94 -> 56 us backward, ``benchmarks/results/lseq.md``; Linear 1024 -> 1024
+# with 4 rows 0.65 -> 0.21 ms forward, ``python benchmarks/bench_gemm_rows.py``,
+# ``linear_rows.md``; no gain measured from 16 rows).
 SMALL_GEMM = 100 ** 3
 SMALL_ROWS = 12
 MIN_BLOCK, MAX_BLOCK = 64, 256  # narrower blocks measured no faster than one product

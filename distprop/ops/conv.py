@@ -181,9 +181,8 @@ class ConvNd(Function):
         self.a = a if self.needs_input_grad[1] or fuse else None
         self.wk = wk if self.needs_input_grad[0] else None
         # The phase gathers read O/g columns per tap where col2im writes C/g: faster as long as
-        # the output has no more channels than the input (quiet machine, 1 thread: 1.1-1.4x
-        # faster at O = C; at O = 2 C up to 1.8x slower, e.g. the zoo cnn's 32 -> 64 3x3 layer
-        # 28 vs 15.5 ms; at O = 8 C 1.3x slower).
+        # the output has no more channels than the input (measured per layer at 1 thread: faster
+        # at O = C, slower from O = 2 C on, e.g. the zoo cnn's 32 -> 64 3x3 layer).
         # A 1x1 kernel has one tap: col2im is then a single copy, cheaper than the gathers.
         self.phase_grad = (self.PHASE_GRAD and xp is np and rows and og <= cg
                            and _prod(kernel) > 1 and all(d == 1 for d in dilation))
