@@ -90,8 +90,9 @@ class DistributedDataParallel(Module):
             gradients: a name in :data:`distprop.registry.COMMS` (``'auto'``, ...; see
             :func:`distprop.distributed.selection.make_comm`), or ``'shm'``: CPU gradients of
             ranks sharing a node live in one node-shared window and the default hook reduces
-            them there (then across nodes by MPI; :mod:`distprop.distributed.shm`). With the
-            default comm, ``DISTPROP_INTRA_NODE`` (``auto``, ``shm`` or ``mpi``) chooses.
+            them there (then across nodes by MPI; :mod:`distprop.distributed.shm`), or ``'mpi'``
+            for MPI's allreduce only. Otherwise (the default, another name, or a communicator
+            object) ``DISTPROP_INTRA_NODE`` (``auto``, ``shm`` or ``mpi``) chooses.
 
     ``state_dict()`` keys are the wrapped module's keys without a ``module.`` prefix, so
     checkpoints load into the bare model; ``load_state_dict`` also accepts ``module.``-prefixed
