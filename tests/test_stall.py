@@ -105,3 +105,40 @@ def test_stall_timeout_variable_overrides_the_adaptive_limit(monkeypatch, value,
         assert dog.limit == limit
     finally:
         dog.stop()
+
+
+# argv: seconds to wait at most. Writes to its stderr pipe, waits for the reader, reports how long.
+DRAIN = """
+import sys, time
+from distprop.distributed.comm import _drain_std_pipes
+sys.stderr.write("x" * 1000)
+sys.stderr.flush()
+print("ready", flush=True)
+began = time.monotonic()
+_drain_std_pipes(float(sys.argv[1]))
+print(f"{time.monotonic() - began:.3f}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("reader_delay, limit, low, high", [
+    (0.6, 10.0, 0.4, 5.0),  # returns once the reader has read, not at the limit
+    (None, 0.5, 0.4, 5.0),  # nobody reads: gives up at the limit
+])
+def test_abort_waits_until_its_last_words_leave_the_pipe(reader_delay, limit, low, high):
+    """Before MPI_Abort a rank waits until its stderr pipe is read (the process manager kills
+    it on the abort and may drop what is still in the pipe: a stall report went missing so)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", DRAIN, str(limit)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        if reader_delay is not None:
+            time.sleep(reader_delay)
+            assert proc.stderr.read(1000) == "x" * 1000
+        out = proc.stdout.readline()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert low < float(out) < high, out

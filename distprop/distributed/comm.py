@@ -249,6 +249,36 @@ def _flush_std() -> None:
             pass
 
 
+def _drain_std_pipes(limit: float = 2.0) -> None:
+    """Wait (at most ``limit`` seconds) until whoever reads our stdout/stderr pipes has read
+    what we wrote. MPI's process manager forwards a rank's output from a pipe and kills the rank
+    on ``MPI_Abort``: a message written just before the abort (the traceback, the stall report)
+    could still sit unread in the pipe and be lost. Linux's ``FIONREAD`` on either end of a pipe
+    counts the unread bytes; files, terminals and sockets are left alone."""
+    import fcntl
+    import stat
+    import struct
+    import termios
+
+    pipes = []
+    for fd in (1, 2):
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                pipes.append(fd)
+        except OSError:
+            pass
+    deadline = time.monotonic() + limit
+    for fd in pipes:
+        while time.monotonic() < deadline:
+            try:
+                unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:
+                break
+            if unread == 0:
+                break
+            time.sleep(0.005)
+
+
 class _MPIRequest(Request):
     """An mpi4py request plus what must happen when it completes (copy back, scale)."""
 
@@ -570,6 +600,7 @@ class MPICommunicator(Communicator):
 
     def abort(self, code: int = 1) -> None:
         _flush_std()
+        _drain_std_pipes()
         self.MPI.COMM_WORLD.Abort(code)
         # Some MPI builds (MPICH 5 with Hydra) return from MPI_Abort once the process manager
         # has the request and kill the job a moment later: never run on in the meantime.
