@@ -19,6 +19,7 @@ F = dp.nn.functional
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 # id, input shape, out channels, kernel, stride, padding, groups, channels-last input
+# (the rows layout, so the phase gradient, needs 8 channels with one group, 16 per group with more)
 PHASE = [
     ("s1_k3", (2, 8, 7, 6), 8, 3, 1, 1, 1, False),
     ("s1_k5_odd", (2, 16, 9, 7), 16, 5, 1, 2, 1, False),
@@ -28,10 +29,10 @@ PHASE = [
     ("s2_k5_odd", (2, 8, 11, 9), 8, 5, 2, 2, 1, False),
     ("s2_k4_even", (1, 16, 10, 10), 16, 4, 2, 1, 1, False),
     ("s3_uncovered", (1, 8, 8, 7), 8, 3, 3, 0, 1, False),  # rows/cols no window reaches
-    ("s4_gt_k", (2, 16, 9, 9), 8, 3, 4, 1, 2, False),  # phases without taps
+    ("s4_gt_k", (2, 32, 9, 9), 16, 3, 4, 1, 2, False),  # phases without taps
     ("rect_stride", (2, 8, 7, 9), 8, (3, 2), (1, 2), (1, 0), 1, False),
-    ("groups2_s2", (2, 16, 9, 8), 16, 3, 2, 1, 2, False),
-    ("groups4_s1", (2, 32, 6, 6), 16, 3, 1, 1, 4, False),
+    ("groups2_s2", (2, 32, 9, 8), 32, 3, 2, 1, 2, False),
+    ("groups4_s1", (2, 64, 6, 6), 32, 3, 1, 1, 4, False),
     ("channels_last_in", (2, 16, 7, 8), 16, 3, 1, 1, 1, True),
     ("batch1_tiny", (1, 8, 3, 3), 4, 3, 1, 1, 1, False),
 ]
@@ -82,14 +83,16 @@ def test_phase_input_grad_matches_torch(monkeypatch, name, shape, o, k, s, p, g,
 
 
 def test_phase_and_col2im_give_the_same_gradient(monkeypatch):
+    calls = _counting(monkeypatch)
     rng = np.random.default_rng(2)
-    x, w, _ = _conv_pair((2, 16, 11, 10), 24, 3, 2, 1, 2, "float64", False, rng)
+    x, w, _ = _conv_pair((2, 32, 11, 10), 24, 3, 2, 1, 2, "float64", False, rng)
     grads = []
     for phase in (True, False):
         monkeypatch.setattr(conv_mod.ConvNd, "PHASE_GRAD", phase)
         xd = dp.tensor(x, requires_grad=True)
         F.conv2d(xd, dp.tensor(w), stride=2, padding=1, groups=2).sum().backward()
         grads.append(xd.grad.numpy())
+    assert len(calls) == 1  # the phase gradient ran once, col2im once
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
@@ -97,8 +100,8 @@ def test_phase_and_col2im_give_the_same_gradient(monkeypatch):
 def test_phase_input_grad_finite_differences(monkeypatch, stride, padding, groups):
     calls = _counting(monkeypatch)
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((1, 16, 5, 4))
-    w = rng.standard_normal((8, 16 // groups, 3, 2))
+    x = rng.standard_normal((1, 16 * groups, 5, 4))  # 16 channels per group: rows layout
+    w = rng.standard_normal((8, 16, 3, 2))
     gradcheck(lambda a, b: F.conv2d(a, b, None, stride=stride, padding=padding, groups=groups),
               x, w)
     assert calls
@@ -122,7 +125,8 @@ def test_phase_input_grad_conv1d_matches_torch(monkeypatch):
 
 # in channels, out channels, kernel, stride, dilation, groups
 COL2IM = [
-    (8, 64, 3, 1, 1, 1),  # out channels > in channels (rows layout)
+    (16, 64, 3, 1, 1, 1),  # out channels > in channels (rows layout)
+    (8, 64, 3, 1, 1, 1),  # the same with 8 in channels (column layout)
     (8, 16, 3, 1, 1, 1),  # twice the in channels: the gathers would read twice as much
     (8, 16, 3, 2, 2, 1),  # dilated
     (3, 8, 5, 1, 1, 1),  # < 8 channels per group (column layout)

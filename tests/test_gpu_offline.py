@@ -99,7 +99,7 @@ def _convolution(cp, dtype):
                        in zip(shape[2:], padding, kernel, stride, dilation))
         cg = shape[1] // g
         m, kk = shape[0] * int(np.prod(out_sp)), cg * int(np.prod(kernel))
-        rows = cg >= ConvNd.ROWS_MIN_CHANNELS
+        rows = ConvNd.rows_layout(cg, cg, g)
         ka = kk + 1 if fuse else kk
         buf = cp.empty((m, g, ka) if rows else (g, ka, m), dtype=dtype)
         assert cuda_kernels.im2col(x, buf, rows, out_sp, kernel, stride, dilation, padding,

@@ -134,8 +134,21 @@ class ConvNd(Function):
 
     amp_policy = "lower"  # autocast: see distprop/amp.py
 
-    ROWS_MIN_CHANNELS = 8
+    ROWS_MIN_CHANNELS = 16
     PHASE_GRAD = True  # NumPy, undilated: input gradient by conv_grad (no col2im)
+
+    @classmethod
+    def rows_layout(cls, cg: int, og: int, groups: int) -> bool:
+        """Store the columns rows-major ``(M, g, K)`` (from a channels-last input)?
+
+        From 16 channels per group on; with one group, from 8 when the output has no more
+        channels than the input (the phase input gradient, which wants rows, applies). Below,
+        the ``(g, K, M)`` layout's long runs along the output width win. Forward+backward at 1
+        thread (``benchmarks/bench_conv_layout.py``, ``benchmarks/results/conv_layout.md``):
+        at 8 channels per group ``(g, K, M)`` takes 0.72-0.95x the rows layout's time, except
+        one group 8 -> 8 channels, 1.27-1.35x.
+        """
+        return cg >= cls.ROWS_MIN_CHANNELS or (cg >= 8 and og <= cg and groups == 1)
 
     def forward(self, x, weight, bias=None, *, stride, padding, dilation, groups):
         xp = get_array_module(x)
@@ -150,7 +163,7 @@ class ConvNd(Function):
             for size, (lo, hi), k, s, d in zip(x.shape[2:], padding, kernel, stride, dilation)
         )
         m, kk = n * _prod(out_sp), _prod(kernel) * cg
-        rows = cg >= self.ROWS_MIN_CHANNELS
+        rows = self.rows_layout(cg, og, g)
         fuse = bias is not None and g == 1
         ka = kk + 1 if fuse else kk
         buf = scratch(xp, (m, g, ka) if rows else (g, ka, m), x.dtype)
