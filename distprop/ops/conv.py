@@ -414,6 +414,9 @@ def _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, channels_last
     pad_shape = _padded_shape(x_shape, padding)
     gpad = _alloc(xp, pad_shape, gcols.dtype, channels_last, zero=True)
     g, cg = gcols.shape[1 + nd], gcols.shape[-1]
+    if g == 1 and channels_last and cg < 32 and all(d == 1 for d in dilation):
+        _col2im_runs(xp, gcols, move_channels_last(gpad), kernel, stride, out_sp)
+        return gpad[_interior(x_shape, padding)]
     offsets = itertools.product(*(range(k) for k in kernel))
     if g == 1:  # plain slices, no as_strided per offset (its Python cost shows on small convs)
         src = gcols.reshape(gcols.shape[0], *out_sp, *kernel, cg).transpose(
@@ -433,6 +436,36 @@ def _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, channels_last
                          (sn, *(st * s for st, s in zip(ssp, stride)), sc * cg, sc))
         dst += gcols[(slice(None),) * (2 + nd) + offs]
     return gpad[_interior(x_shape, padding)]
+
+
+def _col2im_runs(xp, gcols, gpad_cl, kernel, stride, out_sp):
+    """col2im of one group's rows-major columns into the channels-last ``gpad_cl`` (N, *sp, C),
+    undilated, with runs of ``kernel[-1] * C`` contiguous floats instead of ``C``.
+
+    For one output position along the last dim, its ``kernel[-1]`` taps cover ``kernel[-1] * C``
+    consecutive input values, and so do their columns (the (kernel, C) order of a column
+    row). Positions ``step = ceil(k / s)`` apart never overlap, so one add per offset of the
+    leading kernel dims and per residue of the last output dim modulo ``step`` covers every
+    tap: ``prod(kernel[:-1]) * step`` adds (at most ``prod(kernel)``) whose inner loop NumPy
+    runs over the whole run. Used below 32 channels: there it took 0.66-0.98x the per-offset
+    adds' time; from 32 channels on NumPy sometimes buffers the whole 5-d view and it measured
+    0.72-1.52x, shape by shape (``benchmarks/bench_col2im.py``,
+    ``benchmarks/results/col2im_runs.md``).
+    """
+    nd = len(kernel)
+    n, c = gcols.shape[0], gcols.shape[-1]
+    k, s, o = kernel[-1], stride[-1], out_sp[-1]
+    step = -(-k // s)
+    src = gcols.reshape(n, *out_sp, *kernel, c)
+    sn, *ssp, sc = gpad_cl.strides
+    for lead in itertools.product(*(range(kd) for kd in kernel[:-1])):
+        for j in range(min(step, o)):
+            count = len(range(j, o, step))
+            corner = gpad_cl[(slice(None), *(slice(i, None) for i in lead), slice(j * s, None))]
+            dst = as_strided(xp, corner, (n, *out_sp[:-1], count, k, c),
+                             (sn, *(st * sd for st, sd in zip(ssp[:-1], stride[:-1])),
+                              ssp[-1] * s * step, ssp[-1], sc))
+            dst += src[(slice(None), *(slice(None),) * (nd - 1), slice(j, None, step), *lead)]
 
 
 def _prod(values) -> int:
