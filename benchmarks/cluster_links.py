@@ -26,11 +26,9 @@ sys.path.insert(0, str(REPO / "tests" / "cluster"))
 import netcluster  # noqa: E402
 
 RATES = ("10gbit", "1gbit", "100mbit")
-# Own host, switch and state names: a test run of tests/test_cluster.py at the same time (which
-# builds and removes hosta/hostb) must not tear this cluster down in the middle of a benchmark.
+# A private cluster (its own namespace names): a test run of tests/test_cluster.py at the same
+# time must not tear it down in the middle of a benchmark.
 HOST_A, HOST_B = "lnka", "lnkb"
-netcluster.SWITCH = "dpc-lnk-switch"
-STATE = Path("/run/distprop-linkbench")
 KINDS = ("none", "fp16", "bf16")
 
 
@@ -213,7 +211,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     trees = [("after", REPO)] + ([("before", args.baseline.resolve())] if args.baseline else [])
-    cluster = netcluster.Cluster((HOST_A, HOST_B), STATE).up()
+    cluster = netcluster.Cluster.private((HOST_A, HOST_B)).up()
     rows = []
     try:
         env = {**cluster.mpi_env(), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}

@@ -1,8 +1,8 @@
 """PowerSGD vs fp16 vs no compression over an emulated 100 Mbit/s link: step time and accuracy.
 
-Builds a two-host test cluster (tests/cluster/netcluster.py; needs root) under its own names
-(hosts ``hka``/``hkb``, switch ``dpc-hk-switch``, state ``/run/distprop-cluster-hk``) so it
-does not disturb another cluster on the machine, limits each host's eth0 with tbf to the rate,
+Builds a private two-host test cluster (tests/cluster/netcluster.py; needs root; hosts
+``hka``/``hkb``, namespaces of this process's own) so it does not disturb another cluster on
+the machine, limits each host's eth0 with tbf to the rate,
 and runs ``distprop train -H hka:1,hkb:1 -n 2 --model mlp --dataset mnist1d`` (5 epochs,
 565 steps of 64 samples) with ``--compression none``, ``fp16`` and ``powersgd
 --powersgd-rank 4 --powersgd-start 57`` (PyTorch's advice: start after ~10 % of the steps),
@@ -26,9 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 import netcluster  # noqa: E402
 
-netcluster.SWITCH = "dpc-hk-switch"
 HOSTS = ("hka", "hkb")
-STATE = Path("/run/distprop-cluster-hk")
 KINDS = {
     "none": ["--compression", "none"],
     "fp16": ["--compression", "fp16"],
@@ -94,7 +92,7 @@ def main() -> int:
     parser.add_argument("--first-repeat", type=int, default=0,
                         help="number the rounds from here (another invocation adding rounds)")
     args = parser.parse_args()
-    cluster = netcluster.Cluster(HOSTS, state=STATE).up()
+    cluster = netcluster.Cluster.private(HOSTS).up()
     rows = []
     names = list(KINDS)
     try:

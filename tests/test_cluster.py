@@ -31,7 +31,7 @@ PRIVATE = "/tmp/distprop-cluster-out"  # each host sees its own directory here
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = netcluster.Cluster(("hosta", "hostb"))
+    c = netcluster.Cluster.private(("hosta", "hostb"))
     try:
         c.up()
         yield c
@@ -130,3 +130,33 @@ def test_hosts_have_their_own_names_and_addresses(cluster):
     assert os.uname().nodename not in names
     hosts = cluster.run("hosta", ["cat", "/etc/hosts"], timeout=10).stdout
     assert "198.18.0.11 hostb" in hosts
+
+
+def test_a_second_cluster_and_a_dead_runs_leftovers_leave_this_one_alone(cluster):
+    """Two test runs on one machine: another cluster with the same host names comes up and goes
+    down beside this one, and a private cluster whose process died is removed by the next
+    ``Cluster.private()``, without touching this one."""
+    import subprocess
+
+    def namespaces() -> str:
+        return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                              timeout=10).stdout
+
+    other = netcluster.Cluster(("hosta", "hostb"), netcluster.STATE.parent / "distprop-other",
+                               prefix=f"dpo{os.getpid()}-").up()
+    try:
+        assert other.run("hostb", ["hostname"], timeout=10).stdout.strip() == "hostb"
+        assert f"dpo{os.getpid()}-hosta" in namespaces()
+    finally:
+        other.down()
+    assert f"dpo{os.getpid()}-hosta" not in namespaces()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = netcluster.Cluster(("hosta",), netcluster.STATE.parent /
+                               f"{netcluster.STATE.name}-{dead.pid}", prefix=f"dpc{dead.pid}-")
+    stale.up()
+    assert f"dpc{dead.pid}-hosta" in namespaces()
+    netcluster.Cluster.private()  # reaps the dead process's cluster
+    assert f"dpc{dead.pid}-hosta" not in namespaces() and not stale.state.exists()
+    for host in cluster.hosts:  # this module's cluster still answers
+        assert cluster.run(host, ["hostname"], timeout=10).stdout.strip() == host

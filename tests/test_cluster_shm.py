@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = netcluster.Cluster(("hosta", "hostb"))
+    c = netcluster.Cluster.private(("hosta", "hostb"))
     try:
         c.up()
         yield c

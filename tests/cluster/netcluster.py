@@ -1,11 +1,14 @@
 """An emulated multi-host cluster on one machine, for the multi-node tests (needs root).
 
-Each host is a network namespace ``dpc-<host>`` plus a persistent UTS namespace (its own
-``hostname``, hence its own ``MPI_Get_processor_name``) and ``/etc/netns/dpc-<host>/hosts``
+Each host is a network namespace ``<prefix><host>`` plus a persistent UTS namespace (its own
+``hostname``, hence its own ``MPI_Get_processor_name``) and ``/etc/netns/<prefix><host>/hosts``
 naming every host. Every host has one interface, ``eth0``, with an address from 198.18.0.0/24
 (a benchmarking test range that exists only inside these namespaces); the other ends of the veth
-pairs sit on a bridge in a separate namespace ``dpc-switch``, so nothing is added to the
-machine's own namespace. ``tc tbf`` on each ``eth0`` emulates a slower link. Each host also has
+pairs sit on a bridge in a separate namespace ``<prefix>switch``, so nothing is added to the
+machine's own namespace. The prefix is ``dpc-`` for the command line's cluster and
+``dpc<pid>-`` for a test's (:meth:`Cluster.private`), so two test runs on one machine never
+touch each other's hosts; a private cluster whose process died is removed by the next one.
+``tc tbf`` on each ``eth0`` emulates a slower link. Each host also has
 its own directory under ``<state>/disk/<host>``: ``hostexec`` mounts it over ``$DPC_PRIVATE`` to
 give a host its own "local disk".
 
@@ -30,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HOSTEXEC = HERE / "hostexec"
 STATE = Path(os.environ.get("DPC_STATE", "/run/distprop-cluster"))
-SWITCH = "dpc-switch"
+PREFIX = "dpc-"
 SUBNET = "198.18.0"
 DEFAULT_HOSTS = ("hosta", "hostb")
 TOOLS = ("ip", "nsenter", "unshare", "tc", "mount")
@@ -53,10 +56,6 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def _netns(host: str) -> str:
-    return f"dpc-{host}"
-
-
 def address(index: int) -> str:
     """The address of the index-th host (0-based)."""
     return f"{SUBNET}.{10 + index}"
@@ -65,9 +64,31 @@ def address(index: int) -> str:
 class Cluster:
     """The emulated hosts: ``up()`` builds them, ``down()`` removes everything ``up`` made."""
 
-    def __init__(self, hosts=DEFAULT_HOSTS, state: Path = STATE):
+    def __init__(self, hosts=DEFAULT_HOSTS, state: Path = STATE, prefix: str = PREFIX):
         self.hosts = list(hosts)
         self.state = Path(state)
+        self.prefix = prefix
+        self.switch = f"{prefix}switch"
+
+    @classmethod
+    def private(cls, hosts=DEFAULT_HOSTS) -> Cluster:
+        """A cluster of this process's own (namespaces ``dpc<pid>-*``, state under
+        ``/run/distprop-cluster-<pid>``); first removes private clusters whose process died."""
+        for stale in STATE.parent.glob(f"{STATE.name}-*"):
+            owner = stale.name.rsplit("-", 1)[-1]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                cls._from_state(stale).down()
+        pid = os.getpid()
+        return cls(hosts, STATE.parent / f"{STATE.name}-{pid}", f"dpc{pid}-")
+
+    @classmethod
+    def _from_state(cls, state: Path) -> Cluster:
+        listed, prefix = state / "hosts", state / "prefix"
+        hosts = listed.read_text().strip().split(",") if listed.exists() else []
+        return cls(hosts, state, prefix.read_text().strip() if prefix.exists() else PREFIX)
+
+    def netns(self, host: str) -> str:
+        return f"{self.prefix}{host}"
 
     # -- building and tearing down ----------------------------------------------------------
 
@@ -86,19 +107,20 @@ class Cluster:
     def _build(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "hosts").write_text(",".join(self.hosts) + "\n")
-        _sh("ip", "netns", "add", SWITCH)
-        _sh("ip", "-n", SWITCH, "link", "add", "br0", "type", "bridge")
-        _sh("ip", "-n", SWITCH, "link", "set", "br0", "up")
+        (self.state / "prefix").write_text(self.prefix + "\n")  # read by hostexec
+        _sh("ip", "netns", "add", self.switch)
+        _sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _sh("ip", "-n", self.switch, "link", "set", "br0", "up")
         hosts_file = "127.0.0.1 localhost\n" + "".join(
             f"{address(i)} {h}\n" for i, h in enumerate(self.hosts))
         for i, host in enumerate(self.hosts):
-            ns = _netns(host)
+            ns = self.netns(host)
             _sh("ip", "netns", "add", ns)
             # veth pair created inside the host's namespace, peer moved to the switch: the
             # machine's own namespace never holds either end.
             _sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", host,
-                "netns", SWITCH)
-            _sh("ip", "-n", SWITCH, "link", "set", host, "master", "br0", "up")
+                "netns", self.switch)
+            _sh("ip", "-n", self.switch, "link", "set", host, "master", "br0", "up")
             _sh("ip", "-n", ns, "addr", "add", f"{address(i)}/24", "dev", "eth0")
             _sh("ip", "-n", ns, "link", "set", "eth0", "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -120,9 +142,9 @@ class Cluster:
             uts = self.state / f"{host}.uts"
             if uts.exists():
                 _sh("umount", str(uts), check=False)
-            _sh("ip", "netns", "del", _netns(host), check=False)
-            shutil.rmtree(Path("/etc/netns") / _netns(host), ignore_errors=True)
-        _sh("ip", "netns", "del", SWITCH, check=False)
+            _sh("ip", "netns", "del", self.netns(host), check=False)
+            shutil.rmtree(Path("/etc/netns") / self.netns(host), ignore_errors=True)
+        _sh("ip", "netns", "del", self.switch, check=False)
         if self.state.exists():
             shutil.rmtree(self.state, ignore_errors=True)
 
@@ -132,7 +154,7 @@ class Cluster:
         """Limit every host's outgoing eth0 traffic to ``rate`` (tc syntax, e.g. ``1gbit``);
         None or "none" removes the limit."""
         for host in self.hosts:
-            ns = _netns(host)
+            ns = self.netns(host)
             _sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
                 check=False)
             if rate and rate != "none":
