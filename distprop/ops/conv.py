@@ -15,6 +15,7 @@ GEMM ``grad @ W`` per group followed by col2im, which loops over kernel offsets 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -162,7 +163,7 @@ class ConvNd(Function):
             (size + lo + hi - d * (k - 1) - 1) // s + 1
             for size, (lo, hi), k, s, d in zip(x.shape[2:], padding, kernel, stride, dilation)
         )
-        m, kk = n * _prod(out_sp), _prod(kernel) * cg
+        m, kk = n * math.prod(out_sp), math.prod(kernel) * cg
         rows = self.rows_layout(cg, og, g)
         fuse = bias is not None and g == 1
         ka = kk + 1 if fuse else kk
@@ -198,7 +199,7 @@ class ConvNd(Function):
         # at O = C, slower from O = 2 C on, e.g. the zoo cnn's 32 -> 64 3x3 layer).
         # A 1x1 kernel has one tap: col2im is then a single copy, cheaper than the gathers.
         self.phase_grad = (self.PHASE_GRAD and xp is np and rows and og <= cg
-                           and _prod(kernel) > 1 and all(d == 1 for d in dilation))
+                           and math.prod(kernel) > 1 and all(d == 1 for d in dilation))
         self.has_bias = bias is not None
         return move_channels_first(out.reshape(n, *out_sp, o))
 
@@ -206,7 +207,7 @@ class ConvNd(Function):
         xp = get_array_module(grad_out)
         x_shape, out_sp, kernel, stride, dilation, padding, g, og, cg, rows, fuse = self.meta
         n, o = grad_out.shape[:2]
-        m, kk, nd = n * _prod(out_sp), _prod(kernel) * cg, len(kernel)
+        m, kk, nd = n * math.prod(out_sp), math.prod(kernel) * cg, len(kernel)
         g2 = move_channels_last(grad_out).reshape(m, g, og).transpose(1, 0, 2)  # (g, M, og)
         gx = gw = gb = None
         need_w = self.needs_input_grad[1]
@@ -256,7 +257,7 @@ class PointwiseConv(Function):
         o = weight.shape[0]
         sub = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
         out_sp = sub.shape[2:]
-        p = _prod(out_sp)
+        p = math.prod(out_sp)
         w2 = weight.reshape(o, c)
         # One input channel: both layouts at once; the output is then made channels-first (as
         # PyTorch's), so the ops after it and the output gradient run on contiguous memory.
@@ -285,7 +286,7 @@ class PointwiseConv(Function):
         xp = get_array_module(grad_out)
         x_shape, dtype, stride, out_sp, _, last = self.meta
         n, o = grad_out.shape[:2]
-        c, p = x_shape[1], _prod(out_sp)
+        c, p = x_shape[1], math.prod(out_sp)
         gx = gw = gb = None
         if last:
             g2 = move_channels_last(grad_out).reshape(n * p, o)
@@ -330,7 +331,7 @@ class GroupedPointwiseConv(Function):
         og, cg = o // g, c // g
         sub = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
         out_sp = sub.shape[2:]
-        p = _prod(out_sp)
+        p = math.prod(out_sp)
         w3 = weight.reshape(g, og, cg)
         self.last = is_channels_last(sub)
         self.meta = (x.shape, x.dtype, stride, out_sp, g)
@@ -356,7 +357,7 @@ class GroupedPointwiseConv(Function):
         xp = get_array_module(grad_out)
         x_shape, dtype, stride, out_sp, g = self.meta
         n, o = grad_out.shape[:2]
-        c, p = x_shape[1], _prod(out_sp)
+        c, p = x_shape[1], math.prod(out_sp)
         og, cg = o // g, c // g
         ones = (1,) * len(out_sp)
         gx = gw = gb = None
@@ -466,13 +467,6 @@ def _col2im_runs(xp, gcols, gpad_cl, kernel, stride, out_sp):
                              (sn, *(st * sd for st, sd in zip(ssp[:-1], stride[:-1])),
                               ssp[-1] * s * step, ssp[-1], sc))
             dst += src[(slice(None), *(slice(None),) * (nd - 1), slice(j, None, step), *lead)]
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 def conv_nd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,

@@ -14,6 +14,7 @@ inner dimension is ``T*O/groups`` instead of ``O/groups``.
 from __future__ import annotations
 
 import itertools
+import math
 
 from distprop.ops._util import gemm
 from distprop.ops.workspace import scratch
@@ -62,8 +63,8 @@ def input_grad(xp, grad_cl, wk, x_shape, kernel, stride, padding, groups):
     for phase in itertools.product(*active):
         taps = tuple(p[1] for p in phase)
         qs = tuple(p[3] for p in phase)
-        rows = n * _prod(qs)
-        kt = _prod(taps) * og
+        rows = n * math.prod(qs)
+        kt = math.prod(taps) * og
         start = gpad[(slice(None), *(slice(p[2] + lo, None) for p, lo in zip(phase, pl)))]
         view = xp.lib.stride_tricks.as_strided(
             start, (n, *qs, g, *taps, og), (sn, *ssp, og * so, *ssp, so))
@@ -97,10 +98,3 @@ def _zero_border(buf, lo, inner):
             buf[(*before, slice(0, lo[dim]))] = 0
         if buf.shape[1 + dim] > lo[dim] + inner[dim]:
             buf[(*before, slice(lo[dim] + inner[dim], None))] = 0
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
