@@ -110,11 +110,10 @@ class BatchNorm(Function):
 
     amp_policy = "fp32"  # autocast: see distprop/amp.py
 
-    def forward(self, x, weight=None, bias=None, *, mean=None, var=None, eps, stats_out=None,
-                running=None):
-        """Batch statistics when ``mean``/``var`` are None (training; stored into ``stats_out``
-        when given, and folded into ``running = (running_mean, running_var, momentum)`` in
-        place when given), else those (the running statistics)."""
+    def forward(self, x, weight=None, bias=None, *, mean=None, var=None, eps, running=None):
+        """Batch statistics when ``mean``/``var`` are None (training; folded into
+        ``running = (running_mean, running_var, momentum)`` in place when given), else those
+        (the running statistics)."""
         xp = _xp(x)
         self.batch_stats = mean is None
         if self.batch_stats:
@@ -122,8 +121,6 @@ class BatchNorm(Function):
             mean = channel_sum(x, 1.0 / count)
             xc = xp.subtract(x, per_channel(mean, x))
             var = channel_dot(xc, xc, 1.0 / count)
-            if stats_out is not None:
-                stats_out.extend((mean, var))
             if running is not None:
                 _update_running(*running, mean, var, count)
             invstd = var + eps
@@ -290,7 +287,7 @@ class LayerNorm(Function):
             return self._forward_axes(x, weight, bias, ndim, eps)
         feat = rows.shape[1]
         one = x.dtype.type
-        mean = rows @ np.ones(feat, dtype=x.dtype)
+        mean = rows @ _filled(feat, 1.0, rows)
         mean *= one(1.0 / feat)
         xhat = np.subtract(rows, mean[:, None], out=rows if residual is not None else None)
         var = np.einsum("ij,ij->i", xhat, xhat)
@@ -329,7 +326,7 @@ class LayerNorm(Function):
         if weight is not None and self.needs_input_grad[1]:
             gw = np.einsum("ij,ij->j", g, xhat).reshape(self.norm_shape)
         if self.has_bias and self.needs_input_grad[2]:
-            gb = (np.ones(g.shape[0], dtype=g.dtype) @ g).reshape(self.norm_shape)
+            gb = (_filled(g.shape[0], 1.0, g) @ g).reshape(self.norm_shape)
         if self.needs_input_grad[0] or (self.has_residual and self.needs_input_grad[3]):
             one = g.dtype.type
             # gx = invstd * gh - (invstd * mean(gh xhat)) * xhat - invstd * mean(gh)
@@ -339,7 +336,7 @@ class LayerNorm(Function):
                 mean_gh = g @ w
             else:
                 gh = g
-                mean_gh = g @ np.ones(feat, dtype=g.dtype)
+                mean_gh = g @ _filled(feat, 1.0, g)
             proj = np.einsum("ij,ij->i", gh, xhat)
             proj *= invstd
             proj *= one(1.0 / feat)
