@@ -51,6 +51,7 @@ def _hold_padded(seq, t, dh, dc):
     dc *= seq.valid[t]
     return carry
 
+
 class _Sequence:
     """Time-step bookkeeping shared by the cells: order, state slots and padding masks."""
 
