@@ -193,6 +193,44 @@ def test_col2im_runs_match_torch(monkeypatch, shape, o, k, s, p, dtype):
     tol = dict(rtol=1e-10, atol=1e-11) if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), **tol)
 
+
+# x shape, out channels, kernel, stride, padding, groups: the (g, K, M) column layout (fewer
+# than 16 channels per group), strided, undilated, 32+ output columns: col2im by stride-phase
+# planes
+COL2IM_PHASES = [
+    ((2, 16, 5, 65), 32, 3, 2, 1, 2),
+    ((1, 8, 6, 68), 16, 5, 2, 2, 4),
+    ((1, 12, 7, 97), 12, (3, 2), (2, 3), (1, 0), 3),  # rectangular, odd plane sizes
+    ((2, 8, 4, 64), 8, 2, 2, 0, 2),  # stride = kernel: one tap per phase
+    ((1, 8, 7, 33), 8, 3, (2, 1), 1, 4),  # strided in one dim only
+    ((2, 6, 98), 6, 3, 3, 1, 3),  # conv1d
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape,o,k,s,p,g", COL2IM_PHASES)
+def test_col2im_phases_match_torch(monkeypatch, shape, o, k, s, p, g, dtype):
+    phases = []
+    real = conv_mod._col2im_phases
+    monkeypatch.setattr(conv_mod, "_col2im_phases", lambda *a: phases.append(1) or real(*a))
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal(shape).astype(dtype)
+    nd = len(shape) - 2
+    kernel = (k,) * nd if isinstance(k, int) else k
+    w = rng.standard_normal((o, shape[1] // g, *kernel)).astype(dtype)
+    conv = F.conv2d if nd == 2 else F.conv1d
+    ref_conv = torch.nn.functional.conv2d if nd == 2 else torch.nn.functional.conv1d
+    xd, xt = dp.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    out = conv(xd, dp.tensor(w), stride=s, padding=p, groups=g)
+    ref = ref_conv(xt, torch.tensor(w), stride=s, padding=p, groups=g)
+    grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
+    out.backward(dp.tensor(grad))
+    ref.backward(torch.tensor(grad))
+    assert phases, "col2im did not take the phase planes"
+    assert xd.grad.dtype == np.dtype(dtype) and xd.grad.shape == x.shape
+    tol = dict(rtol=1e-10, atol=1e-11) if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), **tol)
+
 # --- the scratch pool ------------------------------------------------------------------------
 
 

@@ -412,9 +412,12 @@ def _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, channels_last
     """
     nd = len(kernel)
     out_sp = gcols.shape[1 : 1 + nd]
+    g, cg = gcols.shape[1 + nd], gcols.shape[-1]
+    if (g > 1 and not channels_last and out_sp[-1] >= 32 and any(s > 1 for s in stride)
+            and all(d == 1 for d in dilation)):
+        return _col2im_phases(xp, gcols, x_shape, kernel, stride, padding)
     pad_shape = _padded_shape(x_shape, padding)
     gpad = _alloc(xp, pad_shape, gcols.dtype, channels_last, zero=True)
-    g, cg = gcols.shape[1 + nd], gcols.shape[-1]
     if g == 1 and channels_last and cg < 32 and all(d == 1 for d in dilation):
         _col2im_runs(xp, gcols, move_channels_last(gpad), kernel, stride, out_sp)
         return gpad[_interior(x_shape, padding)]
@@ -436,6 +439,41 @@ def _col2im(xp, gcols, x_shape, kernel, stride, dilation, padding, channels_last
         dst = as_strided(xp, corner, (x_shape[0], *out_sp, g, cg),
                          (sn, *(st * s for st, s in zip(ssp, stride)), sc * cg, sc))
         dst += gcols[(slice(None),) * (2 + nd) + offs]
+    return gpad[_interior(x_shape, padding)]
+
+
+def _col2im_phases(xp, gcols, x_shape, kernel, stride, padding):
+    """col2im of grouped ``(g, K, M)`` columns with a stride: per stride phase a plane of its own.
+
+    The input positions ``y = q * s + r`` of one phase ``r`` (per spatial dim) form a
+    contiguous plane, and kernel offset ``i`` only touches the plane of phase ``i % s``, at
+    plane positions ``out + i // s``: so every offset is one unit-stride add (the per-offset
+    adds into the padded input step by ``s``), and one strided copy per phase interleaves the
+    planes at the end. The same additions in the same order as the per-offset loop. Used from
+    32 output columns on, where it took 0.71-0.96x the per-offset loop's time; at 16 columns it
+    was 0.90-1.03x and at 8 the rows are too short to repay the planes' zeroing and
+    interleaving (up to 1.19x) (``benchmarks/bench_col2im.py --phases``,
+    ``benchmarks/results/col2im_runs.md``).
+    """
+    nd = len(kernel)
+    n, c = x_shape[:2]
+    out_sp = gcols.shape[1 : 1 + nd]
+    g, cg = gcols.shape[1 + nd], gcols.shape[-1]
+    pad_shape = _padded_shape(x_shape, padding)
+    plane = [-(-size // s) for size, s in zip(pad_shape[2:], stride)]
+    planes = xp.zeros((n, g, cg, *stride, *plane), dtype=gcols.dtype)
+    # (N, g, cg, *out, *kernel) view of the columns
+    src = gcols.transpose((0, 1 + nd, 2 + 2 * nd, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd)))
+    for offs in itertools.product(*(range(k) for k in kernel)):
+        dst = planes[(slice(None), slice(None), slice(None),
+                      *(i % s for i, s in zip(offs, stride)),
+                      *(slice(i // s, i // s + o) for i, s, o in zip(offs, stride, out_sp)))]
+        dst += src[(Ellipsis, *offs)]
+    gpad = xp.empty((n, c, *(p * s for p, s in zip(plane, stride))), dtype=gcols.dtype)
+    planes = planes.reshape(n, c, *stride, *plane)
+    for phase in itertools.product(*(range(s) for s in stride)):
+        gpad[(slice(None), slice(None), *(slice(r, None, s) for r, s in zip(phase, stride)))] = \
+            planes[(slice(None), slice(None), *phase)]
     return gpad[_interior(x_shape, padding)]
 
 
