@@ -155,65 +155,37 @@ def test_other_convs_keep_col2im_and_match_torch(monkeypatch, c, o, k, s, d, g):
 
 
 
-# x shape, out channels, kernel, stride, padding: rows layout, one group, more out than in
-# channels, undilated: col2im adds runs of kernel[-1] * C floats (conv._col2im_runs)
-COL2IM_RUNS = [
-    ((2, 16, 7, 8), 32, 3, 1, 1),
-    ((2, 16, 9, 9), 32, 5, 1, 2),
-    ((2, 16, 9, 10), 24, 3, 2, 1),  # step 2: two residues per kernel row
-    ((1, 16, 11, 12), 32, (3, 5), (2, 3), (1, 2)),  # rectangular, step 2 in the last dim
-    ((2, 16, 8, 9), 32, (2, 4), (3, 4), 0),  # stride >= kernel: no overlap, one residue
-    ((2, 16, 6, 7), 32, (1, 3), 1, (0, 1)),  # one kernel row
-    ((1, 16, 4, 3), 32, 3, 1, 0),  # a single output column
-    ((2, 16, 13), 32, 5, 2, 2),  # conv1d
+# col2im's special paths, each reached by its own geometries: x shape, out channels, kernel,
+# stride, padding, groups.
+# _col2im_runs: rows layout, one group, more out than in channels, fewer than 32 channels,
+# undilated: adds runs of kernel[-1] * C floats.
+# _col2im_phases: the (g, K, M) layout (fewer than 16 channels per group), strided, undilated,
+# 32+ output columns: one plane per stride phase.
+COL2IM_PATHS = [
+    ("_col2im_runs", (2, 16, 7, 8), 32, 3, 1, 1, 1),
+    ("_col2im_runs", (2, 16, 9, 9), 32, 5, 1, 2, 1),
+    ("_col2im_runs", (2, 16, 9, 10), 24, 3, 2, 1, 1),  # step 2: two residues per kernel row
+    ("_col2im_runs", (1, 16, 11, 12), 32, (3, 5), (2, 3), (1, 2), 1),  # rectangular, step 2
+    ("_col2im_runs", (2, 16, 8, 9), 32, (2, 4), (3, 4), 0, 1),  # stride >= kernel: 1 residue
+    ("_col2im_runs", (2, 16, 6, 7), 32, (1, 3), 1, (0, 1), 1),  # one kernel row
+    ("_col2im_runs", (1, 16, 4, 3), 32, 3, 1, 0, 1),  # a single output column
+    ("_col2im_runs", (2, 16, 13), 32, 5, 2, 2, 1),  # conv1d
+    ("_col2im_phases", (2, 16, 5, 65), 32, 3, 2, 1, 2),
+    ("_col2im_phases", (1, 8, 6, 68), 16, 5, 2, 2, 4),
+    ("_col2im_phases", (1, 12, 7, 97), 12, (3, 2), (2, 3), (1, 0), 3),  # odd plane sizes
+    ("_col2im_phases", (2, 8, 4, 64), 8, 2, 2, 0, 2),  # stride = kernel: one tap per phase
+    ("_col2im_phases", (1, 8, 7, 33), 8, 3, (2, 1), 1, 4),  # strided in one dim only
+    ("_col2im_phases", (2, 6, 98), 6, 3, 3, 1, 3),  # conv1d
 ]
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("shape,o,k,s,p", COL2IM_RUNS)
-def test_col2im_runs_match_torch(monkeypatch, shape, o, k, s, p, dtype):
-    runs = []
-    real = conv_mod._col2im_runs
-    monkeypatch.setattr(conv_mod, "_col2im_runs", lambda *a: runs.append(1) or real(*a))
+@pytest.mark.parametrize("path,shape,o,k,s,p,g", COL2IM_PATHS)
+def test_col2im_paths_match_torch(monkeypatch, path, shape, o, k, s, p, g, dtype):
+    taken = []
+    real = getattr(conv_mod, path)
+    monkeypatch.setattr(conv_mod, path, lambda *a: taken.append(1) or real(*a))
     rng = np.random.default_rng(13)
-    x = rng.standard_normal(shape).astype(dtype)
-    nd = len(shape) - 2
-    kernel = (k,) * nd if isinstance(k, int) else k
-    w = rng.standard_normal((o, shape[1], *kernel)).astype(dtype)
-    conv = F.conv2d if nd == 2 else F.conv1d
-    ref_conv = torch.nn.functional.conv2d if nd == 2 else torch.nn.functional.conv1d
-    xd, xt = dp.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
-    out = conv(xd, dp.tensor(w), stride=s, padding=p)
-    ref = ref_conv(xt, torch.tensor(w), stride=s, padding=p)
-    grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
-    out.backward(dp.tensor(grad))
-    ref.backward(torch.tensor(grad))
-    assert runs, "col2im did not take the runs path"
-    assert xd.grad.dtype == np.dtype(dtype)
-    tol = dict(rtol=1e-10, atol=1e-11) if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), **tol)
-
-
-# x shape, out channels, kernel, stride, padding, groups: the (g, K, M) column layout (fewer
-# than 16 channels per group), strided, undilated, 32+ output columns: col2im by stride-phase
-# planes
-COL2IM_PHASES = [
-    ((2, 16, 5, 65), 32, 3, 2, 1, 2),
-    ((1, 8, 6, 68), 16, 5, 2, 2, 4),
-    ((1, 12, 7, 97), 12, (3, 2), (2, 3), (1, 0), 3),  # rectangular, odd plane sizes
-    ((2, 8, 4, 64), 8, 2, 2, 0, 2),  # stride = kernel: one tap per phase
-    ((1, 8, 7, 33), 8, 3, (2, 1), 1, 4),  # strided in one dim only
-    ((2, 6, 98), 6, 3, 3, 1, 3),  # conv1d
-]
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("shape,o,k,s,p,g", COL2IM_PHASES)
-def test_col2im_phases_match_torch(monkeypatch, shape, o, k, s, p, g, dtype):
-    phases = []
-    real = conv_mod._col2im_phases
-    monkeypatch.setattr(conv_mod, "_col2im_phases", lambda *a: phases.append(1) or real(*a))
-    rng = np.random.default_rng(14)
     x = rng.standard_normal(shape).astype(dtype)
     nd = len(shape) - 2
     kernel = (k,) * nd if isinstance(k, int) else k
@@ -226,7 +198,7 @@ def test_col2im_phases_match_torch(monkeypatch, shape, o, k, s, p, g, dtype):
     grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
     out.backward(dp.tensor(grad))
     ref.backward(torch.tensor(grad))
-    assert phases, "col2im did not take the phase planes"
+    assert taken, f"col2im did not take {path}"
     assert xd.grad.dtype == np.dtype(dtype) and xd.grad.shape == x.shape
     tol = dict(rtol=1e-10, atol=1e-11) if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), **tol)
