@@ -129,7 +129,9 @@ class Supervisor:
         buffers: dict[socket.socket, list] = {}  # conn -> [bytes, rank|None, opened at, conn]
         while True:
             stopping = self._stop.is_set()
-            for key, _ in sel.select(timeout=0.05 if stopping else 0.2):
+            events = sel.select(timeout=0.05 if stopping else 0.2)
+            woke = time.monotonic()  # connections closed before this wake-up: order unknown
+            for key, _ in events:
                 if key.data is None:
                     try:
                         conn, _ = self._server.accept()
@@ -154,7 +156,7 @@ class Supervisor:
                     keep = False
                 if not keep:
                     if state[1] is not None:
-                        self._note(state[1], "dropped")
+                        self._note(state[1], "dropped", at=woke)
                     sel.unregister(conn)
                     conn.close()
                     del buffers[conn]
@@ -303,9 +305,10 @@ class Supervisor:
                 self.stall = report
             self._survey = None
 
-    def _note(self, rank: int, event: str) -> None:
+    def _note(self, rank: int, event: str, at: float | None = None) -> None:
+        """Record ``event`` of ``rank`` (at ``at``: drops seen at one wake-up share its time)."""
         with self._lock:
-            now = time.monotonic()
+            now = time.monotonic() if at is None else at
             self.order.append((now, rank, event))
             if event == "dropped":
                 self.ranks[rank].dropped = now
@@ -323,15 +326,20 @@ class Supervisor:
 
     def first_unannounced_drop(self) -> RankRecord | None:
         """The first rank whose connection dropped without an ``exit`` event: killed, not
-        ended (the launcher's banner may name a rank it killed afterwards)."""
+        ended (the launcher's banner may name a rank it killed afterwards). None when no rank
+        dropped so, or when the first such drops were seen at one wake-up of the server loop
+        (a loaded launcher may wake only after MPI's launcher has stopped the other ranks: then
+        the order is unknown, and the caller keeps MPI's own report)."""
         with self._lock:
-            announced = set()
-            for _, rank, name in self.order:
+            announced, drops = set(), []
+            for at, rank, name in self.order:
                 if name == "exit":
                     announced.add(rank)
                 elif name == "dropped" and rank not in announced:
-                    return self.ranks[rank]
-        return None
+                    drops.append((at, rank))
+        if not drops or (len(drops) > 1 and drops[1][0] == drops[0][0]):
+            return None
+        return self.ranks[drops[0][1]]
 
     def first(self, event: str) -> RankRecord | None:
         """The rank whose ``event`` arrived first."""

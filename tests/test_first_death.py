@@ -10,11 +10,13 @@ from distprop.hydra_output import Banner
 
 
 def supervisor_with(events):
+    """A launcher's records of ranks 0 and 1 on host n1; ``events`` are (rank, event) or
+    (rank, event, time) (drops seen at one wake-up of the server loop share their time)."""
     sup = control_channel.Supervisor(listen=False)
     for rank in (0, 1):
         sup.ranks[rank] = control_channel.RankRecord(rank, 1000 + rank, "n1", 2)
-    for rank, event in events:
-        sup._note(rank, event)
+    for rank, event, *at in events:
+        sup._note(rank, event, *at)
     return sup
 
 
@@ -28,6 +30,9 @@ def supervisor_with(events):
     # rank 1 ended in order (exit event) before rank 0 was killed: rank 0 it is
     ([(1, "exit"), (1, "dropped"), (0, "dropped")],
      "rank 0 (PID 1000 on n1) was killed by SIGKILL"),
+    # both drops seen at one wake-up (a loaded launcher): order unknown, MPI's banner stands
+    ([(0, "dropped", 5.0), (1, "dropped", 5.0)], "rank 0 (PID 1000 on n1) was killed by SIGKILL"),
+    ([(1, "dropped", 5.0), (0, "dropped", 5.0)], "rank 0 (PID 1000 on n1) was killed by SIGKILL"),
 ])
 def test_the_rank_that_dropped_first_is_named(events, expected):
     banner = Banner(pid=1000, host="n1", signal=9)
