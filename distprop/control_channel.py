@@ -324,12 +324,12 @@ class Supervisor:
             found = same or found
         return found[0] if found else None
 
-    def first_unannounced_drop(self) -> RankRecord | None:
-        """The first rank whose connection dropped without an ``exit`` event: killed, not
-        ended (the launcher's banner may name a rank it killed afterwards). None when no rank
-        dropped so, or when the first such drops were seen at one wake-up of the server loop
-        (a loaded launcher may wake only after MPI's launcher has stopped the other ranks: then
-        the order is unknown, and the caller keeps MPI's own report)."""
+    def first_unannounced_drops(self) -> list[RankRecord]:
+        """The ranks whose connections dropped first without an ``exit`` event: killed, not
+        ended (the launcher's banner may name a rank it killed afterwards). One rank when its
+        drop came first; several when the first such drops were seen at one wake-up of the
+        server loop (a loaded launcher may wake only after MPI's launcher has stopped the
+        other ranks: their order is then unknown); none when no rank dropped so."""
         with self._lock:
             announced, drops = set(), []
             for at, rank, name in self.order:
@@ -337,9 +337,7 @@ class Supervisor:
                     announced.add(rank)
                 elif name == "dropped" and rank not in announced:
                     drops.append((at, rank))
-        if not drops or (len(drops) > 1 and drops[1][0] == drops[0][0]):
-            return None
-        return self.ranks[drops[0][1]]
+            return [self.ranks[rank] for at, rank in drops if at == drops[0][0]]
 
     def first(self, event: str) -> RankRecord | None:
         """The rank whose ``event`` arrived first."""

@@ -292,12 +292,16 @@ def explain(code: int, supervisor: Supervisor, banner: Banner | None,
                    "not registered through dist.init())")
         sig = banner.signal
         what = f"{who} was killed by {signal_name(sig)} (signal {sig})"
-        first = supervisor.first_unannounced_drop()
-        if record is not None and first is not None and first is not record:
+        first = supervisor.first_unannounced_drops()
+        if record is not None and len(first) == 1 and first[0] is not record:
             # Hydra's banner names the first failed process in rank order, which can be one it
             # stopped after the rank that really died: the lifelines say who went first
-            what = (f"{_who(first)} died first (killed by a signal; MPI's launcher then "
+            what = (f"{_who(first[0])} died first (killed by a signal; MPI's launcher then "
                     f"reported {signal_name(sig)} for rank {record.rank})")
+        elif record is not None and len(first) > 1 and record in first:
+            others = ", ".join(_who(r) for r in first if r is not record)
+            what += (f", as MPI's launcher reports; {others} stopped at the same moment, so "
+                     "which of them died first is unknown")
         elif sig == signal.SIGKILL:
             what += ", e.g. by the out-of-memory killer"
         message = f"{what}; the other ranks were stopped (exit code {128 + sig})"

@@ -31,8 +31,13 @@ def supervisor_with(events):
     ([(1, "exit"), (1, "dropped"), (0, "dropped")],
      "rank 0 (PID 1000 on n1) was killed by SIGKILL"),
     # both drops seen at one wake-up (a loaded launcher): order unknown, MPI's banner stands
-    ([(0, "dropped", 5.0), (1, "dropped", 5.0)], "rank 0 (PID 1000 on n1) was killed by SIGKILL"),
-    ([(1, "dropped", 5.0), (0, "dropped", 5.0)], "rank 0 (PID 1000 on n1) was killed by SIGKILL"),
+    # and the other rank is named with it
+    ([(0, "dropped", 5.0), (1, "dropped", 5.0)],
+     "rank 0 (PID 1000 on n1) was killed by SIGKILL (signal 9), as MPI's launcher reports; rank 1 "
+     "(PID 1001 on n1) stopped at the same moment, so which of them died first is unknown"),
+    ([(1, "dropped", 5.0), (0, "dropped", 5.0)],
+     "rank 0 (PID 1000 on n1) was killed by SIGKILL (signal 9), as MPI's launcher reports; rank 1 "
+     "(PID 1001 on n1) stopped at the same moment, so which of them died first is unknown"),
 ])
 def test_the_rank_that_dropped_first_is_named(events, expected):
     banner = Banner(pid=1000, host="n1", signal=9)

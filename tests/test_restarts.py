@@ -81,7 +81,9 @@ def test_sigkill_of_one_rank_restarts_and_ends_as_the_uninterrupted_run(tmp_path
     assert proc.returncode == 0, err
     restart = [x for x in err.splitlines() if x.startswith("distprop: restart 1 of 1")]
     assert len(restart) == 1, err
-    assert f"rank 1 (PID {pids[1]} on " in restart[0] and "killed by SIGKILL" in restart[0]
+    # Hydra's report, or on a loaded machine the lifelines' order (see test_supervise)
+    assert f"rank 1 (PID {pids[1]} on " in restart[0], err
+    assert "killed by SIGKILL" in restart[0] or "died first" in restart[0], err
     assert "--resume auto: continuing from" in stdout
     assert (out / "summary.json").exists()
     assert_same_params(final_params(out), expected)

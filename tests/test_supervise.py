@@ -280,11 +280,20 @@ def test_rank_killed_by_a_signal_is_named(tmp_path, sig, code):
         _, err = proc.communicate(timeout=60)
     finally:
         kill_all(spawned + pids)
-    assert proc.returncode == code, err
+    # Hydra's report names the killed rank 1 with its signal, or (on a loaded machine) a rank
+    # it stopped afterwards: then the lifelines' order names rank 1 as the first death, or,
+    # when the launcher saw both drops at once, both ranks with the order unknown
+    line = [x for x in err.splitlines() if x.startswith("distprop: rank")]
+    assert line and f"rank 1 (PID {pids[1]} on " in line[0], err
     name = signal.Signals(sig).name
-    assert f"distprop: rank 1 (PID {pids[1]} on " in err
-    assert f"was killed by {name} (signal {int(sig)})" in err
-    assert f"(exit code {code})" in err
+    plain = f"distprop: rank 1 (PID {pids[1]} on " in line[0] and \
+        f"was killed by {name} (signal {int(sig)})" in line[0]
+    if plain:
+        assert proc.returncode == code, err
+    else:
+        assert ("died first (killed by a signal" in line[0]
+                or "which of them died first is unknown" in line[0]), err
+    assert f"(exit code {proc.returncode})" in line[0], err
 
 
 def test_train_rank_killed_by_sigkill_says_how_to_resume(tmp_path):
