@@ -1,5 +1,6 @@
-"""The fast NumPy paths of convolution and pooling (issue 14): per-phase input gradient, the
-scratch-buffer pool, rank-1 pointwise convolution, separable average pooling.
+"""The fast NumPy paths of convolution and pooling (issue 14): per-phase input gradient,
+col2im's runs and stride-phase planes, the scratch-buffer pool, separable average pooling,
+grouped 1x1 convolutions.
 
 PyTorch is the oracle (same weights); float64 finite differences check the new gradients; each
 path test also checks that the path under test really ran.
@@ -249,35 +250,6 @@ def test_pooled_buffers_are_not_shared_between_live_graphs(monkeypatch):
     np.testing.assert_allclose(wd.grad.numpy(), wt.grad.numpy(), rtol=1e-10, atol=1e-10)
     assert workspace.held_bytes() > 0
     workspace.clear()
-
-
-# --- pointwise convolution of one input channel ----------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_pointwise_one_channel_matches_torch(dtype):
-    rng = np.random.default_rng(6)
-    theirs = torch.nn.Conv2d(1, 6, 1).to(getattr(torch, dtype))
-    ours = dp.nn.Conv2d(1, 6, 1).to(np.dtype(dtype))
-    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
-    x = rng.standard_normal((3, 1, 5, 4)).astype(dtype)
-    xd, xt = dp.tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
-    out, ref = ours(xd), theirs(xt)
-    assert out.dtype == np.dtype(dtype)
-    grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
-    out.backward(dp.tensor(grad))
-    ref.backward(torch.tensor(grad))
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), **tol)
-    np.testing.assert_allclose(xd.grad.numpy(), xt.grad.numpy(), **tol)
-    np.testing.assert_allclose(ours.weight.grad.numpy(), theirs.weight.grad.numpy(), **tol)
-    np.testing.assert_allclose(ours.bias.grad.numpy(), theirs.bias.grad.numpy(), **tol)
-
-
-def test_pointwise_one_channel_finite_differences():
-    rng = np.random.default_rng(7)
-    gradcheck(lambda x, w, b: F.conv2d(x, w, b), rng.standard_normal((2, 1, 3, 4)),
-              rng.standard_normal((5, 1, 1, 1)), rng.standard_normal(5))
 
 
 # --- separable average pooling ---------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""More fast NumPy paths of convolution and pooling (issue 14, branch lconv2): the channels-first
-one-channel pointwise convolution and the GEMV bias gradient of channels-first 1x1 convolutions.
+"""More fast NumPy paths of pooling (issue 14, branch lconv2): max pooling one dim at a time.
+(Its 1x1-convolution tests joined the pointwise table of test_fast_paths.py.)
 
 PyTorch is the oracle (same weights); float64 finite differences check the gradients; each path
 test also checks that the path under test really ran.
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import distprop as dp
-from distprop.ops import conv as conv_mod
 from distprop.ops import pool
 
 from helpers import gradcheck
@@ -26,69 +25,6 @@ def _leaf(x, channels_last):
     """A leaf tensor of x, or of x moved channels-last (N, H, W, C) when asked."""
     return dp.tensor(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last else x,
                      requires_grad=True)
-
-
-# --- 1x1 convolutions: one input channel stays channels-first; GEMV bias gradient -------------
-
-# id, input shape, out channels, stride, channels-last input, bias
-POINTWISE = [
-    ("c1", (3, 1, 5, 4), 6, 1, False, True),
-    ("c1_stride2", (2, 1, 7, 6), 5, 2, False, True),
-    ("c1_no_bias", (2, 1, 4, 4), 3, 1, False, False),
-    ("c1_batch1", (1, 1, 3, 5), 4, 1, False, True),
-    ("c1_from_channels_last", (2, 1, 4, 5), 4, 1, True, True),
-    ("c8_channels_first", (2, 8, 5, 6), 12, 1, False, True),
-    ("c8_channels_first_s2", (2, 8, 5, 6), 4, 2, False, True),
-    ("c8_channels_last", (2, 8, 5, 6), 12, 1, True, True),
-]
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name,shape,o,s,cl,bias", POINTWISE, ids=[p[0] for p in POINTWISE])
-def test_pointwise_matches_torch(monkeypatch, name, shape, o, s, cl, bias, dtype):
-    rng = np.random.default_rng(21)
-    x = rng.standard_normal(shape).astype(dtype)
-    w = rng.standard_normal((o, shape[1], 1, 1)).astype(dtype)
-    b = rng.standard_normal(o).astype(dtype) if bias else None
-    lasts = []
-    real = conv_mod.PointwiseConv.forward
-
-    def spy(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        lasts.append(self.last)
-        return out
-
-    monkeypatch.setattr(conv_mod.PointwiseConv, "forward", spy)
-    xd, wd = _leaf(x, cl), dp.tensor(w, requires_grad=True)
-    bd = None if b is None else dp.tensor(b, requires_grad=True)
-    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
-    bt = None if b is None else torch.tensor(b, requires_grad=True)
-    xin = xd.permute(0, 3, 1, 2) if cl else xd
-    assert conv_mod.is_channels_last(xin.numpy()) == (cl and shape[1] > 1)
-    out = F.conv2d(xin, wd, bd, stride=s)
-    ref = torch.nn.functional.conv2d(xt, wt, bt, stride=s)
-    # the path: one channel and channels-first inputs give a channels-first output
-    assert lasts == [cl and shape[1] > 1]
-    assert out.numpy().flags.c_contiguous == (not cl or shape[1] == 1)
-    assert out.dtype == np.dtype(dtype)
-    grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
-    out.backward(dp.tensor(grad))
-    ref.backward(torch.tensor(grad))
-    tol = _tol(dtype)
-    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), **tol)
-    gx = xd.grad.numpy().transpose(0, 3, 1, 2) if cl else xd.grad.numpy()
-    np.testing.assert_allclose(gx, xt.grad.numpy(), **tol)
-    np.testing.assert_allclose(wd.grad.numpy(), wt.grad.numpy(), **tol)
-    if bias:
-        assert bd.grad.dtype == np.dtype(dtype)
-        np.testing.assert_allclose(bd.grad.numpy(), bt.grad.numpy(), **tol)
-
-
-@pytest.mark.parametrize("c,s", [(1, 1), (1, 2), (3, 1)])
-def test_pointwise_channels_first_finite_differences(c, s):
-    rng = np.random.default_rng(22)
-    gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride=s), rng.standard_normal((2, c, 3, 4)),
-              rng.standard_normal((5, c, 1, 1)), rng.standard_normal(5))
 
 
 # --- max pooling one dim at a time (3+ taps in a dim) ----------------------------------------

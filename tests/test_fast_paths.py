@@ -22,6 +22,9 @@ POINTWISE = [
     ("cf_stride2", (2, 3, 5, 7), 4, 2, True, False),
     ("cl_stride2", (2, 4, 6, 5), 3, 2, False, True),
     ("one_channel", (3, 1, 4, 4), 5, 1, True, False),
+    ("one_channel_stride2", (2, 1, 7, 6), 5, 2, True, False),
+    ("one_channel_no_bias", (2, 1, 4, 4), 3, 1, False, False),
+    ("one_channel_from_channels_last", (2, 1, 4, 5), 4, 1, True, True),
     ("stride_2x1", (2, 3, 5, 4), 2, (2, 1), True, False),
     ("conv1d", (2, 3, 9), 4, 2, True, False),
 ]
@@ -61,6 +64,8 @@ def test_pointwise_conv_matches_torch(name, shape, o, stride, bias, cl, dtype):
     bt = dp.tensor(b, requires_grad=True) if bias else None
     out = _conv(xt, wt, bt, stride)
     assert type(out._ctx) is PointwiseConv
+    # one channel and channels-first inputs give a channels-first output
+    assert out.numpy().flags.c_contiguous == (not cl or shape[1] == 1)
     tfn = torch.nn.functional.conv1d if len(shape) == 3 else torch.nn.functional.conv2d
     rx, rw = torch.tensor(np.ascontiguousarray(x), requires_grad=True), torch.tensor(
         w, requires_grad=True)
@@ -78,8 +83,12 @@ def test_pointwise_conv_matches_torch(name, shape, o, stride, bias, cl, dtype):
         np.testing.assert_allclose(bt.grad.numpy(), rb.grad.numpy(), **tol)
 
 
-@pytest.mark.parametrize("name,shape,o,stride,bias,cl", POINTWISE[:4], ids=[r[0] for r in
-                                                                          POINTWISE[:4]])
+GRADCHECKED = [r for r in POINTWISE if r[0] in ("cf", "cl", "cf_stride2", "cl_stride2",
+                                                 "one_channel", "one_channel_stride2")]
+
+
+@pytest.mark.parametrize("name,shape,o,stride,bias,cl", GRADCHECKED,
+                         ids=[r[0] for r in GRADCHECKED])
 def test_pointwise_conv_gradcheck(name, shape, o, stride, bias, cl):
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape)
