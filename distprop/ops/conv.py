@@ -146,8 +146,8 @@ class ConvNd(Function):
         channels than the input (the phase input gradient, which wants rows, applies). Below,
         the ``(g, K, M)`` layout's long runs along the output width win. Forward+backward at 1
         thread (``benchmarks/bench_conv_layout.py``, ``benchmarks/results/conv_layout.md``):
-        at 8 channels per group ``(g, K, M)`` takes 0.72-0.95x the rows layout's time, except
-        one group 8 -> 8 channels, 1.27-1.35x.
+        at 8 channels per group ``(g, K, M)`` takes 0.74-0.97x the rows layout's time, except
+        with one group and no more output than input channels, 1.09-1.30x.
         """
         return cg >= cls.ROWS_MIN_CHANNELS or (cg >= 8 and og <= cg and groups == 1)
 
@@ -486,9 +486,9 @@ def _col2im_runs(xp, gcols, gpad_cl, kernel, stride, out_sp):
     row). Positions ``step = ceil(k / s)`` apart never overlap, so one add per offset of the
     leading kernel dims and per residue of the last output dim modulo ``step`` covers every
     tap: ``prod(kernel[:-1]) * step`` adds (at most ``prod(kernel)``) whose inner loop NumPy
-    runs over the whole run. Used below 32 channels: there it took 0.66-0.98x the per-offset
-    adds' time; from 32 channels on NumPy sometimes buffers the whole 5-d view and it measured
-    0.72-1.52x, shape by shape (``benchmarks/bench_col2im.py``,
+    runs over the whole run. Used below 32 channels: there it took 0.63-0.99x the per-offset
+    adds' time; from 32 channels on NumPy sometimes copies the whole 5-d view and it measured
+    0.77-1.42x, shape by shape (``benchmarks/bench_col2im.py``,
     ``benchmarks/results/col2im_runs.md``).
     """
     nd = len(kernel)
