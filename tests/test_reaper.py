@@ -25,17 +25,19 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 LAUNCHER = r"""
 import os, signal, subprocess, sys, time
 d = sys.argv[1]
-ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                          preexec_fn=os.setpgrp) for _ in range(2)]
-open(os.path.join(d, "ranks"), "w").write(" ".join(str(r.pid) for r in ranks))
 got = []
 def on_term(signum, frame):
     got.append(signum)
     open(os.path.join(d, "signals"), "a").write(f"{signum}\n")
     if len(got) > 1:
         os._exit(1)  # like prterun's "abort is in progress": the ranks are left running
+# Handlers first: the test signals as soon as the "ranks" file appears.
 signal.signal(signal.SIGTERM, on_term)
 signal.signal(signal.SIGUSR1, on_term)
+ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                          preexec_fn=os.setpgrp) for _ in range(2)]
+open(os.path.join(d, "ranks.tmp"), "w").write(" ".join(str(r.pid) for r in ranks))
+os.rename(os.path.join(d, "ranks.tmp"), os.path.join(d, "ranks"))  # never read half-written
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     if got:
