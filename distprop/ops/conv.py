@@ -10,6 +10,10 @@ so a convolution fed the previous convolution's channels-last output reads it wi
 Backward: the weight gradient is one GEMM ``grad^T @ cols`` per group, the input gradient one
 GEMM ``grad @ W`` per group followed by col2im, which loops over kernel offsets only
 (``prod(kernel)`` whole-array adds), never over pixels.
+
+Elsewhere: 1x1 kernels are plain GEMMs (:class:`PointwiseConv`, :class:`GroupedPointwiseConv`);
+2-D convolutions with large kernels go through the Fourier domain where
+:meth:`distprop.ops.conv_fourier.FourierConv2d.suits` says so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from distprop.backend import get_array_module
 from distprop.ops import conv_grad
 from distprop.ops._util import gemm
 from distprop.ops.arith import check_same_device
+from distprop.ops.conv_fourier import FourierConv2d
 from distprop.ops.workspace import scratch
 from distprop.tensor import Function, Tensor
 
@@ -564,7 +569,10 @@ def conv_nd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
         else:
             out = GroupedPointwiseConv.apply(*args, stride=stride, groups=groups)
         return out.reshape(out.shape[1:]) if unbatched else out
-    out = ConvNd.apply(*args, stride=stride, padding=pads, dilation=dilation, groups=groups)
+    if nd == 2 and FourierConv2d.suits(x.data, weight.data, stride, pads, dilation, groups):
+        out = FourierConv2d.apply(*args, stride=stride, padding=pads, dilation=dilation)
+    else:
+        out = ConvNd.apply(*args, stride=stride, padding=pads, dilation=dilation, groups=groups)
     return out.reshape(out.shape[1:]) if unbatched else out
 
 

@@ -1,0 +1,195 @@
+"""2-D convolution through the Fourier domain, with the transforms written as GEMMs.
+
+A convolution is a product per frequency: with ``X``, ``W`` and ``G`` the 2-D discrete Fourier
+transforms (size = the padded input) of the input, the weight and the output gradient,
+
+- forward ``Y[f] = X[f] @ conj(W[f])``  (``(N, C) @ (C, O)`` at every frequency ``f``),
+- input gradient ``DX[f] = G[f] @ W[f]^T``,
+- weight gradient ``DW[f] = conj(G[f])^T @ X[f]``,
+
+and the transform size is the padded input, so the circular products equal the linear ones (no
+index wraps around). The channel mixing costs ``4 C O`` real multiply-adds per frequency, about
+``2 N^2`` frequencies (half of them by symmetry, times 4 for the complex product), where im2col
+costs ``C O k^2`` per output pixel: about ``k^2 / 2`` times more, so from 5x5 kernels on the
+transforms pay for themselves.
+
+The transforms are not FFTs: for the small image sizes of a convolution, a real DFT along the
+width and a complex one along the height are two GEMMs with fixed matrices (``O(n^3)`` per
+image, but at BLAS speed; NumPy's pocketfft takes 3-4 us per 20x20 image). The matrices only
+have rows for the positions that carry data, so padding, stride and dilation cost nothing:
+the input sits at ``pad + i``, the output is read at ``i * stride``, the kernel taps sit at
+``i * dilation``. Conjugates come free by flipping the sign of the transform's exponent. The
+bias gradient is the zero-frequency term of ``G``, already computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from distprop import amp
+from distprop.backend import get_array_module
+from distprop.ops._util import gemm
+from distprop.ops.workspace import scratch
+from distprop.tensor import Function
+
+Positions = tuple  # (first, count, step): the positions first + step * i, i < count
+
+
+def _angles(rows, cols, n: int) -> np.ndarray:
+    """2 pi r c / n for every (r, c), reduced mod n in integers first (exact phases)."""
+    return 2 * np.pi * (np.outer(rows, cols) % n) / n
+
+
+def _span(pos: Positions) -> np.ndarray:
+    first, count, step = pos
+    return first + step * np.arange(count)
+
+
+@functools.lru_cache(maxsize=128)
+def real_dft(pos: Positions, n: int, sign: int, dtype: str) -> np.ndarray:
+    """``(count, 2 F)``: a real signal at ``pos`` (rows of ``x @ M``) -> its ``F = n // 2 + 1``
+    frequencies of ``exp(sign i 2 pi f t / n)``, real parts then imaginary parts."""
+    a = _angles(_span(pos), np.arange(n // 2 + 1), n)
+    return np.concatenate([np.cos(a), sign * np.sin(a)], axis=1).astype(dtype)
+
+
+@functools.lru_cache(maxsize=128)
+def complex_dft(out: Positions, inp: Positions, n: int, sign: int, scale: float,
+                dtype: str) -> np.ndarray:
+    """``(2 len(out), 2 len(inp))``: ``scale * exp(sign i 2 pi o p / n)`` as a real block matrix
+    acting on ``[real; imaginary]`` stacked rows."""
+    a = _angles(_span(out), _span(inp), n)
+    re, im = scale * np.cos(a), scale * sign * np.sin(a)
+    return np.block([[re, -im], [im, re]]).astype(dtype)
+
+
+@functools.lru_cache(maxsize=128)
+def real_idft(n: int, pos: Positions, sign: int, dtype: str) -> np.ndarray:
+    """``(2 F, count)``: the real part at ``pos`` of the sum over all ``n`` frequencies of
+    ``Z[f] exp(sign i 2 pi f t / n)``, from the ``F = n // 2 + 1`` of a Hermitian ``Z``."""
+    nf = n // 2 + 1
+    weight = np.full(nf, 2.0)
+    weight[0] = 1.0
+    if n % 2 == 0:
+        weight[-1] = 1.0
+    a = _angles(np.arange(nf), _span(pos), n)
+    return np.concatenate([weight[:, None] * np.cos(a), -sign * weight[:, None] * np.sin(a)],
+                          axis=0).astype(dtype)
+
+
+def spectrum(a, pos: tuple[Positions, Positions], size: tuple[int, int], sign: int):
+    """Transform of ``a`` ``(R, C, h, w)`` placed at ``pos`` in a ``size`` grid, as
+    ``(2, size[0], F, R, C)``: real and imaginary parts, frequency-major (one ``(R, C)``
+    matrix per frequency)."""
+    xp = get_array_module(a)
+    r, c, h, w = a.shape
+    n1, n2 = size
+    dt = a.dtype.str
+    rows = gemm(a.reshape(r * c * h, w), xp.asarray(real_dft(pos[1], n2, sign, dt)))
+    nf = rows.shape[1] // 2
+    stacked = scratch(xp, (2, h, nf, r, c), a.dtype)  # [real; imaginary] x height rows
+    stacked[...] = rows.reshape(r, c, h, 2, nf).transpose(3, 2, 4, 0, 1)
+    left = xp.asarray(complex_dft((0, n1, 1), pos[0], n1, sign, 1.0, dt))
+    return gemm(left, stacked.reshape(2 * h, nf * r * c)).reshape(2, n1, nf, r, c)
+
+
+def inverse(spec, pos: tuple[Positions, Positions], size: tuple[int, int], sign: int):
+    """The real signal at ``pos`` of a ``(2, n1, F, R, C)`` Hermitian spectrum: ``(R, C, h, w)``
+    with ``h, w`` the two position counts."""
+    xp = get_array_module(spec)
+    _, n1, nf, r, c = spec.shape
+    dt = spec.dtype.str
+    h = pos[0][1]
+    left = xp.asarray(complex_dft(pos[0], (0, n1, 1), n1, sign, 1.0 / math.prod(size), dt))
+    cols = gemm(left, spec.reshape(2 * n1, nf * r * c))  # (2, h, F, R, C)
+    rows = scratch(xp, (r, c, h, 2, nf), spec.dtype)
+    rows[...] = cols.reshape(2, h, nf, r, c).transpose(3, 4, 1, 0, 2)
+    out = gemm(rows.reshape(r * c * h, 2 * nf), xp.asarray(real_idft(size[1], pos[1], sign, dt)))
+    return out.reshape(r, c, h, pos[1][1])
+
+
+def complex_matmul(a, b, out=None):
+    """``a @ b`` of ``(2, ..., m, k)`` and ``(2, ..., k, n)`` complex arrays stored as real and
+    imaginary parts: four real products (any transposed views of the operands)."""
+    xp = get_array_module(a)
+    if out is None:
+        out = xp.empty((2, *np.broadcast_shapes(a.shape[1:-2], b.shape[1:-2]), a.shape[-2],
+                        b.shape[-1]), dtype=a.dtype)
+    gemm(a[0], b[0], out=out[0])
+    out[0] -= gemm(a[1], b[1])
+    gemm(a[0], b[1], out=out[1])
+    out[1] += gemm(a[1], b[0])
+    return out
+
+
+class FourierConv2d(Function):
+    """conv2d with one group by products per frequency (see the module docstring).
+
+    Keeps the input's and the weight's spectra for backward (each about the size of the padded
+    input / of ``C O`` padded images' half), not the im2col matrix.
+    """
+
+    MIN_TAPS = 25  # kernel taps (5x5) from which the products per frequency pay
+    MAX_FAN_OUT = 4  # out_channels / in_channels: transforms of the output side dominate above
+    MIN_OUT_PIXELS = 144  # below 12x12 outputs there are about as many frequencies as pixels
+
+    @classmethod
+    def suits(cls, x, weight, stride, padding, dilation, groups) -> bool:
+        """Take this path for ``conv2d`` of the arrays ``x`` and ``weight``? Decided by shape
+        alone, so every rank and every rerun computes the same way: NumPy float32/float64
+        outside autocast, one group, stride 1, at least :data:`MIN_TAPS` taps, ``O <= 4 C`` and
+        an output of at least 12x12 pixels. There, at 1 thread, forward+backward took 0.26-0.97x
+        the im2col path's time; outside, up to 2.9x (``benchmarks/bench_conv_fourier.py``,
+        ``benchmarks/results/conv_fourier.md``).
+        """
+        if (type(x) is not np.ndarray or x.ndim != 4 or x.dtype != weight.dtype
+                or x.dtype not in (np.float32, np.float64) or amp.is_autocast_enabled()):
+            return False
+        o, c = weight.shape[:2]
+        kernel = weight.shape[2:]
+        out_pixels = math.prod(size + lo + hi - d * (k - 1) for size, (lo, hi), k, d
+                               in zip(x.shape[2:], padding, kernel, dilation))
+        return (groups == 1 and all(s == 1 for s in stride) and math.prod(kernel) >= cls.MIN_TAPS
+                and o <= cls.MAX_FAN_OUT * c and out_pixels >= cls.MIN_OUT_PIXELS)
+
+    def forward(self, x, weight, bias=None, *, stride, padding, dilation):
+        n, c, hgt, wid = x.shape
+        o, _, k1, k2 = weight.shape
+        size = tuple(s + lo + hi for s, (lo, hi) in zip((hgt, wid), padding))
+        out_sp = tuple((sz - d * (k - 1) - 1) // s + 1
+                       for sz, k, s, d in zip(size, (k1, k2), stride, dilation))
+        x_pos = tuple((lo, s, 1) for (lo, _), s in zip(padding, (hgt, wid)))
+        out_pos = tuple((0, cnt, s) for cnt, s in zip(out_sp, stride))
+        w_pos = tuple((0, k, d) for k, d in zip((k1, k2), dilation))
+        xs = spectrum(x, x_pos, size, -1)  # X
+        ws = spectrum(weight.transpose(1, 0, 2, 3), w_pos, size, +1)  # conj(W), (2, .., C, O)
+        fq = size[0] * xs.shape[2]
+        ys = complex_matmul(xs.reshape(2, fq, n, c), ws.reshape(2, fq, c, o))
+        y = inverse(ys.reshape(2, size[0], -1, n, o), out_pos, size, +1)
+        if bias is not None:
+            y += bias.reshape(o, 1, 1)
+        self.meta = (x.shape, weight.shape, size, x_pos, out_pos, w_pos, fq)
+        self.xs = xs.reshape(2, fq, n, c) if self.needs_input_grad[1] else None
+        self.ws = ws.reshape(2, fq, c, o) if self.needs_input_grad[0] else None
+        self.has_bias = bias is not None
+        return y
+
+    def backward(self, grad_out):
+        x_shape, w_shape, size, x_pos, out_pos, w_pos, fq = self.meta
+        (n, c), o = x_shape[:2], w_shape[0]
+        gs = spectrum(grad_out, out_pos, size, +1)  # conj(G), (2, n1, F, N, O)
+        gx = gw = gb = None
+        if self.has_bias and self.needs_input_grad[2]:
+            gb = gs[0, 0, 0].sum(axis=0)  # the zero frequency: sum over the pixels
+        gs = gs.reshape(2, fq, n, o)
+        if self.needs_input_grad[0]:
+            # DX = G W^T = conj(conj(G) conj(W)^T): the inverse of a conjugate flips the sign
+            dxs = complex_matmul(gs, self.ws.transpose(0, 1, 3, 2))
+            gx = inverse(dxs.reshape(2, size[0], -1, n, c), x_pos, size, -1)
+        if self.needs_input_grad[1]:
+            dws = complex_matmul(gs.transpose(0, 1, 3, 2), self.xs)  # conj(G)^T X, (.., O, C)
+            gw = inverse(dws.reshape(2, size[0], -1, o, c), w_pos, size, +1)
+        return gx, gw, gb

@@ -1,0 +1,146 @@
+"""Convolution through the Fourier domain (distprop/ops/conv_fourier.py, issue 14).
+
+PyTorch is the oracle (same weights, float64 to 1e-10 and float32 to 1e-4); float64 finite
+differences check the three gradients; the dispatch tests check which shapes take the path.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import distprop as dp
+from distprop.amp import autocast
+from distprop.ops.conv_fourier import FourierConv2d
+
+from helpers import gradcheck
+
+F = dp.nn.functional
+
+# id, input shape, out channels, kernel, stride, padding (PyTorch's int/tuple or 'same'), dilation
+CASES = [
+    ("k5_pad2", (2, 4, 9, 11), 6, 5, 1, 2, 1),
+    ("k3x5_rect", (2, 3, 8, 10), 4, (3, 5), 1, (1, 2), 1),
+    ("no_pad", (1, 2, 12, 9), 3, 5, 1, 0, 1),
+    ("same_even_k", (2, 3, 9, 8), 5, (4, 2), 1, "same", 1),  # asymmetric padding
+    ("stride2", (2, 3, 10, 8), 4, 5, 2, 2, 1),
+    ("stride_2x3", (1, 2, 12, 13), 3, (3, 5), (2, 3), (0, 3), 1),
+    ("dilation2", (2, 3, 12, 11), 4, 3, 1, 2, 2),
+    ("one_channel_batch1", (1, 1, 7, 7), 1, 7, 1, 3, 1),
+    ("odd_even_sizes", (3, 5, 13, 16), 8, 5, 1, (2, 1), (1, 2)),
+]
+
+
+def _pair(shape, o, k, dtype, rng, channels_last=False):
+    x = rng.standard_normal(shape).astype(dtype)
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    kernel = (k, k) if isinstance(k, int) else k
+    return x, rng.standard_normal((o, shape[1], *kernel)).astype(dtype), \
+        rng.standard_normal(o).astype(dtype)
+
+
+def _fourier(x, w, b, stride, padding, dilation):
+    """conv2d through FourierConv2d whatever the shape (the same argument handling as conv2d)."""
+    from distprop.ops import conv
+
+    nd = 2
+    pads = conv.conv_padding(padding, tuple(w.shape[2:]), conv.ntuple(dilation, nd, "d"),
+                             conv.ntuple(stride, nd, "s"), nd)
+    args = (x, w) if b is None else (x, w, b)
+    return FourierConv2d.apply(*args, stride=conv.ntuple(stride, nd, "s"), padding=pads,
+                               dilation=conv.ntuple(dilation, nd, "d"))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name,shape,o,k,s,p,d", CASES, ids=[c[0] for c in CASES])
+def test_fourier_conv_matches_torch(name, shape, o, k, s, p, d, bias, dtype):
+    rng = np.random.default_rng(7)
+    x, w, b = _pair(shape, o, k, dtype, rng, channels_last=name == "odd_even_sizes")
+    xd, wd, bd = (dp.tensor(a, requires_grad=True) for a in (x, w, b))
+    out = _fourier(xd, wd, bd if bias else None, s, p, d)
+    xt, wt, bt = (torch.tensor(np.ascontiguousarray(a), requires_grad=True) for a in (x, w, b))
+    ref = torch.nn.functional.conv2d(xt, wt, bt if bias else None, stride=s, padding=p,
+                                     dilation=d)
+    grad = rng.standard_normal(tuple(ref.shape)).astype(dtype)
+    out.backward(dp.tensor(grad))
+    ref.backward(torch.tensor(grad))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == "float64" else dict(rtol=1e-4, atol=1e-4)
+    for got, want in [(out, ref), (xd.grad, xt.grad), (wd.grad, wt.grad)] + (
+            [(bd.grad, bt.grad)] if bias else []):
+        assert got.dtype == np.dtype(dtype) and got.shape == tuple(want.shape)
+        np.testing.assert_allclose(got.numpy(), want.detach().numpy(), **tol)
+    assert bias or bd.grad is None
+
+
+@pytest.mark.parametrize("s,p,d", [(1, 2, 1), (2, 1, 1), (1, (3, 1), (1, 2))])
+def test_fourier_conv_finite_differences(s, p, d):
+    rng = np.random.default_rng(3)
+    x, w, b = _pair((2, 2, 6, 7), 3, (3, 4), np.float64, rng)
+    gradcheck(lambda a, v, c: _fourier(a, v, c, s, p, d), x, w, b)
+
+
+def test_only_the_gradients_asked_for():
+    """A first layer (input without gradient) and a frozen weight: no spectrum kept for them."""
+    rng = np.random.default_rng(5)
+    x, w, b = _pair((2, 3, 9, 9), 4, 5, np.float32, rng)
+    for needs_x, needs_w in [(False, True), (True, False)]:
+        xd = dp.tensor(x, requires_grad=needs_x)
+        wd = dp.tensor(w, requires_grad=needs_w)
+        out = _fourier(xd, wd, dp.tensor(b, requires_grad=True), 1, 2, 1)
+        out.sum().backward()
+        xt = torch.tensor(x, requires_grad=needs_x)
+        wt = torch.tensor(w, requires_grad=needs_w)
+        torch.nn.functional.conv2d(xt, wt, torch.tensor(b), padding=2).sum().backward()
+        for got, want in [(xd.grad, xt.grad), (wd.grad, wt.grad)]:
+            assert (got is None) == (want is None)
+            if got is not None:
+                np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# input shape, out channels, kernel, stride, padding, dilation, groups, dtype, takes the path
+DISPATCH = [
+    ((2, 16, 16, 16), 32, 5, 1, 2, 1, 1, "float32", True),
+    ((2, 8, 14, 14), 32, 7, 1, 3, 1, 1, "float64", True),
+    ((1, 4, 12, 12), 16, (5, 5), 1, "same", 1, 1, "float32", True),
+    ((2, 16, 16, 16), 32, 3, 1, 1, 1, 1, "float32", False),  # 9 taps
+    ((2, 16, 16, 16), 32, 3, 1, 2, 2, 1, "float32", False),  # dilated: still 9 taps
+    ((2, 16, 16, 16), 32, 5, 2, 2, 1, 1, "float32", False),  # strided
+    ((2, 16, 16, 16), 32, 5, 1, 2, 1, 2, "float32", False),  # grouped
+    ((2, 4, 16, 16), 32, 5, 1, 2, 1, 1, "float32", False),  # O > 4 C
+    ((2, 16, 8, 8), 16, 5, 1, 2, 1, 1, "float32", False),  # 8x8 output
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("shape,o,k,s,p,d,g,dtype,fourier", DISPATCH)
+def test_conv2d_takes_the_fourier_path_exactly_where_it_pays(monkeypatch, shape, o, k, s, p, d,
+                                                               g, dtype, fourier):
+    calls = []
+    real = FourierConv2d.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FourierConv2d, "forward", spy)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(dtype)
+    kernel = (k, k) if isinstance(k, int) else k
+    w = rng.standard_normal((o, shape[1] // g, *kernel)).astype(dtype)
+    out = F.conv2d(dp.tensor(x), dp.tensor(w), stride=s, padding=p, dilation=d, groups=g)
+    ref = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), stride=s, padding=p,
+                                     dilation=d, groups=g)
+    assert bool(calls) == fourier
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_keeps_the_im2col_path(monkeypatch):
+    monkeypatch.setattr(FourierConv2d, "forward", lambda *a, **k: pytest.fail("Fourier ran"))
+    x = dp.tensor(np.ones((1, 8, 16, 16), np.float32))
+    w = dp.tensor(np.ones((8, 8, 5, 5), np.float32))
+    with autocast():
+        out = F.conv2d(x, w, padding=2)
+    assert out.dtype != np.float32
