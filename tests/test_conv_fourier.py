@@ -109,7 +109,9 @@ DISPATCH = [
     ((2, 16, 16, 16), 32, 5, 2, 2, 1, 1, "float32", False),  # strided
     ((2, 16, 16, 16), 32, 5, 1, 2, 1, 2, "float32", False),  # grouped
     ((2, 4, 16, 16), 32, 5, 1, 2, 1, 1, "float32", False),  # O > 4 C
-    ((2, 16, 8, 8), 16, 5, 1, 2, 1, 1, "float32", False),  # 8x8 output
+    ((2, 32, 8, 8), 32, 5, 1, 2, 1, 1, "float32", True),  # 8x8 output, C O = 1024
+    ((2, 64, 8, 8), 32, 5, 1, 2, 1, 1, "float32", False),  # 8x8 output, C O = 2048
+    ((2, 8, 6, 6), 8, 5, 1, 2, 1, 1, "float32", False),  # 6x6 output
 ]
 
 
