@@ -146,3 +146,39 @@ def test_autocast_keeps_the_im2col_path(monkeypatch):
     with autocast():
         out = F.conv2d(x, w, padding=2)
     assert out.dtype != np.float32
+
+
+EQUIVALENCE = """
+import sys
+sys.path.insert(0, 'tests')
+from ddp_common import *
+from distprop.ops.conv_fourier import FourierConv2d
+
+ran = []
+forward = FourierConv2d.forward
+FourierConv2d.forward = lambda self, *a, **k: ran.append(1) or forward(self, *a, **k)
+
+def convnet():
+    dp.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 5, padding=2), nn.Tanh(), nn.Conv2d(4, 4, 5, padding=2),
+                         nn.Flatten(), nn.Linear(4 * 12 * 12, 3)).to(np.float64)
+
+rng = np.random.default_rng(1)
+x = rng.standard_normal((24, 2, 12, 12))
+y = rng.standard_normal((24, 3))
+ref, _ = train(convnet(), x, y, steps=4, ranks=(1, 0))
+net, _ = train(convnet(), x, y, steps=4, ddp_kwargs={})
+err = max_diff(net.parameters(), [p.data for p in ref.parameters()])
+assert ran and err < 1e-10, (len(ran), err)
+say(f"err={err:.2e} DONE")
+"""
+
+
+@pytest.mark.mpi
+def test_two_ranks_train_like_one_process():
+    """2 ranks x 6 images == 1 process x 12, float64, 4 SGD steps through two Fourier layers."""
+    from helpers import run_mpi
+
+    done = run_mpi(EQUIVALENCE, nprocs=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("DONE") == 2, done.stdout + done.stderr
