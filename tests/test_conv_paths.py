@@ -164,7 +164,7 @@ def test_other_convs_keep_col2im_and_match_torch(monkeypatch, c, o, k, s, d, g):
 # 32+ output columns: one plane per stride phase.
 COL2IM_PATHS = [
     ("_col2im_runs", (2, 16, 7, 8), 32, 3, 1, 1, 1),
-    ("_col2im_runs", (2, 16, 9, 9), 32, 5, 1, 2, 1),
+    ("_col2im_runs", (2, 16, 9, 9), 80, 5, 1, 2, 1),  # 5x5 with O > 4 C: not the Fourier path
     ("_col2im_runs", (2, 16, 9, 10), 24, 3, 2, 1, 1),  # step 2: two residues per kernel row
     ("_col2im_runs", (1, 16, 11, 12), 32, (3, 5), (2, 3), (1, 2), 1),  # rectangular, step 2
     ("_col2im_runs", (2, 16, 8, 9), 32, (2, 4), (3, 4), 0, 1),  # stride >= kernel: 1 residue

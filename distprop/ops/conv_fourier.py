@@ -20,6 +20,13 @@ have rows for the positions that carry data, so padding, stride and dilation cos
 the input sits at ``pad + i``, the output is read at ``i * stride``, the kernel taps sit at
 ``i * dilation``. Conjugates come free by flipping the sign of the transform's exponent. The
 bias gradient is the zero-frequency term of ``G``, already computed.
+
+Layout: the transforms run image by image on channels-last data (the width transform reads
+``(w, C)`` rows, the height transform's operand is then already in ``[real, imaginary]`` row
+pairs), and one copy with runs of ``C`` floats turns the result frequency-major for the
+products; the inverse mirrors it, so the output and the input gradient come out channels-last in
+memory, as im2col's do. (Transforming channels-first images instead needs transposing copies
+with runs of ``n / 2 + 1`` floats: 1.06-1.8x the step time, measured.)
 """
 
 from __future__ import annotations
@@ -80,44 +87,61 @@ def real_idft(n: int, pos: Positions, sign: int, dtype: str) -> np.ndarray:
                           axis=0).astype(dtype)
 
 
+def _rows_then_parts(block, n_rows: int) -> np.ndarray:
+    """A real block matrix's columns from ``(part, row)`` order to ``(row, part)`` order."""
+    return block.reshape(block.shape[0], 2, n_rows).transpose(0, 2, 1).reshape(block.shape[0], -1)
+
+
 def spectrum(a, pos: tuple[Positions, Positions], size: tuple[int, int], sign: int):
-    """Transform of ``a`` ``(R, C, h, w)`` placed at ``pos`` in a ``size`` grid, as
-    ``(2, size[0], F, R, C)``: real and imaginary parts, frequency-major (one ``(R, C)``
-    matrix per frequency)."""
+    """Transform of ``a`` ``(R, h, w, C)`` (channels-last; any strides) placed at ``pos`` in a
+    ``size`` grid, as ``(2, size[0], F, R, C)``: real and imaginary parts, frequency-major (one
+    ``(R, C)`` matrix per frequency).
+
+    Along the width one ``(2F, w) @ (w, C)`` product per row of each image, along the height one
+    ``(2 n1, 2 h) @ (2 h, F C)`` product per image (the rows' ``[real, imaginary]`` pairs are
+    already interleaved as that product wants), then one copy to frequency-major order whose
+    runs are ``C`` long.
+    """
     xp = get_array_module(a)
-    r, c, h, w = a.shape
+    r, h, w, c = a.shape
     n1, n2 = size
     dt = a.dtype.str
-    rows = gemm(a.reshape(r * c * h, w), xp.asarray(real_dft(pos[1], n2, sign, dt)))
-    nf = rows.shape[1] // 2
-    stacked = scratch(xp, (2, h, nf, r, c), a.dtype)  # [real; imaginary] x height rows
-    stacked[...] = rows.reshape(r, c, h, 2, nf).transpose(3, 2, 4, 0, 1)
-    left = xp.asarray(complex_dft((0, n1, 1), pos[0], n1, sign, 1.0, dt))
-    return gemm(left, stacked.reshape(2 * h, nf * r * c)).reshape(2, n1, nf, r, c)
+    nf = n2 // 2 + 1
+    along_w = xp.asarray(real_dft(pos[1], n2, sign, dt).T)  # (2F, w)
+    rows = scratch(xp, (r, h, 2 * nf, c), a.dtype)
+    gemm(along_w, a, out=rows)  # (R, h, [re|im] x F, C)
+    along_h = xp.asarray(_rows_then_parts(complex_dft((0, n1, 1), pos[0], n1, sign, 1.0, dt), h))
+    per_image = gemm(along_h, rows.reshape(r, 2 * h, nf * c))  # (R, 2, n1, F, C)
+    out = scratch(xp, (2, n1, nf, r, c), a.dtype)
+    out[...] = per_image.reshape(r, 2, n1, nf, c).transpose(1, 2, 3, 0, 4)
+    return out
 
 
 def inverse(spec, pos: tuple[Positions, Positions], size: tuple[int, int], sign: int):
-    """The real signal at ``pos`` of a ``(2, n1, F, R, C)`` Hermitian spectrum: ``(R, C, h, w)``
-    with ``h, w`` the two position counts."""
+    """The real signal at ``pos`` of a ``(2, n1, F, R, C)`` Hermitian spectrum, channels-last:
+    ``(R, h, w, C)`` with ``h, w`` the two position counts (the steps of :func:`spectrum` in
+    reverse)."""
     xp = get_array_module(spec)
     _, n1, nf, r, c = spec.shape
     dt = spec.dtype.str
-    h = pos[0][1]
-    left = xp.asarray(complex_dft(pos[0], (0, n1, 1), n1, sign, 1.0 / math.prod(size), dt))
-    cols = gemm(left, spec.reshape(2 * n1, nf * r * c))  # (2, h, F, R, C)
-    rows = scratch(xp, (r, c, h, 2, nf), spec.dtype)
-    rows[...] = cols.reshape(2, h, nf, r, c).transpose(3, 4, 1, 0, 2)
-    out = gemm(rows.reshape(r * c * h, 2 * nf), xp.asarray(real_idft(size[1], pos[1], sign, dt)))
-    return out.reshape(r, c, h, pos[1][1])
+    h, w = pos[0][1], pos[1][1]
+    per_image = scratch(xp, (r, 2, n1, nf, c), spec.dtype)
+    per_image[...] = spec.transpose(3, 0, 1, 2, 4)
+    block = complex_dft(pos[0], (0, n1, 1), n1, sign, 1.0 / math.prod(size), dt)  # (2h, 2 n1)
+    along_h = xp.asarray(_rows_then_parts(block.T, h).T)  # rows (h, part), columns (part, n1)
+    rows = gemm(along_h, per_image.reshape(r, 2 * n1, nf * c))  # (R, h, [re|im] x F, C)
+    along_w = xp.asarray(real_idft(size[1], pos[1], sign, dt).T)  # (w, 2F)
+    out = xp.empty((r, h, w, c), dtype=spec.dtype)
+    gemm(along_w, rows.reshape(r, h, 2 * nf, c), out=out)
+    return out
 
 
-def complex_matmul(a, b, out=None):
+def complex_matmul(a, b):
     """``a @ b`` of ``(2, ..., m, k)`` and ``(2, ..., k, n)`` complex arrays stored as real and
     imaginary parts: four real products (any transposed views of the operands)."""
     xp = get_array_module(a)
-    if out is None:
-        out = xp.empty((2, *np.broadcast_shapes(a.shape[1:-2], b.shape[1:-2]), a.shape[-2],
-                        b.shape[-1]), dtype=a.dtype)
+    out = xp.empty((2, *np.broadcast_shapes(a.shape[1:-2], b.shape[1:-2]), a.shape[-2],
+                    b.shape[-1]), dtype=a.dtype)
     gemm(a[0], b[0], out=out[0])
     out[0] -= gemm(a[1], b[1])
     gemm(a[0], b[1], out=out[1])
@@ -167,13 +191,15 @@ class FourierConv2d(Function):
         x_pos = tuple((lo, s, 1) for (lo, _), s in zip(padding, (hgt, wid)))
         out_pos = tuple((0, cnt, s) for cnt, s in zip(out_sp, stride))
         w_pos = tuple((0, k, d) for k, d in zip((k1, k2), dilation))
-        xs = spectrum(x, x_pos, size, -1)  # X
-        ws = spectrum(weight.transpose(1, 0, 2, 3), w_pos, size, +1)  # conj(W), (2, .., C, O)
+        xs = spectrum(x.transpose(0, 2, 3, 1), x_pos, size, -1)  # X
+        # conj(W) as (2, .., C, O): the weight (O, C, k1, k2) read as C images (k1, k2, O)
+        ws = spectrum(weight.transpose(1, 2, 3, 0), w_pos, size, +1)
         fq = size[0] * xs.shape[2]
         ys = complex_matmul(xs.reshape(2, fq, n, c), ws.reshape(2, fq, c, o))
-        y = inverse(ys.reshape(2, size[0], -1, n, o), out_pos, size, +1)
+        y = inverse(ys.reshape(2, size[0], -1, n, o), out_pos, size, +1)  # (N, h, w, O)
         if bias is not None:
-            y += bias.reshape(o, 1, 1)
+            y += bias
+        y = y.transpose(0, 3, 1, 2)  # (N, O, h, w), channels-last in memory
         self.meta = (x.shape, weight.shape, size, x_pos, out_pos, w_pos, fq)
         self.xs = xs.reshape(2, fq, n, c) if self.needs_input_grad[1] else None
         self.ws = ws.reshape(2, fq, c, o) if self.needs_input_grad[0] else None
@@ -183,7 +209,8 @@ class FourierConv2d(Function):
     def backward(self, grad_out):
         x_shape, w_shape, size, x_pos, out_pos, w_pos, fq = self.meta
         (n, c), o = x_shape[:2], w_shape[0]
-        gs = spectrum(grad_out, out_pos, size, +1)  # conj(G), (2, n1, F, N, O)
+        # conj(G): (2, n1, F, N, O)
+        gs = spectrum(grad_out.transpose(0, 2, 3, 1), out_pos, size, +1)
         gx = gw = gb = None
         if self.has_bias and self.needs_input_grad[2]:
             gb = gs[0, 0, 0].sum(axis=0)  # the zero frequency: sum over the pixels
@@ -191,8 +218,8 @@ class FourierConv2d(Function):
         if self.needs_input_grad[0]:
             # DX = G W^T = conj(conj(G) conj(W)^T): the inverse of a conjugate flips the sign
             dxs = complex_matmul(gs, self.ws.transpose(0, 1, 3, 2))
-            gx = inverse(dxs.reshape(2, size[0], -1, n, c), x_pos, size, -1)
+            gx = inverse(dxs.reshape(2, size[0], -1, n, c), x_pos, size, -1).transpose(0, 3, 1, 2)
         if self.needs_input_grad[1]:
             dws = complex_matmul(gs.transpose(0, 1, 3, 2), self.xs)  # conj(G)^T X, (.., O, C)
-            gw = inverse(dws.reshape(2, size[0], -1, o, c), w_pos, size, +1)
+            gw = inverse(dws.reshape(2, size[0], -1, o, c), w_pos, size, +1).transpose(0, 3, 1, 2)
         return gx, gw, gb
