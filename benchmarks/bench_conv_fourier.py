@@ -3,8 +3,8 @@
 ``conv2d`` takes ``FourierConv2d`` where ``FourierConv2d.suits`` says so (shape alone) and
 ``ConvNd`` (im2col) elsewhere. This times both on a grid of shapes (3x3, 5x5 and 7x7 kernels,
 'same' padding, stride 1 unless given), interleaved, median of ``--repeat`` steps, milliseconds
-per step, wall clock with BLAS held to one thread. One JSON line per shape; ``ratio`` < 1: the
-Fourier path is faster; ``chosen``: what ``conv2d`` takes.
+per step, wall clock with BLAS held to ``--threads`` threads (default 1). One JSON line per
+shape; ``ratio`` < 1: the Fourier path is faster; ``chosen``: what ``conv2d`` takes.
 
     python benchmarks/bench_conv_fourier.py > benchmarks/results/conv_fourier.jsonl
     python benchmarks/bench_conv_fourier.py 32,64,64,16,5,1   # batch,cin,cout,px,k,stride
@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shapes", nargs="*", help="batch,cin,cout,px,k,stride (default: a grid)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     from distprop.ops.conv_fourier import FourierConv2d
 
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] or list(grid())
-    with threadpool_limits(1):
+    with threadpool_limits(args.threads):
         for n, c, o, px, k, s in shapes:
             rng = np.random.default_rng(0)
             x = rng.standard_normal((n, c, px, px)).astype(np.float32)
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
             chosen = FourierConv2d.suits(x, w, stride, pads, (1, 1), 1)
             print(json.dumps({
                 "batch": n, "cin": c, "cout": o, "px": px, "k": k, "stride": s,
+                "threads": args.threads,
                 "fourier_ms": round(ms["fourier"], 3), "im2col_ms": round(ms["im2col"], 3),
                 "ratio": round(ms["fourier"] / ms["im2col"], 3),
                 "chosen": "fourier" if chosen else "im2col",

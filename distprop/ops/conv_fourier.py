@@ -157,30 +157,39 @@ class FourierConv2d(Function):
     """
 
     MIN_TAPS = 25  # kernel taps (5x5) from which the products per frequency pay
-    MAX_FAN_OUT = 4  # out_channels / in_channels: transforms of the output side dominate above
+    MANY_TAPS = 49  # 7x7: enough work per pixel to carry more output-side transforms ...
+    MAX_FAN_OUT = {MIN_TAPS: 4, MANY_TAPS: 8}  # ... O / C up to this (those transforms dominate)
     MIN_OUT_PIXELS = 144  # 12x12; below, there are about as many frequencies as pixels ...
-    SMALL_OUT_PIXELS, SMALL_CHANNEL_PAIRS = 64, 1024  # ... which pays down to 8x8 for C O <= 1024
+    SMALL_OUT_PIXELS, SMALL_CHANNEL_PAIRS = 64, 1024  # ... down to 8x8 pays when C O <= 1024
 
     @classmethod
     def suits(cls, x, weight, stride, padding, dilation, groups) -> bool:
         """Take this path for ``conv2d`` of the arrays ``x`` and ``weight``? Decided by shape
         alone, so every rank and every rerun computes the same way: NumPy float32/float64
-        outside autocast, one group, stride 1, at least :data:`MIN_TAPS` taps, ``O <= 4 C``,
-        and an output of at least 12x12 pixels (8x8 when ``C O <= 1024``). There, at 1 thread,
-        forward+backward took 0.26-1.00x the im2col path's time; outside, up to 2.6x
-        (``benchmarks/bench_conv_fourier.py``, ``benchmarks/results/conv_fourier.md``).
+        outside autocast, one group, stride 1, and
+
+        - 5x5 (25 taps) or more: ``O <= 4 C``, an output of 12x12 or more (8x8 when
+          ``C O <= 1024``);
+        - 7x7 (49 taps) or more: ``O <= 8 C``, an output of 8x8 or more.
+
+        There, at 1 thread, forward+backward took 0.23-1.00x the im2col path's time (median
+        0.49); outside, up to 2.2x (``benchmarks/bench_conv_fourier.py``,
+        ``benchmarks/results/conv_fourier.md``).
         """
         if (type(x) is not np.ndarray or x.ndim != 4 or x.dtype != weight.dtype
                 or x.dtype not in (np.float32, np.float64) or amp.is_autocast_enabled()):
             return False
         o, c = weight.shape[:2]
         kernel = weight.shape[2:]
+        taps = math.prod(kernel)
         out_pixels = math.prod(size + lo + hi - d * (k - 1) for size, (lo, hi), k, d
                                in zip(x.shape[2:], padding, kernel, dilation))
+        if groups != 1 or any(s != 1 for s in stride) or taps < cls.MIN_TAPS:
+            return False
+        many = taps >= cls.MANY_TAPS
         big_enough = out_pixels >= cls.MIN_OUT_PIXELS or (
-            out_pixels >= cls.SMALL_OUT_PIXELS and c * o <= cls.SMALL_CHANNEL_PAIRS)
-        return (groups == 1 and all(s == 1 for s in stride) and math.prod(kernel) >= cls.MIN_TAPS
-                and o <= cls.MAX_FAN_OUT * c and big_enough)
+            out_pixels >= cls.SMALL_OUT_PIXELS and (many or c * o <= cls.SMALL_CHANNEL_PAIRS))
+        return o <= cls.MAX_FAN_OUT[cls.MANY_TAPS if many else cls.MIN_TAPS] * c and big_enough
 
     def forward(self, x, weight, bias=None, *, stride, padding, dilation):
         n, c, hgt, wid = x.shape
