@@ -142,6 +142,18 @@ def test_conv2d_takes_the_fourier_path_exactly_where_it_pays(monkeypatch, shape,
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_empty_batch():
+    """A rank may hold no samples: an empty output and zero weight and bias gradients."""
+    w = dp.tensor(np.ones((8, 8, 5, 5), np.float32), requires_grad=True)
+    b = dp.tensor(np.ones(8, np.float32), requires_grad=True)
+    x = dp.tensor(np.ones((0, 8, 16, 16), np.float32), requires_grad=True)
+    assert FourierConv2d.suits(x.data, w.data, (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
+    out = F.conv2d(x, w, b, padding=2)
+    out.sum().backward()
+    assert out.shape == (0, 8, 16, 16) and x.grad.shape == (0, 8, 16, 16)
+    assert not w.grad.numpy().any() and not b.grad.numpy().any()
+
+
 def test_autocast_keeps_the_im2col_path(monkeypatch):
     monkeypatch.setattr(FourierConv2d, "forward", lambda *a, **k: pytest.fail("Fourier ran"))
     x = dp.tensor(np.ones((1, 8, 16, 16), np.float32))

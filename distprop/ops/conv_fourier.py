@@ -203,9 +203,10 @@ class FourierConv2d(Function):
         xs = spectrum(x.transpose(0, 2, 3, 1), x_pos, size, -1)  # X
         # conj(W) as (2, .., C, O): the weight (O, C, k1, k2) read as C images (k1, k2, O)
         ws = spectrum(weight.transpose(1, 2, 3, 0), w_pos, size, +1)
-        fq = size[0] * xs.shape[2]
+        self.grid = (size[0], size[1] // 2 + 1)  # frequencies kept: all rows, half the columns
+        fq = math.prod(self.grid)
         ys = complex_matmul(xs.reshape(2, fq, n, c), ws.reshape(2, fq, c, o))
-        y = inverse(ys.reshape(2, size[0], -1, n, o), out_pos, size, +1)  # (N, h, w, O)
+        y = inverse(ys.reshape(2, *self.grid, n, o), out_pos, size, +1)  # (N, h, w, O)
         if bias is not None:
             y += bias
         y = y.transpose(0, 3, 1, 2)  # (N, O, h, w), channels-last in memory
@@ -227,8 +228,8 @@ class FourierConv2d(Function):
         if self.needs_input_grad[0]:
             # DX = G W^T = conj(conj(G) conj(W)^T): the inverse of a conjugate flips the sign
             dxs = complex_matmul(gs, self.ws.transpose(0, 1, 3, 2))
-            gx = inverse(dxs.reshape(2, size[0], -1, n, c), x_pos, size, -1).transpose(0, 3, 1, 2)
+            gx = inverse(dxs.reshape(2, *self.grid, n, c), x_pos, size, -1).transpose(0, 3, 1, 2)
         if self.needs_input_grad[1]:
             dws = complex_matmul(gs.transpose(0, 1, 3, 2), self.xs)  # conj(G)^T X, (.., O, C)
-            gw = inverse(dws.reshape(2, size[0], -1, o, c), w_pos, size, +1).transpose(0, 3, 1, 2)
+            gw = inverse(dws.reshape(2, *self.grid, o, c), w_pos, size, +1).transpose(0, 3, 1, 2)
         return gx, gw, gb
