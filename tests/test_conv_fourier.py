@@ -115,6 +115,8 @@ DISPATCH = [
     ((2, 4, 8, 8), 32, 7, 1, 3, 1, 1, "float32", True),  # 7x7: O <= 8 C, 8x8 output
     ((2, 4, 8, 8), 36, 7, 1, 3, 1, 1, "float32", False),  # 7x7: O > 8 C
     ((2, 64, 8, 8), 64, (7, 7), 1, 3, 1, 1, "float32", True),  # 7x7: 8x8, any C O
+    ((1, 8, 64, 64), 8, 5, 1, 2, 1, 1, "float32", True),  # 64x64 output
+    ((1, 8, 8, 65), 8, 5, 1, 2, 1, 1, "float32", False),  # an output side above 64
 ]
 
 

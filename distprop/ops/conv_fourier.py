@@ -161,6 +161,7 @@ class FourierConv2d(Function):
     MAX_FAN_OUT = {MIN_TAPS: 4, MANY_TAPS: 8}  # ... O / C up to this (those transforms dominate)
     MIN_OUT_PIXELS = 144  # 12x12; below, there are about as many frequencies as pixels ...
     SMALL_OUT_PIXELS, SMALL_CHANNEL_PAIRS = 64, 1024  # ... down to 8x8 pays when C O <= 1024
+    MAX_OUT_SIDE = 64  # the transforms cost O(side) per pixel: larger images stay on im2col
 
     @classmethod
     def suits(cls, x, weight, stride, padding, dilation, groups) -> bool:
@@ -170,7 +171,9 @@ class FourierConv2d(Function):
 
         - 5x5 (25 taps) or more: ``O <= 4 C``, an output of 12x12 or more (8x8 when
           ``C O <= 1024``);
-        - 7x7 (49 taps) or more: ``O <= 8 C``, an output of 8x8 or more.
+        - 7x7 (49 taps) or more: ``O <= 8 C``, an output of 8x8 or more;
+        - either way no output side above 64 (at 96-160 px the measured ratio ran from 0.4x
+          to 2.3x, depending on the channels).
 
         There, at 1 thread, forward+backward took 0.23-1.00x the im2col path's time (median
         0.49); outside, up to 2.2x (``benchmarks/bench_conv_fourier.py``,
@@ -182,9 +185,11 @@ class FourierConv2d(Function):
         o, c = weight.shape[:2]
         kernel = weight.shape[2:]
         taps = math.prod(kernel)
-        out_pixels = math.prod(size + lo + hi - d * (k - 1) for size, (lo, hi), k, d
-                               in zip(x.shape[2:], padding, kernel, dilation))
-        if groups != 1 or any(s != 1 for s in stride) or taps < cls.MIN_TAPS:
+        out_sides = [size + lo + hi - d * (k - 1) for size, (lo, hi), k, d
+                     in zip(x.shape[2:], padding, kernel, dilation)]
+        out_pixels = math.prod(out_sides)
+        if (groups != 1 or any(s != 1 for s in stride) or taps < cls.MIN_TAPS
+                or max(out_sides) > cls.MAX_OUT_SIDE):
             return False
         many = taps >= cls.MANY_TAPS
         big_enough = out_pixels >= cls.MIN_OUT_PIXELS or (
