@@ -101,22 +101,23 @@ def test_only_the_gradients_asked_for():
 
 # input shape, out channels, kernel, stride, padding, dilation, groups, dtype, takes the path
 DISPATCH = [
-    ((2, 16, 16, 16), 32, 5, 1, 2, 1, 1, "float32", True),
-    ((2, 8, 14, 14), 32, 7, 1, 3, 1, 1, "float64", True),
-    ((1, 4, 12, 12), 16, (5, 5), 1, "same", 1, 1, "float32", True),
-    ((2, 16, 16, 16), 32, 3, 1, 1, 1, 1, "float32", False),  # 9 taps
-    ((2, 16, 16, 16), 32, 3, 1, 2, 2, 1, "float32", False),  # dilated: still 9 taps
-    ((2, 16, 16, 16), 32, 5, 2, 2, 1, 1, "float32", False),  # strided
-    ((2, 16, 16, 16), 32, 5, 1, 2, 1, 2, "float32", False),  # grouped
-    ((2, 4, 16, 16), 32, 5, 1, 2, 1, 1, "float32", False),  # O > 4 C
-    ((2, 32, 8, 8), 32, 5, 1, 2, 1, 1, "float32", True),  # 8x8 output, C O = 1024
-    ((2, 64, 8, 8), 32, 5, 1, 2, 1, 1, "float32", False),  # 8x8 output, C O = 2048
-    ((2, 8, 6, 6), 8, 5, 1, 2, 1, 1, "float32", False),  # 6x6 output
-    ((2, 4, 8, 8), 32, 7, 1, 3, 1, 1, "float32", True),  # 7x7: O <= 8 C, 8x8 output
-    ((2, 4, 8, 8), 36, 7, 1, 3, 1, 1, "float32", False),  # 7x7: O > 8 C
-    ((2, 64, 8, 8), 64, (7, 7), 1, 3, 1, 1, "float32", True),  # 7x7: 8x8, any C O
-    ((1, 8, 64, 64), 8, 5, 1, 2, 1, 1, "float32", True),  # 64x64 output
-    ((1, 8, 8, 65), 8, 5, 1, 2, 1, 1, "float32", False),  # an output side above 64
+    ((8, 16, 16, 16), 32, 5, 1, 2, 1, 1, "float32", True),
+    ((8, 8, 14, 14), 32, 7, 1, 3, 1, 1, "float64", True),
+    ((8, 4, 12, 12), 16, (5, 5), 1, "same", 1, 1, "float32", True),
+    ((4, 16, 16, 16), 32, 5, 1, 2, 1, 1, "float32", False),  # batch below 8
+    ((8, 16, 16, 16), 32, 3, 1, 1, 1, 1, "float32", False),  # 9 taps
+    ((8, 16, 16, 16), 32, 3, 1, 2, 2, 1, "float32", False),  # dilated: still 9 taps
+    ((8, 16, 16, 16), 32, 5, 2, 2, 1, 1, "float32", False),  # strided
+    ((8, 16, 16, 16), 32, 5, 1, 2, 1, 2, "float32", False),  # grouped
+    ((8, 4, 16, 16), 32, 5, 1, 2, 1, 1, "float32", False),  # O > 4 C
+    ((8, 32, 8, 8), 32, 5, 1, 2, 1, 1, "float32", True),  # 8x8 output, C O = 1024
+    ((8, 64, 8, 8), 32, 5, 1, 2, 1, 1, "float32", False),  # 8x8 output, C O = 2048
+    ((8, 8, 6, 6), 8, 5, 1, 2, 1, 1, "float32", False),  # 6x6 output
+    ((8, 4, 8, 8), 32, 7, 1, 3, 1, 1, "float32", True),  # 7x7: O <= 8 C, 8x8 output
+    ((8, 4, 8, 8), 36, 7, 1, 3, 1, 1, "float32", False),  # 7x7: O > 8 C
+    ((8, 64, 8, 8), 64, (7, 7), 1, 3, 1, 1, "float32", True),  # 7x7: 8x8, any C O
+    ((8, 8, 64, 64), 8, 5, 1, 2, 1, 1, "float32", True),  # 64x64 output
+    ((8, 8, 8, 65), 8, 5, 1, 2, 1, 1, "float32", False),  # an output side above 64
 ]
 
 
@@ -145,12 +146,12 @@ def test_conv2d_takes_the_fourier_path_exactly_where_it_pays(monkeypatch, shape,
 
 
 def test_empty_batch():
-    """A rank may hold no samples: an empty output and zero weight and bias gradients."""
+    """An empty batch (conv2d keeps it on im2col; the path itself copes too): an empty output
+    and zero weight and bias gradients."""
     w = dp.tensor(np.ones((8, 8, 5, 5), np.float32), requires_grad=True)
     b = dp.tensor(np.ones(8, np.float32), requires_grad=True)
     x = dp.tensor(np.ones((0, 8, 16, 16), np.float32), requires_grad=True)
-    assert FourierConv2d.suits(x.data, w.data, (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
-    out = F.conv2d(x, w, b, padding=2)
+    out = _fourier(x, w, b, 1, 2, 1)
     out.sum().backward()
     assert out.shape == (0, 8, 16, 16) and x.grad.shape == (0, 8, 16, 16)
     assert not w.grad.numpy().any() and not b.grad.numpy().any()
@@ -158,8 +159,9 @@ def test_empty_batch():
 
 def test_autocast_keeps_the_im2col_path(monkeypatch):
     monkeypatch.setattr(FourierConv2d, "forward", lambda *a, **k: pytest.fail("Fourier ran"))
-    x = dp.tensor(np.ones((1, 8, 16, 16), np.float32))
+    x = dp.tensor(np.ones((8, 8, 16, 16), np.float32))
     w = dp.tensor(np.ones((8, 8, 5, 5), np.float32))
+    assert FourierConv2d.suits(x.data, w.data, (1, 1), ((2, 2), (2, 2)), (1, 1), 1)
     with autocast():
         out = F.conv2d(x, w, padding=2)
     assert out.dtype != np.float32
@@ -181,10 +183,11 @@ def convnet():
                          nn.Flatten(), nn.Linear(4 * 12 * 12, 3)).to(np.float64)
 
 rng = np.random.default_rng(1)
-x = rng.standard_normal((24, 2, 12, 12))
-y = rng.standard_normal((24, 3))
-ref, _ = train(convnet(), x, y, steps=4, ranks=(1, 0))
-net, _ = train(convnet(), x, y, steps=4, ddp_kwargs={})
+x = rng.standard_normal((64, 2, 12, 12))
+y = rng.standard_normal((64, 3))
+ref, _ = train(convnet(), x, y, steps=4, batch=32, ranks=(1, 0))
+ran.clear()  # from here on only the ranks' own batches of 16
+net, _ = train(convnet(), x, y, steps=4, batch=32, ddp_kwargs={})
 err = max_diff(net.parameters(), [p.data for p in ref.parameters()])
 assert ran and err < 1e-10, (len(ran), err)
 say(f"err={err:.2e} DONE")
@@ -193,7 +196,7 @@ say(f"err={err:.2e} DONE")
 
 @pytest.mark.mpi
 def test_two_ranks_train_like_one_process():
-    """2 ranks x 6 images == 1 process x 12, float64, 4 SGD steps through two Fourier layers."""
+    """2 ranks x 16 images == 1 process x 32, float64, 4 SGD steps through two Fourier layers."""
     from helpers import run_mpi
 
     done = run_mpi(EQUIVALENCE, nprocs=2)

@@ -162,6 +162,7 @@ class FourierConv2d(Function):
     MIN_OUT_PIXELS = 144  # 12x12; below, there are about as many frequencies as pixels ...
     SMALL_OUT_PIXELS, SMALL_CHANNEL_PAIRS = 64, 1024  # ... down to 8x8 pays when C O <= 1024
     MAX_OUT_SIDE = 64  # the transforms cost O(side) per pixel: larger images stay on im2col
+    MIN_BATCH = 8  # the weight's transforms cost the same at any batch: small ones stay on im2col
 
     @classmethod
     def suits(cls, x, weight, stride, padding, dilation, groups) -> bool:
@@ -173,7 +174,9 @@ class FourierConv2d(Function):
           ``C O <= 1024``);
         - 7x7 (49 taps) or more: ``O <= 8 C``, an output of 8x8 or more;
         - either way no output side above 64 (at 96-160 px the measured ratio ran from 0.4x
-          to 2.3x, depending on the channels).
+          to 2.3x, depending on the channels), and a batch of 8 or more (the weight's and
+          its gradient's transforms cost the same at any batch: 1.2-6x im2col's time at
+          batch 1-4 on 5x5 kernels).
 
         There, at 1 thread, forward+backward took 0.23-1.00x the im2col path's time (median
         0.49); outside, up to 2.2x (``benchmarks/bench_conv_fourier.py``,
@@ -189,7 +192,7 @@ class FourierConv2d(Function):
                      in zip(x.shape[2:], padding, kernel, dilation)]
         out_pixels = math.prod(out_sides)
         if (groups != 1 or any(s != 1 for s in stride) or taps < cls.MIN_TAPS
-                or max(out_sides) > cls.MAX_OUT_SIDE):
+                or max(out_sides) > cls.MAX_OUT_SIDE or x.shape[0] < cls.MIN_BATCH):
             return False
         many = taps >= cls.MANY_TAPS
         big_enough = out_pixels >= cls.MIN_OUT_PIXELS or (
