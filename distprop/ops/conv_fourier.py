@@ -166,9 +166,9 @@ class FourierConv2d(Function):
 
     @classmethod
     def suits(cls, x, weight, stride, padding, dilation, groups) -> bool:
-        """Take this path for ``conv2d`` of the arrays ``x`` and ``weight``? Decided by shape
-        alone, so every rank and every rerun computes the same way: NumPy float32/float64
-        outside autocast, one group, stride 1, and
+        """Take this path for ``conv2d`` of the arrays ``x`` and ``weight``? Decided by the
+        shapes alone (never by timing or thread count), so a rerun computes the same way:
+        NumPy float32/float64 outside autocast, one group, stride 1, and
 
         - 5x5 (25 taps) or more: ``O <= 4 C``, an output of 12x12 or more (8x8 when
           ``C O <= 1024``);
