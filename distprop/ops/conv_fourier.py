@@ -16,10 +16,12 @@ transforms pay for themselves.
 The transforms are not FFTs: for the small image sizes of a convolution, a real DFT along the
 width and a complex one along the height are two GEMMs with fixed matrices (``O(n^3)`` per
 image, but at BLAS speed; NumPy's pocketfft takes 3-4 us per 20x20 image). The matrices only
-have rows for the positions that carry data, so padding, stride and dilation cost nothing:
+have rows for the positions that carry data, so padding, stride and dilation need no copies:
 the input sits at ``pad + i``, the output is read at ``i * stride``, the kernel taps sit at
-``i * dilation``. Conjugates come free by flipping the sign of the transform's exponent. The
-bias gradient is the zero-frequency term of ``G``, already computed.
+``i * dilation`` (a stride still pays for the products at every frequency of the full grid,
+which is why ``conv2d`` sends strided convolutions to im2col). Conjugates come free by
+flipping the sign of the transform's exponent. The bias gradient is the zero-frequency term of
+``G``, already computed.
 
 Layout: the transforms run image by image on channels-last data (the width transform reads
 ``(w, C)`` rows, the height transform's operand is then already in ``[real, imaginary]`` row
