@@ -8,6 +8,8 @@ shape; ``ratio`` < 1: the Fourier path is faster; ``chosen``: what ``conv2d`` ta
 
     python benchmarks/bench_conv_fourier.py > benchmarks/results/conv_fourier.jsonl
     python benchmarks/bench_conv_fourier.py 32,64,64,16,5,1   # batch,cin,cout,px,k,stride
+    python benchmarks/bench_conv_fourier.py --conv1d   # 1-D: px is the length, the Fourier
+                                                       # path runs it as 1-pixel-high images
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ def grid():
         yield 16, c, o, 32, 5, 2
 
 
+def grid_1d():
+    """(batch, cin, cout, length, k, stride) for ``--conv1d``."""
+    for k, length, c, o in itertools.product((3, 5, 9, 15), (32, 128, 512), (16, 64), (16, 64)):
+        yield 16, c, o, length, k, 1
+
+
 def _step(cls, x, w, b, stride, pads, **kwargs):
     import distprop as dp
 
     xt, wt, bt = (dp.tensor(a, requires_grad=True) for a in (x, w, b))
-    out = cls.apply(xt, wt, bt, stride=stride, padding=pads, dilation=(1, 1), **kwargs)
+    dilation = (1,) * len(stride)
+    out = cls.apply(xt, wt, bt, stride=stride, padding=pads, dilation=dilation, **kwargs)
     out.backward(dp.tensor(np.ones(out.shape, dtype=out.dtype)))
 
 
@@ -44,33 +53,40 @@ def main(argv=None) -> int:
     parser.add_argument("shapes", nargs="*", help="batch,cin,cout,px,k,stride (default: a grid)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
+    parser.add_argument("--conv1d", action="store_true", help="1-D convolutions instead")
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
     from distprop.ops.conv import ConvNd
     from distprop.ops.conv_fourier import FourierConv2d
 
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] or list(grid())
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] or list(
+        grid_1d() if args.conv1d else grid())
+    nd = 1 if args.conv1d else 2
     with threadpool_limits(args.threads):
         for n, c, o, px, k, s in shapes:
             rng = np.random.default_rng(0)
-            x = rng.standard_normal((n, c, px, px)).astype(np.float32)
-            w = rng.standard_normal((o, c, k, k)).astype(np.float32)
+            x = rng.standard_normal((n, c, *(px,) * nd)).astype(np.float32)
+            w = rng.standard_normal((o, c, *(k,) * nd)).astype(np.float32)
             b = rng.standard_normal(o).astype(np.float32)
-            pads, stride = ((k // 2, k // 2),) * 2, (s, s)
-            paths = {"fourier": (FourierConv2d, {}), "im2col": (ConvNd, {"groups": 1})}
+            pads, stride = ((k // 2, k // 2),) * nd, (s,) * nd
+            # the Fourier path is 2-D: a 1-D signal is an image one pixel high
+            four = (x, w, pads, stride) if nd == 2 else (
+                x[:, :, None], w[:, :, None], ((0, 0), *pads), (1, *stride))
+            paths = {"fourier": (FourierConv2d, four, {}),
+                     "im2col": (ConvNd, (x, w, pads, stride), {"groups": 1})}
             times = {name: [] for name in paths}
-            for cls, kwargs in paths.values():  # warm: scratch buffers, cached DFT matrices
-                _step(cls, x, w, b, stride, pads, **kwargs)
+            for cls, (xa, wa, pa, sa), kwargs in paths.values():  # warm: buffers, DFT matrices
+                _step(cls, xa, wa, b, sa, pa, **kwargs)
             for _ in range(args.repeat):
-                for name, (cls, kwargs) in paths.items():
+                for name, (cls, (xa, wa, pa, sa), kwargs) in paths.items():
                     start = time.perf_counter()
-                    _step(cls, x, w, b, stride, pads, **kwargs)
+                    _step(cls, xa, wa, b, sa, pa, **kwargs)
                     times[name].append((time.perf_counter() - start) * 1e3)
             ms = {name: float(np.median(t)) for name, t in times.items()}
-            chosen = FourierConv2d.suits(x, w, stride, pads, (1, 1), 1)
+            chosen = nd == 2 and FourierConv2d.suits(x, w, stride, pads, (1, 1), 1)
             print(json.dumps({
-                "batch": n, "cin": c, "cout": o, "px": px, "k": k, "stride": s,
+                "dims": nd, "batch": n, "cin": c, "cout": o, "px": px, "k": k, "stride": s,
                 "threads": args.threads,
                 "fourier_ms": round(ms["fourier"], 3), "im2col_ms": round(ms["im2col"], 3),
                 "ratio": round(ms["fourier"] / ms["im2col"], 3),
