@@ -209,6 +209,7 @@ def test_rank_dead_before_init_ends_the_job(tmp_path, how, limit, expected):
     else:
         cmd = [mpiexec_path(), "-n", "2", sys.executable, str(script)]
         env = {**ENV, "DISTPROP_INIT_TIMEOUT": "5"}
+    shm_before = set(Path("/dev/shm").glob("mpich_shm_*"))
     t0 = time.monotonic()
     done = run_owned(cmd, env=env, timeout=limit + 30)
     elapsed = time.monotonic() - t0
@@ -217,6 +218,8 @@ def test_rank_dead_before_init_ends_the_job(tmp_path, how, limit, expected):
     assert "DONE" not in done.stdout
     for text in expected:
         assert text in done.stderr, done.stderr
+    # the rank that waited inside MPI_Init removes MPICH's start-up file before it exits
+    assert not set(Path("/dev/shm").glob("mpich_shm_*")) - shm_before
 
 
 def test_init_timeout_must_be_a_number():

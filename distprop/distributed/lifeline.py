@@ -241,6 +241,30 @@ def init_timeout_from_env() -> float | None:
     return value if value > 0 else None
 
 
+def unlink_mapped_mpich_files() -> list[str]:
+    """Remove the names of the MPICH start-up shared-memory files (``/dev/shm/mpich_shm_*``)
+    this process maps; the memory stays with the processes that map it. Returns the paths."""
+    removed = []
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return removed
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6:
+            continue
+        path = parts[5]
+        if (path.startswith("/dev/shm/mpich_shm_") and not path.endswith("(deleted)")
+                and path not in removed):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 class InitTimer:
     """Exits this rank when MPI initialisation has not completed within ``timeout`` seconds.
 
@@ -268,6 +292,9 @@ class InitTimer:
              f"({INIT_TIMEOUT_VAR}): some rank {world}did not arrive (it exited or is stuck "
              "before dist.init()); exiting with status 1")
         report("init-timeout", waited=self.timeout)
+        # MPI_Init created (and mapped) MPICH's start-up segment before it began waiting for
+        # the missing rank; the job ends without MPI_Finalize, which would have removed it
+        unlink_mapped_mpich_files()
         _flush_and_exit(1)
 
 

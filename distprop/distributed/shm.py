@@ -42,6 +42,7 @@ import numpy as np
 
 from distprop import trace
 from distprop.distributed.comm import Request
+from distprop.distributed.lifeline import unlink_mapped_mpich_files
 
 _ALIGN = 4096  # every gradient buffer starts on a page of its rank's segment
 _LINE_ELEMS = 64  # slice boundaries on 64-element (256/512-byte) boundaries: no shared lines
@@ -418,22 +419,4 @@ def unlink_mpich_segments(local_comm) -> list[str]:
     """
     if local_comm.Get_rank() != 0:
         return []
-    removed = []
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return removed
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6:
-            continue
-        path = parts[5]
-        if (path.startswith("/dev/shm/mpich_shm_") and not path.endswith("(deleted)")
-                and path not in removed):
-            try:
-                os.unlink(path)
-                removed.append(path)
-            except OSError:
-                pass
-    return removed
+    return unlink_mapped_mpich_files()
