@@ -74,6 +74,32 @@ def test_fourier_conv_matches_torch(name, shape, o, k, s, p, d, bias, dtype):
     assert bias or bd.grad is None
 
 
+@pytest.mark.parametrize("shape,o,k", [((8, 16, 24, 24), 16, 5), ((4, 8, 20, 20), 32, 7)])
+def test_float32_error_is_no_worse_than_im2col(shape, o, k):
+    """Against a float64 reference, the float32 transforms lose no more than im2col's GEMMs."""
+    from distprop.ops.conv import ConvNd
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (rng.standard_normal((o, shape[1], k, k)) / np.sqrt(shape[1] * k * k)).astype(np.float32)
+    grad = rng.standard_normal((shape[0], o, *shape[2:])).astype(np.float32)
+    xt, wt = (torch.tensor(a.astype(np.float64), requires_grad=True) for a in (x, w))
+    ref = torch.nn.functional.conv2d(xt, wt, padding=k // 2)
+    ref.backward(torch.tensor(grad.astype(np.float64)))
+    errors = {}
+    for name, cls, kwargs in [("fourier", FourierConv2d, {}), ("im2col", ConvNd, {"groups": 1})]:
+        xd, wd = dp.tensor(x, requires_grad=True), dp.tensor(w, requires_grad=True)
+        out = cls.apply(xd, wd, stride=(1, 1), padding=((k // 2,) * 2,) * 2, dilation=(1, 1),
+                        **kwargs)
+        out.backward(dp.tensor(grad))
+        errors[name] = [float(np.abs(got.numpy() - want.detach().numpy()).max()
+                              / np.abs(want.detach().numpy()).max())
+                        for got, want in [(out, ref), (xd.grad, xt.grad), (wd.grad, wt.grad)]]
+    assert max(errors["fourier"]) < 1e-6
+    for fourier, im2col in zip(errors["fourier"], errors["im2col"]):
+        assert fourier <= 2 * im2col, errors
+
+
 @pytest.mark.parametrize("s,p,d", [(1, 2, 1), (2, 1, 1), (1, (3, 1), (1, 2))])
 def test_fourier_conv_finite_differences(s, p, d):
     rng = np.random.default_rng(3)
