@@ -65,16 +65,22 @@ def _compare(n, c, px, pad, k, s, number, repeat) -> dict:
         return gpad
 
     np.testing.assert_allclose(runs(), offsets(), rtol=1e-5, atol=1e-5)
-    best = {"runs": [], "offsets": []}
+    r, o = _interleaved_min_ms(runs, offsets, number, repeat)
+    return {"batch": n, "channels": c, "px": px, "padding": pad, "k": k, "stride": s,
+            "runs_ms": round(r, 3), "offsets_ms": round(o, 3), "runs_over_offsets": round(r / o, 3)}
+
+
+def _interleaved_min_ms(first, second, number, repeat) -> tuple[float, float]:
+    """Milliseconds per call of ``first`` and ``second``: minimum over ``repeat`` interleaved
+    rounds of ``number`` calls each."""
+    best = ([], [])
     for _ in range(repeat):
-        for name, fn in (("runs", runs), ("offsets", offsets)):
+        for times, fn in zip(best, (first, second)):
             start = time.perf_counter()
             for _ in range(number):
                 fn()
-            best[name].append((time.perf_counter() - start) / number * 1e3)
-    r, o = min(best["runs"]), min(best["offsets"])
-    return {"batch": n, "channels": c, "px": px, "padding": pad, "k": k, "stride": s,
-            "runs_ms": round(r, 3), "offsets_ms": round(o, 3), "runs_over_offsets": round(r / o, 3)}
+            times.append((time.perf_counter() - start) / number * 1e3)
+    return min(best[0]), min(best[1])
 
 
 # (batch, in channels C, image px, padding, kernel, stride, groups) for --phases
@@ -118,14 +124,7 @@ def _compare_phases(n, c, px, pad, k, s, g, number, repeat) -> dict:
         return gpad[:, :, pad:pad + px, pad:pad + px]
 
     assert np.array_equal(phases(), offsets())  # same additions in the same order
-    best = {"phases": [], "offsets": []}
-    for _ in range(repeat):
-        for name, fn in (("phases", phases), ("offsets", offsets)):
-            start = time.perf_counter()
-            for _ in range(number):
-                fn()
-            best[name].append((time.perf_counter() - start) / number * 1e3)
-    p, o = min(best["phases"]), min(best["offsets"])
+    p, o = _interleaved_min_ms(phases, offsets, number, repeat)
     return {"batch": n, "channels": c, "px": px, "padding": pad, "k": k, "stride": s,
             "groups": g, "phases_ms": round(p, 3), "offsets_ms": round(o, 3),
             "phases_over_offsets": round(p / o, 3)}

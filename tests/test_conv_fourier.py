@@ -115,6 +115,7 @@ def test_only_the_gradients_asked_for():
         xd = dp.tensor(x, requires_grad=needs_x)
         wd = dp.tensor(w, requires_grad=needs_w)
         out = _fourier(xd, wd, dp.tensor(b, requires_grad=True), 1, 2, 1)
+        assert (out._ctx.xs is None) == (not needs_w) and (out._ctx.ws is None) == (not needs_x)
         out.sum().backward()
         xt = torch.tensor(x, requires_grad=needs_x)
         wt = torch.tensor(w, requires_grad=needs_w)

@@ -8,10 +8,10 @@ transforms (size = the padded input) of the input, the weight and the output gra
 - weight gradient ``DW[f] = conj(G[f])^T @ X[f]``,
 
 and the transform size is the padded input, so the circular products equal the linear ones (no
-index wraps around). The channel mixing costs ``4 C O`` real multiply-adds per frequency, about
-``2 N^2`` frequencies (half of them by symmetry, times 4 for the complex product), where im2col
-costs ``C O k^2`` per output pixel: about ``k^2 / 2`` times more, so from 5x5 kernels on the
-transforms pay for themselves.
+index wraps around). By symmetry only ``N^2 / 2`` of the ``N^2`` frequencies of an ``N x N``
+grid are kept, and each costs ``4 C O`` real multiply-adds (a complex product): about
+``2 C O`` per pixel, where im2col costs ``C O k^2`` per output pixel, ``k^2 / 2`` times more.
+From 5x5 kernels on that pays for the transforms (``FourierConv2d.suits`` says where).
 
 The transforms are not FFTs: for the small image sizes of a convolution, a real DFT along the
 width and a complex one along the height are two GEMMs with fixed matrices (``O(n^3)`` per
@@ -28,7 +28,7 @@ Layout: the transforms run image by image on channels-last data (the width trans
 pairs), and one copy with runs of ``C`` floats turns the result frequency-major for the
 products; the inverse mirrors it, so the output and the input gradient come out channels-last in
 memory, as im2col's do. (Transforming channels-first images instead needs transposing copies
-with runs of ``n / 2 + 1`` floats: 1.06-1.8x the step time, measured.)
+with runs of ``n / 2 + 1`` floats; that first version was slower on every shape compared.)
 """
 
 from __future__ import annotations
@@ -58,40 +58,43 @@ def _span(pos: Positions) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=128)
-def real_dft(pos: Positions, n: int, sign: int, dtype: str) -> np.ndarray:
-    """``(count, 2 F)``: a real signal at ``pos`` (rows of ``x @ M``) -> its ``F = n // 2 + 1``
+def width_dft(pos: Positions, n: int, sign: int, dtype: str) -> np.ndarray:
+    """``(2 F, count)``: a real signal at ``pos`` (columns of ``M @ x``) -> its ``F = n // 2 + 1``
     frequencies of ``exp(sign i 2 pi f t / n)``, real parts then imaginary parts."""
-    a = _angles(_span(pos), np.arange(n // 2 + 1), n)
-    return np.concatenate([np.cos(a), sign * np.sin(a)], axis=1).astype(dtype)
+    a = _angles(np.arange(n // 2 + 1), _span(pos), n)
+    return np.ascontiguousarray(np.concatenate([np.cos(a), sign * np.sin(a)]), dtype=dtype)
 
 
 @functools.lru_cache(maxsize=128)
-def complex_dft(out: Positions, inp: Positions, n: int, sign: int, scale: float,
-                dtype: str) -> np.ndarray:
-    """``(2 len(out), 2 len(inp))``: ``scale * exp(sign i 2 pi o p / n)`` as a real block matrix
-    acting on ``[real; imaginary]`` stacked rows."""
+def height_dft(out: Positions, inp: Positions, n: int, sign: int, scale: float, dtype: str,
+               pairs_in: bool) -> np.ndarray:
+    """``scale * exp(sign i 2 pi o p / n)`` as a real ``(2 len(out), 2 len(inp))`` matrix on
+    complex rows: ``pairs_in``: rows in ``(part, out)`` order, columns in ``(inp, part)`` order
+    (the width transform's output); else rows in ``(out, part)``, columns in ``(part, inp)``."""
     a = _angles(_span(out), _span(inp), n)
     re, im = scale * np.cos(a), scale * sign * np.sin(a)
-    return np.block([[re, -im], [im, re]]).astype(dtype)
+    block = np.block([[re, -im], [im, re]])  # rows (part, out), columns (part, inp)
+    o, i = a.shape
+    if pairs_in:
+        block = block.reshape(2 * o, 2, i).transpose(0, 2, 1)
+    else:
+        block = block.reshape(2, o, 2 * i).transpose(1, 0, 2)
+    return np.ascontiguousarray(block.reshape(2 * o, 2 * i), dtype=dtype)
 
 
 @functools.lru_cache(maxsize=128)
-def real_idft(n: int, pos: Positions, sign: int, dtype: str) -> np.ndarray:
-    """``(2 F, count)``: the real part at ``pos`` of the sum over all ``n`` frequencies of
-    ``Z[f] exp(sign i 2 pi f t / n)``, from the ``F = n // 2 + 1`` of a Hermitian ``Z``."""
+def width_idft(n: int, pos: Positions, sign: int, dtype: str) -> np.ndarray:
+    """``(count, 2 F)``: the real part at ``pos`` of the sum over all ``n`` frequencies of
+    ``Z[f] exp(sign i 2 pi f t / n)``, from the ``F = n // 2 + 1`` of a Hermitian ``Z`` (real
+    parts then imaginary parts)."""
     nf = n // 2 + 1
     weight = np.full(nf, 2.0)
     weight[0] = 1.0
     if n % 2 == 0:
         weight[-1] = 1.0
-    a = _angles(np.arange(nf), _span(pos), n)
-    return np.concatenate([weight[:, None] * np.cos(a), -sign * weight[:, None] * np.sin(a)],
-                          axis=0).astype(dtype)
-
-
-def _rows_then_parts(block, n_rows: int) -> np.ndarray:
-    """A real block matrix's columns from ``(part, row)`` order to ``(row, part)`` order."""
-    return block.reshape(block.shape[0], 2, n_rows).transpose(0, 2, 1).reshape(block.shape[0], -1)
+    a = _angles(_span(pos), np.arange(nf), n)
+    return np.ascontiguousarray(np.concatenate([weight * np.cos(a), -sign * weight * np.sin(a)],
+                                               axis=1), dtype=dtype)
 
 
 def spectrum(a, pos: tuple[Positions, Positions], size: tuple[int, int], sign: int):
@@ -109,10 +112,9 @@ def spectrum(a, pos: tuple[Positions, Positions], size: tuple[int, int], sign: i
     n1, n2 = size
     dt = a.dtype.str
     nf = n2 // 2 + 1
-    along_w = xp.asarray(real_dft(pos[1], n2, sign, dt).T)  # (2F, w)
     rows = scratch(xp, (r, h, 2 * nf, c), a.dtype)
-    gemm(along_w, a, out=rows)  # (R, h, [re|im] x F, C)
-    along_h = xp.asarray(_rows_then_parts(complex_dft((0, n1, 1), pos[0], n1, sign, 1.0, dt), h))
+    gemm(xp.asarray(width_dft(pos[1], n2, sign, dt)), a, out=rows)  # (R, h, [re|im] x F, C)
+    along_h = xp.asarray(height_dft((0, n1, 1), pos[0], n1, sign, 1.0, dt, True))
     per_image = gemm(along_h, rows.reshape(r, 2 * h, nf * c))  # (R, 2, n1, F, C)
     out = scratch(xp, (2, n1, nf, r, c), a.dtype)
     out[...] = per_image.reshape(r, 2, n1, nf, c).transpose(1, 2, 3, 0, 4)
@@ -129,21 +131,20 @@ def inverse(spec, pos: tuple[Positions, Positions], size: tuple[int, int], sign:
     h, w = pos[0][1], pos[1][1]
     per_image = scratch(xp, (r, 2, n1, nf, c), spec.dtype)
     per_image[...] = spec.transpose(3, 0, 1, 2, 4)
-    block = complex_dft(pos[0], (0, n1, 1), n1, sign, 1.0 / math.prod(size), dt)  # (2h, 2 n1)
-    along_h = xp.asarray(_rows_then_parts(block.T, h).T)  # rows (h, part), columns (part, n1)
+    along_h = xp.asarray(height_dft(pos[0], (0, n1, 1), n1, sign, 1.0 / math.prod(size), dt,
+                                    False))
     rows = gemm(along_h, per_image.reshape(r, 2 * n1, nf * c))  # (R, h, [re|im] x F, C)
-    along_w = xp.asarray(real_idft(size[1], pos[1], sign, dt).T)  # (w, 2F)
     out = xp.empty((r, h, w, c), dtype=spec.dtype)
-    gemm(along_w, rows.reshape(r, h, 2 * nf, c), out=out)
+    gemm(xp.asarray(width_idft(size[1], pos[1], sign, dt)), rows.reshape(r, h, 2 * nf, c),
+         out=out)
     return out
 
 
 def complex_matmul(a, b):
-    """``a @ b`` of ``(2, ..., m, k)`` and ``(2, ..., k, n)`` complex arrays stored as real and
-    imaginary parts: four real products (any transposed views of the operands)."""
+    """``a @ b`` of ``(2, F, m, k)`` and ``(2, F, k, n)`` complex arrays stored as real and
+    imaginary parts: four real products per frequency (any transposed views of the operands)."""
     xp = get_array_module(a)
-    out = xp.empty((2, *np.broadcast_shapes(a.shape[1:-2], b.shape[1:-2]), a.shape[-2],
-                    b.shape[-1]), dtype=a.dtype)
+    out = xp.empty((2, a.shape[1], a.shape[2], b.shape[3]), dtype=a.dtype)
     gemm(a[0], b[0], out=out[0])
     out[0] -= gemm(a[1], b[1])
     gemm(a[0], b[1], out=out[1])
@@ -154,8 +155,8 @@ def complex_matmul(a, b):
 class FourierConv2d(Function):
     """conv2d with one group by products per frequency (see the module docstring).
 
-    Keeps the input's and the weight's spectra for backward (each about the size of the padded
-    input / of ``C O`` padded images' half), not the im2col matrix.
+    Keeps for backward the input's spectrum (about the padded input's size) and the weight's
+    (``C O`` frequency grids of about half a padded image each), not the im2col matrix.
     """
 
     MIN_TAPS = 25  # kernel taps (5x5) from which the products per frequency pay
@@ -213,22 +214,22 @@ class FourierConv2d(Function):
         xs = spectrum(x.transpose(0, 2, 3, 1), x_pos, size, -1)  # X
         # conj(W) as (2, .., C, O): the weight (O, C, k1, k2) read as C images (k1, k2, O)
         ws = spectrum(weight.transpose(1, 2, 3, 0), w_pos, size, +1)
-        self.grid = (size[0], size[1] // 2 + 1)  # frequencies kept: all rows, half the columns
-        fq = math.prod(self.grid)
+        grid = (size[0], size[1] // 2 + 1)  # frequencies kept: all rows, half the columns
+        fq = math.prod(grid)
         ys = complex_matmul(xs.reshape(2, fq, n, c), ws.reshape(2, fq, c, o))
-        y = inverse(ys.reshape(2, *self.grid, n, o), out_pos, size, +1)  # (N, h, w, O)
+        y = inverse(ys.reshape(2, *grid, n, o), out_pos, size, +1)  # (N, h, w, O)
         if bias is not None:
             y += bias
         y = y.transpose(0, 3, 1, 2)  # (N, O, h, w), channels-last in memory
-        self.meta = (x.shape, weight.shape, size, x_pos, out_pos, w_pos, fq)
+        self.meta = (x.shape, weight.shape, size, grid, x_pos, out_pos, w_pos)
         self.xs = xs.reshape(2, fq, n, c) if self.needs_input_grad[1] else None
         self.ws = ws.reshape(2, fq, c, o) if self.needs_input_grad[0] else None
         self.has_bias = bias is not None
         return y
 
     def backward(self, grad_out):
-        x_shape, w_shape, size, x_pos, out_pos, w_pos, fq = self.meta
-        (n, c), o = x_shape[:2], w_shape[0]
+        x_shape, w_shape, size, grid, x_pos, out_pos, w_pos = self.meta
+        (n, c), o, fq = x_shape[:2], w_shape[0], math.prod(grid)
         # conj(G): (2, n1, F, N, O)
         gs = spectrum(grad_out.transpose(0, 2, 3, 1), out_pos, size, +1)
         gx = gw = gb = None
@@ -238,8 +239,8 @@ class FourierConv2d(Function):
         if self.needs_input_grad[0]:
             # DX = G W^T = conj(conj(G) conj(W)^T): the inverse of a conjugate flips the sign
             dxs = complex_matmul(gs, self.ws.transpose(0, 1, 3, 2))
-            gx = inverse(dxs.reshape(2, *self.grid, n, c), x_pos, size, -1).transpose(0, 3, 1, 2)
+            gx = inverse(dxs.reshape(2, *grid, n, c), x_pos, size, -1).transpose(0, 3, 1, 2)
         if self.needs_input_grad[1]:
             dws = complex_matmul(gs.transpose(0, 1, 3, 2), self.xs)  # conj(G)^T X, (.., O, C)
-            gw = inverse(dws.reshape(2, *self.grid, o, c), w_pos, size, +1).transpose(0, 3, 1, 2)
+            gw = inverse(dws.reshape(2, *grid, o, c), w_pos, size, +1).transpose(0, 3, 1, 2)
         return gx, gw, gb
