@@ -5,6 +5,8 @@ same weights, the same batch and the same number of threads (``torch.set_num_thr
 threadpoolctl for NumPy's BLAS); their timed steps alternate so machine drift hits both alike.
 Peak RSS is measured in a fresh child process per framework (so neither pays for the other's
 imports). Prints one JSON line per model and framework; the distprop line carries the ratio.
+The timed steps share one process, so PyTorch's run under distprop's heap policy too
+(``distprop/heap.py``); ``bench_heap.py`` times each alone, PyTorch under glibc's defaults.
 
     python benchmarks/bench_models.py --models mlp,cnn --threads 1 --steps 30
     python benchmarks/bench_models.py --models cnn --profile 20 > /dev/null   # cProfile to stderr
@@ -100,6 +102,8 @@ def peak_rss_child(framework: str, name: str, batch: int | None, threads: int,
         cmd += ["--batch", str(batch)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
+    if framework == "torch":  # PyTorch as its users run it: glibc's malloc defaults
+        env["DISTPROP_MALLOC"] = "system"
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0:
         print(done.stderr, file=sys.stderr)

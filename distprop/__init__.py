@@ -1,6 +1,6 @@
 """distprop: synchronous data-parallel backpropagation over MPI, on NumPy or CuPy."""
 
-from distprop import functional, logconfig, nn, ops, optim
+from distprop import functional, heap, logconfig, nn, ops, optim
 from distprop.backend import Device, device, manual_seed
 from distprop.creation import (
     arange,
@@ -75,3 +75,6 @@ __version__ = "0.1.0"
 from distprop import amp, data, distributed, train
 from distprop.train.checkpoint import load, save
 from distprop.weights import load_safetensors, load_torch, save_safetensors
+
+# glibc keeps freed memory for the next step from here on (distprop/heap.py).
+heap.keep_freed_memory()

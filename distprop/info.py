@@ -6,6 +6,8 @@ import os
 import platform
 import sys
 
+from distprop import heap
+
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID", "MPI_LOCALRANKID")
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 
@@ -148,6 +150,7 @@ def report(with_mpi_library: bool = True) -> dict:
         "blas": _blas(),
         "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",
                                                      "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+        "heap": heap.state,
         "distprop_env": _distprop_env(),
         "optional": {name: _dist_version(name) for name in ("scikit-learn", "mnist1d",
                                                             "matplotlib", "tqdm", "torch")},
@@ -250,6 +253,7 @@ def format_report(info: dict) -> str:
         lines.append("BLAS          no thread pool found")
     env = ", ".join(f"{k}={v}" for k, v in info["thread_env"].items() if v is not None)
     lines.append(f"thread env    {env or 'unset'}")
+    lines.append(f"heap          {info['heap']}")
     for name, var in info.get("distprop_env", {}).items():
         meaning = var["meaning"] or "not read by distprop (a typo?)"
         lines.append(f"env           {name}={var['value']}: {meaning}")

@@ -287,6 +287,8 @@ ENV_VARS: Registry[Entry] = Registry("environment variable", [
           "of one node (shm: node-shared gradient buffers; auto: shm where ranks share a node)"),
     Entry("DISTPROP_MPI_CUDA_AWARE", "1 or 0: whether MPI accepts CUDA buffers, overriding "
           "the library query"),
+    Entry("DISTPROP_MALLOC", "keep or system: keep freed heap memory in the process for the "
+          "next step (default; no page faults after the first step), or glibc's defaults"),
     Entry("DISTPROP_NO_CUPY", "set: do not import CuPy (CPU only)"),
     Entry("DISTPROP_CUDA_KERNELS", "0: use CuPy's generic operations instead of distprop's "
           "CUDA kernels"),

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from distprop import trace
+from distprop import heap, trace
 from distprop.bench import breakdown, project, report, units
 
 # --- units ----------------------------------------------------------------------------------
@@ -437,6 +437,9 @@ def test_peers_smoke():
     assert ratios["torch"]["ratio"] == pytest.approx(
         peers["distprop"]["step_s"] / peers["torch"]["step_s"])
     assert ratios["gemm-floor"]["ratio"] > 0
+    # distprop under its heap policy, PyTorch under glibc's defaults (distprop/heap.py)
+    assert peers["distprop"]["heap"] == heap.state
+    assert peers["torch"]["heap"] == "glibc defaults (DISTPROP_MALLOC=system)"
 
 
 @pytest.mark.mpi

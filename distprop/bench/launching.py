@@ -57,8 +57,9 @@ class RunOutcome:
 
 
 def run_worker(ranks: int, argv: list[str], threads: int = 1, timeout: float = 600.0,
-               oversubscribe: bool = False) -> RunOutcome:
+               oversubscribe: bool = False, extra_env: dict | None = None) -> RunOutcome:
     """Launch ``python argv...`` on ``ranks`` ranks and parse the result line rank 0 prints.
+    ``extra_env``: variables set for the ranks on top of the launch environment.
 
     A failing run (non-zero exit, timeout, no result line) becomes an outcome with ``error`` set
     to the tail of its output, so a sweep can report it and go on.
@@ -67,6 +68,7 @@ def run_worker(ranks: int, argv: list[str], threads: int = 1, timeout: float = 6
         cmd, env = mpi_command(ranks, argv, threads, oversubscribe)
     except ValueError as exc:  # LaunchError
         return RunOutcome(ranks, None, f"cannot launch: {exc}", [])
+    env = {**env, **(extra_env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     try:

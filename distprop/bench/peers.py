@@ -84,9 +84,15 @@ def gemm_worker(config: dict) -> dict:
             "time_max_s": max(times)}
 
 
-def _run(argv: list[str], ranks: int, cfg: PeersConfig):
+def _run(argv: list[str], ranks: int, cfg: PeersConfig, extra_env: dict | None = None):
     return launching.run_worker(ranks, argv, threads=cfg.threads_per_rank, timeout=cfg.timeout_s,
-                                oversubscribe=cfg.oversubscribe)
+                                oversubscribe=cfg.oversubscribe, extra_env=extra_env)
+
+
+# The PyTorch peers run under glibc's default malloc, as PyTorch users run them: importing
+# distprop (which starts the peer) would otherwise hand them distprop's heap policy
+# (distprop/heap.py).
+TORCH_ENV = {"DISTPROP_MALLOC": "system"}
 
 
 def _train_row(outcome, run_cfg: dict, ranks: int, peer: str) -> dict:
@@ -125,12 +131,12 @@ def run_peers(cfg: PeersConfig, echo=print) -> tuple[list[dict], list[dict]]:
             echo("# torch (one process) ...", file=sys.stderr)
             t_cfg = {**base, "ddp": False}
             rows.append(_train_row(_run(["-m", "distprop.bench.torch_peer", json.dumps(t_cfg)],
-                                        1, cfg), t_cfg, 1, "torch"))
+                                        1, cfg, TORCH_ENV), t_cfg, 1, "torch"))
         if have_torch and "torch-ddp" in cfg.peers and (ranks > 1 or len(cfg.ranks) > 1):
             echo(f"# torch-ddp (gloo) on {ranks} rank(s) ...", file=sys.stderr)
             t_cfg = {**base, "ddp": True, "master_port": free_port()}
             rows.append(_train_row(_run(["-m", "distprop.bench.torch_peer", json.dumps(t_cfg)],
-                                        ranks, cfg), t_cfg, ranks, "torch-ddp"))
+                                        ranks, cfg, TORCH_ENV), t_cfg, ranks, "torch-ddp"))
         if "mpi-allreduce" in cfg.peers and ranks > 1 and grad_bytes:
             echo(f"# mpi-allreduce of {grad_bytes} bytes on {ranks} ranks ...", file=sys.stderr)
             a_cfg = {"kind": "allreduce", "sizes": [grad_bytes], "methods": ["mpi"],

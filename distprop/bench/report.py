@@ -19,7 +19,7 @@ SCALING_KEYS = (
     "step_s", "step_median_s", "step_min_s", "step_max_s", "samples_per_s", "speedup",
     "efficiency", "baseline_ranks", "compute_s", "comm_s", "exposed_comm_s", "launch_s",
     "optimizer_s",
-    "straggler_spread_s", "peak_rss_mb", "peak_rss_mb_max", "error",
+    "straggler_spread_s", "peak_rss_mb", "peak_rss_mb_max", "heap", "error",
 )
 _PER_STEP = ("compute_s", "comm_s", "exposed_comm_s", "launch_s", "optimizer_s")
 
@@ -51,6 +51,7 @@ def summarize_run(result: dict) -> dict:
             max(r["compute_s"][i] for r in per_rank) - min(r["compute_s"][i] for r in per_rank)
             for i in range(steps)]) if ranks > 1 else 0.0,
         peak_rss_mb=[round(r["peak_rss_mb"], 1) for r in per_rank],
+        heap=per_rank[0].get("heap"),  # the malloc policy (distprop/heap.py), alike on all ranks
         error=None,
     )
     row["peak_rss_mb_max"] = max(row["peak_rss_mb"])

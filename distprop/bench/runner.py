@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-from distprop import trace
+from distprop import heap, trace
 from distprop.bench.breakdown import step_breakdown
 from distprop.bench.launching import RESULT_PREFIX
 
@@ -124,7 +124,7 @@ def train_worker(config: dict) -> dict | None:
         trace_path = trace.rank_path(config["trace"], rank)
         trace.save(trace_path, kept)
     mine = {"rank": rank, "host": os.uname().nodename, "peak_rss_mb": peak_rss_mb(),
-            "final_loss": loss_value, **per_step}
+            "heap": heap.state, "final_loss": loss_value, **per_step}
     gathered = _gather(mine, size)
     if rank != 0:
         return None

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from distprop import heap
 from distprop.bench.runner import make_batch, peak_rss_mb
 from distprop.bench.torch_zoo import torch_model
 
@@ -69,7 +70,8 @@ def worker(config: dict) -> dict | None:
             for key, value in zip(keys, (t3 - t0, t1 - t0, t2 - t1, t3 - t2, t2 - t0)):
                 per_step[key].append(value)
     unmeasured = [None] * steps
-    mine = {"rank": rank, "peak_rss_mb": peak_rss_mb(), "final_loss": float(loss.item()),
+    mine = {"rank": rank, "peak_rss_mb": peak_rss_mb(), "heap": heap.state,
+            "final_loss": float(loss.item()),
             **per_step, "comm_s": unmeasured, "exposed_comm_s": unmeasured}
     gathered = [mine]
     if use_ddp:

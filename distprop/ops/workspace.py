@@ -1,8 +1,11 @@
 """Reusable scratch arrays for the NumPy convolution: no page faults on every step.
 
-glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh ``mmap`` pages,
-so a 50 MB column matrix allocated each step costs its size in page faults (measured: a 52 MB
-``empty`` + copy takes 11 ms, the copy into a kept buffer 4 ms). :func:`scratch` hands out a
+With glibc's default settings, allocations above its mmap threshold (at most 32 MiB) get fresh
+``mmap`` pages, so a 50 MB column matrix allocated each step costs its size in page faults
+(measured: a 52 MB ``empty`` + copy takes 11 ms, the copy into a kept buffer 4 ms).
+:mod:`distprop.heap` raises that threshold when distprop is imported; the pool still serves
+processes that keep glibc's defaults (``DISTPROP_MALLOC=system``), other C libraries, and
+buffers above the raised threshold. :func:`scratch` hands out a
 kept array of the asked shape instead, but only one that nothing else still references: the
 pool's own references are the only ones left exactly when no view of it (a saved column matrix,
 a gradient still in the autograd graph, a user's ``.grad``) is alive, since every NumPy view
@@ -22,7 +25,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-MIN_BYTES = 8 << 20  # below this glibc's heap reuses freed memory (no fresh pages)
+MIN_BYTES = 8 << 20  # below this even glibc's default heap mostly reuses freed memory
 MAX_BYTES = 128 << 20  # total bytes the pool keeps (peak RSS stays close to before)
 MAX_PER_KEY = 3  # buffers kept per (shape, dtype)
 
