@@ -11,8 +11,8 @@ step of the zoo transformer, against PyTorch's 3 K and 2 K.
 At import, distprop raises both thresholds with ``mallopt``: allocations up to
 :data:`MMAP_THRESHOLD` come from the heap, and up to :data:`TRIM_THRESHOLD` of free heap stays
 with the process. After the first step a training loop then takes no page faults at all. The
-cost: resident memory stays near its high-water mark instead of shrinking after a peak (peak RSS
-itself is unchanged, ``benchmarks/results/heap.md``).
+cost: resident memory stays near its high-water mark instead of shrinking after a peak (the
+peak itself grew by 1-2 MB on the zoo models, ``benchmarks/results/heap.md``).
 
 Left alone: ``DISTPROP_MALLOC=system``; explicit glibc malloc settings in the environment
 (``MALLOC_*_`` variables, ``glibc.malloc`` tunables), which are the user's; C libraries other
