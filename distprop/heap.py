@@ -5,8 +5,8 @@ gradients, column matrices). By default glibc serves allocations above its mmap 
 (128 KiB, raised as big blocks are freed, at most to 32 MiB) with fresh pages, and hands the top
 of its heap back to the system once more than twice that is free. So every step pays again, in
 page faults, for memory the last step had already touched: on the 2-core VM the benchmarks run
-on, 5 K minor faults (~10 ms, a fifth of the step) per step of the zoo cnn and 12 K (~30 ms) per
-step of the zoo transformer, against PyTorch's 3 K and 2 K.
+on, 5 K minor faults (12 ms, a quarter of the step) per step of the zoo cnn and 12 K (28 ms, a
+quarter too) per step of the zoo transformer, against PyTorch's 3 K and 2 K.
 
 At import, distprop raises both thresholds with ``mallopt``: allocations up to
 :data:`MMAP_THRESHOLD` come from the heap, and up to :data:`TRIM_THRESHOLD` of free heap stays
@@ -14,10 +14,11 @@ with the process. After the first step a training loop then takes no page faults
 cost: resident memory stays near its high-water mark instead of shrinking after a peak (the
 peak itself grew by 1-2 MB on the zoo models, ``benchmarks/results/heap.md``).
 
-Left alone: ``DISTPROP_MALLOC=system``; explicit glibc malloc settings in the environment
-(``MALLOC_*_`` variables, ``glibc.malloc`` tunables), which are the user's; C libraries other
-than glibc. An allocator preloaded in glibc's place (jemalloc, tcmalloc) does not read glibc's
-settings, so they cost nothing there.
+Left alone: ``DISTPROP_MALLOC=system``; thresholds the user set in the environment
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
+``MALLOC_MMAP_MAX_`` or their ``glibc.malloc`` tunables); C libraries other than glibc. An
+allocator preloaded in glibc's place (jemalloc, tcmalloc) does not read glibc's settings, so
+they cost nothing there.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ TRIM_THRESHOLD = 1 << 30  # bytes of free heap kept before any is handed back
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (glibc's malloc.h)
 _M_MMAP_THRESHOLD = -3
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                  "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX")
+                  "MALLOC_MMAP_MAX_")
+_USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold",
+                  "glibc.malloc.top_pad", "glibc.malloc.mmap_max")
 CHOICES = ("keep", "system")
 
 #: What :func:`keep_freed_memory` did in this process, in words (``distprop info`` shows it).
@@ -71,7 +74,8 @@ def keep_freed_memory(environ=None) -> bool:
         state = "glibc defaults (DISTPROP_MALLOC=system)"
         return False
     mine = [name for name in _USER_SETTINGS if name in env]
-    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+    tunables = [item.split("=")[0].strip() for item in env.get("GLIBC_TUNABLES", "").split(":")]
+    if any(name in _USER_TUNABLES for name in tunables):
         mine.append("GLIBC_TUNABLES")
     if mine:
         state = f"the environment's malloc settings ({', '.join(mine)})"
