@@ -5,11 +5,29 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from distprop.nn.activation import ReLU
 from distprop.nn.module import Module
+from distprop.nn.pooling import MaxPool1d, MaxPool2d
+
+
+def _pool_first(module: Module, following: Module) -> bool:
+    """Whether ``following(module(x))`` may run as ``module(following(x))``: a ReLU then a max
+    pool, neither of them hooked. max(relu(x)) = relu(max(x)) exactly, and both orders send a
+    window's gradient to its first maximum when that maximum is positive and nowhere otherwise;
+    pooling first leaves the ReLU a k-times smaller tensor, forward and backward."""
+    return (type(module) is ReLU and type(following) in (MaxPool1d, MaxPool2d)
+            and not following.return_indices
+            and not (module._forward_pre_hooks or module._forward_hooks
+                     or following._forward_pre_hooks or following._forward_hooks))
 
 
 class Sequential(Module):
-    """Modules applied in order; built from positional modules or an OrderedDict."""
+    """Modules applied in order; built from positional modules or an OrderedDict.
+
+    A ``ReLU`` directly followed by a ``MaxPool1d``/``MaxPool2d`` runs pool first, then ReLU:
+    the same values and gradients (see :func:`_pool_first`), the ReLU on the pooled tensor.
+    Forward hooks on either module turn this off, so hooks see PyTorch's order.
+    """
 
     def __init__(self, *modules):
         super().__init__()
@@ -21,8 +39,15 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x):
-        for m in self._modules.values():
-            x = m(x)
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            if i + 1 < len(modules) and _pool_first(modules[i], modules[i + 1]):
+                x = modules[i](modules[i + 1](x))
+                i += 2
+            else:
+                x = modules[i](x)
+                i += 1
         return x
 
     def __getitem__(self, idx):
