@@ -14,7 +14,7 @@ def _pool_first(module: Module, following: Module) -> bool:
     """Whether ``following(module(x))`` may run as ``module(following(x))``: a ReLU then a max
     pool, neither of them hooked. max(relu(x)) = relu(max(x)) exactly, and both orders send a
     window's gradient to its first maximum when that maximum is positive and nowhere otherwise;
-    pooling first leaves the ReLU a k-times smaller tensor, forward and backward."""
+    pooling first leaves the ReLU the pooled tensor (a quarter of the size for a 2x2 pool)."""
     return (type(module) is ReLU and type(following) in (MaxPool1d, MaxPool2d)
             and not following.return_indices
             and not (module._forward_pre_hooks or module._forward_hooks
