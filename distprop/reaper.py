@@ -14,6 +14,12 @@ lifeline, but a rank still in interpreter start-up, in ``MPI_Init`` or one that 
 distprop would run on. The reaper sends exactly one SIGTERM to the launcher when ``distprop``
 dies, and, as a child subreaper (``PR_SET_CHILD_SUBREAPER``), adopts whatever the launcher
 leaves behind when it exits and stops it (SIGTERM, then SIGKILL after :data:`GRACE` seconds).
+
+A job that ends that way ends without ``MPI_Finalize``, which is where MPI libraries remove their
+shared-memory files (Open MPI's ``/dev/shm/sm_segment.*``, 16 MiB per rank), and a prterun
+stopped that way does not clean up after its ranks either. So the reaper notes the MPI files
+(:data:`MPI_SHM_PREFIXES`) that the job's processes map before it stops anything, and removes
+those still there once they are all gone. Files of any other name are never touched.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ import time
 GRACE = 2.0  # seconds between SIGTERM and SIGKILL, for the launcher and for orphans
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 _PR_SET_CHILD_SUBREAPER = 36
+# Shared-memory files MPI libraries create and remove only in MPI_Finalize: MPICH's start-up
+# segment, Open MPI 5's btl/sm segments, Open MPI 4's vader segments.
+MPICH_STARTUP_PREFIX = "/dev/shm/mpich_shm_"
+MPI_SHM_PREFIXES = (MPICH_STARTUP_PREFIX, "/dev/shm/sm_segment.", "/dev/shm/vader_segment.")
 
 
 def _subreaper() -> None:
@@ -59,6 +69,38 @@ def descendants() -> list[int]:
     return found
 
 
+def mapped_mpi_files(pid="self", prefixes=MPI_SHM_PREFIXES) -> list[str]:
+    """The files named by ``prefixes`` that process ``pid`` maps (not yet unlinked), once each."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if (len(parts) == 6 and parts[5].startswith(prefixes)
+                and not parts[5].endswith("(deleted)") and parts[5] not in found):
+            found.append(parts[5])
+    return found
+
+
+def unlink_all(paths) -> list[str]:
+    """Remove each path that is still there; returns those removed."""
+    removed = []
+    for path in dict.fromkeys(paths):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _mpi_files_of_descendants() -> list[str]:
+    return [path for pid in descendants() for path in mapped_mpi_files(pid)]
+
+
 def _reap() -> None:
     """Collect every exited child (adopted orphans included) without blocking."""
     while True:
@@ -70,12 +112,14 @@ def _reap() -> None:
             return
 
 
-def stop_leftovers(grace: float = GRACE) -> None:
-    """SIGTERM every descendant, then SIGKILL those still there after ``grace`` seconds."""
+def stop_leftovers(grace: float = GRACE) -> list[str]:
+    """SIGTERM every descendant, then SIGKILL those still there after ``grace`` seconds.
+    Returns the MPI shared-memory files they mapped (see the module docstring)."""
+    files = _mpi_files_of_descendants()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = descendants()
         if not pids:
-            return
+            return files
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -85,8 +129,9 @@ def stop_leftovers(grace: float = GRACE) -> None:
         while time.monotonic() < deadline:
             _reap()
             if not descendants():
-                return
+                return files
             time.sleep(0.05)
+    return files
 
 
 def main(argv: list[str]) -> int:
@@ -111,7 +156,7 @@ def main(argv: list[str]) -> int:
         watched.append(pidfd)
     except (AttributeError, OSError):
         pidfd = None
-    orphaned = False
+    orphaned, files = False, []
     while child.poll() is None:
         try:
             ready, _, _ = select.select(watched, [], [], 0.2 if pidfd is None else None)
@@ -121,6 +166,7 @@ def main(argv: list[str]) -> int:
             orphaned = True
             break
     if orphaned:
+        files = _mpi_files_of_descendants()  # before anything stops: the job is ending
         child.send_signal(signal.SIGTERM)  # once: a second one makes prterun skip its ranks
         try:
             child.wait(GRACE)
@@ -128,8 +174,10 @@ def main(argv: list[str]) -> int:
             child.kill()
             child.wait()
     code = child.returncode
-    stop_leftovers()  # whatever the launcher left behind, adopted by this subreaper
+    files += stop_leftovers()  # whatever the launcher left behind, adopted by this subreaper
     _reap()
+    if files and not descendants():  # the processes that mapped them are all gone
+        unlink_all(files)
     if code < 0:  # die the same way, so that distprop reads the same status
         try:
             signal.signal(-code, signal.SIG_DFL)

@@ -20,10 +20,20 @@ from distprop.supervise import reaper_path
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 
+# A "rank": maps the files named in TEST_MAP_FILES (colon-separated), as MPI ranks map their
+# shared-memory segments, then sleeps.
+RANK = """
+import mmap, os, time
+paths = [p for p in os.environ.get("TEST_MAP_FILES", "").split(":") if p]
+maps = [mmap.mmap(os.open(p, os.O_RDWR), 4096) for p in paths]
+time.sleep(60)
+"""
+
 # argv: pid file directory. Starts 2 "ranks" (own process groups, like prterun's), writes their
 # PIDs; SIGTERM: the first one stops the ranks after 1 s, a second one exits at once without.
 LAUNCHER = r"""
 import os, signal, subprocess, sys, time
+RANK = '''{rank}'''
 d = sys.argv[1]
 got = []
 def on_term(signum, frame):
@@ -34,8 +44,8 @@ def on_term(signum, frame):
 # Handlers first: the test signals as soon as the "ranks" file appears.
 signal.signal(signal.SIGTERM, on_term)
 signal.signal(signal.SIGUSR1, on_term)
-ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                          preexec_fn=os.setpgrp) for _ in range(2)]
+ranks = [subprocess.Popen([sys.executable, "-c", RANK], preexec_fn=os.setpgrp)
+         for _ in range(2)]
 open(os.path.join(d, "ranks.tmp"), "w").write(" ".join(str(r.pid) for r in ranks))
 os.rename(os.path.join(d, "ranks.tmp"), os.path.join(d, "ranks"))  # never read half-written
 deadline = time.monotonic() + 60
@@ -59,7 +69,7 @@ def alive(pid: int) -> bool:
 
 def start(tmp_path: Path, argv=None):
     script = tmp_path / "launcher.py"
-    script.write_text(LAUNCHER)
+    script.write_text(LAUNCHER.replace("{rank}", RANK))
     reader, writer = os.pipe()
     proc = subprocess.Popen([sys.executable, "-I", reaper_path(), str(reader), "--",
                              *(argv or [sys.executable, str(script), str(tmp_path)])],
@@ -142,6 +152,74 @@ def test_exit_status_is_the_launchers(tmp_path, argv, code):
         assert proc.wait(timeout=20) == code
     finally:
         os.close(writer)
+
+
+def _maps(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("ending", ["distprop dies", "the launcher exits without its ranks"])
+def test_mpi_shared_memory_files_of_an_ended_job_are_removed(tmp_path, monkeypatch, ending):
+    """The stand-in's ranks map an Open MPI-named segment and a file of another name in
+    /dev/shm; after the reaper stopped them, the first is gone and the second is untouched."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    tag = f"distprop-test-{os.getpid()}-{len(ending)}"
+    mpi_file = Path(f"/dev/shm/sm_segment.{tag}.0")
+    other = Path(f"/dev/shm/{tag}-data")
+    for path in (mpi_file, other):
+        path.write_bytes(bytes(4096))
+    monkeypatch.setenv("TEST_MAP_FILES", f"{mpi_file}:{other}")
+    proc, writer, pids = start(tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(str(mpi_file) in _maps(p) for p in pids):
+            assert time.monotonic() < deadline, "the ranks did not map the files"
+            time.sleep(0.05)
+        if ending == "distprop dies":
+            os.close(writer)
+            writer = None
+            proc.wait(timeout=20)
+        else:
+            launcher = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                        .read_text().split()][0]
+            os.kill(launcher, signal.SIGTERM)
+            time.sleep(0.2)
+            os.kill(launcher, signal.SIGTERM)
+            assert proc.wait(timeout=20) == 1
+        assert not [p for p in pids if alive(p)]
+        assert not mpi_file.exists(), "the ended job's MPI segment was left in /dev/shm"
+        assert other.exists(), "a file that is not an MPI segment was removed"
+    finally:
+        if writer is not None:
+            os.close(writer)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        for path in (mpi_file, other):
+            path.unlink(missing_ok=True)
+
+
+def test_a_job_that_ends_normally_keeps_its_files(tmp_path):
+    """No orphans, no stop: the reaper removes nothing (a finished MPI job cleans up itself)."""
+    mpi_file = Path(f"/dev/shm/sm_segment.distprop-test-{os.getpid()}.normal")
+    mpi_file.write_bytes(bytes(4096))
+    script = (f"import mmap, os; m = mmap.mmap(os.open({str(mpi_file)!r}, os.O_RDWR), 4096); "
+              "raise SystemExit(0)")
+    try:
+        proc, writer, _ = start(tmp_path, [sys.executable, "-c", script])
+        try:
+            assert proc.wait(timeout=20) == 0
+        finally:
+            os.close(writer)
+        assert mpi_file.exists()
+    finally:
+        mpi_file.unlink(missing_ok=True)
 
 
 def test_usage():

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from distprop import launcher
+from distprop.reaper import MPI_SHM_PREFIXES
 
 from helpers import REPO, mpiexec_path
 
@@ -147,9 +148,16 @@ TRAIN_ARGS = ("--model", "mlp", "--dataset", "digits", "--batch-size", 8, "--log
 # --- item 5: the launcher dies, its ranks die ---------------------------------------------------
 
 
+def mpi_shm_files() -> set[Path]:
+    """MPI libraries' shared-memory files now in /dev/shm (distprop.reaper's list of names)."""
+    return {p for p in Path("/dev/shm").glob("*")
+            if str(p).startswith(MPI_SHM_PREFIXES)} if Path("/dev/shm").is_dir() else set()
+
+
 @pytest.mark.parametrize("job", ["launch, ranks in dist.init()", "launch, plain processes",
                                  "train"])
 def test_kill_9_of_the_launcher_ends_its_ranks(tmp_path, job):
+    shm_before = mpi_shm_files()
     if job == "train":
         out = tmp_path / "run"
         proc = start("train", "-n", 2, *TRAIN_ARGS, "--epochs", 1000, "--out", out)
@@ -167,6 +175,11 @@ def test_kill_9_of_the_launcher_ends_its_ranks(tmp_path, job):
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [p for p in pids if alive(p)], "ranks outlived their launcher"
+        # ... and left no MPI shared-memory file (Open MPI's sm_segment.*: the ranks and the
+        # reaper remove those of a job that ends without MPI_Finalize)
+        while any(alive(p) for p in spawned) and time.monotonic() < deadline + 10:
+            time.sleep(0.1)
+        assert not mpi_shm_files() - shm_before
     finally:
         kill_all(spawned + pids)
 
@@ -338,8 +351,10 @@ def test_launcher_stopped_by_a_signal_forwards_it_and_exits_128_plus(tmp_path, s
 # --- the control channel and the output pass-through ---------------------------------------------
 
 RANK_SIDE = """
-import os, time
+import mmap, os, time
 from distprop.distributed import lifeline
+paths = [p for p in os.environ.get("TEST_MAP_FILES", "").split(":") if p]
+maps = [mmap.mmap(os.open(p, os.O_RDWR), 4096) for p in paths]  # as MPI maps its segments
 line = lifeline.connect()
 assert line is not None
 line.report("ready", size=2)
@@ -348,8 +363,15 @@ time.sleep(30)
 
 
 def test_control_channel_needs_the_token_and_a_rank_exits_when_its_launcher_is_gone():
+    """... and removes the MPI shared-memory files it maps (the job ends without
+    MPI_Finalize), never a file of another name."""
     from distprop import control_channel
     from distprop.distributed.lifeline import Lifeline
+
+    tag = f"distprop-test-{os.getpid()}-lifeline"
+    mpi_file, other = Path(f"/dev/shm/sm_segment.{tag}.1"), Path(f"/dev/shm/{tag}-data")
+    for path in (mpi_file, other):
+        path.write_bytes(bytes(4096))
 
     sup = control_channel.Supervisor(local=False).start()  # every interface, by host name
     try:
@@ -357,7 +379,8 @@ def test_control_channel_needs_the_token_and_a_rank_exits_when_its_launcher_is_g
         with pytest.raises(OSError, match="unexpected reply"):
             Lifeline(f"{host}:{port}:not-the-token", rank=0, size=2)
         assert sup.ranks == {}
-        env = {**ENV, **sup.env(), "PMI_RANK": "1", "PMI_SIZE": "2"}
+        env = {**ENV, **sup.env(), "PMI_RANK": "1", "PMI_SIZE": "2",
+               "TEST_MAP_FILES": f"{mpi_file}:{other}"}
         proc = subprocess.Popen([sys.executable, "-c", RANK_SIDE], stderr=subprocess.PIPE,
                                 text=True, env=env, cwd=str(REPO))
         deadline = time.monotonic() + 30
@@ -371,8 +394,13 @@ def test_control_channel_needs_the_token_and_a_rank_exits_when_its_launcher_is_g
         _, err = proc.communicate(timeout=15)
     finally:
         proc.kill()
+        mpi_existed, other_existed = mpi_file.exists(), other.exists()
+        mpi_file.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
     assert proc.returncode == 1, err
     assert f"[rank 1] distprop: the launcher (distprop at {host}:{port}) is gone" in err
+    assert not mpi_existed, "the rank left its MPI segment behind"
+    assert other_existed, "a file that is not an MPI segment was removed"
 
 
 def test_launch_output_into_a_closed_pipe_ends_the_job():

@@ -30,6 +30,7 @@ import sys
 import threading
 
 from distprop.info import launched_rank, launched_size
+from distprop.reaper import MPI_SHM_PREFIXES, mapped_mpi_files, unlink_all
 
 ENV_VAR = "DISTPROP_SUPERVISOR"  # same name as distprop.control_channel.ENV_VAR (kept import-light)
 INIT_TIMEOUT_VAR = "DISTPROP_INIT_TIMEOUT"
@@ -112,6 +113,8 @@ class Lifeline:
             buffer = buffer[-65536:]
         _say(self.rank, f"the launcher (distprop at {self.address}) is gone; ending this rank "
              "so that it does not run on unowned")
+        # the whole job ends so, without MPI_Finalize: no peer attaches to these files any more
+        unlink_mapped_mpi_files()
         _flush_and_exit(LOST_LAUNCHER_STATUS)
 
     def _handle(self, line: bytes) -> None:
@@ -241,28 +244,12 @@ def init_timeout_from_env() -> float | None:
     return value if value > 0 else None
 
 
-def unlink_mapped_mpich_files() -> list[str]:
-    """Remove the names of the MPICH start-up shared-memory files (``/dev/shm/mpich_shm_*``)
-    this process maps; the memory stays with the processes that map it. Returns the paths."""
-    removed = []
-    try:
-        with open("/proc/self/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return removed
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6:
-            continue
-        path = parts[5]
-        if (path.startswith("/dev/shm/mpich_shm_") and not path.endswith("(deleted)")
-                and path not in removed):
-            try:
-                os.unlink(path)
-                removed.append(path)
-            except OSError:
-                pass
-    return removed
+def unlink_mapped_mpi_files(prefixes=MPI_SHM_PREFIXES) -> list[str]:
+    """Remove the names of the MPI shared-memory files (``prefixes``, by default every kind
+    :mod:`distprop.reaper` knows) this process maps; the memory stays with the processes that
+    map it. Returns the paths. Only for a job that is ending, except for MPICH's start-up
+    segment, which every local rank maps during initialisation."""
+    return unlink_all(mapped_mpi_files("self", prefixes))
 
 
 class InitTimer:
@@ -294,7 +281,7 @@ class InitTimer:
         report("init-timeout", waited=self.timeout)
         # MPI_Init created (and mapped) MPICH's start-up segment before it began waiting for
         # the missing rank; the job ends without MPI_Finalize, which would have removed it
-        unlink_mapped_mpich_files()
+        unlink_mapped_mpi_files()
         _flush_and_exit(1)
 
 

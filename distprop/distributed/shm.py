@@ -42,7 +42,8 @@ import numpy as np
 
 from distprop import trace
 from distprop.distributed.comm import Request
-from distprop.distributed.lifeline import unlink_mapped_mpich_files
+from distprop.distributed.lifeline import unlink_mapped_mpi_files
+from distprop.reaper import MPICH_STARTUP_PREFIX
 
 _ALIGN = 4096  # every gradient buffer starts on a page of its rank's segment
 _LINE_ELEMS = 64  # slice boundaries on 64-element (256/512-byte) boundaries: no shared lines
@@ -419,4 +420,4 @@ def unlink_mpich_segments(local_comm) -> list[str]:
     """
     if local_comm.Get_rank() != 0:
         return []
-    return unlink_mapped_mpich_files()
+    return unlink_mapped_mpi_files((MPICH_STARTUP_PREFIX,))
