@@ -89,6 +89,25 @@ def signals(tmp_path: Path) -> list[int]:
     return [int(s) for s in f.read_text().split()] if f.exists() else []
 
 
+def kill_quietly(pids) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def launcher_exits_without_its_ranks(proc) -> None:
+    """Two SIGTERMs to the stand-in launcher under the reaper ``proc``: it exits at the second
+    without stopping its ranks, and the reaper ends with its status, 1."""
+    launcher = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                .read_text().split()][0]
+    os.kill(launcher, signal.SIGTERM)
+    time.sleep(0.2)
+    os.kill(launcher, signal.SIGTERM)
+    assert proc.wait(timeout=20) == 1
+
+
 def test_dead_parent_sends_one_sigterm_and_stops_what_the_launcher_leaves(tmp_path):
     proc, writer, pids = start(tmp_path)
     try:
@@ -101,34 +120,21 @@ def test_dead_parent_sends_one_sigterm_and_stops_what_the_launcher_leaves(tmp_pa
         assert not [p for p in pids if alive(p)]
         assert signals(tmp_path) == [signal.SIGTERM]  # once, never the fatal second one
     finally:
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_quietly(pids)
 
 
 def test_orphans_are_stopped_when_the_launcher_exits_without_them(tmp_path):
     """The stand-in exits at a second SIGTERM sent to it directly, leaving its ranks."""
     proc, writer, pids = start(tmp_path)
     try:
-        launcher = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-                    .read_text().split()][0]
-        os.kill(launcher, signal.SIGTERM)
-        time.sleep(0.2)
-        os.kill(launcher, signal.SIGTERM)
-        assert proc.wait(timeout=20) == 1
+        launcher_exits_without_its_ranks(proc)
         deadline = time.monotonic() + 5
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [p for p in pids if alive(p)], "the reaper left the orphans running"
     finally:
         os.close(writer)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_quietly(pids)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 3)])
@@ -184,23 +190,14 @@ def test_mpi_shared_memory_files_of_an_ended_job_are_removed(tmp_path, monkeypat
             writer = None
             proc.wait(timeout=20)
         else:
-            launcher = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-                        .read_text().split()][0]
-            os.kill(launcher, signal.SIGTERM)
-            time.sleep(0.2)
-            os.kill(launcher, signal.SIGTERM)
-            assert proc.wait(timeout=20) == 1
+            launcher_exits_without_its_ranks(proc)
         assert not [p for p in pids if alive(p)]
         assert not mpi_file.exists(), "the ended job's MPI segment was left in /dev/shm"
         assert other.exists(), "a file that is not an MPI segment was removed"
     finally:
         if writer is not None:
             os.close(writer)
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_quietly(pids)
         for path in (mpi_file, other):
             path.unlink(missing_ok=True)
 
